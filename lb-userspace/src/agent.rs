@@ -1,0 +1,168 @@
+//! `lb agent`: source → model → diff → maps. Reads the manifest directory, programs the
+//! maps, then follows every change to the directory until SIGINT or SIGTERM.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use notify::{RecursiveMode, Watcher as _};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    datapath::{self, ServiceMaps},
+    model::Desired,
+    mounts,
+    plan::{self, Programmed},
+    store::Store,
+};
+
+/// How long to wait for more file events before re-reading: an editor's save or a
+/// `kubectl get -o yaml > file` is several events, and one sync should follow them all.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Directory of Service and EndpointSlice manifests (YAML or JSON, as `kubectl get -o yaml`
+    /// writes them); changes are applied as they happen.
+    #[arg(long, value_name = "DIR")]
+    pub manifests: PathBuf,
+    /// cgroup2 directory to attach the programs to [default: the cgroup2 root, i.e. the whole node].
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory for the pinned link and maps.
+    #[arg(long, value_name = "PATH", default_value = crate::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.manifests.is_dir(),
+        "--manifests {}: not a directory",
+        args.manifests.display()
+    );
+    let cgroup = match args.cgroup {
+        Some(cgroup) => cgroup,
+        None => mounts::cgroup2_root()?,
+    };
+    let datapath = datapath::load(&args.bpffs, &cgroup)
+        .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
+    tracing::info!(
+        cgroup = %cgroup.display(),
+        bpffs = %args.bpffs.display(),
+        "programs attached, maps pinned"
+    );
+    let mut maps = datapath.maps;
+    let snapshot = maps.read()?;
+    let mut syncer = Syncer {
+        programmed: snapshot.programmed,
+        store: Store::default(),
+    };
+
+    // Watch before the first read, so no change between the two is missed.
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        match event {
+            Ok(event) if event.kind.is_access() => {}
+            // The receiver is gone only while shutting down.
+            _ => drop(events_tx.send(())),
+        }
+    })?;
+    watcher
+        .watch(&args.manifests, RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", args.manifests.display()))?;
+
+    syncer.sync(&mut maps, &args.manifests);
+    for key in snapshot.orphans {
+        if let Err(e) = maps.remove_service(&key) {
+            tracing::warn!("removing a stale map entry: {e}");
+        }
+    }
+    tracing::info!("ready");
+
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            Some(()) = events.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while events.try_recv().is_ok() {}
+                syncer.sync(&mut maps, &args.manifests);
+            }
+            _ = sigterm.recv() => break,
+            _ = sigint.recv() => break,
+        }
+    }
+    tracing::info!("stopping; the datapath stays loaded and keeps the last state");
+    Ok(())
+}
+
+struct Syncer {
+    programmed: Programmed,
+    store: Store,
+}
+
+impl Syncer {
+    /// One pass of source → model → diff → maps. Failures are logged and leave the last good
+    /// state in place: the agent keeps running and tries again on the next change.
+    fn sync(&mut self, maps: &mut ServiceMaps, dir: &Path) {
+        let started = Instant::now();
+        match self.store.rescan(dir) {
+            Ok(problems) => {
+                for problem in problems {
+                    tracing::error!("{problem}");
+                }
+            }
+            Err(e) => {
+                tracing::error!("{e}; keeping the last good state");
+                return;
+            }
+        }
+        let desired = self.store.desired();
+        report(&desired);
+        let (ops, next) = match plan::plan(&self.programmed, &desired.backend_sets()) {
+            Ok(planned) => planned,
+            Err(e) => {
+                tracing::error!("{e}; keeping the last good state");
+                return;
+            }
+        };
+        if let Err(e) = maps.apply(&ops) {
+            tracing::error!("writing the maps: {e}; re-reading them to retry on the next change");
+            match maps.read() {
+                Ok(snapshot) => self.programmed = snapshot.programmed,
+                Err(e) => tracing::error!("re-reading the maps: {e}"),
+            }
+            return;
+        }
+        self.programmed = next;
+        let (services, slices) = self.store.counts();
+        tracing::info!(
+            services,
+            endpoint_slices = slices,
+            frontends = desired.frontends.len(),
+            backends = self.programmed.backends.len(),
+            map_writes = ops.len(),
+            elapsed_us = started.elapsed().as_micros(),
+            "synced"
+        );
+    }
+}
+
+fn report(desired: &Desired) {
+    for conflict in &desired.conflicts {
+        tracing::error!(
+            "Service {} claims {} which Service {} already has; ignored",
+            conflict.ignored,
+            conflict.frontend,
+            conflict.kept
+        );
+    }
+    for (service, why) in &desired.not_in_datapath {
+        tracing::debug!(%service, ?why, "not in the datapath");
+    }
+}

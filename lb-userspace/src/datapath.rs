@@ -1,0 +1,345 @@
+//! The kernel side: loading and attaching the programs, and reading and writing the pinned
+//! maps. Everything is pinned under one bpffs directory so the datapath outlives the agent
+//! (connects keep being translated while it restarts) and the CLI can read it.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+};
+use lb_common::{
+    BACKEND_MAP, Backend, MASTER_SLOT, Reason, SERVICE_MAP, STATS_MAP, ServiceKey, ServiceValue,
+    ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
+};
+
+use crate::{
+    model::{BackendAddr, Frontend, Protocol},
+    mounts::{self, MountError},
+    plan::{BackendId, MapOp, Programmed},
+};
+
+/// The eBPF object built by build.rs from lb-ebpf.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// Pin of the connect4 link: removing it detaches the program.
+pub const CONNECT4_LINK: &str = "lb_connect4";
+
+/// Every pin the agent creates in its bpffs directory.
+pub const PINS: [&str; 4] = [CONNECT4_LINK, SERVICE_MAP, BACKEND_MAP, STATS_MAP];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("creating {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    #[error("program connect4: {0}")]
+    Program(#[from] aya::programs::ProgramError),
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("replacing the link pinned at {path}: {reason}")]
+    Link { path: PathBuf, reason: String },
+    #[error(
+        "no lb maps pinned at {dir} ({map}: {source}); is the agent loaded? start `lb agent`, or pass --bpffs"
+    )]
+    NotPinned {
+        dir: PathBuf,
+        map: &'static str,
+        source: MapError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        source: MapError,
+    },
+}
+
+fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, source }
+}
+
+/// The pinned service, backend and stats maps.
+pub struct ServiceMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, BackendId, Backend>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+/// What the maps hold, and service entries no frontend accounts for (left by an agent that
+/// stopped in the middle of an update): they are deleted once the maps are in sync.
+pub struct Snapshot {
+    pub programmed: Programmed,
+    pub orphans: Vec<ServiceKey>,
+}
+
+impl ServiceMaps {
+    /// Opens the maps pinned in `dir`, for reading while the agent runs or is stopped.
+    pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
+        let open = |map: &'static str| {
+            MapData::from_pin(dir.join(map))
+                .and_then(Map::from_map_data)
+                .map_err(|source| DatapathError::NotPinned {
+                    dir: dir.into(),
+                    map,
+                    source,
+                })
+        };
+        Ok(Self {
+            services: open(SERVICE_MAP)?
+                .try_into()
+                .map_err(map_error(SERVICE_MAP))?,
+            backends: open(BACKEND_MAP)?
+                .try_into()
+                .map_err(map_error(BACKEND_MAP))?,
+            stats: open(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
+        })
+    }
+
+    fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
+        let mut take = |map: &'static str| ebpf.take_map(map).ok_or(DatapathError::Missing(map));
+        Ok(Self {
+            services: take(SERVICE_MAP)?
+                .try_into()
+                .map_err(map_error(SERVICE_MAP))?,
+            backends: take(BACKEND_MAP)?
+                .try_into()
+                .map_err(map_error(BACKEND_MAP))?,
+            stats: take(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
+        })
+    }
+
+    /// Reads the maps back into the agent's terms.
+    pub fn read(&self) -> Result<Snapshot, DatapathError> {
+        let mut backends = BTreeMap::new();
+        for entry in self.backends.iter() {
+            let (id, backend) = entry.map_err(map_error(BACKEND_MAP))?;
+            backends.insert(
+                id,
+                BackendAddr {
+                    address: Ipv4Addr::from(ipv4_from_map(backend.address)),
+                    port: port_from_map(backend.port),
+                },
+            );
+        }
+
+        let mut masters = BTreeMap::new();
+        let mut slots = BTreeMap::new();
+        let mut orphans = Vec::new();
+        for entry in self.services.iter() {
+            let (key, value) = entry.map_err(map_error(SERVICE_MAP))?;
+            let Some(frontend) = frontend_of(&key) else {
+                orphans.push(key);
+                continue;
+            };
+            if key.slot == MASTER_SLOT {
+                masters.insert(frontend, value.count);
+            } else {
+                slots.insert((frontend, key.slot), (key, value.backend_id));
+            }
+        }
+
+        let mut frontends = BTreeMap::new();
+        for (frontend, count) in masters {
+            // A missing slot reads as id 0, which no backend has, so the next plan rewrites it.
+            let ids = (1..=count)
+                .map(|slot| slots.remove(&(frontend, slot)).map_or(0, |(_, id)| id))
+                .collect();
+            frontends.insert(frontend, ids);
+        }
+        orphans.extend(slots.into_values().map(|(key, _)| key));
+        Ok(Snapshot {
+            programmed: Programmed {
+                frontends,
+                backends,
+            },
+            orphans,
+        })
+    }
+
+    /// Performs `ops` in order.
+    pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
+        for op in ops {
+            match *op {
+                MapOp::PutBackend(id, addr) => self
+                    .backends
+                    .insert(
+                        id,
+                        Backend::new(ipv4_to_map(addr.address.octets()), port_to_map(addr.port)),
+                        0,
+                    )
+                    .map_err(map_error(BACKEND_MAP))?,
+                MapOp::PutSlot(frontend, slot, id) => self
+                    .services
+                    .insert(key_of(&frontend, slot), ServiceValue::slot(id), 0)
+                    .map_err(map_error(SERVICE_MAP))?,
+                MapOp::PutMaster(frontend, count) => self
+                    .services
+                    .insert(
+                        key_of(&frontend, MASTER_SLOT),
+                        ServiceValue::master(count),
+                        0,
+                    )
+                    .map_err(map_error(SERVICE_MAP))?,
+                MapOp::DeleteSlot(frontend, slot) => {
+                    self.remove_service(&key_of(&frontend, slot))?;
+                }
+                MapOp::DeleteMaster(frontend) => {
+                    self.remove_service(&key_of(&frontend, MASTER_SLOT))?;
+                }
+                MapOp::DeleteBackend(id) => {
+                    ignore_missing(self.backends.remove(&id)).map_err(map_error(BACKEND_MAP))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError> {
+        ignore_missing(self.services.remove(key)).map_err(map_error(SERVICE_MAP))
+    }
+
+    /// Per-reason counters, summed over CPUs.
+    pub fn stats(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
+        Reason::ALL
+            .iter()
+            .map(|reason| {
+                let per_cpu = self
+                    .stats
+                    .get(&(*reason as u32), 0)
+                    .map_err(map_error(STATS_MAP))?;
+                Ok((*reason, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+}
+
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+fn key_of(frontend: &Frontend, slot: u16) -> ServiceKey {
+    ServiceKey::new(
+        ipv4_to_map(frontend.address.octets()),
+        port_to_map(frontend.port),
+        frontend.protocol.number(),
+        slot,
+    )
+}
+
+fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
+    Some(Frontend {
+        address: Ipv4Addr::from(ipv4_from_map(key.address)),
+        port: port_from_map(key.port),
+        protocol: Protocol::from_number(key.protocol)?,
+    })
+}
+
+/// The loaded datapath: programs attached to a cgroup, link and maps pinned.
+pub struct Datapath {
+    /// Holds the program fds; the pinned link keeps the program attached without it.
+    _ebpf: Ebpf,
+    pub maps: ServiceMaps,
+}
+
+/// Loads the programs (reusing maps already pinned in `pin_dir`), attaches connect4 to
+/// `cgroup` and pins the link, replacing a link an earlier agent pinned there.
+pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Datapath, DatapathError> {
+    mounts::ensure_bpffs(pin_dir)?;
+    std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::CreateDir {
+        path: pin_dir.into(),
+        source,
+    })?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(EBPF_OBJECT)?;
+    let maps = ServiceMaps::take(&mut ebpf)?;
+
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut("connect4")
+        .ok_or(DatapathError::Missing("program connect4"))?
+        .try_into()?;
+    program.load()?;
+    let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+        path: cgroup.into(),
+        source,
+    })?;
+    // Several programs may share the hook: the old agent's link stays attached until the
+    // new one is in place, so no connect goes untranslated during a restart.
+    let link_id = program.attach(&cgroup_file, CgroupAttachMode::AllowMultiple)?;
+    let link: FdLink = program.take_link(link_id)?.try_into().map_err(|e| {
+        DatapathError::Link {
+            path: pin_dir.join(CONNECT4_LINK),
+            reason: format!("{e}"),
+        }
+    })?;
+    replace_pinned_link(&pin_dir.join(CONNECT4_LINK), link)?;
+    Ok(Datapath { _ebpf: ebpf, maps })
+}
+
+fn replace_pinned_link(path: &Path, link: FdLink) -> Result<(), DatapathError> {
+    let link_error = |reason: String| DatapathError::Link {
+        path: path.into(),
+        reason,
+    };
+    if path.exists() {
+        let old = PinnedLink::from_pin(path).map_err(|e| link_error(e.to_string()))?;
+        // Dropping the unpinned link closes its last fd and detaches the old program.
+        drop(old.unpin().map_err(|e| link_error(e.to_string()))?);
+    }
+    link.pin(path).map_err(|source| DatapathError::Pin {
+        path: path.into(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Detaches the programs and removes every pin in `pin_dir`, then the directory if empty.
+pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
+    let mut removed = Vec::new();
+    for pin in PINS {
+        let path = pin_dir.join(pin);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed.push(path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    match std::fs::remove_dir(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
+            tracing::warn!("{} holds pins lb did not create; left in place", pin_dir.display());
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(removed)
+}
