@@ -153,7 +153,11 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in index order.
-    pub const ALL: [Reason; 3] = [Reason::Translated, Reason::NoBackends, Reason::BackendMissing];
+    pub const ALL: [Reason; 3] = [
+        Reason::Translated,
+        Reason::NoBackends,
+        Reason::BackendMissing,
+    ];
     /// Number of counters in [`STATS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
 

@@ -24,8 +24,7 @@ mod datapath {
     const ALLOW: i32 = 1;
 
     #[map(name = "lb4_svc_v1")]
-    static SERVICES: HashMap<ServiceKey, ServiceValue> =
-        HashMap::pinned(SERVICE_MAP_CAPACITY, 0);
+    static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICE_MAP_CAPACITY, 0);
 
     #[map(name = "lb4_backend_v1")]
     static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKEND_MAP_CAPACITY, 0);

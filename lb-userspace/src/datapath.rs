@@ -73,10 +73,7 @@ pub enum DatapathError {
         source: MapError,
     },
     #[error("map {map}: {source}")]
-    Map {
-        map: &'static str,
-        source: MapError,
-    },
+    Map { map: &'static str, source: MapError },
 }
 
 fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -292,15 +289,17 @@ pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Datapath, DatapathError> {
         path: cgroup.into(),
         source,
     })?;
-    // Several programs may share the hook: the old agent's link stays attached until the
-    // new one is in place, so no connect goes untranslated during a restart.
-    let link_id = program.attach(&cgroup_file, CgroupAttachMode::AllowMultiple)?;
-    let link: FdLink = program.take_link(link_id)?.try_into().map_err(|e| {
-        DatapathError::Link {
+    // A bpf_link on a cgroup always runs alongside other links (the kernel rejects the
+    // ALLOW_MULTI flag there as implied), so the old agent's link stays attached until the
+    // new one is pinned in its place and no connect goes untranslated during a restart.
+    let link_id = program.attach(&cgroup_file, CgroupAttachMode::Single)?;
+    let link: FdLink = program
+        .take_link(link_id)?
+        .try_into()
+        .map_err(|e| DatapathError::Link {
             path: pin_dir.join(CONNECT4_LINK),
             reason: format!("{e}"),
-        }
-    })?;
+        })?;
     replace_pinned_link(&pin_dir.join(CONNECT4_LINK), link)?;
     Ok(Datapath { _ebpf: ebpf, maps })
 }
@@ -337,7 +336,10 @@ pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-            tracing::warn!("{} holds pins lb did not create; left in place", pin_dir.display());
+            tracing::warn!(
+                "{} holds pins lb did not create; left in place",
+                pin_dir.display()
+            );
         }
         Err(e) => return Err(e),
     }

@@ -18,7 +18,11 @@ use tracing_subscriber::EnvFilter;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 
 #[derive(Debug, Parser)]
-#[command(name = "lb", version, about = "eBPF socket-level load balancer for Kubernetes Services")]
+#[command(
+    name = "lb",
+    version,
+    about = "eBPF socket-level load balancer for Kubernetes Services"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

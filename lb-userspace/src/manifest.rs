@@ -257,19 +257,29 @@ spec:
         let text = SERVICE.replace("- port: 8888", "- port: eighty");
         let docs = parse_str(&text);
         let err = docs[0].object.as_ref().unwrap_err().to_string();
-        assert!(err.starts_with("test.yaml: Service default/httpenv: spec.ports[0].port:"), "{err}");
+        assert!(
+            err.starts_with("test.yaml: Service default/httpenv: spec.ports[0].port:"),
+            "{err}"
+        );
     }
 
     #[test]
     fn broken_yaml_fails_the_whole_file() {
         let err = parse(Path::new("bad.yaml"), "kind: Service\n  metadata: [\n").unwrap_err();
-        assert!(err.to_string().starts_with("bad.yaml: not valid YAML or JSON"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("bad.yaml: not valid YAML or JSON"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_document_without_kind_is_an_error() {
         let err = parse(Path::new("x.yaml"), "foo: bar\n").unwrap_err();
-        assert_eq!(err.to_string(), "x.yaml: document 1: not an API object: no `kind`");
+        assert_eq!(
+            err.to_string(),
+            "x.yaml: document 1: not an API object: no `kind`"
+        );
     }
 
     #[test]

@@ -197,7 +197,8 @@ impl ServiceModel {
         for (i, port) in spec.ports.iter().flatten().enumerate() {
             ports.push(ServicePortModel {
                 name: port.name.clone().unwrap_or_default(),
-                port: port_number(port.port).map_err(|r| error(format!("spec.ports[{i}].port"), r))?,
+                port: port_number(port.port)
+                    .map_err(|r| error(format!("spec.ports[{i}].port"), r))?,
                 protocol: Protocol::from_api(port.protocol.as_deref())
                     .map_err(|r| error(format!("spec.ports[{i}].protocol"), r))?,
             });
@@ -228,7 +229,9 @@ impl ServiceModel {
     ) -> Result<ServiceKind, (String, String)> {
         // `clusterIPs` is authoritative when present; `clusterIP` is its first element.
         let (field, ips): (&str, Vec<&str>) = match cluster_ips {
-            Some(ips) if !ips.is_empty() => ("spec.clusterIPs", ips.iter().map(String::as_str).collect()),
+            Some(ips) if !ips.is_empty() => {
+                ("spec.clusterIPs", ips.iter().map(String::as_str).collect())
+            }
             _ => ("spec.clusterIP", cluster_ip.into_iter().collect()),
         };
         match ips.as_slice() {

@@ -13,7 +13,9 @@ pub const FALLBACK_CGROUP2: &str = "/run/lb/cgroupv2";
 pub enum MountError {
     #[error("reading /proc/mounts: {0}")]
     ProcMounts(std::io::Error),
-    #[error("{path} is not on a bpffs, and only {BPFFS_ROOT} is mounted automatically; mount one with `mount -t bpf bpf DIR`")]
+    #[error(
+        "{path} is not on a bpffs, and only {BPFFS_ROOT} is mounted automatically; mount one with `mount -t bpf bpf DIR`"
+    )]
     NotBpffs { path: PathBuf },
     #[error("mounting {fstype} at {path}: {source} (are you root?)")]
     Mount {
@@ -141,7 +143,10 @@ bpf /tmp/with\\040space bpf rw 0 0
     fn unescapes_mount_points() {
         assert_eq!(
             parse_mounts(HYBRID, "bpf"),
-            vec![PathBuf::from("/sys/fs/bpf"), PathBuf::from("/tmp/with space")]
+            vec![
+                PathBuf::from("/sys/fs/bpf"),
+                PathBuf::from("/tmp/with space")
+            ]
         );
     }
 }

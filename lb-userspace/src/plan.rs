@@ -73,8 +73,11 @@ pub fn plan(
         });
     }
 
-    let mut ids: BTreeMap<BackendAddr, BackendId> =
-        current.backends.iter().map(|(id, addr)| (*addr, *id)).collect();
+    let mut ids: BTreeMap<BackendAddr, BackendId> = current
+        .backends
+        .iter()
+        .map(|(id, addr)| (*addr, *id))
+        .collect();
     let mut next = Programmed::default();
     let mut ops = Vec::new();
 
@@ -193,9 +196,10 @@ mod tests {
                 let (_, id) = self.services.get(&(*frontend, slot)).unwrap_or_else(|| {
                     panic!("{frontend} count {count} but slot {slot} is missing")
                 });
-                let addr = self.backends.get(id).unwrap_or_else(|| {
-                    panic!("{frontend} slot {slot} names missing backend {id}")
-                });
+                let addr = self
+                    .backends
+                    .get(id)
+                    .unwrap_or_else(|| panic!("{frontend} slot {slot} names missing backend {id}"));
                 out.insert(*addr);
             }
             Some(out)
@@ -275,10 +279,8 @@ mod tests {
 
     #[test]
     fn an_unchanged_state_writes_nothing() {
-        let desired = BTreeMap::from([
-            (frontend(1), backends(1..4)),
-            (frontend(2), backends(3..6)),
-        ]);
+        let desired =
+            BTreeMap::from([(frontend(1), backends(1..4)), (frontend(2), backends(3..6))]);
         let (_, current) = plan(&Programmed::default(), &desired).unwrap();
         let (ops, next) = plan(&current, &desired).unwrap();
         assert!(ops.is_empty(), "{ops:?}");
@@ -287,10 +289,8 @@ mod tests {
 
     #[test]
     fn shared_backends_get_one_id_and_ids_stay_stable() {
-        let desired = BTreeMap::from([
-            (frontend(1), backends(1..4)),
-            (frontend(2), backends(2..5)),
-        ]);
+        let desired =
+            BTreeMap::from([(frontend(1), backends(1..4)), (frontend(2), backends(2..5))]);
         let (_, current) = plan(&Programmed::default(), &desired).unwrap();
         assert_eq!(current.backends.len(), 4);
         let id_of = |p: &Programmed, i: u8| {
@@ -300,10 +300,8 @@ mod tests {
                 .map(|(id, _)| *id)
         };
         // Dropping backend 1 must not renumber the others.
-        let desired = BTreeMap::from([
-            (frontend(1), backends(2..4)),
-            (frontend(2), backends(2..5)),
-        ]);
+        let desired =
+            BTreeMap::from([(frontend(1), backends(2..4)), (frontend(2), backends(2..5))]);
         let (ops, next) = plan(&current, &desired).unwrap();
         for i in 2..5 {
             assert_eq!(id_of(&current, i), id_of(&next, i));

@@ -143,7 +143,10 @@ mod tests {
     fn table_lists_every_backend() {
         let text = table(&[entry()]).to_string();
         let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
-        assert_eq!(lines[0].split_whitespace().collect::<Vec<_>>(), ["FRONTEND", "BACKENDS"]);
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["FRONTEND", "BACKENDS"]
+        );
         assert!(lines[1].contains("10.96.0.10:8888/TCP") && lines[1].contains("10.244.0.11:8888"));
         assert!(lines[2].trim() == "10.244.0.12:8888", "{text}");
     }

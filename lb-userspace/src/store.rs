@@ -66,18 +66,12 @@ impl Store {
                 };
                 if let Err(problem) = outcome {
                     let last_good = match document.kind {
-                        manifest::Kind::Service => self
-                            .services
-                            .get(&document.id)
-                            .map(|m| {
-                                services.insert(m.id.clone(), m.clone());
-                            }),
-                        manifest::Kind::EndpointSlice => self
-                            .slices
-                            .get(&document.id)
-                            .map(|m| {
-                                slices.insert(m.id.clone(), m.clone());
-                            }),
+                        manifest::Kind::Service => self.services.get(&document.id).map(|m| {
+                            services.insert(m.id.clone(), m.clone());
+                        }),
+                        manifest::Kind::EndpointSlice => self.slices.get(&document.id).map(|m| {
+                            slices.insert(m.id.clone(), m.clone());
+                        }),
                     };
                     let kept = if last_good.is_some() {
                         "; its last good version stays in effect"

@@ -1,1 +1,525 @@
+//! A private node for lb's tests and demo: pod network namespaces on a bridge, a test cgroup,
+//! backend servers, the real `lb agent`, and clients that run inside the cgroup and a pod.
+//!
+//! Everything it creates lives in namespaces and cgroups of its own, with no route out, and
+//! is removed by [`Testbed`]'s `Drop`, also when a test fails.
 
+pub mod demo;
+
+use std::{
+    fs::File,
+    io::Write as _,
+    net::Ipv4Addr,
+    os::{fd::AsRawFd as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+
+/// Prefix of every netns, cgroup, bpffs directory and temp directory the harness creates.
+pub const PREFIX: &str = "lbt";
+
+/// Whether privileged tests can run. Without root they are skipped with a message, except
+/// under `CI=true`, where a skipped privileged test fails the run.
+pub fn privileged(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(
+        !ci,
+        "{test}: privileged test cannot run without root under CI=true"
+    );
+    eprintln!("skipping {test}: needs root (netns, cgroups, BPF)");
+    false
+}
+
+/// A built binary of the workspace: `$LB_BIN_DIR/NAME`, or found beside the running
+/// executable (target/debug for the demo, target/debug/deps for tests).
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("LB_BIN_DIR") {
+        let path = Path::new(&dir).join(name);
+        ensure!(
+            path.is_file(),
+            "{} does not exist (LB_BIN_DIR)",
+            path.display()
+        );
+        return Ok(path);
+    }
+    let exe = std::env::current_exe()?;
+    exe.ancestors()
+        .skip(1)
+        .take(3)
+        .map(|dir| dir.join(name))
+        .find(|path| path.is_file())
+        .with_context(|| {
+            format!(
+                "no `{name}` binary near {}: build the workspace first (`cargo xtask test` does)",
+                exe.display()
+            )
+        })
+}
+
+/// Runs `command` and fails with its output unless it succeeds.
+pub fn run(command: &mut Command) -> anyhow::Result<Output> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    ensure!(
+        output.status.success(),
+        "{command:?} failed ({}): {}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(output)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, for at most `timeout`.
+pub fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> anyhow::Result<Option<T>>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The cgroup2 root of this machine (hybrid hosts have it at /sys/fs/cgroup/unified).
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(fields[1]))
+        })
+        .context("no cgroup2 filesystem is mounted")
+}
+
+/// A pod: a network namespace with one address on `eth0`, a veth to the node's bridge.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+}
+
+/// One answer of `lb-probe`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// Connected; `peer` is what getpeername() returned, `hostname` the pod that answered.
+    Answered {
+        peer: String,
+        hostname: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+impl Probe {
+    pub fn hostname(&self) -> Option<&str> {
+        match self {
+            Probe::Answered { hostname, .. } => Some(hostname),
+            Probe::Failed { .. } => None,
+        }
+    }
+}
+
+static SEQUENCE: AtomicU32 = AtomicU32::new(0);
+
+/// The private node. See the crate documentation.
+pub struct Testbed {
+    id: String,
+    node_netns: String,
+    pods: Vec<Pod>,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub manifests: PathBuf,
+    workdir: PathBuf,
+    servers: Vec<Child>,
+    agent: Option<Child>,
+}
+
+impl Testbed {
+    /// Creates the node: its netns with a bridge, a test cgroup under the cgroup2 root, a
+    /// bpffs directory and a manifest directory.
+    pub fn new() -> anyhow::Result<Self> {
+        let id = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            SEQUENCE.fetch_add(1, Ordering::Relaxed)
+        );
+        let workdir = std::env::temp_dir().join(&id);
+        let testbed = Self {
+            node_netns: format!("{id}-node"),
+            cgroup: cgroup2_root()?.join(&id),
+            bpffs: PathBuf::from("/sys/fs/bpf").join(&id),
+            manifests: workdir.join("manifests"),
+            workdir,
+            pods: Vec::new(),
+            servers: Vec::new(),
+            agent: None,
+            id,
+        };
+        // From here on, Drop removes whatever was created.
+        std::fs::create_dir_all(&testbed.manifests)?;
+        std::fs::create_dir(&testbed.cgroup)
+            .with_context(|| format!("creating cgroup {}", testbed.cgroup.display()))?;
+        ip(&["netns", "add", &testbed.node_netns])?;
+        let node = testbed.node_netns.clone();
+        ip(&["-n", &node, "link", "set", "lo", "up"])?;
+        ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &node, "link", "set", "br0", "up"])?;
+        testbed.mount_bpffs()?;
+        Ok(testbed)
+    }
+
+    fn mount_bpffs(&self) -> anyhow::Result<()> {
+        let mounts = std::fs::read_to_string("/proc/mounts")?;
+        if !mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+        {
+            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        }
+        Ok(())
+    }
+
+    /// Adds a pod at `ip` (in 10.244.0.0/16, the pod network; no other route).
+    pub fn add_pod(&mut self, name: &str, ip_address: Ipv4Addr) -> anyhow::Result<Pod> {
+        let index = self.pods.len();
+        let netns = format!("{}-{name}", self.id);
+        ip(&["netns", "add", &netns])?;
+        let pod = Pod {
+            name: name.to_owned(),
+            netns: netns.clone(),
+            ip: ip_address,
+        };
+        self.pods.push(pod.clone());
+        let host_side = format!("veth{index}");
+        let node = self.node_netns.clone();
+        ip(&[
+            "-n", &node, "link", "add", &host_side, "type", "veth", "peer", "name", "eth0",
+            "netns", &netns,
+        ])?;
+        ip(&[
+            "-n", &node, "link", "set", &host_side, "master", "br0", "up",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{ip_address}/16"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        Ok(pod)
+    }
+
+    /// Starts the httpenv server in `pod` on `port`, with HOSTNAME set to the pod's name,
+    /// and waits until it accepts connections.
+    pub fn serve_httpenv(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let server = Command::new("ip")
+            .args(["netns", "exec", &pod.netns])
+            .arg(binary("httpenv")?)
+            .args(["--listen", &format!("0.0.0.0:{port}")])
+            .env_clear()
+            .env("HOSTNAME", &pod.name)
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()?;
+        self.servers.push(server);
+        // Probe from the pod itself, outside the test cgroup: no translation involved.
+        let target = format!("{}:{port}", pod.ip);
+        wait_for(
+            &format!("httpenv on {target}"),
+            Duration::from_secs(10),
+            || {
+                let output = Command::new("ip")
+                    .args(["netns", "exec", &pod.netns])
+                    .arg(binary("lb-probe")?)
+                    .args([&target, "--timeout-ms", "500"])
+                    .output()?;
+                Ok(String::from_utf8_lossy(&output.stdout)
+                    .contains("\"ok\":true")
+                    .then_some(()))
+            },
+        )
+    }
+
+    /// Writes a manifest file atomically (temp file, then rename), as editors and kubectl do.
+    pub fn write_manifest(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        let temp = self.workdir.join(format!(".{name}.tmp"));
+        std::fs::write(&temp, text)?;
+        std::fs::rename(&temp, self.manifests.join(name))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, name: &str) -> anyhow::Result<()> {
+        std::fs::remove_file(self.manifests.join(name))?;
+        Ok(())
+    }
+
+    fn agent_log(&self) -> PathBuf {
+        self.workdir.join("agent.log")
+    }
+
+    /// The agent's log so far.
+    pub fn agent_output(&self) -> String {
+        std::fs::read_to_string(self.agent_log()).unwrap_or_default()
+    }
+
+    /// Starts the real `lb agent` on the test cgroup and waits until it is ready.
+    pub fn start_agent(&mut self) -> anyhow::Result<u32> {
+        ensure!(self.agent.is_none(), "the agent is already running");
+        let log = File::create(self.agent_log())?;
+        let agent = Command::new(binary("lb")?)
+            .arg("agent")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .arg("--cgroup")
+            .arg(&self.cgroup)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let pid = agent.id();
+        self.agent = Some(agent);
+        wait_for("the agent to be ready", Duration::from_secs(20), || {
+            if let Some(agent) = self.agent.as_mut()
+                && let Some(status) = agent.try_wait()?
+            {
+                bail!("lb agent exited ({status}):\n{}", self.agent_output());
+            }
+            Ok(self.agent_output().contains(" ready").then_some(()))
+        })?;
+        Ok(pid)
+    }
+
+    /// Stops the agent with SIGTERM and waits for it to exit; the datapath stays loaded.
+    pub fn stop_agent(&mut self) -> anyhow::Result<()> {
+        let Some(mut agent) = self.agent.take() else {
+            return Ok(());
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(agent.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let status = wait_for("the agent to exit", Duration::from_secs(10), || {
+            Ok(agent.try_wait()?)
+        })?;
+        ensure!(
+            status.success(),
+            "lb agent exited with {status}:\n{}",
+            self.agent_output()
+        );
+        Ok(())
+    }
+
+    /// Whether the agent process is still running.
+    pub fn agent_running(&mut self) -> bool {
+        self.agent
+            .as_mut()
+            .is_some_and(|agent| matches!(agent.try_wait(), Ok(None)))
+    }
+
+    /// Runs `lb ARGS --bpffs <ours>` and returns its stdout.
+    pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = run(Command::new(binary("lb")?)
+            .args(args)
+            .arg("--bpffs")
+            .arg(&self.bpffs))?;
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// `lb services -o json`.
+    pub fn services(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        Ok(serde_json::from_str(
+            &self.lb(&["services", "-o", "json"])?,
+        )?)
+    }
+
+    /// Waits until `lb services` shows `frontend` ("ip:port/PROTO") with exactly `backends`
+    /// ("ip:port"), or without the frontend when `backends` is `None`.
+    pub fn wait_for_frontend(
+        &self,
+        frontend: &str,
+        backends: Option<&[&str]>,
+    ) -> anyhow::Result<()> {
+        let mut expected: Option<Vec<String>> =
+            backends.map(|b| b.iter().map(|s| (*s).to_owned()).collect());
+        if let Some(expected) = expected.as_mut() {
+            expected.sort();
+        }
+        wait_for(
+            &format!("{frontend} → {expected:?} in lb services"),
+            Duration::from_secs(10),
+            || {
+                let services = self.services()?;
+                let found = services.iter().find(|s| {
+                    format!(
+                        "{}:{}/{}",
+                        s["address"].as_str().unwrap_or_default(),
+                        s["port"],
+                        s["protocol"].as_str().unwrap_or_default()
+                    ) == frontend
+                });
+                let actual = found.map(|s| {
+                    let mut backends: Vec<String> = s["backends"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|b| {
+                            format!(
+                                "{}:{}",
+                                b["address"].as_str().unwrap_or_default(),
+                                b["port"]
+                            )
+                        })
+                        .collect();
+                    backends.sort();
+                    backends
+                });
+                Ok((actual == expected).then_some(()))
+            },
+        )
+    }
+
+    /// A command that runs inside the test cgroup and `pod`'s netns: what a process in a pod
+    /// on an lb node is. The cgroup is joined first, then the netns (`ip netns exec` would
+    /// remount /sys and hide the cgroup).
+    pub fn pod_command(
+        &self,
+        pod: &Pod,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<Command> {
+        let procs = File::options()
+            .write(true)
+            .open(self.cgroup.join("cgroup.procs"))?;
+        let netns = File::open(Path::new("/run/netns").join(&pod.netns))?;
+        let mut command = Command::new(program);
+        // SAFETY: between fork and exec only async-signal-safe calls on fds opened before
+        // the fork, which the closure owns; `write` of "0" moves the calling process.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(command)
+    }
+
+    /// GETs `address` from `client` `count` times, one connection each.
+    pub fn probe(&self, client: &Pod, address: &str, count: u32) -> anyhow::Result<Vec<Probe>> {
+        let output = run(self.pod_command(client, binary("lb-probe")?)?.args([
+            address,
+            "--count",
+            &count.to_string(),
+        ]))?;
+        String::from_utf8(output.stdout)?
+            .lines()
+            .map(|line| {
+                let value: serde_json::Value = serde_json::from_str(line)?;
+                Ok(if value["ok"] == true {
+                    Probe::Answered {
+                        peer: value["peer"].as_str().unwrap_or_default().to_owned(),
+                        hostname: value["hostname"].as_str().unwrap_or_default().to_owned(),
+                    }
+                } else {
+                    Probe::Failed {
+                        error: value["error"].as_str().unwrap_or_default().to_owned(),
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let mut problems = Vec::new();
+        if let Some(mut agent) = self.agent.take() {
+            drop(agent.kill());
+            drop(agent.wait());
+        }
+        for server in &mut self.servers {
+            drop(server.kill());
+            drop(server.wait());
+        }
+        // Unpinning the link detaches the program; unpinning the maps frees them.
+        if let Ok(entries) = std::fs::read_dir(&self.bpffs) {
+            for entry in entries.flatten() {
+                if let Err(e) = std::fs::remove_file(entry.path()) {
+                    problems.push(format!("unpinning {}: {e}", entry.path().display()));
+                }
+            }
+        }
+        for dir in [&self.bpffs, &self.cgroup] {
+            match std::fs::remove_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => problems.push(format!("removing {}: {e}", dir.display())),
+            }
+        }
+        for netns in self
+            .pods
+            .iter()
+            .map(|p| p.netns.as_str())
+            .chain([self.node_netns.as_str()])
+        {
+            if let Err(e) = ip(&["netns", "del", netns]) {
+                // A netns that was never created is not a leftover.
+                if !e.to_string().contains("No such file") {
+                    problems.push(format!("{e:#}"));
+                }
+            }
+        }
+        drop(std::fs::remove_dir_all(&self.workdir));
+        if !problems.is_empty() {
+            let mut stderr = std::io::stderr().lock();
+            drop(writeln!(
+                stderr,
+                "testbed {} cleanup: {}",
+                self.id,
+                problems.join("; ")
+            ));
+        }
+    }
+}

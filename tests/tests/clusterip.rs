@@ -1,0 +1,336 @@
+//! ClusterIP over TCP through connect4, with real clients in a pod netns reaching real
+//! backends, the real agent, and the real `lb` CLI.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the error"
+)]
+
+use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
+
+use lb_tests::{Pod, Probe, Testbed, privileged, wait_for};
+
+const VIP: &str = "10.96.0.10";
+
+/// A Service `web` in `default` with one port, and its EndpointSlice.
+fn service(port: u16, target_port: u16, endpoints: &[Ipv4Addr]) -> String {
+    let endpoints: String = endpoints
+        .iter()
+        .map(|ip| format!("- addresses: [\"{ip}\"]\n  conditions: {{ready: true}}\n"))
+        .collect();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: {VIP}
+  clusterIPs: [{VIP}]
+  type: ClusterIP
+  ports:
+  - {{name: http, port: {port}, targetPort: {target_port}, protocol: TCP}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abcde
+  namespace: default
+  labels: {{kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+{endpoints}ports:
+- {{name: http, port: {target_port}, protocol: TCP}}
+"#
+    )
+}
+
+/// A node with backends `web-0..n` on 10.244.0.(10+i) serving on `port`, and a client pod.
+fn node(backends: usize, port: u16) -> (Testbed, Vec<Pod>, Pod) {
+    let mut testbed = Testbed::new().unwrap();
+    let pods: Vec<Pod> = (0..backends)
+        .map(|i| {
+            let octet = u8::try_from(10 + i).unwrap();
+            let pod = testbed
+                .add_pod(&format!("web-{i}"), Ipv4Addr::new(10, 244, 0, octet))
+                .unwrap();
+            testbed.serve_httpenv(&pod, port).unwrap();
+            pod
+        })
+        .collect();
+    let client = testbed
+        .add_pod("client", Ipv4Addr::new(10, 244, 1, 1))
+        .unwrap();
+    (testbed, pods, client)
+}
+
+fn ips(pods: &[Pod]) -> Vec<Ipv4Addr> {
+    pods.iter().map(|p| p.ip).collect()
+}
+
+fn hostnames(probes: &[Probe]) -> BTreeSet<String> {
+    probes
+        .iter()
+        .filter_map(|p| p.hostname().map(str::to_owned))
+        .collect()
+}
+
+fn assert_all_answered(probes: &[Probe]) {
+    let failed: Vec<_> = probes.iter().filter(|p| p.hostname().is_none()).collect();
+    assert!(failed.is_empty(), "failed connects: {failed:?}");
+}
+
+#[test]
+fn both_backends_of_a_two_endpoint_service_are_reached() {
+    if !privileged("both_backends_of_a_two_endpoint_service_are_reached") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    testbed
+        .write_manifest("web.yaml", &service(8888, 8888, &ips(&pods)))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend(
+            "10.96.0.10:8888/TCP",
+            Some(&["10.244.0.10:8888", "10.244.0.11:8888"]),
+        )
+        .unwrap();
+
+    // Random choice: both backends answer within a bounded number of connects
+    // (the chance that 40 connects all pick one of two is 2^-39).
+    let probes = testbed.probe(&client, "10.96.0.10:8888", 40).unwrap();
+    assert_all_answered(&probes);
+    assert_eq!(
+        hostnames(&probes),
+        BTreeSet::from(["web-0".to_owned(), "web-1".to_owned()])
+    );
+    // No NAT: the socket is connected to the pod itself.
+    for probe in &probes {
+        let Probe::Answered { peer, hostname } = probe else {
+            unreachable!()
+        };
+        let index = &hostname["web-".len()..];
+        assert_eq!(peer, &format!("10.244.0.1{index}:8888"));
+    }
+    let stats = testbed.lb(&["stats", "-o", "json"]).unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["translated"], 40, "{stats}");
+}
+
+#[test]
+fn service_port_is_translated_to_the_target_port() {
+    if !privileged("service_port_is_translated_to_the_target_port") {
+        return;
+    }
+    // Seed 004: the Service listens on 8081 and forwards to 3000 inside the pod.
+    let (mut testbed, pods, client) = node(1, 3000);
+    testbed
+        .write_manifest("web.yaml", &service(8081, 3000, &ips(&pods)))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8081/TCP", Some(&["10.244.0.10:3000"]))
+        .unwrap();
+
+    let probes = testbed.probe(&client, "10.96.0.10:8081", 3).unwrap();
+    assert_eq!(
+        probes,
+        vec![
+            Probe::Answered {
+                peer: "10.244.0.10:3000".into(),
+                hostname: "web-0".into()
+            };
+            3
+        ]
+    );
+    // Nothing listens on 8081 anywhere: only the translation makes the connect work.
+    let direct = testbed.probe(&client, "10.244.0.10:8081", 1).unwrap();
+    assert!(
+        matches!(&direct[0], Probe::Failed { error } if error.contains("refused")),
+        "{direct:?}"
+    );
+}
+
+#[test]
+fn manifest_changes_apply_while_the_agent_runs() {
+    if !privileged("manifest_changes_apply_while_the_agent_runs") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    testbed
+        .write_manifest("web.yaml", &service(8888, 8888, &[pods[0].ip]))
+        .unwrap();
+    let pid = testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    assert_eq!(
+        hostnames(&testbed.probe(&client, "10.96.0.10:8888", 5).unwrap()),
+        BTreeSet::from(["web-0".to_owned()])
+    );
+
+    // The endpoint moves from web-0 to web-1.
+    testbed
+        .write_manifest("web.yaml", &service(8888, 8888, &[pods[1].ip]))
+        .unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.11:8888"]))
+        .unwrap();
+    let probes = testbed.probe(&client, "10.96.0.10:8888", 5).unwrap();
+    assert_all_answered(&probes);
+    assert_eq!(hostnames(&probes), BTreeSet::from(["web-1".to_owned()]));
+
+    // A not-ready endpoint is not used.
+    let not_ready = service(8888, 8888, &[pods[0].ip, pods[1].ip]).replacen(
+        "conditions: {ready: true}",
+        "conditions: {ready: false}",
+        1,
+    );
+    testbed.write_manifest("web.yaml", &not_ready).unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.11:8888"]))
+        .unwrap();
+
+    // Deleting the manifest deletes the Service: the VIP is no longer translated, and with
+    // no route to it the connect fails at once.
+    testbed.remove_manifest("web.yaml").unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", None)
+        .unwrap();
+    let probes = testbed.probe(&client, "10.96.0.10:8888", 1).unwrap();
+    assert!(
+        matches!(&probes[0], Probe::Failed { error } if error.contains("unreachable")),
+        "{probes:?}"
+    );
+    assert!(testbed.services().unwrap().is_empty());
+
+    assert!(testbed.agent_running(), "the agent restarted or died");
+    assert_eq!(
+        testbed.start_agent().err().map(|e| e.to_string()),
+        Some("the agent is already running".into())
+    );
+    assert!(pid > 0);
+}
+
+#[test]
+fn other_destinations_are_left_alone() {
+    if !privileged("other_destinations_are_left_alone") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    testbed
+        .write_manifest("web.yaml", &service(8888, 8888, &[pods[0].ip]))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+
+    // A pod address that is not a frontend reaches that pod, untranslated.
+    let direct = testbed.probe(&client, "10.244.0.11:8888", 3).unwrap();
+    assert_eq!(
+        direct,
+        vec![
+            Probe::Answered {
+                peer: "10.244.0.11:8888".into(),
+                hostname: "web-1".into()
+            };
+            3
+        ]
+    );
+    // The VIP on another port, and another IP in the service range, are not frontends.
+    for address in ["10.96.0.10:8889", "10.96.0.11:8888"] {
+        let probes = testbed.probe(&client, address, 1).unwrap();
+        assert!(
+            matches!(&probes[0], Probe::Failed { error } if error.contains("unreachable")),
+            "{address}: {probes:?}"
+        );
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&testbed.lb(&["stats", "-o", "json"]).unwrap()).unwrap();
+    assert_eq!(stats["translated"], 0, "{stats}");
+}
+
+#[test]
+fn a_stopped_agent_leaves_the_datapath_and_lb_services_working() {
+    if !privileged("a_stopped_agent_leaves_the_datapath_and_lb_services_working") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    testbed
+        .write_manifest("web.yaml", &service(8888, 8888, &ips(&pods)))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend(
+            "10.96.0.10:8888/TCP",
+            Some(&["10.244.0.10:8888", "10.244.0.11:8888"]),
+        )
+        .unwrap();
+    testbed.stop_agent().unwrap();
+
+    let services = testbed.services().unwrap();
+    assert_eq!(services.len(), 1, "{services:?}");
+    assert_eq!(services[0]["address"], VIP);
+    assert_eq!(services[0]["port"], 8888);
+    assert_eq!(services[0]["protocol"], "TCP");
+    assert_eq!(services[0]["backends"].as_array().map(Vec::len), Some(2));
+    let table = testbed.lb(&["services"]).unwrap();
+    assert!(table.contains("10.96.0.10:8888/TCP"), "{table}");
+
+    let probes = testbed.probe(&client, "10.96.0.10:8888", 5).unwrap();
+    assert_all_answered(&probes);
+
+    // A restarted agent takes over the pinned state without rewriting it.
+    testbed.start_agent().unwrap();
+    let log = testbed.agent_output();
+    assert!(log.contains("map_writes=0"), "{log}");
+    assert_all_answered(&testbed.probe(&client, "10.96.0.10:8888", 5).unwrap());
+}
+
+#[test]
+fn a_bad_manifest_is_reported_and_the_last_good_state_kept() {
+    if !privileged("a_bad_manifest_is_reported_and_the_last_good_state_kept") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(1, 8888);
+    testbed
+        .write_manifest("web.yaml", &service(8888, 8888, &ips(&pods)))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+
+    // An invalid port in the Service: the error names file, object and field.
+    let bad = service(8888, 8888, &ips(&pods))
+        .replace("port: 8888, targetPort", "port: 99999, targetPort");
+    testbed.write_manifest("web.yaml", &bad).unwrap();
+    let expected = "web.yaml: Service default/web: spec.ports[0].port: 99999 is not a port";
+    wait_for(
+        "the error in the agent log",
+        Duration::from_secs(10),
+        || Ok(testbed.agent_output().contains(expected).then_some(())),
+    )
+    .unwrap();
+    // Broken YAML in another file.
+    testbed
+        .write_manifest("broken.yaml", "kind: Service\nmetadata: [\n")
+        .unwrap();
+    wait_for(
+        "the syntax error in the agent log",
+        Duration::from_secs(10),
+        || {
+            Ok(testbed
+                .agent_output()
+                .contains("broken.yaml: not valid YAML or JSON")
+                .then_some(()))
+        },
+    )
+    .unwrap();
+
+    assert!(testbed.agent_running(), "{}", testbed.agent_output());
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    assert_all_answered(&testbed.probe(&client, "10.96.0.10:8888", 3).unwrap());
+}
