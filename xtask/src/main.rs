@@ -3,8 +3,9 @@
 mod setup;
 
 use std::{
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode},
+    process::{Command, ExitCode, Stdio},
 };
 
 use anyhow::{Context as _, ensure};
@@ -57,7 +58,7 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Test { args } => {
             setup::install_missing()?;
             build(false)?;
-            cargo(&["test", "--workspace", "--exclude", "lb-ebpf"], &args)
+            test(&args)
         }
         Task::Demo => {
             setup::install_missing()?;
@@ -88,7 +89,7 @@ fn build(release: bool) -> anyhow::Result<()> {
     cargo(&args, &[])
 }
 
-fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
+fn cargo_command(args: &[&str], extra: &[String]) -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
     command
@@ -97,9 +98,93 @@ fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
         .current_dir(workspace_root())
         .env("LB_BIN_DIR", bin_dir(false))
         .env("PATH", setup::path_with_cargo_bin());
+    command
+}
+
+fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
+    let mut command = cargo_command(args, extra);
     let status = command
         .status()
         .with_context(|| format!("running {command:?}"))?;
     ensure!(status.success(), "{command:?} failed: {status}");
     Ok(())
+}
+
+/// Runs every test binary and closes with one total over all of them, so the last line
+/// says how many tests ran rather than how many one crate's doc-tests had.
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    let mut command = cargo_command(&["test", "--workspace", "--exclude", "lb-ebpf"], extra);
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {command:?}"))?;
+    let mut totals = TestTotals::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            totals.add(&line);
+        }
+    }
+    let status = child.wait()?;
+    println!(
+        "xtask: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    ensure!(status.success(), "{command:?} failed: {status}");
+    ensure!(totals.passed > 0, "no test ran");
+    Ok(())
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TestTotals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl TestTotals {
+    /// Adds a libtest summary line: `test result: ok. 6 passed; 0 failed; 0 ignored; …`.
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_libtest_summaries() {
+        let mut totals = TestTotals::default();
+        totals.add("test result: ok. 6 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 1.07s");
+        totals
+            .add("test result: FAILED. 2 passed; 3 failed; 0 ignored; 0 measured; 0 filtered out");
+        totals.add("test other ... ok");
+        assert_eq!(
+            totals,
+            TestTotals {
+                passed: 8,
+                failed: 3,
+                ignored: 1
+            }
+        );
+    }
 }
