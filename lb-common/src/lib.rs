@@ -29,16 +29,34 @@ use bytemuck::{Pod, Zeroable};
 
 /// Map names carry the layout version: a layout change gets new names, so an agent never
 /// reads maps pinned by an incompatible build (BPF object names are at most 15 bytes).
-pub const SERVICE_MAP: &str = "lb4_svc_v1";
+pub const SERVICE_MAP: &str = "lb4_svc_v2";
 /// See [`SERVICE_MAP`].
 pub const BACKEND_MAP: &str = "lb4_backend_v1";
 /// See [`SERVICE_MAP`].
-pub const STATS_MAP: &str = "lb_stats_v1";
+pub const REVNAT_MAP: &str = "lb4_revnat_v1";
+/// See [`SERVICE_MAP`].
+pub const AFFINITY_MAP: &str = "lb4_affinity_v1";
+/// See [`SERVICE_MAP`].
+pub const AFFINITY_MATCH_MAP: &str = "lb4_affmatch_v1";
+/// See [`SERVICE_MAP`].
+pub const CONFIG_MAP: &str = "lb_config_v1";
+/// See [`SERVICE_MAP`].
+pub const STATS_MAP: &str = "lb_stats_v2";
 
 /// Default capacity of [`SERVICE_MAP`]: one entry per frontend plus one per backend slot.
 pub const SERVICE_MAP_CAPACITY: u32 = 65_536;
 /// Default capacity of [`BACKEND_MAP`]: distinct backend address:port pairs.
 pub const BACKEND_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of the LRU [`REVNAT_MAP`]: translated sockets whose peer is remembered.
+pub const REVNAT_MAP_CAPACITY: u32 = 262_144;
+/// Capacity of the LRU [`AFFINITY_MAP`]: (client, frontend) pairs with session affinity.
+pub const AFFINITY_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of [`AFFINITY_MATCH_MAP`]: backends of frontends that have session affinity.
+pub const AFFINITY_MATCH_MAP_CAPACITY: u32 = 65_536;
+
+/// The errno a connect()/sendmsg() to a frontend with no usable backend fails with, at
+/// once, as a TCP RST from a closed port would: the client is not left waiting.
+pub const ERRNO_NO_BACKENDS: i32 = 111; // ECONNREFUSED
 
 /// The slot that holds a frontend's master entry.
 pub const MASTER_SLOT: u16 = 0;
@@ -85,6 +103,13 @@ impl ServiceKey {
     }
 }
 
+/// [`ServiceValue::flags`]: the frontend only exists for sockets of the node's own network
+/// namespace (NodePort on 127.0.0.1: in a pod, 127.0.0.1 is the pod's own loopback).
+pub const FLAG_HOST_NETNS_ONLY: u16 = 1 << 0;
+/// [`ServiceValue::flags`]: the backends are the node-local ones only
+/// (`internalTrafficPolicy: Local`); a count of zero then means "none on this node".
+pub const FLAG_NODE_LOCAL: u16 = 1 << 1;
+
 /// Value of [`SERVICE_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -93,17 +118,24 @@ pub struct ServiceValue {
     pub backend_id: u32,
     /// In the master entry: the number of backend slots. Zero in backend slots.
     pub count: u16,
-    /// Reserved for per-service behavior (affinity, traffic policy); zero today.
+    /// In the master entry: `FLAG_*` bits.
     pub flags: u16,
+    /// In the master entry: a stable id of the frontend, naming it in [`AFFINITY_MAP`] and
+    /// [`AFFINITY_MATCH_MAP`].
+    pub frontend_id: u32,
+    /// In the master entry: session affinity timeout in seconds; 0 means no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 impl ServiceValue {
     /// The master entry of a frontend with `count` backend slots.
-    pub const fn master(count: u16) -> Self {
+    pub const fn master(count: u16, flags: u16, frontend_id: u32, affinity_timeout_s: u32) -> Self {
         Self {
             backend_id: 0,
             count,
-            flags: 0,
+            flags,
+            frontend_id,
+            affinity_timeout_s,
         }
     }
 
@@ -113,8 +145,89 @@ impl ServiceValue {
             backend_id,
             count: 0,
             flags: 0,
+            frontend_id: 0,
+            affinity_timeout_s: 0,
         }
     }
+}
+
+/// Key of the LRU [`REVNAT_MAP`]: a translated socket and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RevNatKey {
+    /// `bpf_get_socket_cookie()` of the client socket.
+    pub cookie: u64,
+    /// Backend address and port, network byte order.
+    pub address: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+impl RevNatKey {
+    #[inline(always)]
+    pub const fn new(cookie: u64, address: u32, port: u16) -> Self {
+        Self {
+            cookie,
+            address,
+            port,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of [`REVNAT_MAP`]: the frontend the socket asked for, network byte order. recvmsg4
+/// and getpeername4 show it instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct RevNatValue {
+    pub address: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Key of the LRU [`AFFINITY_MAP`]: a client and a frontend. The client is its network
+/// namespace (`bpf_get_netns_cookie()`): at the socket layer the source IP is not chosen yet,
+/// and a pod's sockets all share its netns, so this is the socket-level "ClientIP".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct AffinityKey {
+    pub netns_cookie: u64,
+    pub frontend_id: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`AFFINITY_MAP`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns()` of the last connection that used the entry.
+    pub last_used_ns: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Key of [`AFFINITY_MATCH_MAP`] (value `u32`, unused): present while `backend_id` is a
+/// backend of `frontend_id`, so an affinity entry for a backend that went away is ignored.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct AffinityMatchKey {
+    pub backend_id: u32,
+    pub frontend_id: u32,
+}
+
+/// The single value of [`CONFIG_MAP`] (an array of one).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// `bpf_get_netns_cookie()` of the node's own network namespace, for
+    /// [`FLAG_HOST_NETNS_ONLY`]. Zero until the agent writes it: such frontends match nobody.
+    pub host_netns_cookie: u64,
+}
+
+/// Whether an affinity entry last used at `last_used_ns` still holds at `now_ns`.
+#[inline(always)]
+pub const fn affinity_holds(last_used_ns: u64, now_ns: u64, timeout_s: u32) -> bool {
+    timeout_s != 0 && now_ns.saturating_sub(last_used_ns) <= timeout_s as u64 * 1_000_000_000
 }
 
 /// Value of [`BACKEND_MAP`], keyed by a `u32` backend id the agent allocates.
@@ -143,20 +256,35 @@ impl Backend {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
-    /// A connect to a frontend was rewritten to a backend.
-    Translated = 0,
-    /// A connect to a frontend that has no backends; it was left as it was.
-    NoBackends = 1,
-    /// A slot or backend id did not resolve (a writer bug or a torn update); left as it was.
-    BackendMissing = 2,
+    /// connect() to a frontend rewritten to a backend (TCP, or connected UDP).
+    ConnectTranslated = 0,
+    /// An unconnected UDP sendmsg() to a frontend rewritten to a backend.
+    SendmsgTranslated = 1,
+    /// A UDP reply's source shown as the frontend instead of the backend.
+    RecvmsgRestored = 2,
+    /// getpeername() shown as the frontend instead of the backend.
+    PeernameRestored = 3,
+    /// Refused with [`ERRNO_NO_BACKENDS`]: the frontend has no usable backend.
+    NoBackends = 4,
+    /// Refused with [`ERRNO_NO_BACKENDS`]: `internalTrafficPolicy: Local` and none on this node.
+    NoLocalBackends = 5,
+    /// A slot or backend id did not resolve (a torn update or a writer bug); left untranslated.
+    BackendMissing = 6,
+    /// Session affinity sent a client to the backend it had.
+    AffinityHit = 7,
 }
 
 impl Reason {
     /// Every reason, in index order.
-    pub const ALL: [Reason; 3] = [
-        Reason::Translated,
+    pub const ALL: [Reason; 8] = [
+        Reason::ConnectTranslated,
+        Reason::SendmsgTranslated,
+        Reason::RecvmsgRestored,
+        Reason::PeernameRestored,
         Reason::NoBackends,
+        Reason::NoLocalBackends,
         Reason::BackendMissing,
+        Reason::AffinityHit,
     ];
     /// Number of counters in [`STATS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -164,9 +292,14 @@ impl Reason {
     /// Stable, scriptable name of the counter.
     pub const fn name(self) -> &'static str {
         match self {
-            Reason::Translated => "translated",
+            Reason::ConnectTranslated => "connect_translated",
+            Reason::SendmsgTranslated => "sendmsg_translated",
+            Reason::RecvmsgRestored => "recvmsg_restored",
+            Reason::PeernameRestored => "peername_restored",
             Reason::NoBackends => "no_backends",
+            Reason::NoLocalBackends => "no_local_backends",
             Reason::BackendMissing => "backend_missing",
+            Reason::AffinityHit => "affinity_hit",
         }
     }
 }
@@ -203,8 +336,14 @@ pub const fn port_from_map(port: u16) -> u16 {
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<RevNatKey>() == 16);
+const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
+const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
+const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
+const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
 #[cfg(feature = "user")]
 mod user {
@@ -215,6 +354,18 @@ mod user {
     unsafe impl aya::Pod for super::ServiceValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RevNatValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::AffinityMatchKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Config {}
 }
 
 #[cfg(test)]
@@ -264,6 +415,48 @@ mod tests {
         let port = port_to_map(8888);
         assert_eq!(port.to_ne_bytes(), 8888u16.to_be_bytes());
         assert_eq!(port_from_map(port), 8888);
+    }
+
+    #[test]
+    fn affinity_holds_until_the_timeout_and_not_without_one() {
+        let second = 1_000_000_000u64;
+        assert!(affinity_holds(5 * second, 5 * second, 10));
+        assert!(affinity_holds(5 * second, 15 * second, 10));
+        assert!(!affinity_holds(5 * second, 15 * second + 1, 10));
+        assert!(!affinity_holds(5 * second, 5 * second, 0));
+        // A clock read before the entry was written (another CPU) is not an expiry.
+        assert!(affinity_holds(5 * second, 4 * second, 10));
+        // The largest timeout does not overflow.
+        assert!(affinity_holds(0, u64::from(u32::MAX) * second, u32::MAX));
+    }
+
+    #[test]
+    fn reason_names_are_unique_and_indexes_dense() {
+        for (index, reason) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index);
+            assert_eq!(
+                Reason::ALL
+                    .iter()
+                    .filter(|r| r.name() == reason.name())
+                    .count(),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel() {
+        for name in [
+            SERVICE_MAP,
+            BACKEND_MAP,
+            REVNAT_MAP,
+            AFFINITY_MAP,
+            AFFINITY_MATCH_MAP,
+            CONFIG_MAP,
+            STATS_MAP,
+        ] {
+            assert!(name.len() <= 15, "{name}");
+        }
     }
 
     #[test]

@@ -1,48 +1,105 @@
 //! lb's datapath: socket-level load balancing for Kubernetes Services.
 //!
-//! `cgroup/connect4` rewrites a connect() to a Service frontend (VIP:port/protocol) into a
-//! connect() to one of its backends, once per socket: no per-packet NAT, no conntrack.
-//! Anything the maps do not know is left exactly as it was; the program never fails a
-//! connect it does not own.
+//! The translation happens once per socket, at the syscall, so there is no per-packet NAT and
+//! no conntrack:
+//! - `cgroup/connect4` rewrites a connect() to a frontend (VIP:port/protocol) into a connect()
+//!   to one of its backends (TCP, and connected UDP);
+//! - `cgroup/sendmsg4` does the same for each unconnected UDP sendmsg();
+//! - `cgroup/recvmsg4` and `cgroup/getpeername4` show the frontend again where the
+//!   application would otherwise see the backend, using the reverse map the first two fill.
+//!
+//! Anything the maps do not know is left exactly as it was; the programs never fail a
+//! syscall they do not own.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod datapath {
     use aya_ebpf::{
-        helpers::bpf_get_prandom_u32,
+        EbpfContext as _,
+        helpers::{
+            bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+            bpf_set_retval,
+        },
         macros::{cgroup_sock_addr, map},
-        maps::{HashMap, PerCpuArray},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::SockAddrContext,
     };
     use lb_common::{
-        BACKEND_MAP_CAPACITY, Backend, MASTER_SLOT, Reason, SERVICE_MAP_CAPACITY, ServiceKey,
-        ServiceValue, backend_slot,
+        AFFINITY_MAP_CAPACITY, AFFINITY_MATCH_MAP_CAPACITY, AffinityKey, AffinityMatchKey,
+        AffinityValue, BACKEND_MAP_CAPACITY, Backend, Config, ERRNO_NO_BACKENDS,
+        FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, MASTER_SLOT, REVNAT_MAP_CAPACITY, Reason, RevNatKey,
+        RevNatValue, SERVICE_MAP_CAPACITY, ServiceKey, ServiceValue, affinity_holds, backend_slot,
     };
 
     /// Verdict that lets the syscall proceed (with whatever address we left in the context).
     const ALLOW: i32 = 1;
+    /// Verdict that fails the syscall with the errno set by `bpf_set_retval`.
+    const REJECT: i32 = 0;
 
-    #[map(name = "lb4_svc_v1")]
+    #[map(name = "lb4_svc_v2")]
     static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICE_MAP_CAPACITY, 0);
 
     #[map(name = "lb4_backend_v1")]
     static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKEND_MAP_CAPACITY, 0);
 
-    #[map(name = "lb_stats_v1")]
+    #[map(name = "lb4_revnat_v1")]
+    static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(REVNAT_MAP_CAPACITY, 0);
+
+    #[map(name = "lb4_affinity_v1")]
+    static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+        LruHashMap::pinned(AFFINITY_MAP_CAPACITY, 0);
+
+    #[map(name = "lb4_affmatch_v1")]
+    static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
+        HashMap::pinned(AFFINITY_MATCH_MAP_CAPACITY, 0);
+
+    #[map(name = "lb_config_v1")]
+    static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+    #[map(name = "lb_stats_v2")]
     static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 
     #[cgroup_sock_addr(connect4)]
     pub fn connect4(ctx: SockAddrContext) -> i32 {
-        if let Some(reason) = translate(&ctx) {
-            count(reason);
-        }
+        forward(&ctx, Reason::ConnectTranslated)
+    }
+
+    #[cgroup_sock_addr(sendmsg4)]
+    pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+        forward(&ctx, Reason::SendmsgTranslated)
+    }
+
+    #[cgroup_sock_addr(recvmsg4)]
+    pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
+        restore(&ctx, Reason::RecvmsgRestored);
+        // recvmsg hooks must allow: the datagram has already arrived.
         ALLOW
     }
 
-    /// Rewrites the destination if it is a frontend; `None` for destinations we do not own.
+    #[cgroup_sock_addr(getpeername4)]
+    pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+        restore(&ctx, Reason::PeernameRestored);
+        ALLOW
+    }
+
+    /// What to do with a connect()/sendmsg() destination.
+    enum Choice {
+        /// Not a frontend (for this socket): leave it alone.
+        NotOurs,
+        /// Rewrite to this backend.
+        Backend {
+            backend: Backend,
+            affinity_hit: bool,
+        },
+        /// A frontend with no usable backend: fail the syscall at once.
+        Refuse(Reason),
+        /// A frontend whose backend could not be resolved: leave it alone, count why.
+        Untranslated(Reason),
+    }
+
     #[inline(always)]
-    fn translate(ctx: &SockAddrContext) -> Option<Reason> {
+    fn forward(ctx: &SockAddrContext, translated: Reason) -> i32 {
         // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime.
         let sock_addr = unsafe { &mut *ctx.sock_addr };
         // The kernel keeps the network-order port in the low 16 bits of `user_port`.
@@ -52,25 +109,153 @@ mod datapath {
             sock_addr.protocol as u8,
             MASTER_SLOT,
         );
+        match choose(ctx, &frontend) {
+            Choice::NotOurs => ALLOW,
+            Choice::Backend {
+                backend,
+                affinity_hit,
+            } => {
+                sock_addr.user_ip4 = backend.address;
+                sock_addr.user_port = u32::from(backend.port);
+                // SAFETY: a helper valid for sock_addr programs, given their context.
+                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+                let reverse = RevNatValue {
+                    address: frontend.address,
+                    port: frontend.port,
+                    _pad: [0; 2],
+                };
+                // LRU: a full map evicts the oldest socket's entry rather than failing.
+                let _ = REVNAT.insert(
+                    &RevNatKey::new(cookie, backend.address, backend.port),
+                    &reverse,
+                    0,
+                );
+                count(translated);
+                if affinity_hit {
+                    count(Reason::AffinityHit);
+                }
+                ALLOW
+            }
+            Choice::Refuse(reason) => {
+                count(reason);
+                // SAFETY: a helper valid for connect4/sendmsg4; the errno is negated, as the
+                // kernel expects.
+                unsafe { bpf_set_retval(-ERRNO_NO_BACKENDS) };
+                REJECT
+            }
+            Choice::Untranslated(reason) => {
+                count(reason);
+                ALLOW
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn choose(ctx: &SockAddrContext, frontend: &ServiceKey) -> Choice {
         // SAFETY: values are plain data copied out at once; a concurrent update can at worst
-        // hand us an older or newer count, which the writer ordering makes safe.
-        let master = unsafe { SERVICES.get(&frontend) }?;
-        // SAFETY: a helper with no arguments and no preconditions.
-        let entropy = unsafe { bpf_get_prandom_u32() };
-        let Some(slot) = backend_slot(master.count, entropy) else {
-            return Some(Reason::NoBackends);
+        // hand us an older or newer entry, which the writer's ordering keeps consistent.
+        let Some(master) = (unsafe { SERVICES.get(frontend) }).copied() else {
+            return Choice::NotOurs;
         };
+        if master.flags & FLAG_HOST_NETNS_ONLY != 0 && !in_host_netns(ctx) {
+            return Choice::NotOurs;
+        }
+        if master.count == 0 {
+            return Choice::Refuse(if master.flags & FLAG_NODE_LOCAL != 0 {
+                Reason::NoLocalBackends
+            } else {
+                Reason::NoBackends
+            });
+        }
+
+        let mut affinity_hit = false;
+        let backend_id = if master.affinity_timeout_s == 0 {
+            match random_backend(frontend, master.count) {
+                Some(id) => id,
+                None => return Choice::Untranslated(Reason::BackendMissing),
+            }
+        } else {
+            // SAFETY: helpers valid for sock_addr programs, given their context.
+            let key = AffinityKey {
+                netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+                frontend_id: master.frontend_id,
+                _pad: 0,
+            };
+            // SAFETY: a helper with no arguments.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let held = (unsafe { AFFINITY.get(&key) }).copied().filter(|entry| {
+                affinity_holds(entry.last_used_ns, now, master.affinity_timeout_s)
+                    && still_a_backend(entry.backend_id, master.frontend_id)
+            });
+            let id = match held {
+                Some(entry) => {
+                    affinity_hit = true;
+                    entry.backend_id
+                }
+                None => match random_backend(frontend, master.count) {
+                    Some(id) => id,
+                    None => return Choice::Untranslated(Reason::BackendMissing),
+                },
+            };
+            // Every connection refreshes the entry, as kube-proxy's `recent --set` does.
+            let entry = AffinityValue {
+                last_used_ns: now,
+                backend_id: id,
+                _pad: 0,
+            };
+            let _ = AFFINITY.insert(&key, &entry, 0);
+            id
+        };
+
         // SAFETY: as above.
-        let Some(slot) = (unsafe { SERVICES.get(&frontend.with_slot(slot)) }) else {
-            return Some(Reason::BackendMissing);
-        };
-        // SAFETY: as above.
-        let Some(backend) = (unsafe { BACKENDS.get(&slot.backend_id) }) else {
-            return Some(Reason::BackendMissing);
-        };
-        sock_addr.user_ip4 = backend.address;
-        sock_addr.user_port = u32::from(backend.port);
-        Some(Reason::Translated)
+        match (unsafe { BACKENDS.get(&backend_id) }).copied() {
+            Some(backend) => Choice::Backend {
+                backend,
+                affinity_hit,
+            },
+            None => Choice::Untranslated(Reason::BackendMissing),
+        }
+    }
+
+    #[inline(always)]
+    fn random_backend(frontend: &ServiceKey, count: u16) -> Option<u32> {
+        // SAFETY: a helper with no arguments.
+        let slot = backend_slot(count, unsafe { bpf_get_prandom_u32() })?;
+        // SAFETY: as in `choose`.
+        (unsafe { SERVICES.get(&frontend.with_slot(slot)) }).map(|slot| slot.backend_id)
+    }
+
+    #[inline(always)]
+    fn still_a_backend(backend_id: u32, frontend_id: u32) -> bool {
+        AFFINITY_MATCH
+            .get_ptr(&AffinityMatchKey {
+                backend_id,
+                frontend_id,
+            })
+            .is_some()
+    }
+
+    #[inline(always)]
+    fn in_host_netns(ctx: &SockAddrContext) -> bool {
+        let host = CONFIG.get(0).map_or(0, |config| config.host_netns_cookie);
+        // SAFETY: a helper valid for sock_addr programs, given their context.
+        host != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == host
+    }
+
+    /// Shows the frontend where the socket would show the backend it was translated to.
+    #[inline(always)]
+    fn restore(ctx: &SockAddrContext, reason: Reason) {
+        // SAFETY: as in `forward`.
+        let sock_addr = unsafe { &mut *ctx.sock_addr };
+        // SAFETY: a helper valid for sock_addr programs, given their context.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let key = RevNatKey::new(cookie, sock_addr.user_ip4, sock_addr.user_port as u16);
+        // SAFETY: plain data copied out at once.
+        if let Some(frontend) = (unsafe { REVNAT.get(&key) }).copied() {
+            sock_addr.user_ip4 = frontend.address;
+            sock_addr.user_port = u32::from(frontend.port);
+            count(reason);
+        }
     }
 
     #[inline(always)]

@@ -2,6 +2,7 @@
 //! maps, then follows every change to the directory until SIGINT or SIGTERM.
 
 use std::{
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -15,9 +16,10 @@ use tokio::{
 
 use crate::{
     datapath::{self, ServiceMaps},
-    model::Desired,
-    mounts,
+    model::{Desired, Node},
+    mounts, netns,
     plan::{self, Programmed},
+    state::State,
     store::Store,
 };
 
@@ -34,9 +36,24 @@ pub struct AgentArgs {
     /// cgroup2 directory to attach the programs to [default: the cgroup2 root, i.e. the whole node].
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
-    /// bpffs directory for the pinned link and maps.
+    /// bpffs directory for the pinned links and maps.
     #[arg(long, value_name = "PATH", default_value = crate::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
+    /// Directory for the state file the CLI reads (Service names, what is not in the datapath).
+    #[arg(long, value_name = "PATH", default_value = crate::state::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// This node's name, matched against endpoints' `nodeName` for
+    /// `internalTrafficPolicy: Local` [default: the hostname, as kube-proxy].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// An address of this node that serves NodePorts; repeat for several
+    /// [default: every non-loopback IPv4 address of the node's network namespace].
+    #[arg(long = "node-ip", value_name = "IP")]
+    pub node_ips: Vec<Ipv4Addr>,
+    /// The node's own network namespace: its sockets, and only they, reach NodePorts on
+    /// 127.0.0.1 [default: the agent's, as when it runs with hostNetwork].
+    #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
+    pub host_netns: PathBuf,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -49,6 +66,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Some(cgroup) => cgroup,
         None => mounts::cgroup2_root()?,
     };
+    let host = netns::inspect(&args.host_netns)?;
+    let node = Node {
+        name: match args.node_name {
+            Some(name) => name,
+            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+        },
+        ips: if args.node_ips.is_empty() {
+            host.addresses.clone()
+        } else {
+            args.node_ips
+        },
+    };
+    tracing::info!(node = %node.name, node_ips = ?node.ips, "node");
     let datapath = datapath::load(&args.bpffs, &cgroup)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
     tracing::info!(
@@ -57,10 +87,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "programs attached, maps pinned"
     );
     let mut maps = datapath.maps;
+    maps.set_host_netns_cookie(host.cookie)?;
     let snapshot = maps.read()?;
     let mut syncer = Syncer {
         programmed: snapshot.programmed,
         store: Store::default(),
+        node,
+        state_dir: args.state_dir,
     };
 
     // Watch before the first read, so no change between the two is missed.
@@ -104,6 +137,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 struct Syncer {
     programmed: Programmed,
     store: Store,
+    node: Node,
+    state_dir: PathBuf,
 }
 
 impl Syncer {
@@ -122,9 +157,9 @@ impl Syncer {
                 return;
             }
         }
-        let desired = self.store.desired();
+        let desired = self.store.desired(&self.node);
         report(&desired);
-        let (ops, next) = match plan::plan(&self.programmed, &desired.backend_sets()) {
+        let (ops, next) = match plan::plan(&self.programmed, &desired.specs()) {
             Ok(planned) => planned,
             Err(e) => {
                 tracing::error!("{e}; keeping the last good state");
@@ -140,6 +175,9 @@ impl Syncer {
             return;
         }
         self.programmed = next;
+        if let Err(e) = State::of(&desired).write(&self.state_dir) {
+            tracing::error!("{e}; `lb services` may show stale names");
+        }
         let (services, slices) = self.store.counts();
         tracing::info!(
             services,

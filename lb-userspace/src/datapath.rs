@@ -11,31 +11,47 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{
         CgroupAttachMode, CgroupSockAddr,
         links::{FdLink, PinnedLink},
     },
 };
 use lb_common::{
-    BACKEND_MAP, Backend, MASTER_SLOT, Reason, SERVICE_MAP, STATS_MAP, ServiceKey, ServiceValue,
+    AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityMatchKey, BACKEND_MAP, Backend, CONFIG_MAP, Config,
+    MASTER_SLOT, REVNAT_MAP, Reason, SERVICE_MAP, STATS_MAP, ServiceKey, ServiceValue,
     ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
 };
 
 use crate::{
     model::{BackendAddr, Frontend, Protocol},
     mounts::{self, MountError},
-    plan::{BackendId, MapOp, Programmed},
+    plan::{BackendId, MapOp, Programmed, ProgrammedFrontend},
 };
 
 /// The eBPF object built by build.rs from lb-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// Pin of the connect4 link: removing it detaches the program.
-pub const CONNECT4_LINK: &str = "lb_connect4";
+/// The programs, each attached to the cgroup through a link pinned as `lb_<program>`:
+/// removing the pin detaches the program.
+/// The attach point of each comes from its ELF section (`cgroup/connect4`, …).
+pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
-/// Every pin the agent creates in its bpffs directory.
-pub const PINS: [&str; 4] = [CONNECT4_LINK, SERVICE_MAP, BACKEND_MAP, STATS_MAP];
+/// Every map the object declares, all pinned by name.
+pub const MAPS: [&str; 7] = [
+    SERVICE_MAP,
+    BACKEND_MAP,
+    REVNAT_MAP,
+    AFFINITY_MAP,
+    AFFINITY_MATCH_MAP,
+    CONFIG_MAP,
+    STATS_MAP,
+];
+
+/// The pin of `program`'s link.
+pub fn link_pin(program: &str) -> String {
+    format!("lb_{program}")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {
@@ -55,8 +71,11 @@ pub enum DatapathError {
     Load(#[from] aya::EbpfError),
     #[error("the eBPF object has no {0}")]
     Missing(&'static str),
-    #[error("program connect4: {0}")]
-    Program(#[from] aya::programs::ProgramError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("pinning {path}: {source}")]
     Pin {
         path: PathBuf,
@@ -80,10 +99,12 @@ fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
-/// The pinned service, backend and stats maps.
+/// The pinned maps the agent writes and the CLI reads.
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendId, Backend>,
+    affinity_matches: HashMap<MapData, AffinityMatchKey, u32>,
+    config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -106,28 +127,42 @@ impl ServiceMaps {
                     source,
                 })
         };
-        Ok(Self {
-            services: open(SERVICE_MAP)?
-                .try_into()
-                .map_err(map_error(SERVICE_MAP))?,
-            backends: open(BACKEND_MAP)?
-                .try_into()
-                .map_err(map_error(BACKEND_MAP))?,
-            stats: open(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
-        })
+        Self::from_maps(open)
     }
 
     fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
-        let mut take = |map: &'static str| ebpf.take_map(map).ok_or(DatapathError::Missing(map));
+        Self::from_maps(|map| ebpf.take_map(map).ok_or(DatapathError::Missing(map)))
+    }
+
+    fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
+    ) -> Result<Self, DatapathError> {
         Ok(Self {
-            services: take(SERVICE_MAP)?
+            services: get(SERVICE_MAP)?
                 .try_into()
                 .map_err(map_error(SERVICE_MAP))?,
-            backends: take(BACKEND_MAP)?
+            backends: get(BACKEND_MAP)?
                 .try_into()
                 .map_err(map_error(BACKEND_MAP))?,
-            stats: take(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
+            affinity_matches: get(AFFINITY_MATCH_MAP)?
+                .try_into()
+                .map_err(map_error(AFFINITY_MATCH_MAP))?,
+            config: get(CONFIG_MAP)?.try_into().map_err(map_error(CONFIG_MAP))?,
+            stats: get(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
         })
+    }
+
+    /// Tells the programs which network namespace is the node's own.
+    pub fn set_host_netns_cookie(&mut self, cookie: u64) -> Result<(), DatapathError> {
+        self.config
+            .set(
+                0,
+                Config {
+                    host_netns_cookie: cookie,
+                },
+                0,
+            )
+            .map_err(map_error(CONFIG_MAP))
     }
 
     /// Reads the maps back into the agent's terms.
@@ -154,25 +189,39 @@ impl ServiceMaps {
                 continue;
             };
             if key.slot == MASTER_SLOT {
-                masters.insert(frontend, value.count);
+                masters.insert(frontend, value);
             } else {
                 slots.insert((frontend, key.slot), (key, value.backend_id));
             }
         }
 
         let mut frontends = BTreeMap::new();
-        for (frontend, count) in masters {
+        for (frontend, master) in masters {
             // A missing slot reads as id 0, which no backend has, so the next plan rewrites it.
-            let ids = (1..=count)
+            let ids = (1..=master.count)
                 .map(|slot| slots.remove(&(frontend, slot)).map_or(0, |(_, id)| id))
                 .collect();
-            frontends.insert(frontend, ids);
+            frontends.insert(
+                frontend,
+                ProgrammedFrontend {
+                    id: master.frontend_id,
+                    flags: master.flags,
+                    affinity_timeout_s: master.affinity_timeout_s,
+                    slots: ids,
+                },
+            );
         }
         orphans.extend(slots.into_values().map(|(key, _)| key));
+
+        let mut affinity_matches = std::collections::BTreeSet::new();
+        for key in self.affinity_matches.keys() {
+            affinity_matches.insert(key.map_err(map_error(AFFINITY_MATCH_MAP))?);
+        }
         Ok(Snapshot {
             programmed: Programmed {
                 frontends,
                 backends,
+                affinity_matches,
             },
             orphans,
         })
@@ -194,14 +243,27 @@ impl ServiceMaps {
                     .services
                     .insert(key_of(&frontend, slot), ServiceValue::slot(id), 0)
                     .map_err(map_error(SERVICE_MAP))?,
-                MapOp::PutMaster(frontend, count) => self
+                MapOp::PutMaster(frontend, ref master) => self
                     .services
                     .insert(
                         key_of(&frontend, MASTER_SLOT),
-                        ServiceValue::master(count),
+                        ServiceValue::master(
+                            u16::try_from(master.slots.len()).unwrap_or(u16::MAX),
+                            master.flags,
+                            master.id,
+                            master.affinity_timeout_s,
+                        ),
                         0,
                     )
                     .map_err(map_error(SERVICE_MAP))?,
+                MapOp::PutAffinityMatch(key) => self
+                    .affinity_matches
+                    .insert(key, 1, 0)
+                    .map_err(map_error(AFFINITY_MATCH_MAP))?,
+                MapOp::DeleteAffinityMatch(key) => {
+                    ignore_missing(self.affinity_matches.remove(&key))
+                        .map_err(map_error(AFFINITY_MATCH_MAP))?;
+                }
                 MapOp::DeleteSlot(frontend, slot) => {
                     self.remove_service(&key_of(&frontend, slot))?;
                 }
@@ -280,27 +342,38 @@ pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Datapath, DatapathError> {
         .load(EBPF_OBJECT)?;
     let maps = ServiceMaps::take(&mut ebpf)?;
 
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut("connect4")
-        .ok_or(DatapathError::Missing("program connect4"))?
-        .try_into()?;
-    program.load()?;
     let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
         path: cgroup.into(),
         source,
     })?;
-    // A bpf_link on a cgroup always runs alongside other links (the kernel rejects the
-    // ALLOW_MULTI flag there as implied), so the old agent's link stays attached until the
-    // new one is pinned in its place and no connect goes untranslated during a restart.
-    let link_id = program.attach(&cgroup_file, CgroupAttachMode::Single)?;
-    let link: FdLink = program
-        .take_link(link_id)?
-        .try_into()
-        .map_err(|e| DatapathError::Link {
-            path: pin_dir.join(CONNECT4_LINK),
-            reason: format!("{e}"),
-        })?;
-    replace_pinned_link(&pin_dir.join(CONNECT4_LINK), link)?;
+    for name in PROGRAMS {
+        let program_error = |source| DatapathError::Program {
+            program: name,
+            source,
+        };
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::Missing(name))?
+            .try_into()
+            .map_err(program_error)?;
+        program.load().map_err(program_error)?;
+        // A bpf_link on a cgroup always runs alongside other links (the kernel rejects the
+        // ALLOW_MULTI flag there as implied), so the old agent's link stays attached until
+        // the new one is pinned in its place and no socket goes untranslated during a restart.
+        let link_id = program
+            .attach(&cgroup_file, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        let path = pin_dir.join(link_pin(name));
+        let link: FdLink = program
+            .take_link(link_id)
+            .map_err(program_error)?
+            .try_into()
+            .map_err(|e| DatapathError::Link {
+                path: path.clone(),
+                reason: format!("{e}"),
+            })?;
+        replace_pinned_link(&path, link)?;
+    }
     Ok(Datapath { _ebpf: ebpf, maps })
 }
 
@@ -324,7 +397,8 @@ fn replace_pinned_link(path: &Path, link: FdLink) -> Result<(), DatapathError> {
 /// Detaches the programs and removes every pin in `pin_dir`, then the directory if empty.
 pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
     let mut removed = Vec::new();
-    for pin in PINS {
+    let links = PROGRAMS.iter().map(|name| link_pin(name));
+    for pin in links.chain(MAPS.iter().map(|m| (*m).to_owned())) {
         let path = pin_dir.join(pin);
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),

@@ -5,8 +5,10 @@ mod datapath;
 mod manifest;
 mod model;
 mod mounts;
+mod netns;
 mod plan;
 mod services;
+mod state;
 mod store;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -35,7 +37,7 @@ enum Command {
     /// List the frontends the datapath translates and their backends.
     Services(services::ServicesArgs),
     /// Per-reason counters of the datapath, summed over CPUs.
-    Stats(services::ServicesArgs),
+    Stats(services::StatsArgs),
     /// Detach the programs and remove every pin (the agent leaves them loaded when it stops).
     Unload(UnloadArgs),
 }

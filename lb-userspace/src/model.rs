@@ -10,7 +10,7 @@ use std::{
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -48,7 +48,7 @@ pub struct ObjectError {
 }
 
 /// Transport protocol of a Service port, as the API spells it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     Tcp,
@@ -118,13 +118,29 @@ pub struct ServicePortModel {
     pub name: String,
     pub port: u16,
     pub protocol: Protocol,
+    /// `nodePort` of a NodePort or LoadBalancer Service.
+    pub node_port: Option<u16>,
 }
+
+/// `sessionAffinity: ClientIP` without `timeoutSeconds`: three hours, as in the API.
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
+/// The API's upper bound for `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceModel {
     pub id: ObjectRef,
     pub kind: ServiceKind,
     pub ports: Vec<ServicePortModel>,
+    /// `spec.externalIPs` (IPv4).
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip` whose `ipMode` is `VIP` or unset (IPv4). With
+    /// `ipMode: Proxy` the load balancer delivers to the node, so the IP is not a VIP here.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    /// `sessionAffinity: ClientIP`: its timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_traffic_local: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -138,6 +154,9 @@ pub struct SlicePort {
 pub struct EndpointModel {
     pub address: Ipv4Addr,
     pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -167,6 +186,15 @@ pub fn object_ref(
     Some(ObjectRef::new(namespace_of(meta), name))
 }
 
+/// An IPv4 address; `None` for an IPv6 one (IPv6 frontends come with the connect6 programs).
+fn ipv4_or_skip(ip: &str) -> Result<Option<Ipv4Addr>, String> {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => Ok(Some(ip)),
+        Ok(IpAddr::V6(_)) => Ok(None),
+        Err(_) => Err(format!("{ip:?} is not an IP address")),
+    }
+}
+
 fn port_number(value: i32) -> Result<u16, String> {
     u16::try_from(value)
         .ok()
@@ -193,18 +221,105 @@ impl ServiceModel {
             .as_ref()
             .ok_or_else(|| error("spec".into(), "missing".into()))?;
 
+        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if !matches!(
+            service_type,
+            "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+        ) {
+            return Err(error(
+                "spec.type".into(),
+                format!("unknown type {service_type:?}"),
+            ));
+        }
         let mut ports = Vec::new();
         for (i, port) in spec.ports.iter().flatten().enumerate() {
+            let node_port = match (service_type, port.node_port) {
+                ("NodePort" | "LoadBalancer", Some(node_port)) => Some(
+                    port_number(node_port)
+                        .map_err(|r| error(format!("spec.ports[{i}].nodePort"), r))?,
+                ),
+                _ => None,
+            };
             ports.push(ServicePortModel {
                 name: port.name.clone().unwrap_or_default(),
                 port: port_number(port.port)
                     .map_err(|r| error(format!("spec.ports[{i}].port"), r))?,
                 protocol: Protocol::from_api(port.protocol.as_deref())
                     .map_err(|r| error(format!("spec.ports[{i}].protocol"), r))?,
+                node_port,
             });
         }
 
-        let kind = if spec.type_.as_deref() == Some("ExternalName") {
+        let mut external_ips = Vec::new();
+        for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
+            if let Some(ip) =
+                ipv4_or_skip(ip).map_err(|r| error(format!("spec.externalIPs[{i}]"), r))?
+            {
+                external_ips.push(ip);
+            }
+        }
+        let mut load_balancer_ips = Vec::new();
+        if service_type == "LoadBalancer" {
+            let ingress = service
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            for (i, ingress) in ingress.into_iter().flatten().enumerate() {
+                if ingress.ip_mode.as_deref().is_some_and(|mode| mode != "VIP") {
+                    continue;
+                }
+                let Some(ip) = ingress.ip.as_deref() else {
+                    continue;
+                };
+                if let Some(ip) = ipv4_or_skip(ip)
+                    .map_err(|r| error(format!("status.loadBalancer.ingress[{i}].ip"), r))?
+                {
+                    load_balancer_ips.push(ip);
+                }
+            }
+        }
+
+        let affinity_timeout_s = match spec.session_affinity.as_deref() {
+            None | Some("None") => None,
+            Some("ClientIP") => {
+                let timeout = spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds);
+                Some(match timeout {
+                    None => DEFAULT_AFFINITY_TIMEOUT_S,
+                    Some(t) => u32::try_from(t)
+                        .ok()
+                        .filter(|t| (1..=MAX_AFFINITY_TIMEOUT_S).contains(t))
+                        .ok_or_else(|| {
+                            error(
+                                "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                                format!("{t} is not within 1-{MAX_AFFINITY_TIMEOUT_S}"),
+                            )
+                        })?,
+                })
+            }
+            Some(other) => {
+                return Err(error(
+                    "spec.sessionAffinity".into(),
+                    format!("unknown value {other:?} (expected None or ClientIP)"),
+                ));
+            }
+        };
+        let internal_traffic_local = match spec.internal_traffic_policy.as_deref() {
+            None | Some("Cluster") => false,
+            Some("Local") => true,
+            Some(other) => {
+                return Err(error(
+                    "spec.internalTrafficPolicy".into(),
+                    format!("unknown value {other:?} (expected Cluster or Local)"),
+                ));
+            }
+        };
+
+        let kind = if service_type == "ExternalName" {
             let name = spec
                 .external_name
                 .clone()
@@ -220,7 +335,15 @@ impl ServiceModel {
             Self::cluster_ips(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref())
                 .map_err(|(field, reason)| error(field, reason))?
         };
-        Ok(Self { id, kind, ports })
+        Ok(Self {
+            id,
+            kind,
+            ports,
+            external_ips,
+            load_balancer_ips,
+            affinity_timeout_s,
+            internal_traffic_local,
+        })
     }
 
     fn cluster_ips(
@@ -312,13 +435,19 @@ impl SliceModel {
                         format!("{address:?} is not an IPv4 address"),
                     )
                 })?;
-                // "ready: unset" means ready, as the API documents.
-                let ready = endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(true);
-                endpoints.push(EndpointModel { address, ready });
+                // As the API documents: ready unset means ready, serving unset means the
+                // same as ready, terminating unset means not terminating.
+                let conditions = endpoint.conditions.as_ref();
+                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                endpoints.push(EndpointModel {
+                    address,
+                    ready,
+                    serving,
+                    terminating,
+                    node_name: endpoint.node_name.clone().filter(|n| !n.is_empty()),
+                });
             }
         }
         Ok(Self {
@@ -332,7 +461,7 @@ impl SliceModel {
 }
 
 /// A Service frontend: what a client connects to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Frontend {
     pub address: Ipv4Addr,
     pub port: u16,
@@ -346,7 +475,7 @@ impl fmt::Display for Frontend {
 }
 
 /// A backend: a pod address and the port the Service port resolves to there.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BackendAddr {
     pub address: Ipv4Addr,
     pub port: u16,
@@ -358,12 +487,38 @@ impl fmt::Display for BackendAddr {
     }
 }
 
+impl fmt::Display for FrontendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// Which part of a Service a frontend is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FrontendKind {
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+    ExternalIP,
+}
+
 /// What one frontend should translate to, and which Service port it came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendTarget {
     pub service: ObjectRef,
     pub port_name: String,
+    pub kind: FrontendKind,
+    pub spec: FrontendSpec,
+}
+
+/// What the maps hold for a frontend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendSpec {
     pub backends: BTreeSet<BackendAddr>,
+    /// `lb_common::FLAG_*`.
+    pub flags: u16,
+    /// Session affinity timeout; 0 for none.
+    pub affinity_timeout_s: u32,
 }
 
 /// Why a Service is known but has no frontend in the datapath.
@@ -376,12 +531,32 @@ pub enum NotInDatapath {
     ExternalName { name: String },
 }
 
+impl fmt::Display for NotInDatapath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Headless => f.write_str("headless: DNS answers with the pod IPs"),
+            Self::ExternalName { name } => {
+                write!(f, "ExternalName: DNS answers with a CNAME to {name}")
+            }
+        }
+    }
+}
+
 /// A frontend claimed by more than one Service: the first by name keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
     pub frontend: Frontend,
     pub kept: ObjectRef,
     pub ignored: ObjectRef,
+}
+
+/// What the agent knows of the node it programs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Node {
+    /// Its name, for `internalTrafficPolicy: Local` (endpoints' `nodeName`).
+    pub name: String,
+    /// Its addresses, each a NodePort frontend.
+    pub ips: Vec<Ipv4Addr>,
 }
 
 /// The state the datapath should have.
@@ -393,24 +568,56 @@ pub struct Desired {
 }
 
 impl Desired {
-    /// The frontends with their backend sets: what the maps must hold.
-    pub fn backend_sets(&self) -> BTreeMap<Frontend, BTreeSet<BackendAddr>> {
+    /// What the maps must hold per frontend.
+    pub fn specs(&self) -> BTreeMap<Frontend, FrontendSpec> {
         self.frontends
             .iter()
-            .map(|(frontend, target)| (*frontend, target.backends.clone()))
+            .map(|(frontend, target)| (*frontend, target.spec.clone()))
             .collect()
+    }
+
+    fn add(&mut self, frontend: Frontend, target: FrontendTarget) {
+        if let Some(existing) = self.frontends.get(&frontend) {
+            self.conflicts.push(Conflict {
+                frontend,
+                kept: existing.service.clone(),
+                ignored: target.service,
+            });
+        } else {
+            self.frontends.insert(frontend, target);
+        }
+    }
+}
+
+/// The endpoints kube-proxy would use: the ready ones; if none is ready, the ones that are
+/// serving and terminating (so a rolling update's last pods keep answering).
+fn usable(endpoints: &[(BackendAddr, &EndpointModel)]) -> BTreeSet<BackendAddr> {
+    let pick = |wanted: fn(&EndpointModel) -> bool| -> BTreeSet<BackendAddr> {
+        endpoints
+            .iter()
+            .filter(|(_, e)| wanted(e))
+            .map(|(addr, _)| *addr)
+            .collect()
+    };
+    let ready = pick(|e| e.ready);
+    if ready.is_empty() {
+        pick(|e| e.serving && e.terminating)
+    } else {
+        ready
     }
 }
 
 /// Computes the desired datapath state from validated Services and EndpointSlices.
 ///
 /// A Service port is served by the EndpointSlice ports of the same name and protocol (the
-/// EndpointSlice controller has already resolved `targetPort` into them, named ports too),
-/// at every endpoint whose `ready` condition is not false. Endpoints repeated across slices
-/// count once.
+/// EndpointSlice controller has already resolved `targetPort` into them, named ports too).
+/// Endpoints repeated across slices count once; slices of another address type are ignored.
+/// Each port gets a frontend per clusterIP, per external IP, per load-balancer IP, and for a
+/// nodePort per node IP and on 127.0.0.1 (the latter for the node's own sockets only).
 pub fn desired<'a>(
     services: impl IntoIterator<Item = &'a ServiceModel>,
     slices: impl IntoIterator<Item = &'a SliceModel>,
+    node: &Node,
 ) -> Desired {
     let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&SliceModel>> = BTreeMap::new();
     for slice in slices {
@@ -424,7 +631,7 @@ pub fn desired<'a>(
 
     let mut out = Desired::default();
     for service in services {
-        let ips = match &service.kind {
+        let cluster_ips = match &service.kind {
             ServiceKind::ClusterIp(ips) => ips,
             ServiceKind::Headless => {
                 out.not_in_datapath
@@ -443,51 +650,400 @@ pub fn desired<'a>(
             .get(&service.id)
             .map(Vec::as_slice)
             .unwrap_or_default();
+        let affinity_timeout_s = service.affinity_timeout_s.unwrap_or(0);
         for port in &service.ports {
-            let backends: BTreeSet<BackendAddr> = slices
-                .iter()
-                .filter(|slice| slice.ipv4)
-                .flat_map(|slice| {
-                    let target = slice
-                        .ports
-                        .iter()
-                        .find(|p| p.name == port.name && p.protocol == port.protocol);
-                    target.into_iter().flat_map(|target| {
-                        slice
-                            .endpoints
-                            .iter()
-                            .filter(|e| e.ready)
-                            .map(|e| BackendAddr {
-                                address: e.address,
-                                port: target.port,
-                            })
-                    })
-                })
-                .collect();
-            for ip in ips {
-                let frontend = Frontend {
-                    address: *ip,
-                    port: port.port,
-                    protocol: port.protocol,
-                };
-                if let Some(existing) = out.frontends.get(&frontend) {
-                    out.conflicts.push(Conflict {
-                        frontend,
-                        kept: existing.service.clone(),
-                        ignored: service.id.clone(),
-                    });
+            // Every endpoint of this port once; a duplicate counts as ready if any copy is.
+            let mut endpoints: BTreeMap<BackendAddr, &EndpointModel> = BTreeMap::new();
+            for slice in slices.iter().filter(|slice| slice.ipv4) {
+                let Some(target) = slice
+                    .ports
+                    .iter()
+                    .find(|p| p.name == port.name && p.protocol == port.protocol)
+                else {
                     continue;
+                };
+                for endpoint in &slice.endpoints {
+                    let addr = BackendAddr {
+                        address: endpoint.address,
+                        port: target.port,
+                    };
+                    let entry = endpoints.entry(addr).or_insert(endpoint);
+                    if endpoint.ready && !entry.ready {
+                        *entry = endpoint;
+                    }
                 }
-                out.frontends.insert(
-                    frontend,
-                    FrontendTarget {
-                        service: service.id.clone(),
-                        port_name: port.name.clone(),
-                        backends: backends.clone(),
-                    },
+            }
+            let endpoints: Vec<(BackendAddr, &EndpointModel)> = endpoints.into_iter().collect();
+            let cluster_wide = usable(&endpoints);
+            let local: Vec<(BackendAddr, &EndpointModel)> = endpoints
+                .iter()
+                .filter(|(_, e)| e.node_name.as_deref() == Some(node.name.as_str()))
+                .copied()
+                .collect();
+            let node_local = usable(&local);
+
+            let target = |kind, backends: &BTreeSet<BackendAddr>, flags| FrontendTarget {
+                service: service.id.clone(),
+                port_name: port.name.clone(),
+                kind,
+                spec: FrontendSpec {
+                    backends: backends.clone(),
+                    flags,
+                    affinity_timeout_s,
+                },
+            };
+            let frontend = |address, port_number| Frontend {
+                address,
+                port: port_number,
+                protocol: port.protocol,
+            };
+            // internalTrafficPolicy governs the clusterIP; the other frontends are for
+            // traffic from outside, which on-node clients reach cluster-wide, as with
+            // kube-proxy.
+            let (internal, internal_flags) = if service.internal_traffic_local {
+                (&node_local, lb_common::FLAG_NODE_LOCAL)
+            } else {
+                (&cluster_wide, 0)
+            };
+            for ip in cluster_ips {
+                out.add(
+                    frontend(*ip, port.port),
+                    target(FrontendKind::ClusterIP, internal, internal_flags),
+                );
+            }
+            for ip in &service.external_ips {
+                out.add(
+                    frontend(*ip, port.port),
+                    target(FrontendKind::ExternalIP, &cluster_wide, 0),
+                );
+            }
+            for ip in &service.load_balancer_ips {
+                out.add(
+                    frontend(*ip, port.port),
+                    target(FrontendKind::LoadBalancer, &cluster_wide, 0),
+                );
+            }
+            if let Some(node_port) = port.node_port {
+                for ip in &node.ips {
+                    out.add(
+                        frontend(*ip, node_port),
+                        target(FrontendKind::NodePort, &cluster_wide, 0),
+                    );
+                }
+                out.add(
+                    frontend(Ipv4Addr::LOCALHOST, node_port),
+                    target(
+                        FrontendKind::NodePort,
+                        &cluster_wide,
+                        lb_common::FLAG_HOST_NETNS_ONLY,
+                    ),
                 );
             }
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::manifest::{self, ApiObject};
+
+    /// Services and slices from YAML, as the agent reads them.
+    fn load(yaml: &str) -> (Vec<ServiceModel>, Vec<SliceModel>) {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for document in manifest::parse(Path::new("t.yaml"), yaml).unwrap() {
+            match document.object.unwrap() {
+                ApiObject::Service(s) => services.push(ServiceModel::from_api(&s).unwrap()),
+                ApiObject::EndpointSlice(s) => slices.push(SliceModel::from_api(&s).unwrap()),
+            }
+        }
+        (services, slices)
+    }
+
+    fn node() -> Node {
+        Node {
+            name: "node-1".into(),
+            ips: vec![Ipv4Addr::new(192, 168, 1, 10)],
+        }
+    }
+
+    fn desired_of(yaml: &str) -> Desired {
+        let (services, slices) = load(yaml);
+        desired(&services, &slices, &node())
+    }
+
+    fn fe(address: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
+        Frontend {
+            address: Ipv4Addr::from(address),
+            port,
+            protocol,
+        }
+    }
+
+    fn backends(desired: &Desired, frontend: &Frontend) -> Vec<String> {
+        desired.frontends[frontend]
+            .spec
+            .backends
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    const WEB: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - {name: http, port: 80, targetPort: web}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.0.1]
+- addresses: [10.244.0.2]
+  conditions: {ready: false}
+ports:
+- {name: http, port: 8080}
+- {name: dns, port: 5353, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.0.1]
+- addresses: [10.244.0.3]
+ports:
+- {name: http, port: 8080}
+- {name: dns, port: 5353, protocol: UDP}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+endpoints:
+- addresses: ["fd00::1"]
+ports:
+- {name: http, port: 8080}
+"#;
+
+    #[test]
+    fn slices_are_merged_by_port_name_and_protocol_with_duplicates_once() {
+        let desired = desired_of(WEB);
+        assert_eq!(desired.frontends.len(), 2);
+        // Named targetPort `web` resolved by the slice ports; not-ready 10.244.0.2 left out;
+        // 10.244.0.1 in both slices counted once; the IPv6 slice ignored.
+        assert_eq!(
+            backends(&desired, &fe([10, 96, 0, 10], 80, Protocol::Tcp)),
+            ["10.244.0.1:8080", "10.244.0.3:8080"]
+        );
+        assert_eq!(
+            backends(&desired, &fe([10, 96, 0, 10], 53, Protocol::Udp)),
+            ["10.244.0.1:5353", "10.244.0.3:5353"]
+        );
+        let target = &desired.frontends[&fe([10, 96, 0, 10], 80, Protocol::Tcp)];
+        assert_eq!(target.service, ObjectRef::new("default", "web"));
+        assert_eq!(target.port_name, "http");
+        assert_eq!(target.kind, FrontendKind::ClusterIP);
+    }
+
+    #[test]
+    fn serving_terminating_endpoints_are_used_only_when_none_is_ready() {
+        let slice = |conditions: &str| {
+            format!(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec: {{clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-a, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.0.1]
+  conditions: {{ready: false, serving: true, terminating: true}}
+- addresses: [10.244.0.2]
+  conditions: {conditions}
+ports: [{{port: 80}}]
+"#
+            )
+        };
+        let frontend = fe([10, 96, 0, 10], 80, Protocol::Tcp);
+        let ready = desired_of(&slice("{ready: true}"));
+        assert_eq!(backends(&ready, &frontend), ["10.244.0.2:80"]);
+        let none_ready = desired_of(&slice("{ready: false, serving: false, terminating: true}"));
+        assert_eq!(backends(&none_ready, &frontend), ["10.244.0.1:80"]);
+    }
+
+    #[test]
+    fn node_ports_external_and_load_balancer_ips_are_frontends() {
+        let desired = desired_of(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [203.0.113.7, "2001:db8::7"]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress:
+    - {ip: 198.51.100.1}
+    - {ip: 198.51.100.2, ipMode: VIP}
+    - {ip: 198.51.100.3, ipMode: Proxy}
+    - {hostname: lb.example.com}
+"#,
+        );
+        let kinds: Vec<(String, FrontendKind, u16)> = desired
+            .frontends
+            .iter()
+            .map(|(f, t)| (f.to_string(), t.kind, t.spec.flags))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                ("10.96.0.10:80/TCP".into(), FrontendKind::ClusterIP, 0),
+                (
+                    "127.0.0.1:30080/TCP".into(),
+                    FrontendKind::NodePort,
+                    lb_common::FLAG_HOST_NETNS_ONLY
+                ),
+                ("192.168.1.10:30080/TCP".into(), FrontendKind::NodePort, 0),
+                ("198.51.100.1:80/TCP".into(), FrontendKind::LoadBalancer, 0),
+                ("198.51.100.2:80/TCP".into(), FrontendKind::LoadBalancer, 0),
+                ("203.0.113.7:80/TCP".into(), FrontendKind::ExternalIP, 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+        let yaml = |node: &str| {
+            format!(
+                r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec: {{clusterIP: 10.96.0.10, internalTrafficPolicy: Local, sessionAffinity: ClientIP, ports: [{{port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-a, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints:
+- {{addresses: [10.244.0.1], nodeName: {node}}}
+- {{addresses: [10.244.1.1], nodeName: node-2}}
+ports: [{{port: 80}}]
+"#
+            )
+        };
+        let frontend = fe([10, 96, 0, 10], 80, Protocol::Tcp);
+        let local = desired_of(&yaml("node-1"));
+        assert_eq!(backends(&local, &frontend), ["10.244.0.1:80"]);
+        let spec = &local.frontends[&frontend].spec;
+        assert_eq!(spec.flags, lb_common::FLAG_NODE_LOCAL);
+        assert_eq!(spec.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
+        let elsewhere = desired_of(&yaml("node-3"));
+        assert!(backends(&elsewhere, &frontend).is_empty());
+    }
+
+    #[test]
+    fn headless_and_external_name_services_stay_out_of_the_datapath() {
+        let desired = desired_of(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external-service}
+spec: {type: ExternalName, externalName: api.acmecorp.com, ports: [{port: 9000}]}
+"#,
+        );
+        assert!(desired.frontends.is_empty());
+        assert_eq!(
+            desired.not_in_datapath,
+            BTreeMap::from([
+                (ObjectRef::new("default", "db"), NotInDatapath::Headless),
+                (
+                    ObjectRef::new("default", "external-service"),
+                    NotInDatapath::ExternalName {
+                        name: "api.acmecorp.com".into()
+                    }
+                ),
+            ])
+        );
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_stays_with_the_first_service() {
+        let desired = desired_of(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {clusterIP: 10.96.0.11, externalIPs: [10.96.0.10], ports: [{port: 80}]}
+"#,
+        );
+        assert_eq!(desired.conflicts.len(), 1);
+        assert_eq!(desired.conflicts[0].kept, ObjectRef::new("default", "a"));
+        assert_eq!(desired.conflicts[0].ignored, ObjectRef::new("default", "b"));
+    }
+
+    #[test]
+    fn invalid_fields_are_named() {
+        let error = |spec: &str| {
+            let yaml =
+                format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {spec}\n");
+            let document = manifest::parse(Path::new("t.yaml"), &yaml)
+                .unwrap()
+                .remove(0);
+            let Ok(ApiObject::Service(service)) = document.object else {
+                panic!("not a service")
+            };
+            ServiceModel::from_api(&service).unwrap_err().to_string()
+        };
+        assert_eq!(
+            error("{clusterIP: 10.96.0.10, ports: [{port: 80, protocol: ICMP}]}"),
+            "Service default/web: spec.ports[0].protocol: unknown protocol \"ICMP\" (expected TCP, UDP or SCTP)"
+        );
+        assert_eq!(
+            error("{ports: [{port: 80}]}"),
+            "Service default/web: spec.clusterIP: not set: a Service must carry the clusterIP the API server allocated"
+        );
+        assert_eq!(
+            error("{clusterIP: 10.96.0.300, ports: [{port: 80}]}"),
+            "Service default/web: spec.clusterIP: \"10.96.0.300\" is not an IP address"
+        );
+        assert_eq!(
+            error(
+                "{clusterIP: 10.96.0.10, sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}}"
+            ),
+            "Service default/web: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 is not within 1-86400"
+        );
+        assert_eq!(
+            error("{clusterIP: 10.96.0.10, type: Magic}"),
+            "Service default/web: spec.type: unknown type \"Magic\""
+        );
+    }
 }

@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     manifest::{self, ApiObject, Document, ManifestError},
-    model::{self, Desired, ObjectRef, ServiceModel, SliceModel},
+    model::{self, Desired, Node, ObjectRef, ServiceModel, SliceModel},
 };
 
 #[derive(Default)]
@@ -87,8 +87,8 @@ impl Store {
         Ok(problems)
     }
 
-    pub fn desired(&self) -> Desired {
-        model::desired(self.services.values(), self.slices.values())
+    pub fn desired(&self, node: &Node) -> Desired {
+        model::desired(self.services.values(), self.slices.values(), node)
     }
 
     pub fn counts(&self) -> (usize, usize) {

@@ -126,13 +126,20 @@ pub struct Pod {
     pub ip: Ipv4Addr,
 }
 
+/// The node's own address on the pod network (the bridge), used as its node IP.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The node's name, as the agent is told and as endpoints' `nodeName` say.
+pub const NODE_NAME: &str = "node-1";
+
 /// One answer of `lb-probe`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Probe {
-    /// Connected; `peer` is what getpeername() returned, `hostname` the pod that answered.
+    /// `peer` is what the application sees as its peer (getpeername(), or a UDP reply's
+    /// source), `hostname` the pod that answered, `remote_addr` the client as the pod saw it.
     Answered {
         peer: String,
         hostname: String,
+        remote_addr: String,
     },
     Failed {
         error: String,
@@ -146,6 +153,63 @@ impl Probe {
             Probe::Failed { .. } => None,
         }
     }
+
+    pub fn peer(&self) -> Option<&str> {
+        match self {
+            Probe::Answered { peer, .. } => Some(peer),
+            Probe::Failed { .. } => None,
+        }
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Probe::Answered { .. } => None,
+            Probe::Failed { error } => Some(error),
+        }
+    }
+}
+
+/// A probe with the CLOCK_MONOTONIC time it started at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TimedProbe {
+    pub at_ns: u64,
+    pub probe: Probe,
+}
+
+/// CLOCK_MONOTONIC now, comparable with [`TimedProbe::at_ns`].
+pub fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or_default() * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
+/// Parses `lb-probe`'s output.
+pub fn parse_probes(stdout: &str) -> anyhow::Result<Vec<TimedProbe>> {
+    stdout
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line)?;
+            let field = |name: &str| value[name].as_str().unwrap_or_default().to_owned();
+            let probe = if value["ok"] == true {
+                Probe::Answered {
+                    peer: field("peer"),
+                    hostname: field("hostname"),
+                    remote_addr: field("remote_addr"),
+                }
+            } else {
+                Probe::Failed {
+                    error: field("error"),
+                }
+            };
+            Ok(TimedProbe {
+                at_ns: value["at_ns"].as_u64().unwrap_or_default(),
+                probe,
+            })
+        })
+        .collect()
 }
 
 static SEQUENCE: AtomicU32 = AtomicU32::new(0);
@@ -192,6 +256,15 @@ impl Testbed {
         let node = testbed.node_netns.clone();
         ip(&["-n", &node, "link", "set", "lo", "up"])?;
         ip(&["-n", &node, "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &node,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/16"),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", &node, "link", "set", "br0", "up"])?;
         testbed.mount_bpffs()?;
         Ok(testbed)
@@ -206,6 +279,15 @@ impl Testbed {
             run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
         }
         Ok(())
+    }
+
+    /// The node itself, as a place to run clients: its own netns (the "host network").
+    pub fn node(&self) -> Pod {
+        Pod {
+            name: "node".into(),
+            netns: self.node_netns.clone(),
+            ip: NODE_IP,
+        }
     }
 
     /// Adds a pod at `ip` (in 10.244.0.0/16, the pod network; no other route).
@@ -242,13 +324,13 @@ impl Testbed {
         Ok(pod)
     }
 
-    /// Starts the httpenv server in `pod` on `port`, with HOSTNAME set to the pod's name,
-    /// and waits until it accepts connections.
+    /// Starts the httpenv server in `pod` on `port` (TCP, and UDP too), with HOSTNAME set
+    /// to the pod's name, and waits until it accepts connections.
     pub fn serve_httpenv(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
         let server = Command::new("ip")
             .args(["netns", "exec", &pod.netns])
             .arg(binary("httpenv")?)
-            .args(["--listen", &format!("0.0.0.0:{port}")])
+            .args(["--udp", "--listen", &format!("0.0.0.0:{port}")])
             .env_clear()
             .env("HOSTNAME", &pod.name)
             .env(
@@ -299,7 +381,13 @@ impl Testbed {
         std::fs::read_to_string(self.agent_log()).unwrap_or_default()
     }
 
-    /// Starts the real `lb agent` on the test cgroup and waits until it is ready.
+    /// Where the agent writes its state file.
+    pub fn state_dir(&self) -> PathBuf {
+        self.workdir.join("state")
+    }
+
+    /// Starts the real `lb agent` on the test cgroup and waits until it is ready. The node
+    /// netns is its host network, [`NODE_IP`] its node IP and [`NODE_NAME`] its name.
     pub fn start_agent(&mut self) -> anyhow::Result<u32> {
         ensure!(self.agent.is_none(), "the agent is already running");
         let log = File::create(self.agent_log())?;
@@ -311,6 +399,11 @@ impl Testbed {
             .arg(&self.cgroup)
             .arg("--bpffs")
             .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--host-netns")
+            .arg(Path::new("/run/netns").join(&self.node_netns))
+            .args(["--node-ip", &NODE_IP.to_string(), "--node-name", NODE_NAME])
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -355,13 +448,24 @@ impl Testbed {
             .is_some_and(|agent| matches!(agent.try_wait(), Ok(None)))
     }
 
-    /// Runs `lb ARGS --bpffs <ours>` and returns its stdout.
+    /// Runs `lb ARGS --bpffs <ours>` (and `--state-dir <ours>` for `services`) and
+    /// returns its stdout.
     pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
-        let output = run(Command::new(binary("lb")?)
-            .args(args)
-            .arg("--bpffs")
-            .arg(&self.bpffs))?;
+        let mut command = Command::new(binary("lb")?);
+        command.args(args).arg("--bpffs").arg(&self.bpffs);
+        if args.first() == Some(&"services") {
+            command.arg("--state-dir").arg(self.state_dir());
+        }
+        let output = run(&mut command)?;
         Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// `lb stats -o json`, one counter by name.
+    pub fn stat(&self, name: &str) -> anyhow::Result<u64> {
+        let stats: serde_json::Value = serde_json::from_str(&self.lb(&["stats", "-o", "json"])?)?;
+        stats[name]
+            .as_u64()
+            .with_context(|| format!("no counter {name} in {stats}"))
     }
 
     /// `lb services -o json`.
@@ -446,29 +550,41 @@ impl Testbed {
         Ok(command)
     }
 
-    /// GETs `address` from `client` `count` times, one connection each.
+    /// GETs `address` from `client` `count` times over TCP, one connection each.
     pub fn probe(&self, client: &Pod, address: &str, count: u32) -> anyhow::Result<Vec<Probe>> {
-        let output = run(self.pod_command(client, binary("lb-probe")?)?.args([
-            address,
-            "--count",
-            &count.to_string(),
-        ]))?;
-        String::from_utf8(output.stdout)?
-            .lines()
-            .map(|line| {
-                let value: serde_json::Value = serde_json::from_str(line)?;
-                Ok(if value["ok"] == true {
-                    Probe::Answered {
-                        peer: value["peer"].as_str().unwrap_or_default().to_owned(),
-                        hostname: value["hostname"].as_str().unwrap_or_default().to_owned(),
-                    }
-                } else {
-                    Probe::Failed {
-                        error: value["error"].as_str().unwrap_or_default().to_owned(),
-                    }
-                })
-            })
-            .collect()
+        self.probe_with(client, address, count, &[])
+    }
+
+    /// Runs `lb-probe ADDRESS --count COUNT ARGS` in `client` and waits for it.
+    pub fn probe_with(
+        &self,
+        client: &Pod,
+        address: &str,
+        count: u32,
+        args: &[&str],
+    ) -> anyhow::Result<Vec<Probe>> {
+        let output = run(&mut self.probe_command(client, address, count, args)?)?;
+        Ok(parse_probes(&String::from_utf8(output.stdout)?)?
+            .into_iter()
+            .map(|timed| timed.probe)
+            .collect())
+    }
+
+    /// The `lb-probe` command in `client`, to run it in the background.
+    pub fn probe_command(
+        &self,
+        client: &Pod,
+        address: &str,
+        count: u32,
+        args: &[&str],
+    ) -> anyhow::Result<Command> {
+        let mut command = self.pod_command(client, binary("lb-probe")?)?;
+        command
+            .args([address, "--count", &count.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped());
+        Ok(command)
     }
 }
 

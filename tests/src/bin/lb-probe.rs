@@ -1,45 +1,88 @@
-//! The test client: GETs `/` from an address, `--count` times, one fresh connection each,
+//! The test client: asks `address` who it is, `--count` times, each time on a new socket,
 //! and prints one JSON line per attempt: the pod that answered (HOSTNAME), the peer the
-//! socket is connected to, or the error.
+//! application sees (getpeername() for TCP and connected UDP, the reply's source for
+//! unconnected UDP), the client address the server saw, and a CLOCK_MONOTONIC timestamp —
+//! or the error.
 
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use serde_json::json;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    /// HTTP GET over TCP.
+    Tcp,
+    /// sendto()/recvfrom() on an unconnected UDP socket.
+    Udp,
+    /// connect() then send()/recv() on a UDP socket.
+    ConnectedUdp,
+}
 
 #[derive(Parser)]
 struct Args {
     /// Destination, e.g. a Service's clusterIP:port.
     address: SocketAddr,
-    /// Number of requests, each on a new connection.
+    #[arg(long, value_enum, default_value_t = Mode::Tcp)]
+    mode: Mode,
+    /// Number of attempts, each on a new socket.
     #[arg(long, default_value_t = 1)]
     count: u32,
+    /// Pause between attempts, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
     /// Connect and read timeout, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
 }
 
+struct Answer {
+    peer: SocketAddr,
+    hostname: String,
+    remote_addr: String,
+}
+
 fn main() {
     let args = Args::parse();
     let timeout = Duration::from_millis(args.timeout_ms);
-    for _ in 0..args.count {
-        let line = match get(args.address, timeout) {
-            Ok((peer, hostname)) => {
-                json!({"ok": true, "peer": peer.to_string(), "hostname": hostname})
-            }
-            Err(e) => {
-                json!({"ok": false, "error": e.to_string(), "kind": format!("{:?}", e.kind())})
-            }
+    for attempt in 0..args.count {
+        if attempt > 0 && args.interval_ms > 0 {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
+        }
+        let at_ns = monotonic_ns();
+        let result = match args.mode {
+            Mode::Tcp => tcp(args.address, timeout),
+            Mode::Udp => udp(args.address, timeout, false),
+            Mode::ConnectedUdp => udp(args.address, timeout, true),
+        };
+        let line = match result {
+            Ok(answer) => json!({
+                "ok": true, "at_ns": at_ns, "peer": answer.peer.to_string(),
+                "hostname": answer.hostname, "remote_addr": answer.remote_addr,
+            }),
+            Err(e) => json!({
+                "ok": false, "at_ns": at_ns, "error": e.to_string(),
+                "kind": format!("{:?}", e.kind()),
+            }),
         };
         println!("{line}");
     }
 }
 
-fn get(address: SocketAddr, timeout: Duration) -> std::io::Result<(SocketAddr, String)> {
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec()).unwrap_or_default() * 1_000_000_000
+                + u64::try_from(t.tv_nsec()).unwrap_or_default()
+        })
+        .unwrap_or_default()
+}
+
+fn tcp(address: SocketAddr, timeout: Duration) -> std::io::Result<Answer> {
     let mut stream = TcpStream::connect_timeout(&address, timeout)?;
     let peer = stream.peer_addr()?;
     stream.set_read_timeout(Some(timeout))?;
@@ -54,6 +97,30 @@ fn get(address: SocketAddr, timeout: Duration) -> std::io::Result<(SocketAddr, S
         .map(|(_, body)| body)
         .ok_or_else(|| std::io::Error::other("no HTTP response"))?;
     let env: serde_json::Value = serde_json::from_str(body).map_err(std::io::Error::other)?;
-    let hostname = env["HOSTNAME"].as_str().unwrap_or_default().to_owned();
-    Ok((peer, hostname))
+    let field = |name: &str| env[name].as_str().unwrap_or_default().to_owned();
+    Ok(Answer {
+        peer,
+        hostname: field("HOSTNAME"),
+        remote_addr: field("REMOTE_ADDR"),
+    })
+}
+
+fn udp(address: SocketAddr, timeout: Duration, connected: bool) -> std::io::Result<Answer> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut buffer = [0u8; 1500];
+    let (len, peer) = if connected {
+        socket.connect(address)?;
+        socket.send(b"who")?;
+        let len = socket.recv(&mut buffer)?;
+        (len, socket.peer_addr()?)
+    } else {
+        socket.send_to(b"who", address)?;
+        socket.recv_from(&mut buffer)?
+    };
+    Ok(Answer {
+        peer,
+        hostname: String::from_utf8_lossy(&buffer[..len]).into_owned(),
+        remote_addr: String::new(),
+    })
 }
