@@ -38,6 +38,9 @@ struct Args {
     /// Connect and read timeout, in milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Stop after this many milliseconds even if `--count` attempts are not done.
+    #[arg(long)]
+    for_ms: Option<u64>,
 }
 
 struct Answer {
@@ -49,7 +52,13 @@ struct Answer {
 fn main() {
     let args = Args::parse();
     let timeout = Duration::from_millis(args.timeout_ms);
+    let deadline = args
+        .for_ms
+        .map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
     for attempt in 0..args.count {
+        if deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline) {
+            break;
+        }
         if attempt > 0 && args.interval_ms > 0 {
             std::thread::sleep(Duration::from_millis(args.interval_ms));
         }

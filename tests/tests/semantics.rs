@@ -1,0 +1,615 @@
+//! Service semantics as kube-proxy gives them, through lb's socket-level datapath: UDP,
+//! getpeername, NodePort, LoadBalancer and external IPs, endpoint states, traffic policy,
+//! session affinity, merged slices, Services outside the datapath, and updates under load.
+//! Every check runs a real client in a pod (or on the node) against real backends.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the error"
+)]
+
+use std::{collections::BTreeSet, io::Read as _, net::Ipv4Addr, time::Duration};
+
+use lb_tests::{Pod, Probe, Testbed, monotonic_ns, parse_probes, privileged, wait_for};
+
+/// `n` backend pods `web-0..n` at 10.244.0.(10+i) serving on `port` (TCP and UDP), and a
+/// client pod at 10.244.1.1.
+fn node(backends: usize, port: u16) -> (Testbed, Vec<Pod>, Pod) {
+    let mut testbed = Testbed::new().unwrap();
+    let pods: Vec<Pod> = (0..backends)
+        .map(|i| {
+            let octet = u8::try_from(10 + i).unwrap();
+            let pod = testbed
+                .add_pod(&format!("web-{i}"), Ipv4Addr::new(10, 244, 0, octet))
+                .unwrap();
+            testbed.serve_httpenv(&pod, port).unwrap();
+            pod
+        })
+        .collect();
+    let client = testbed
+        .add_pod("client", Ipv4Addr::new(10, 244, 1, 1))
+        .unwrap();
+    (testbed, pods, client)
+}
+
+/// An EndpointSlice of Service `service` with `endpoints` (YAML list items) on one port.
+fn slice(service: &str, name: &str, port: u16, protocol: &str, endpoints: &str) -> String {
+    format!(
+        r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}
+  namespace: default
+  labels: {{kubernetes.io/service-name: {service}}}
+addressType: IPv4
+endpoints: {endpoints}
+ports:
+- {{name: p, port: {port}, protocol: {protocol}}}
+"#
+    )
+}
+
+/// A Service `web` whose `spec` lines (indented by two) are given, with one port `p`.
+fn web(spec: &str, port: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  clusterIP: 10.96.0.10
+{spec}
+  ports:
+  - {{name: p, {port}}}
+"#
+    )
+}
+
+fn ready(ips: &[Ipv4Addr]) -> String {
+    let items: Vec<String> = ips
+        .iter()
+        .map(|ip| {
+            format!("{{addresses: [\"{ip}\"], conditions: {{ready: true}}, nodeName: node-1}}")
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
+}
+
+fn hostnames(probes: &[Probe]) -> BTreeSet<String> {
+    probes
+        .iter()
+        .filter_map(|p| p.hostname().map(str::to_owned))
+        .collect()
+}
+
+fn assert_all_answered(probes: &[Probe]) {
+    let failed: Vec<_> = probes.iter().filter(|p| p.hostname().is_none()).collect();
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+fn assert_refused(probes: &[Probe]) {
+    for probe in probes {
+        assert!(
+            probe.error().is_some_and(|e| e.contains("refused")),
+            "expected Connection refused, got {probe:?}"
+        );
+    }
+}
+
+#[test]
+fn unconnected_udp_replies_come_from_the_service_address() {
+    if !privileged("unconnected_udp_replies_come_from_the_service_address") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 5353);
+    let ips: Vec<_> = pods.iter().map(|p| p.ip).collect();
+    testbed
+        .write_manifest(
+            "dns.yaml",
+            &(web("", "port: 53, targetPort: 5353, protocol: UDP")
+                + &slice("web", "web-a", 5353, "UDP", &ready(&ips))),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend(
+            "10.96.0.10:53/UDP",
+            Some(&["10.244.0.10:5353", "10.244.0.11:5353"]),
+        )
+        .unwrap();
+
+    let probes = testbed
+        .probe_with(&client, "10.96.0.10:53", 30, &["--mode", "udp"])
+        .unwrap();
+    assert_all_answered(&probes);
+    // recvfrom() shows the address the client sent to, not the pod that answered.
+    for probe in &probes {
+        assert_eq!(probe.peer(), Some("10.96.0.10:53"), "{probe:?}");
+    }
+    assert_eq!(
+        hostnames(&probes),
+        BTreeSet::from(["web-0".into(), "web-1".into()])
+    );
+    assert_eq!(testbed.stat("sendmsg_translated").unwrap(), 30);
+    assert_eq!(testbed.stat("recvmsg_restored").unwrap(), 30);
+
+    // Connected UDP is translated once, at connect(), and getpeername() shows the Service.
+    let probes = testbed
+        .probe_with(&client, "10.96.0.10:53", 5, &["--mode", "connected-udp"])
+        .unwrap();
+    assert_all_answered(&probes);
+    for probe in &probes {
+        assert_eq!(probe.peer(), Some("10.96.0.10:53"), "{probe:?}");
+    }
+    assert_eq!(testbed.stat("connect_translated").unwrap(), 5);
+
+    // The protocol is part of the frontend: TCP to the same port is not this Service.
+    let tcp = testbed.probe(&client, "10.96.0.10:53", 1).unwrap();
+    assert!(
+        tcp[0].error().is_some_and(|e| e.contains("unreachable")),
+        "{tcp:?}"
+    );
+}
+
+#[test]
+fn a_service_without_usable_endpoints_refuses_at_once() {
+    if !privileged("a_service_without_usable_endpoints_refuses_at_once") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(1, 8080);
+    let not_serving = format!(
+        "[{{addresses: [\"{}\"], conditions: {{ready: false, serving: false, terminating: true}}}}]",
+        pods[0].ip
+    );
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web("", "port: 80, targetPort: 8080")
+                + "---\n"
+                + &web("", "port: 53, targetPort: 8080, protocol: UDP")
+                    .replace("name: web,", "name: dns,")
+                    .replace("10.96.0.10", "10.96.0.53")
+                + &slice("web", "web-a", 8080, "TCP", &not_serving)
+                + &slice("dns", "dns-a", 8080, "UDP", "[]")),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", Some(&[]))
+        .unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.53:53/UDP", Some(&[]))
+        .unwrap();
+
+    // "Connection refused" is an answer, not a timeout: the client is not left hanging.
+    assert_refused(&testbed.probe(&client, "10.96.0.10:80", 3).unwrap());
+    assert_refused(
+        &testbed
+            .probe_with(&client, "10.96.0.53:53", 2, &["--mode", "udp"])
+            .unwrap(),
+    );
+    assert_eq!(testbed.stat("no_backends").unwrap(), 5);
+}
+
+#[test]
+fn node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node() {
+    if !privileged("node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(1, 8888);
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web(
+                "  type: NodePort",
+                "port: 8888, targetPort: 8888, nodePort: 31642",
+            ) + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("127.0.0.1:31642/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+
+    let node = testbed.node();
+    // Seed 001: `curl localhost:31642` on the node.
+    for address in ["127.0.0.1:31642", "10.244.0.1:31642", "10.96.0.10:8888"] {
+        let probes = testbed.probe(&node, address, 2).unwrap();
+        assert_eq!(
+            hostnames(&probes),
+            BTreeSet::from(["web-0".into()]),
+            "{address}: {probes:?}"
+        );
+    }
+    // From a pod, the node IP works too, but 127.0.0.1 is the pod's own loopback.
+    assert_all_answered(&testbed.probe(&client, "10.244.0.1:31642", 2).unwrap());
+    let own_loopback = testbed.probe(&client, "127.0.0.1:31642", 1).unwrap();
+    assert_refused(&own_loopback);
+}
+
+#[test]
+fn load_balancer_ingress_and_external_ips_act_as_vips() {
+    if !privileged("load_balancer_ingress_and_external_ips_act_as_vips") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(1, 8888);
+    let service = web(
+        "  type: LoadBalancer\n  externalIPs: [203.0.113.7]",
+        "port: 80, targetPort: 8888, nodePort: 30695",
+    ) + "status:\n  loadBalancer:\n    ingress:\n    - {ip: 198.51.100.1}\n    - {ip: 198.51.100.2, ipMode: Proxy}\n";
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(service + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("198.51.100.1:80/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    for address in ["198.51.100.1:80", "203.0.113.7:80", "10.244.0.1:30695"] {
+        let probes = testbed.probe(&client, address, 2).unwrap();
+        assert_eq!(
+            hostnames(&probes),
+            BTreeSet::from(["web-0".into()]),
+            "{address}: {probes:?}"
+        );
+        assert_eq!(probes[0].peer(), Some(address));
+    }
+    // ipMode Proxy: the load balancer proxies to the node; the IP is not a VIP here.
+    let proxied = testbed.probe(&client, "198.51.100.2:80", 1).unwrap();
+    assert!(
+        proxied[0]
+            .error()
+            .is_some_and(|e| e.contains("unreachable")),
+        "{proxied:?}"
+    );
+}
+
+#[test]
+fn terminating_endpoints_serve_only_when_none_is_ready() {
+    if !privileged("terminating_endpoints_serve_only_when_none_is_ready") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    let endpoints = |web1: &str| {
+        format!(
+            "[{{addresses: [\"{}\"], conditions: {{ready: false, serving: true, terminating: true}}}}{web1}]",
+            pods[0].ip
+        )
+    };
+    let manifest = |web1: &str| {
+        web("", "port: 80, targetPort: 8888")
+            + &slice("web", "web-a", 8888, "TCP", &endpoints(web1))
+    };
+    let web1_ready = format!(
+        ", {{addresses: [\"{}\"], conditions: {{ready: true}}}}",
+        pods[1].ip
+    );
+    testbed
+        .write_manifest("web.yaml", &manifest(&web1_ready))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", Some(&["10.244.0.11:8888"]))
+        .unwrap();
+    assert_eq!(
+        hostnames(&testbed.probe(&client, "10.96.0.10:80", 10).unwrap()),
+        BTreeSet::from(["web-1".into()])
+    );
+
+    // The last ready pod goes away: the terminating one that still serves takes over.
+    testbed.write_manifest("web.yaml", &manifest("")).unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    let probes = testbed.probe(&client, "10.96.0.10:80", 5).unwrap();
+    assert_eq!(hostnames(&probes), BTreeSet::from(["web-0".into()]));
+    assert_all_answered(&probes);
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_traffic_on_the_node() {
+    if !privileged("internal_traffic_policy_local_keeps_traffic_on_the_node") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    let manifest = |web0_node: &str| {
+        let endpoints = format!(
+            "[{{addresses: [\"{}\"], nodeName: {web0_node}}}, {{addresses: [\"{}\"], nodeName: node-2}}]",
+            pods[0].ip, pods[1].ip
+        );
+        web(
+            "  internalTrafficPolicy: Local",
+            "port: 80, targetPort: 8888",
+        ) + &slice("web", "web-a", 8888, "TCP", &endpoints)
+    };
+    testbed
+        .write_manifest("web.yaml", &manifest("node-1"))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    let probes = testbed.probe(&client, "10.96.0.10:80", 20).unwrap();
+    assert_eq!(hostnames(&probes), BTreeSet::from(["web-0".into()]));
+
+    // No endpoint on this node: refused at once, counted apart.
+    testbed
+        .write_manifest("web.yaml", &manifest("node-3"))
+        .unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", Some(&[]))
+        .unwrap();
+    assert_refused(&testbed.probe(&client, "10.96.0.10:80", 2).unwrap());
+    assert_eq!(testbed.stat("no_local_backends").unwrap(), 2);
+}
+
+#[test]
+fn session_affinity_holds_expires_and_follows_backends_away() {
+    if !privileged("session_affinity_holds_expires_and_follows_backends_away") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    let ips: Vec<_> = pods.iter().map(|p| p.ip).collect();
+    let manifest = |timeout: u32, ips: &[Ipv4Addr]| {
+        web(
+            &format!(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout}}}}}"
+            ),
+            "port: 80, targetPort: 8888",
+        ) + &slice("web", "web-a", 8888, "TCP", &ready(ips))
+    };
+    testbed
+        .write_manifest("web.yaml", &manifest(1, &ips))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend(
+            "10.96.0.10:80/TCP",
+            Some(&["10.244.0.10:8888", "10.244.0.11:8888"]),
+        )
+        .unwrap();
+
+    // Within the timeout, every connection of the client goes to one backend.
+    let burst = testbed.probe(&client, "10.96.0.10:80", 20).unwrap();
+    assert_all_answered(&burst);
+    assert_eq!(hostnames(&burst).len(), 1, "{burst:?}");
+    assert!(testbed.stat("affinity_hit").unwrap() >= 19);
+
+    // Past the timeout the choice is made afresh: across pauses longer than the timeout
+    // both backends show up (ten fresh choices all alike: 2^-9).
+    let mut seen = BTreeSet::new();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(1200));
+        seen.extend(hostnames(
+            &testbed.probe(&client, "10.96.0.10:80", 1).unwrap(),
+        ));
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "affinity never expired: {seen:?}");
+
+    // A backend that goes away takes its affinity with it, timeout or not.
+    testbed
+        .write_manifest("web.yaml", &manifest(3600, &ips))
+        .unwrap();
+    wait_for("the new timeout", Duration::from_secs(10), || {
+        let services = testbed.services()?;
+        Ok(services
+            .iter()
+            .any(|s| s["affinity_timeout_s"] == 3600)
+            .then_some(()))
+    })
+    .unwrap();
+    let held = hostnames(&testbed.probe(&client, "10.96.0.10:80", 5).unwrap());
+    assert_eq!(held.len(), 1);
+    let (gone, other) = if held.contains("web-0") {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    testbed
+        .write_manifest("web.yaml", &manifest(3600, &[ips[other]]))
+        .unwrap();
+    let expected = format!("{}:8888", ips[other]);
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", Some(&[expected.as_str()]))
+        .unwrap();
+    let after = testbed.probe(&client, "10.96.0.10:80", 5).unwrap();
+    assert_all_answered(&after);
+    assert_eq!(
+        hostnames(&after),
+        BTreeSet::from([format!("web-{other}")]),
+        "web-{gone} left"
+    );
+}
+
+#[test]
+fn endpoint_slices_are_merged_and_other_address_types_ignored() {
+    if !privileged("endpoint_slices_are_merged_and_other_address_types_ignored") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    let ipv6 = r#"---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, namespace: default, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+endpoints: [{addresses: ["fd00::10"]}]
+ports: [{name: p, port: 8888, protocol: TCP}]
+"#;
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web("", "port: 80, targetPort: 8888")
+                + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))
+                + &slice(
+                    "web",
+                    "web-b",
+                    8888,
+                    "TCP",
+                    &ready(&[pods[0].ip, pods[1].ip]),
+                )
+                + ipv6),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend(
+            "10.96.0.10:80/TCP",
+            Some(&["10.244.0.10:8888", "10.244.0.11:8888"]),
+        )
+        .unwrap();
+    let probes = testbed.probe(&client, "10.96.0.10:80", 40).unwrap();
+    assert_all_answered(&probes);
+    assert_eq!(
+        hostnames(&probes),
+        BTreeSet::from(["web-0".into(), "web-1".into()])
+    );
+}
+
+#[test]
+fn headless_and_external_name_services_are_listed_with_why() {
+    if !privileged("headless_and_external_name_services_are_listed_with_why") {
+        return;
+    }
+    let (mut testbed, _pods, client) = node(0, 8888);
+    testbed
+        .write_manifest(
+            "others.yaml",
+            r#"apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec: {clusterIP: None, ports: [{port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: external-service, namespace: default}
+spec: {type: ExternalName, externalName: api.acmecorp.com, ports: [{port: 9000}]}
+"#,
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    let services = wait_for("the state file", Duration::from_secs(10), || {
+        let services = testbed.services()?;
+        Ok((services.len() == 2).then_some(services))
+    })
+    .unwrap();
+    assert_eq!(services[0]["service"], "default/db");
+    assert_eq!(services[0]["kind"], "Headless");
+    assert_eq!(services[0]["in_datapath"], false);
+    assert_eq!(services[0]["why"], "headless: DNS answers with the pod IPs");
+    assert_eq!(services[1]["service"], "default/external-service");
+    assert_eq!(services[1]["kind"], "ExternalName");
+    assert_eq!(
+        services[1]["why"],
+        "ExternalName: DNS answers with a CNAME to api.acmecorp.com"
+    );
+    let table = testbed.lb(&["services"]).unwrap();
+    assert!(
+        table.contains("default/db") && table.contains("Headless"),
+        "{table}"
+    );
+    // Nothing of them reaches the datapath: no frontend translates anything.
+    let probe = testbed.probe(&client, "10.96.0.10:9000", 1).unwrap();
+    assert!(probe[0].error().is_some());
+    assert_eq!(testbed.stat("connect_translated").unwrap(), 0);
+}
+
+#[test]
+fn scaling_1_10_0_3_under_load_fails_only_while_there_are_no_endpoints() {
+    if !privileged("scaling_1_10_0_3_under_load_fails_only_while_there_are_no_endpoints") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(10, 8888);
+    let ips: Vec<_> = pods.iter().map(|p| p.ip).collect();
+    let manifest = |n: usize| {
+        web("", "port: 80, targetPort: 8888")
+            + &slice("web", "web-a", 8888, "TCP", &ready(&ips[..n]))
+    };
+    let expect =
+        |n: usize| -> Vec<String> { ips[..n].iter().map(|ip| format!("{ip}:8888")).collect() };
+    let wait = |testbed: &Testbed, n: usize| {
+        let backends = expect(n);
+        let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+        testbed
+            .wait_for_frontend("10.96.0.10:80/TCP", Some(&backends))
+            .unwrap();
+    };
+    testbed.write_manifest("web.yaml", &manifest(1)).unwrap();
+    testbed.start_agent().unwrap();
+    wait(&testbed, 1);
+
+    // One client connecting back to back, bounded in count and in time.
+    let mut prober = testbed
+        .probe_command(
+            &client,
+            "10.96.0.10:80",
+            20_000,
+            &["--interval-ms", "2", "--for-ms", "30000"],
+        )
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let pause = Duration::from_millis(500);
+    std::thread::sleep(pause);
+    testbed.write_manifest("web.yaml", &manifest(10)).unwrap();
+    wait(&testbed, 10);
+    std::thread::sleep(pause);
+    let no_endpoints_from = monotonic_ns();
+    testbed.write_manifest("web.yaml", &manifest(0)).unwrap();
+    wait(&testbed, 0);
+    std::thread::sleep(pause);
+    testbed.write_manifest("web.yaml", &manifest(3)).unwrap();
+    wait(&testbed, 3);
+    let no_endpoints_until = monotonic_ns();
+    std::thread::sleep(pause);
+    drop(prober.kill());
+    let mut output = String::new();
+    prober
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut output)
+        .unwrap();
+    drop(prober.wait());
+
+    let probes = parse_probes(&output).unwrap();
+    let (during, outside): (Vec<_>, Vec<_>) = probes
+        .iter()
+        .partition(|p| (no_endpoints_from..=no_endpoints_until).contains(&p.at_ns));
+    let failed: Vec<_> = outside
+        .iter()
+        .filter(|p| p.probe.hostname().is_none())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connects failed while the Service had endpoints: {:?}",
+        failed.len(),
+        outside.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        outside.len() > 100,
+        "too few connects to tell: {}",
+        outside.len()
+    );
+    assert_eq!(
+        hostnames(&outside.iter().map(|p| p.probe.clone()).collect::<Vec<_>>()).len(),
+        10,
+        "every one of the ten backends answered at some point"
+    );
+    // Without endpoints a connect is refused, never left hanging.
+    for probe in during.iter().filter(|p| p.probe.hostname().is_none()) {
+        assert!(
+            probe.probe.error().is_some_and(|e| e.contains("refused")),
+            "{probe:?}"
+        );
+    }
+    assert!(
+        during.iter().any(|p| p.probe.hostname().is_none()),
+        "no connect saw zero endpoints"
+    );
+}
