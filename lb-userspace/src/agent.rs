@@ -66,7 +66,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Some(cgroup) => cgroup,
         None => mounts::cgroup2_root()?,
     };
-    let host = netns::inspect(&args.host_netns)?;
+    let host = match netns::inspect(&args.host_netns) {
+        Ok(host) => host,
+        // Without the cookie, NodePorts on 127.0.0.1 match nobody; everything else works.
+        Err(e) => {
+            tracing::warn!("{e}; NodePorts on 127.0.0.1 stay off");
+            netns::HostNetns {
+                cookie: 0,
+                addresses: Vec::new(),
+            }
+        }
+    };
     let node = Node {
         name: match args.node_name {
             Some(name) => name,
