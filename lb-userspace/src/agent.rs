@@ -19,7 +19,7 @@ use crate::{
     model::{Desired, Node},
     mounts, netns,
     plan::{self, Programmed},
-    state::State,
+    state::{AgentPid, State},
     store::Store,
 };
 
@@ -99,11 +99,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut maps = datapath.maps;
     maps.set_host_netns_cookie(host.cookie)?;
     let snapshot = maps.read()?;
+    let _pid = AgentPid::create(&args.state_dir)?;
     let mut syncer = Syncer {
         programmed: snapshot.programmed,
         store: Store::default(),
         node,
         state_dir: args.state_dir,
+        cgroup,
     };
 
     // Watch before the first read, so no change between the two is missed.
@@ -149,6 +151,7 @@ struct Syncer {
     store: Store,
     node: Node,
     state_dir: PathBuf,
+    cgroup: PathBuf,
 }
 
 impl Syncer {
@@ -185,7 +188,7 @@ impl Syncer {
             return;
         }
         self.programmed = next;
-        if let Err(e) = State::of(&desired).write(&self.state_dir) {
+        if let Err(e) = State::of(&desired, &self.cgroup, &self.node.name).write(&self.state_dir) {
             tracing::error!("{e}; `lb services` may show stale names");
         }
         let (services, slices) = self.store.counts();

@@ -99,6 +99,69 @@ fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
 
+/// Opens one map pinned in `dir`.
+pub fn open_pinned_map(dir: &Path, map: &'static str) -> Result<Map, DatapathError> {
+    MapData::from_pin(dir.join(map))
+        .and_then(Map::from_map_data)
+        .map_err(|source| DatapathError::NotPinned {
+            dir: dir.into(),
+            map,
+            source,
+        })
+}
+
+/// A map's fill: entries in use and capacity.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Occupancy {
+    pub map: &'static str,
+    pub entries: u64,
+    pub max_entries: u32,
+}
+
+/// How full every map pinned in `dir` is. Hash maps are counted key by key; arrays are full
+/// by construction.
+pub fn occupancy(dir: &Path) -> Result<Vec<Occupancy>, DatapathError> {
+    fn count<K: aya::Pod, V: aya::Pod>(map: Map, name: &'static str) -> Result<u64, DatapathError> {
+        let map: HashMap<MapData, K, V> = map.try_into().map_err(map_error(name))?;
+        Ok(map.keys().filter(Result::is_ok).count() as u64)
+    }
+    MAPS.iter()
+        .map(|name| {
+            let map = open_pinned_map(dir, name)?;
+            let info = aya::maps::MapInfo::from_pin(dir.join(name)).map_err(map_error(name))?;
+            let entries = match *name {
+                SERVICE_MAP => count::<ServiceKey, ServiceValue>(map, name)?,
+                BACKEND_MAP => count::<BackendId, Backend>(map, name)?,
+                REVNAT_MAP => count::<lb_common::RevNatKey, lb_common::RevNatValue>(map, name)?,
+                AFFINITY_MAP => {
+                    count::<lb_common::AffinityKey, lb_common::AffinityValue>(map, name)?
+                }
+                AFFINITY_MATCH_MAP => count::<AffinityMatchKey, u32>(map, name)?,
+                _ => u64::from(info.max_entries()),
+            };
+            Ok(Occupancy {
+                map: name,
+                entries,
+                max_entries: info.max_entries(),
+            })
+        })
+        .collect()
+}
+
+/// The live affinity entries: (client, frontend id) → (backend id, last use in ns of
+/// CLOCK_MONOTONIC, the clock `bpf_ktime_get_ns` reads).
+pub fn affinity_entries(
+    dir: &Path,
+) -> Result<Vec<(lb_common::AffinityKey, lb_common::AffinityValue)>, DatapathError> {
+    let map: HashMap<MapData, lb_common::AffinityKey, lb_common::AffinityValue> =
+        open_pinned_map(dir, AFFINITY_MAP)?
+            .try_into()
+            .map_err(map_error(AFFINITY_MAP))?;
+    map.iter()
+        .map(|entry| entry.map_err(map_error(AFFINITY_MAP)))
+        .collect()
+}
+
 /// The pinned maps the agent writes and the CLI reads.
 pub struct ServiceMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
@@ -118,16 +181,7 @@ pub struct Snapshot {
 impl ServiceMaps {
     /// Opens the maps pinned in `dir`, for reading while the agent runs or is stopped.
     pub fn open_pinned(dir: &Path) -> Result<Self, DatapathError> {
-        let open = |map: &'static str| {
-            MapData::from_pin(dir.join(map))
-                .and_then(Map::from_map_data)
-                .map_err(|source| DatapathError::NotPinned {
-                    dir: dir.into(),
-                    map,
-                    source,
-                })
-        };
-        Self::from_maps(open)
+        Self::from_maps(|map| open_pinned_map(dir, map))
     }
 
     fn take(ebpf: &mut Ebpf) -> Result<Self, DatapathError> {
@@ -282,8 +336,8 @@ impl ServiceMaps {
         ignore_missing(self.services.remove(key)).map_err(map_error(SERVICE_MAP))
     }
 
-    /// Per-reason counters, summed over CPUs.
-    pub fn stats(&self) -> Result<Vec<(Reason, u64)>, DatapathError> {
+    /// Per-reason counters, one value per CPU.
+    pub fn stats(&self) -> Result<Vec<(Reason, Vec<u64>)>, DatapathError> {
         Reason::ALL
             .iter()
             .map(|reason| {
@@ -291,7 +345,7 @@ impl ServiceMaps {
                     .stats
                     .get(&(*reason as u32), 0)
                     .map_err(map_error(STATS_MAP))?;
-                Ok((*reason, per_cpu.iter().sum()))
+                Ok((*reason, per_cpu.to_vec()))
             })
             .collect()
     }

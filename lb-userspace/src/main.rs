@@ -1,22 +1,23 @@
 //! `lb`: the agent that programs lb's socket-level load balancer, and the CLI that inspects it.
 
 mod agent;
+mod cli;
 mod datapath;
+mod links;
 mod manifest;
 mod model;
 mod mounts;
 mod netns;
 mod plan;
-mod services;
 mod state;
 mod store;
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-/// Where the agent pins its link and maps unless told otherwise.
+/// Where the agent pins its links and maps unless told otherwise.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 
 #[derive(Debug, Parser)]
@@ -34,27 +35,32 @@ struct Cli {
 enum Command {
     /// Load the datapath and keep its maps in sync with Services and EndpointSlices.
     Agent(agent::AgentArgs),
-    /// List the frontends the datapath translates and their backends.
-    Services(services::ServicesArgs),
+    /// Frontends, their Services, backends and endpoint states; Services outside the datapath.
+    Services(cli::services::ServicesArgs),
+    /// Backends in the backend map, with the frontends that use them.
+    Backends(cli::backends::BackendsArgs),
+    /// Session-affinity entries: which client sticks to which backend, and for how long.
+    Affinity(cli::affinity::AffinityArgs),
     /// Per-reason counters of the datapath, summed over CPUs.
-    Stats(services::StatsArgs),
+    Stats(cli::stats::StatsArgs),
+    /// Agent, programs and where they are attached, map occupancy.
+    Status(cli::status::StatusArgs),
+    /// What the datapath does with a connect() or sendmsg() to ADDRESS:PORT[/PROTO], and why.
+    Explain(cli::explain::ExplainArgs),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Detach the programs and remove every pin (the agent leaves them loaded when it stops).
     Unload(UnloadArgs),
 }
 
 #[derive(Debug, clap::Args)]
 struct UnloadArgs {
-    /// bpffs directory the agent pinned its link and maps in.
+    /// bpffs directory the agent pinned its links and maps in.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutputFormat {
-    /// Aligned columns, for people.
-    Table,
-    /// JSON, for scripts.
-    Json,
 }
 
 fn main() -> ExitCode {
@@ -65,12 +71,15 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let agent = matches!(cli.command, Command::Agent(_));
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("lb: {e:#}");
-            if !nix::unistd::geteuid().is_root() {
-                eprintln!("lb: hint: loading programs and reading pinned maps needs root");
+            if agent && !nix::unistd::geteuid().is_root() {
+                eprintln!(
+                    "lb: hint: loading programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+                );
             }
             ExitCode::FAILURE
         }
@@ -84,8 +93,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(agent::run(args)),
-        Command::Services(args) => services::run(args),
-        Command::Stats(args) => services::stats(args),
+        Command::Services(args) => Ok(cli::services::run(args)?),
+        Command::Backends(args) => Ok(cli::backends::run(args)?),
+        Command::Affinity(args) => Ok(cli::affinity::run(args)?),
+        Command::Stats(args) => Ok(cli::stats::run(args)?),
+        Command::Status(args) => Ok(cli::status::run(args)?),
+        Command::Explain(args) => Ok(cli::explain::run(args)?),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "lb", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Unload(args) => {
             for path in datapath::unload(&args.bpffs)? {
                 println!("removed {}", path.display());

@@ -509,6 +509,21 @@ pub struct FrontendTarget {
     pub port_name: String,
     pub kind: FrontendKind,
     pub spec: FrontendSpec,
+    /// Every endpoint of the Service port, used or not, and why not.
+    pub endpoints: Vec<EndpointState>,
+}
+
+/// One endpoint of a frontend as the agent judged it; `excluded` says why it is not a
+/// backend, `None` when it is one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointState {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<String>,
+    pub excluded: Option<String>,
 }
 
 /// What the maps hold for a frontend.
@@ -675,12 +690,40 @@ pub fn desired<'a>(
             }
             let endpoints: Vec<(BackendAddr, &EndpointModel)> = endpoints.into_iter().collect();
             let cluster_wide = usable(&endpoints);
+            let on_this_node =
+                |e: &EndpointModel| e.node_name.as_deref() == Some(node.name.as_str());
             let local: Vec<(BackendAddr, &EndpointModel)> = endpoints
                 .iter()
-                .filter(|(_, e)| e.node_name.as_deref() == Some(node.name.as_str()))
+                .filter(|(_, e)| on_this_node(e))
                 .copied()
                 .collect();
             let node_local = usable(&local);
+            let states = |chosen: &BTreeSet<BackendAddr>, local_only: bool| -> Vec<EndpointState> {
+                endpoints
+                    .iter()
+                    .map(|(addr, e)| EndpointState {
+                        address: addr.address,
+                        port: addr.port,
+                        ready: e.ready,
+                        serving: e.serving,
+                        terminating: e.terminating,
+                        node_name: e.node_name.clone(),
+                        excluded: if chosen.contains(addr) {
+                            None
+                        } else if local_only && !on_this_node(e) {
+                            Some(format!(
+                                "on node {}, not {} (internalTrafficPolicy: Local)",
+                                e.node_name.as_deref().unwrap_or("<unset>"),
+                                node.name
+                            ))
+                        } else if e.serving && e.terminating {
+                            Some("terminating: used only while no endpoint is ready".into())
+                        } else {
+                            Some("not ready".into())
+                        },
+                    })
+                    .collect()
+            };
 
             let target = |kind, backends: &BTreeSet<BackendAddr>, flags| FrontendTarget {
                 service: service.id.clone(),
@@ -691,6 +734,7 @@ pub fn desired<'a>(
                     flags,
                     affinity_timeout_s,
                 },
+                endpoints: states(backends, flags & lb_common::FLAG_NODE_LOCAL != 0),
             };
             let frontend = |address, port_number| Frontend {
                 address,
@@ -882,6 +926,18 @@ ports: [{{port: 80}}]
         let frontend = fe([10, 96, 0, 10], 80, Protocol::Tcp);
         let ready = desired_of(&slice("{ready: true}"));
         assert_eq!(backends(&ready, &frontend), ["10.244.0.2:80"]);
+        let why: Vec<Option<String>> = ready.frontends[&frontend]
+            .endpoints
+            .iter()
+            .map(|e| e.excluded.clone())
+            .collect();
+        assert_eq!(
+            why,
+            [
+                Some("terminating: used only while no endpoint is ready".into()),
+                None
+            ]
+        );
         let none_ready = desired_of(&slice("{ready: false, serving: false, terminating: true}"));
         assert_eq!(backends(&none_ready, &frontend), ["10.244.0.1:80"]);
     }
@@ -958,6 +1014,18 @@ ports: [{{port: 80}}]
         assert_eq!(spec.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
         let elsewhere = desired_of(&yaml("node-3"));
         assert!(backends(&elsewhere, &frontend).is_empty());
+        let why: Vec<Option<String>> = elsewhere.frontends[&frontend]
+            .endpoints
+            .iter()
+            .map(|e| e.excluded.clone())
+            .collect();
+        assert_eq!(
+            why,
+            [
+                Some("on node node-3, not node-1 (internalTrafficPolicy: Local)".into()),
+                Some("on node node-2, not node-1 (internalTrafficPolicy: Local)".into()),
+            ]
+        );
     }
 
     #[test]

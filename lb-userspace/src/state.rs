@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Desired, Frontend, FrontendKind, NotInDatapath};
+use crate::model::{Desired, EndpointState, Frontend, FrontendKind, NotInDatapath};
 
 /// Default directory of the state file.
 pub const DEFAULT_STATE_DIR: &str = "/run/lb";
 const FILE: &str = "services.json";
+const PID_FILE: &str = "agent.pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -25,11 +26,17 @@ pub enum StateError {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct State {
+    /// When the agent last brought the maps in line with its sources, in ms since the epoch.
+    pub synced_at_ms: u64,
+    /// The cgroup the agent attached the programs to.
+    pub cgroup: PathBuf,
+    /// The node name the agent applies traffic policies for.
+    pub node: String,
     pub frontends: Vec<FrontendNames>,
     pub not_in_datapath: Vec<Unserved>,
 }
 
-/// The names behind one frontend.
+/// The names behind one frontend, and every endpoint it was built from.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FrontendNames {
     #[serde(flatten)]
@@ -37,6 +44,7 @@ pub struct FrontendNames {
     pub kind: FrontendKind,
     pub service: String,
     pub port_name: String,
+    pub endpoints: Vec<EndpointState>,
 }
 
 /// A Service that is known but not in the datapath, and why.
@@ -47,8 +55,14 @@ pub struct Unserved {
 }
 
 impl State {
-    pub fn of(desired: &Desired) -> Self {
+    pub fn of(desired: &Desired, cgroup: &Path, node: &str) -> Self {
+        let synced_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         Self {
+            synced_at_ms,
+            cgroup: cgroup.into(),
+            node: node.into(),
             frontends: desired
                 .frontends
                 .iter()
@@ -57,6 +71,7 @@ impl State {
                     kind: target.kind,
                     service: target.service.to_string(),
                     port_name: target.port_name.clone(),
+                    endpoints: target.endpoints.clone(),
                 })
                 .collect(),
             not_in_datapath: desired
@@ -106,4 +121,43 @@ impl State {
                 reason: e.to_string(),
             })
     }
+}
+
+/// Marks the agent as running: its pid, in the state directory, until [`AgentPid`] drops.
+pub struct AgentPid {
+    path: PathBuf,
+}
+
+impl AgentPid {
+    pub fn create(dir: &Path) -> Result<Self, StateError> {
+        let path = dir.join(PID_FILE);
+        let error = |source| StateError::Write {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(error)?;
+        std::fs::write(&path, std::process::id().to_string()).map_err(error)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for AgentPid {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!("removing {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// The pid of the agent that uses `dir`, if one is running.
+pub fn running_agent(dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // A stale file from an agent that was killed names a dead or reused pid.
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    (args.get(1) == Some(&b"agent".as_slice())).then_some(pid)
 }

@@ -270,6 +270,20 @@ impl Testbed {
         Ok(testbed)
     }
 
+    /// A node with backend pods `web-0..n` at 10.244.0.(10+i), each serving httpenv on
+    /// `port` (TCP and UDP), and a client pod `client` at 10.244.1.1.
+    pub fn with_backends(backends: u8, port: u16) -> anyhow::Result<(Self, Vec<Pod>, Pod)> {
+        let mut testbed = Self::new()?;
+        let mut pods = Vec::new();
+        for i in 0..backends {
+            let pod = testbed.add_pod(&format!("web-{i}"), Ipv4Addr::new(10, 244, 0, 10 + i))?;
+            testbed.serve_httpenv(&pod, port)?;
+            pods.push(pod);
+        }
+        let client = testbed.add_pod("client", Ipv4Addr::new(10, 244, 1, 1))?;
+        Ok((testbed, pods, client))
+    }
+
     fn mount_bpffs(&self) -> anyhow::Result<()> {
         let mounts = std::fs::read_to_string("/proc/mounts")?;
         if !mounts
@@ -448,16 +462,20 @@ impl Testbed {
             .is_some_and(|agent| matches!(agent.try_wait(), Ok(None)))
     }
 
-    /// Runs `lb ARGS --bpffs <ours>` (and `--state-dir <ours>` for `services`) and
-    /// returns its stdout.
+    /// Runs `lb ARGS` pointed at this testbed's pins and state, and returns its stdout.
     pub fn lb(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = run(&mut self.lb_command(args)?)?;
+        Ok(String::from_utf8(output.stdout)?)
+    }
+
+    /// The `lb ARGS` command pointed at this testbed's pins and state, not run yet.
+    pub fn lb_command(&self, args: &[&str]) -> anyhow::Result<Command> {
         let mut command = Command::new(binary("lb")?);
         command.args(args).arg("--bpffs").arg(&self.bpffs);
-        if args.first() == Some(&"services") {
+        if args.first() != Some(&"unload") {
             command.arg("--state-dir").arg(self.state_dir());
         }
-        let output = run(&mut command)?;
-        Ok(String::from_utf8(output.stdout)?)
+        Ok(command)
     }
 
     /// `lb stats -o json`, one counter by name.

@@ -43,23 +43,8 @@ endpoints:
     )
 }
 
-/// A node with backends `web-0..n` on 10.244.0.(10+i) serving on `port`, and a client pod.
-fn node(backends: usize, port: u16) -> (Testbed, Vec<Pod>, Pod) {
-    let mut testbed = Testbed::new().unwrap();
-    let pods: Vec<Pod> = (0..backends)
-        .map(|i| {
-            let octet = u8::try_from(10 + i).unwrap();
-            let pod = testbed
-                .add_pod(&format!("web-{i}"), Ipv4Addr::new(10, 244, 0, octet))
-                .unwrap();
-            testbed.serve_httpenv(&pod, port).unwrap();
-            pod
-        })
-        .collect();
-    let client = testbed
-        .add_pod("client", Ipv4Addr::new(10, 244, 1, 1))
-        .unwrap();
-    (testbed, pods, client)
+fn node(backends: u8, port: u16) -> (Testbed, Vec<Pod>, Pod) {
+    Testbed::with_backends(backends, port).unwrap()
 }
 
 fn ips(pods: &[Pod]) -> Vec<Ipv4Addr> {

@@ -1,0 +1,327 @@
+//! `lb explain ADDRESS:PORT[/PROTO]`: what the datapath does with a connect() or sendmsg()
+//! to that destination — the frontend it matches, the slot table, each candidate endpoint and
+//! why it is or is not a backend — computed with the lb-common code the programs run.
+
+use std::net::SocketAddrV4;
+
+use lb_common::{FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, backend_slot};
+use serde::Serialize;
+
+use super::{CliError, Format, Pins, emit, open, state};
+use crate::model::{EndpointState, Frontend, Protocol};
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// The destination, e.g. 10.96.0.10:80 or 10.96.0.10:53/UDP (TCP if no protocol).
+    #[arg(value_name = "ADDRESS:PORT[/PROTO]", value_parser = parse_destination)]
+    pub destination: Frontend,
+    #[command(flatten)]
+    pub format: Format,
+    #[command(flatten)]
+    pub pins: Pins,
+}
+
+fn parse_destination(text: &str) -> Result<Frontend, String> {
+    let (address, protocol) = match text.rsplit_once('/') {
+        Some((address, protocol)) => (address, protocol.to_ascii_uppercase()),
+        None => (text, "TCP".to_owned()),
+    };
+    let protocol = match protocol.as_str() {
+        "TCP" => Protocol::Tcp,
+        "UDP" => Protocol::Udp,
+        "SCTP" => Protocol::Sctp,
+        other => {
+            return Err(format!(
+                "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
+            ));
+        }
+    };
+    let address: SocketAddrV4 = address
+        .parse()
+        .map_err(|_| format!("{address:?} is not an IPv4 ADDRESS:PORT"))?;
+    Ok(Frontend {
+        address: *address.ip(),
+        port: address.port(),
+        protocol,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub destination: String,
+    /// What happens, in one sentence.
+    pub verdict: String,
+    pub frontend: Option<FrontendView>,
+    /// Frontends on the same address and port with another protocol.
+    pub other_protocols: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FrontendView {
+    pub service: Option<String>,
+    pub kind: Option<String>,
+    pub port_name: Option<String>,
+    pub frontend_id: u32,
+    pub flags: Vec<&'static str>,
+    pub affinity_timeout_s: u32,
+    pub slots: Vec<SlotView>,
+    /// Every endpoint of the Service port and why it is or is not a backend.
+    pub endpoints: Vec<EndpointState>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SlotView {
+    pub slot: u16,
+    pub backend_id: u32,
+    /// `ip:port`, or `null` if the id does not resolve.
+    pub backend: Option<String>,
+    /// The share of random draws `lb_common::backend_slot` sends to this slot.
+    pub share: f64,
+}
+
+/// The share of draws that `backend_slot` maps to each slot, over a run of consecutive
+/// entropy values (as good as any run of `bpf_get_prandom_u32` values for a modulo).
+fn slot_shares(count: u16) -> Vec<f64> {
+    const SAMPLES: u32 = 1 << 16;
+    let mut hits = vec![0u32; usize::from(count)];
+    for entropy in 0..SAMPLES {
+        if let Some(slot) = backend_slot(count, entropy) {
+            hits[usize::from(slot - 1)] += 1;
+        }
+    }
+    hits.into_iter()
+        .map(|h| f64::from(h) / f64::from(SAMPLES))
+        .collect()
+}
+
+pub fn run(args: ExplainArgs) -> Result<(), CliError> {
+    let maps = open(&args.pins)?;
+    let state = state(&args.pins)?;
+    let programmed = maps.read()?.programmed;
+    let wanted = args.destination;
+    let destination = wanted.to_string();
+    let other_protocols = programmed
+        .frontends
+        .keys()
+        .filter(|f| {
+            f.address == wanted.address && f.port == wanted.port && f.protocol != wanted.protocol
+        })
+        .map(ToString::to_string)
+        .collect();
+
+    let explanation = match programmed.frontends.get(&wanted) {
+        None => Explanation {
+            verdict: format!(
+                "not a frontend: a connect() or sendmsg() to {}:{} is left as it is",
+                wanted.address, wanted.port
+            ),
+            destination,
+            frontend: None,
+            other_protocols,
+        },
+        Some(master) => {
+            let names = state
+                .iter()
+                .flat_map(|s| &s.frontends)
+                .find(|n| n.frontend == wanted);
+            let count = u16::try_from(master.slots.len()).unwrap_or(u16::MAX);
+            let shares = slot_shares(count);
+            let slots: Vec<SlotView> = master
+                .slots
+                .iter()
+                .zip(shares)
+                .enumerate()
+                .map(|(index, (id, share))| SlotView {
+                    slot: u16::try_from(index + 1).unwrap_or(u16::MAX),
+                    backend_id: *id,
+                    backend: programmed.backends.get(id).map(ToString::to_string),
+                    share,
+                })
+                .collect();
+            let mut flags = Vec::new();
+            if master.flags & FLAG_NODE_LOCAL != 0 {
+                flags.push("node-local");
+            }
+            if master.flags & FLAG_HOST_NETNS_ONLY != 0 {
+                flags.push("host-netns-only");
+            }
+            let verdict = verdict(&wanted, master.flags, master.affinity_timeout_s, &slots);
+            Explanation {
+                destination,
+                verdict,
+                frontend: Some(FrontendView {
+                    service: names.map(|n| n.service.clone()),
+                    kind: names.map(|n| n.kind.to_string()),
+                    port_name: names.map(|n| n.port_name.clone()),
+                    frontend_id: master.id,
+                    flags,
+                    affinity_timeout_s: master.affinity_timeout_s,
+                    slots,
+                    endpoints: names.map(|n| n.endpoints.clone()).unwrap_or_default(),
+                }),
+                other_protocols,
+            }
+        }
+    };
+    emit(args.format.output, &explanation, |wide| {
+        text(&explanation, wide)
+    })
+}
+
+fn verdict(frontend: &Frontend, flags: u16, affinity_timeout_s: u32, slots: &[SlotView]) -> String {
+    let scope = if flags & FLAG_HOST_NETNS_ONLY != 0 {
+        "from the node's own network namespace only (in a pod, 127.0.0.1 is the pod's own): "
+    } else {
+        ""
+    };
+    if slots.is_empty() {
+        let why = if flags & FLAG_NODE_LOCAL != 0 {
+            "no usable endpoint on this node (internalTrafficPolicy: Local)"
+        } else {
+            "no usable endpoint"
+        };
+        return format!("{scope}refused at once with ECONNREFUSED: {why}");
+    }
+    if let Some(broken) = slots.iter().find(|s| s.backend.is_none()) {
+        return format!(
+            "{scope}slot {} names backend {}, which does not exist: connects that draw it are left untranslated (backend_missing)",
+            broken.slot, broken.backend_id
+        );
+    }
+    let n = slots.len();
+    let affinity = if affinity_timeout_s == 0 {
+        String::new()
+    } else {
+        format!(
+            "; a client network namespace that connected within {affinity_timeout_s}s keeps its backend"
+        )
+    };
+    let what = if frontend.protocol == Protocol::Tcp {
+        "connect()"
+    } else {
+        "connect() or sendmsg()"
+    };
+    if n == 1 {
+        format!("{scope}a {what} is rewritten to its only backend{affinity}")
+    } else {
+        format!(
+            "{scope}a {what} is rewritten to one of {n} backends, each drawn with probability 1/{n}{affinity}"
+        )
+    }
+}
+
+fn text(explanation: &Explanation, wide: bool) -> String {
+    let mut out = format!("{}\n  {}\n", explanation.destination, explanation.verdict);
+    if !explanation.other_protocols.is_empty() {
+        out += &format!(
+            "  other protocols on this address and port: {}\n",
+            explanation.other_protocols.join(", ")
+        );
+    }
+    let Some(frontend) = &explanation.frontend else {
+        return out;
+    };
+    out += &format!(
+        "\nservice   {}{}\nkind      {}\n",
+        frontend.service.as_deref().unwrap_or("?"),
+        frontend
+            .port_name
+            .as_deref()
+            .filter(|p| !p.is_empty())
+            .map(|p| format!(" (port {p})"))
+            .unwrap_or_default(),
+        frontend.kind.as_deref().unwrap_or("?"),
+    );
+    if wide {
+        out += &format!(
+            "frontend  id {}, flags [{}], affinity {}s\n",
+            frontend.frontend_id,
+            frontend.flags.join(", "),
+            frontend.affinity_timeout_s
+        );
+    }
+    let mut slots = super::table(["SLOT", "BACKEND", "ID", "SHARE"]);
+    for slot in &frontend.slots {
+        slots.add_row([
+            slot.slot.to_string(),
+            slot.backend.clone().unwrap_or_else(|| "(missing)".into()),
+            slot.backend_id.to_string(),
+            format!("{:.1}%", slot.share * 100.0),
+        ]);
+    }
+    out += &format!("\n{slots}\n");
+    if !frontend.endpoints.is_empty() {
+        let mut endpoints = super::table([
+            "ENDPOINT",
+            "READY",
+            "SERVING",
+            "TERMINATING",
+            "NODE",
+            "BACKEND?",
+        ]);
+        for e in &frontend.endpoints {
+            endpoints.add_row([
+                format!("{}:{}", e.address, e.port),
+                e.ready.to_string(),
+                e.serving.to_string(),
+                e.terminating.to_string(),
+                e.node_name.clone().unwrap_or_else(|| "-".into()),
+                match &e.excluded {
+                    None => "yes".into(),
+                    Some(why) => format!("no: {why}"),
+                },
+            ]);
+        }
+        out += &format!("\n{endpoints}\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    #[test]
+    fn destinations_parse_with_and_without_protocol() {
+        assert_eq!(
+            parse_destination("10.96.0.10:53/udp").unwrap(),
+            Frontend {
+                address: Ipv4Addr::new(10, 96, 0, 10),
+                port: 53,
+                protocol: Protocol::Udp
+            }
+        );
+        assert_eq!(
+            parse_destination("10.96.0.10:80").unwrap().protocol,
+            Protocol::Tcp
+        );
+        assert!(
+            parse_destination("10.96.0.10")
+                .unwrap_err()
+                .contains("not an IPv4 ADDRESS:PORT")
+        );
+        assert!(
+            parse_destination("10.96.0.10:80/ICMP")
+                .unwrap_err()
+                .contains("unknown protocol")
+        );
+    }
+
+    #[test]
+    fn slot_shares_are_even_and_sum_to_one() {
+        for count in [1u16, 2, 3, 7] {
+            let shares = slot_shares(count);
+            assert_eq!(shares.len(), usize::from(count));
+            let sum: f64 = shares.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-9, "{shares:?}");
+            for share in shares {
+                assert!(
+                    (share - 1.0 / f64::from(count)).abs() < 0.01,
+                    "{count}: {share}"
+                );
+            }
+        }
+    }
+}
