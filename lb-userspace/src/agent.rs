@@ -1,14 +1,15 @@
-//! `lb agent`: source → model → diff → maps. Reads the manifest directory, programs the
-//! maps, then follows every change to the directory until SIGINT or SIGTERM.
+//! `lb agent`: source → model → diff → maps. Loads the datapath, then keeps the maps in
+//! line with the Services and EndpointSlices of its source until SIGINT or SIGTERM.
 
 use std::{
-    net::Ipv4Addr,
-    path::{Path, PathBuf},
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use notify::{RecursiveMode, Watcher as _};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
@@ -16,30 +17,40 @@ use tokio::{
 
 use crate::{
     datapath::{self, ServiceMaps},
+    metrics::{self, ErrorKind, Metrics},
     model::{Desired, Node},
     mounts, netns,
     plan::{self, Programmed},
+    source::{Source, kubernetes, manifests::Manifests},
     state::{AgentPid, State},
     store::Store,
 };
 
-/// How long to wait for more file events before re-reading: an editor's save or a
-/// `kubectl get -o yaml > file` is several events, and one sync should follow them all.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long to gather changes before one sync: an editor's save, a `kubectl apply` of a
+/// directory or a rollout is a burst of events, and one write should follow them all.
+const BATCH: Duration = Duration::from_millis(100);
+
+/// Where manifests are read from when no cluster is configured.
+pub const DEFAULT_MANIFESTS: &str = "/etc/lb/manifests";
 
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// Directory of Service and EndpointSlice manifests (YAML or JSON, as `kubectl get -o yaml`
-    /// writes them); changes are applied as they happen.
-    #[arg(long, value_name = "DIR")]
-    pub manifests: PathBuf,
+    /// Directory of Service and EndpointSlice manifests (YAML or JSON, as `kubectl get -o
+    /// yaml` writes them), followed as it changes. Used when no cluster is configured
+    /// [default: /etc/lb/manifests].
+    #[arg(long, value_name = "DIR", conflicts_with = "kubeconfig")]
+    pub manifests: Option<PathBuf>,
+    /// Follow the cluster of this kubeconfig. In a pod (KUBERNETES_SERVICE_HOST set) the
+    /// in-cluster configuration is used without it.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
     /// cgroup2 directory to attach the programs to [default: the cgroup2 root, i.e. the whole node].
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<PathBuf>,
     /// bpffs directory for the pinned links and maps.
     #[arg(long, value_name = "PATH", default_value = crate::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
-    /// Directory for the state file the CLI reads (Service names, what is not in the datapath).
+    /// Directory for the state file the CLI reads (Service names, endpoint states).
     #[arg(long, value_name = "PATH", default_value = crate::state::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// This node's name, matched against endpoints' `nodeName` for
@@ -54,14 +65,12 @@ pub struct AgentArgs {
     /// 127.0.0.1 [default: the agent's, as when it runs with hostNetwork].
     #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
     pub host_netns: PathBuf,
+    /// Serve Prometheus /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9965).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(
-        args.manifests.is_dir(),
-        "--manifests {}: not a directory",
-        args.manifests.display()
-    );
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
         None => mounts::cgroup2_root()?,
@@ -89,6 +98,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
     };
     tracing::info!(node = %node.name, node_ips = ?node.ips, "node");
+
+    let metrics = Arc::new(Metrics::new(args.bpffs.clone()));
+    if let Some(addr) = args.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-addr {addr}"))?;
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
+    }
+
+    // The datapath first: pinned maps from an earlier agent keep translating meanwhile.
     let datapath = datapath::load(&args.bpffs, &cgroup)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
     tracing::info!(
@@ -99,44 +118,50 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut maps = datapath.maps;
     maps.set_host_netns_cookie(host.cookie)?;
     let snapshot = maps.read()?;
+
+    // Changes are watched before the first read, so none between the two is missed.
+    let (changes, mut changed) = mpsc::unbounded_channel();
+    let mut source = match (args.manifests, args.kubeconfig) {
+        (Some(dir), _) => manifests(&dir, changes)?,
+        (None, Some(kubeconfig)) => kubernetes(Some(&kubeconfig), changes).await?,
+        (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+            kubernetes(None, changes).await?
+        }
+        (None, None) => manifests(&PathBuf::from(DEFAULT_MANIFESTS), changes)?,
+    };
+
     let _pid = AgentPid::create(&args.state_dir)?;
     let mut syncer = Syncer {
         programmed: snapshot.programmed,
         store: Store::default(),
+        reported: BTreeSet::new(),
         node,
         state_dir: args.state_dir,
         cgroup,
+        metrics: metrics.clone(),
     };
-
-    // Watch before the first read, so no change between the two is missed.
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        match event {
-            Ok(event) if event.kind.is_access() => {}
-            // The receiver is gone only while shutting down.
-            _ => drop(events_tx.send(())),
-        }
-    })?;
-    watcher
-        .watch(&args.manifests, RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", args.manifests.display()))?;
-
-    syncer.sync(&mut maps, &args.manifests);
-    for key in snapshot.orphans {
-        if let Err(e) = maps.remove_service(&key) {
-            tracing::warn!("removing a stale map entry: {e}");
+    if syncer.sync(&mut maps, &mut source, None) {
+        // Entries a stopped agent left half-written; nothing points at them any more.
+        for key in snapshot.orphans {
+            if let Err(e) = maps.remove_service(&key) {
+                tracing::warn!("removing a stale map entry: {e}");
+            }
         }
     }
-    tracing::info!("ready");
+    metrics.set_ready();
+    tracing::info!(source = %source.describe(), "ready");
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
-            Some(()) = events.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
-                while events.try_recv().is_ok() {}
-                syncer.sync(&mut maps, &args.manifests);
+            Some(first) = changed.recv() => {
+                tokio::time::sleep(BATCH).await;
+                let mut earliest = first;
+                while let Ok(at) = changed.try_recv() {
+                    earliest = earliest.min(at);
+                }
+                syncer.sync(&mut maps, &mut source, Some(earliest));
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -146,74 +171,135 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn manifests(dir: &std::path::Path, changes: crate::source::Changes) -> anyhow::Result<Source> {
+    anyhow::ensure!(
+        dir.is_dir(),
+        "--manifests {}: not a directory (or pass --kubeconfig to follow a cluster)",
+        dir.display()
+    );
+    Ok(Source::Manifests(Manifests::watch(dir, changes)?))
+}
+
+async fn kubernetes(
+    kubeconfig: Option<&std::path::Path>,
+    changes: crate::source::Changes,
+) -> anyhow::Result<Source> {
+    let client = kubernetes::client(kubeconfig).await?;
+    Ok(Source::Kubernetes(
+        kubernetes::Kubernetes::start(client, changes).await?,
+    ))
+}
+
 struct Syncer {
     programmed: Programmed,
     store: Store,
+    /// Problems already logged, so that each is logged (and counted) once, not every sync.
+    reported: BTreeSet<String>,
     node: Node,
     state_dir: PathBuf,
     cgroup: PathBuf,
+    metrics: Arc<Metrics>,
 }
 
 impl Syncer {
-    /// One pass of source → model → diff → maps. Failures are logged and leave the last good
-    /// state in place: the agent keeps running and tries again on the next change.
-    fn sync(&mut self, maps: &mut ServiceMaps, dir: &Path) {
+    /// One pass of source → model → diff → maps; true if the maps are in line with the
+    /// source. Failures are logged and counted, and leave the last good state in place: the
+    /// agent keeps running and tries again on the next change.
+    fn sync(
+        &mut self,
+        maps: &mut ServiceMaps,
+        source: &mut Source,
+        changed_at: Option<Instant>,
+    ) -> bool {
         let started = Instant::now();
-        match self.store.rescan(dir) {
-            Ok(problems) => {
-                for problem in problems {
-                    tracing::error!("{problem}");
-                }
-            }
+        match source.refresh(&mut self.store) {
+            Ok(problems) => self.report(problems),
             Err(e) => {
                 tracing::error!("{e}; keeping the last good state");
-                return;
+                self.metrics.error(ErrorKind::Source);
+                return false;
             }
         }
         let desired = self.store.desired(&self.node);
-        report(&desired);
+        for conflict in &desired.conflicts {
+            tracing::warn!(
+                "Service {} claims {} which Service {} already has; ignored",
+                conflict.ignored,
+                conflict.frontend,
+                conflict.kept
+            );
+        }
         let (ops, next) = match plan::plan(&self.programmed, &desired.specs()) {
             Ok(planned) => planned,
             Err(e) => {
                 tracing::error!("{e}; keeping the last good state");
-                return;
+                self.metrics.error(ErrorKind::MapWrite);
+                return false;
             }
         };
         if let Err(e) = maps.apply(&ops) {
             tracing::error!("writing the maps: {e}; re-reading them to retry on the next change");
+            self.metrics.error(ErrorKind::MapWrite);
             match maps.read() {
                 Ok(snapshot) => self.programmed = snapshot.programmed,
                 Err(e) => tracing::error!("re-reading the maps: {e}"),
             }
-            return;
+            return false;
         }
         self.programmed = next;
         if let Err(e) = State::of(&desired, &self.cgroup, &self.node.name).write(&self.state_dir) {
             tracing::error!("{e}; `lb services` may show stale names");
+            self.metrics.error(ErrorKind::StateFile);
         }
+        self.record(&desired, started, changed_at, ops.len());
+        true
+    }
+
+    fn report(&mut self, problems: Vec<String>) {
+        let current: BTreeSet<String> = problems.into_iter().collect();
+        for problem in current.difference(&self.reported) {
+            tracing::error!("{problem}");
+            self.metrics.error(ErrorKind::InvalidObject);
+        }
+        self.reported = current;
+    }
+
+    fn record(
+        &self,
+        desired: &Desired,
+        started: Instant,
+        changed_at: Option<Instant>,
+        writes: usize,
+    ) {
         let (services, slices) = self.store.counts();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.services.set(gauge(services));
+        self.metrics
+            .frontends
+            .set(gauge(self.programmed.frontends.len()));
+        self.metrics
+            .backends
+            .set(gauge(self.programmed.backends.len()));
+        self.metrics.syncs.inc();
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(changed_at) = changed_at {
+            self.metrics
+                .event_to_map
+                .observe(changed_at.elapsed().as_secs_f64());
+        }
+        for (service, why) in &desired.not_in_datapath {
+            tracing::debug!(%service, ?why, "not in the datapath");
+        }
         tracing::info!(
             services,
             endpoint_slices = slices,
             frontends = desired.frontends.len(),
             backends = self.programmed.backends.len(),
-            map_writes = ops.len(),
+            map_writes = writes,
             elapsed_us = started.elapsed().as_micros(),
             "synced"
         );
-    }
-}
-
-fn report(desired: &Desired) {
-    for conflict in &desired.conflicts {
-        tracing::error!(
-            "Service {} claims {} which Service {} already has; ignored",
-            conflict.ignored,
-            conflict.frontend,
-            conflict.kept
-        );
-    }
-    for (service, why) in &desired.not_in_datapath {
-        tracing::debug!(%service, ?why, "not in the datapath");
     }
 }

@@ -5,10 +5,12 @@ mod cli;
 mod datapath;
 mod links;
 mod manifest;
+mod metrics;
 mod model;
 mod mounts;
 mod netns;
 mod plan;
+mod source;
 mod state;
 mod store;
 

@@ -1,0 +1,162 @@
+//! The Kubernetes API: reflectors on v1 Services and discovery.k8s.io/v1 EndpointSlices,
+//! as kube-proxy watches them. A relist (after a broken watch or "410 Gone") swaps the
+//! reflector's store only once the new list is complete, so a sync never sees a partial
+//! list; and the agent syncs only once both initial lists are in.
+
+use std::{path::Path, sync::Arc, time::Instant};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        WatchStreamExt as _,
+        reflector::{self, Store as Reflected},
+        watcher,
+    },
+};
+
+use super::Changes;
+use crate::{
+    manifest::{ApiObject, Kind},
+    model::{ObjectRef, SERVICE_NAME_LABEL, object_ref},
+    store::{Delivered, Problems, Store},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubernetesError {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: std::path::PathBuf,
+        source: kube::config::KubeconfigError,
+    },
+    #[error("no cluster configuration (in-cluster, $KUBECONFIG or ~/.kube/config): {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("creating the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+    #[error("a reflector stopped before its initial list was in")]
+    WriterDropped,
+}
+
+/// The client for `--kubeconfig PATH`, or inferred: in-cluster when
+/// KUBERNETES_SERVICE_HOST is set, else $KUBECONFIG or ~/.kube/config.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kubeconfig =
+                Kubeconfig::read_from(path).map_err(|source| KubernetesError::Kubeconfig {
+                    path: path.into(),
+                    source,
+                })?;
+            Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| KubernetesError::Kubeconfig {
+                    path: path.into(),
+                    source,
+                })?
+        }
+        None => Config::infer().await?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+pub struct Kubernetes {
+    services: Reflected<Service>,
+    slices: Reflected<EndpointSlice>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Kubernetes {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Kubernetes {
+    /// Starts both watches and returns once both initial lists are in; every later change
+    /// is sent to `changes`. Watch errors are logged and retried with backoff.
+    pub async fn start(client: Client, changes: Changes) -> Result<Self, KubernetesError> {
+        let (services, services_writer) = reflector::store();
+        let (slices, slices_writer) = reflector::store();
+        let service_events = watcher(
+            Api::<Service>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(services_writer)
+        .map(|event| event.map(|e| is_change(&e)));
+        // Only slices that belong to a Service, as kube-proxy selects them.
+        let slice_events = watcher(
+            Api::<EndpointSlice>::all(client),
+            watcher::Config::default().labels(SERVICE_NAME_LABEL),
+        )
+        .default_backoff()
+        .reflect(slices_writer)
+        .map(|event| event.map(|e| is_change(&e)));
+        let mut events = Box::pin(futures::stream::select(service_events, slice_events));
+        let task = tokio::spawn(async move {
+            while let Some(event) = events.next().await {
+                match event {
+                    // Changes inside a relist wait for its InitDone, which swaps the store.
+                    Ok(true) => drop(changes.send(Instant::now())),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("watch: {e}; retrying with backoff"),
+                }
+            }
+        });
+        tracing::info!("waiting for the initial lists of Services and EndpointSlices");
+        services
+            .wait_until_ready()
+            .await
+            .map_err(|_| KubernetesError::WriterDropped)?;
+        slices
+            .wait_until_ready()
+            .await
+            .map_err(|_| KubernetesError::WriterDropped)?;
+        Ok(Self {
+            services,
+            slices,
+            task,
+        })
+    }
+
+    /// Puts the reflectors' current objects into `store`.
+    pub fn refresh(&mut self, store: &mut Store) -> Problems {
+        let objects: Vec<(Kind, ObjectRef, ApiObject)> = self
+            .services
+            .state()
+            .iter()
+            .map(|s: &Arc<Service>| {
+                (
+                    Kind::Service,
+                    id(&s.metadata),
+                    ApiObject::Service(Box::new(Service::clone(s))),
+                )
+            })
+            .chain(self.slices.state().iter().map(|s: &Arc<EndpointSlice>| {
+                (
+                    Kind::EndpointSlice,
+                    id(&s.metadata),
+                    ApiObject::EndpointSlice(Box::new(EndpointSlice::clone(s))),
+                )
+            }))
+            .collect();
+        store.update(objects.iter().map(|(kind, id, object)| Delivered {
+            kind: *kind,
+            id: id.clone(),
+            object: Ok(object),
+            origin: String::new(),
+        }))
+    }
+}
+
+/// Whether the store changed with `event`: objects of a relist in progress are held back
+/// until its InitDone swaps them in.
+fn is_change<K>(event: &watcher::Event<K>) -> bool {
+    !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_))
+}
+
+fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
+    object_ref(meta).unwrap_or_else(|| ObjectRef::new("default", "<unnamed>"))
+}

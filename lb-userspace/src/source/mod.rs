@@ -1,0 +1,51 @@
+//! Where Services and EndpointSlices come from: a directory of manifests, or the Kubernetes
+//! API. Either way the agent gets a complete snapshot per sync and a signal when something
+//! changed.
+
+pub mod kubernetes;
+pub mod manifests;
+
+use std::time::Instant;
+
+use tokio::sync::mpsc;
+
+use crate::store::{Problems, Store};
+
+/// Tells the sync loop that something changed, and when.
+pub type Changes = mpsc::UnboundedSender<Instant>;
+
+/// A running source.
+pub enum Source {
+    Manifests(manifests::Manifests),
+    Kubernetes(kubernetes::Kubernetes),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Manifests(#[from] Box<crate::manifest::ManifestError>),
+    #[error("watching {path}: {source}")]
+    Watch {
+        path: std::path::PathBuf,
+        source: notify::Error,
+    },
+    #[error(transparent)]
+    Kubernetes(#[from] kubernetes::KubernetesError),
+}
+
+impl Source {
+    /// Brings `store` in line with the source's current objects.
+    pub fn refresh(&mut self, store: &mut Store) -> Result<Problems, SourceError> {
+        match self {
+            Source::Manifests(manifests) => Ok(manifests.refresh(store).map_err(Box::new)?),
+            Source::Kubernetes(kubernetes) => Ok(kubernetes.refresh(store)),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Source::Manifests(manifests) => format!("manifests in {}", manifests.dir().display()),
+            Source::Kubernetes(_) => "the Kubernetes API".to_owned(),
+        }
+    }
+}
