@@ -4,6 +4,7 @@
 //! Everything it creates lives in namespaces and cgroups of its own, with no route out, and
 //! is removed by [`Testbed`]'s `Drop`, also when a test fails.
 
+pub mod apiserver;
 pub mod demo;
 
 use std::{
@@ -104,6 +105,36 @@ pub fn wait_for<T>(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// A GET to an HTTP server of the agent's on 127.0.0.1; returns the status and body.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .context("no HTTP status line")?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A free TCP port on 127.0.0.1 (free when asked; taken by whoever binds it first).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }
 
 /// The cgroup2 root of this machine (hybrid hosts have it at /sys/fs/cgroup/unified).
@@ -403,12 +434,25 @@ impl Testbed {
     /// Starts the real `lb agent` on the test cgroup and waits until it is ready. The node
     /// netns is its host network, [`NODE_IP`] its node IP and [`NODE_NAME`] its name.
     pub fn start_agent(&mut self) -> anyhow::Result<u32> {
+        let manifests = self.manifests.clone();
+        self.start_agent_with(&["--manifests".as_ref(), manifests.as_os_str()])
+    }
+
+    /// Starts the agent with these source arguments (and any others) instead of the
+    /// manifest directory, and waits until it is ready.
+    pub fn start_agent_with(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<u32> {
+        let pid = self.spawn_agent(args)?;
+        self.wait_agent_ready()?;
+        Ok(pid)
+    }
+
+    /// Starts the agent without waiting for it to be ready.
+    pub fn spawn_agent(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<u32> {
         ensure!(self.agent.is_none(), "the agent is already running");
         let log = File::create(self.agent_log())?;
         let agent = Command::new(binary("lb")?)
             .arg("agent")
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .args(args)
             .arg("--cgroup")
             .arg(&self.cgroup)
             .arg("--bpffs")
@@ -426,6 +470,11 @@ impl Testbed {
             .spawn()?;
         let pid = agent.id();
         self.agent = Some(agent);
+        Ok(pid)
+    }
+
+    /// Waits until the agent says it is ready (its first sync is done).
+    pub fn wait_agent_ready(&mut self) -> anyhow::Result<()> {
         wait_for("the agent to be ready", Duration::from_secs(20), || {
             if let Some(agent) = self.agent.as_mut()
                 && let Some(status) = agent.try_wait()?
@@ -433,8 +482,7 @@ impl Testbed {
                 bail!("lb agent exited ({status}):\n{}", self.agent_output());
             }
             Ok(self.agent_output().contains(" ready").then_some(()))
-        })?;
-        Ok(pid)
+        })
     }
 
     /// Stops the agent with SIGTERM and waits for it to exit; the datapath stays loaded.
