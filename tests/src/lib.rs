@@ -595,16 +595,43 @@ impl Testbed {
         pod: &Pod,
         program: impl AsRef<std::ffi::OsStr>,
     ) -> anyhow::Result<Command> {
-        let procs = File::options()
-            .write(true)
-            .open(self.cgroup.join("cgroup.procs"))?;
+        self.command_in(pod, program, true)
+    }
+
+    /// A command that runs in `pod`'s netns only, outside the test cgroup, seeing this
+    /// machine's mounts (unlike `ip netns exec`): a daemon of the "host" `pod` stands for.
+    pub fn netns_command(
+        &self,
+        pod: &Pod,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> anyhow::Result<Command> {
+        self.command_in(pod, program, false)
+    }
+
+    fn command_in(
+        &self,
+        pod: &Pod,
+        program: impl AsRef<std::ffi::OsStr>,
+        join_cgroup: bool,
+    ) -> anyhow::Result<Command> {
+        let procs = if join_cgroup {
+            Some(
+                File::options()
+                    .write(true)
+                    .open(self.cgroup.join("cgroup.procs"))?,
+            )
+        } else {
+            None
+        };
         let netns = File::open(Path::new("/run/netns").join(&pod.netns))?;
         let mut command = Command::new(program);
         // SAFETY: between fork and exec only async-signal-safe calls on fds opened before
         // the fork, which the closure owns; `write` of "0" moves the calling process.
         unsafe {
             command.pre_exec(move || {
-                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                if let Some(procs) = &procs
+                    && libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {

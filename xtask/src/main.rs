@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, build, test and demo, each installing what is missing first.
 
+mod deploy;
 mod setup;
 
 use std::{
@@ -36,6 +37,8 @@ enum Task {
     },
     /// Run the seeds' ClusterIP exercise through lb on a private node, then clean up.
     Demo,
+    /// Put the agent onto a cluster (--kubectl) or onto hosts (--ssh).
+    Deploy(deploy::DeployArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,23 +68,24 @@ fn run(task: Task) -> anyhow::Result<()> {
             build(false)?;
             lb_tests::demo::run_demo()
         }
+        Task::Deploy(args) => deploy::run(args),
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 /// Where the binaries land, for the tests and the demo to find them.
-fn bin_dir(release: bool) -> PathBuf {
+pub(crate) fn bin_dir(release: bool) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from);
     target.join(if release { "release" } else { "debug" })
 }
 
-fn build(release: bool) -> anyhow::Result<()> {
+pub(crate) fn build(release: bool) -> anyhow::Result<()> {
     let mut args = vec!["build", "--workspace", "--exclude", "lb-ebpf", "--bins"];
     if release {
         args.push("--release");

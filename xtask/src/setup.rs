@@ -8,7 +8,8 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 
-/// Debian packages: LLVM 22 for bpf-linker, and the tools the tests and benchmarks drive.
+/// Debian packages: LLVM 22 for bpf-linker, and the tools the tests, the demo and the
+/// benchmarks drive (ssh for `deploy --ssh` and its test).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -19,6 +20,8 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "curl",
+    "openssh-client",
+    "openssh-server",
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
