@@ -43,6 +43,13 @@ impl Store {
                     .map_err(|e| format!("{}{e}", delivered.origin)),
                 Ok(ApiObject::EndpointSlice(slice)) => SliceModel::from_api(slice)
                     .map(|m| {
+                        if !m.ipv4 {
+                            // Kept (it is valid) but unused until the IPv6 programs exist.
+                            problems.push(format!(
+                                "{}EndpointSlice {}: addressType: {} is not served yet; skipped",
+                                delivered.origin, m.id, slice.address_type
+                            ));
+                        }
                         slices.insert(m.id.clone(), m);
                     })
                     .map_err(|e| format!("{}{e}", delivered.origin)),
@@ -76,5 +83,75 @@ impl Store {
 
     pub fn counts(&self) -> (usize, usize) {
         (self.services.len(), self.slices.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::manifest::{self, Document};
+
+    fn documents(yaml: &str) -> Vec<Document> {
+        manifest::parse(Path::new("m.yaml"), yaml).unwrap()
+    }
+
+    fn update(store: &mut Store, documents: &[Document]) -> Problems {
+        store.update(documents.iter().map(|d| Delivered {
+            kind: d.kind,
+            id: d.id.clone(),
+            object: d.object.as_ref().map_err(ToString::to_string),
+            origin: "m.yaml: ".into(),
+        }))
+    }
+
+    const GOOD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn an_invalid_object_keeps_its_last_good_version_and_a_gone_one_is_removed() {
+        let mut store = Store::default();
+        assert!(update(&mut store, &documents(GOOD)).is_empty());
+        let bad = GOOD.replace("port: 80", "port: 0");
+        let problems = update(&mut store, &documents(&bad));
+        assert_eq!(
+            problems,
+            [
+                "m.yaml: Service default/web: spec.ports[0].port: 0 is not a port (1-65535); its last good version stays in effect"
+            ]
+        );
+        assert_eq!(store.counts(), (1, 0));
+        let desired = store.desired(&Node::default());
+        assert_eq!(desired.frontends.len(), 1);
+        assert_eq!(desired.frontends.keys().next().unwrap().port, 80);
+
+        assert!(update(&mut store, &[]).is_empty());
+        assert_eq!(store.counts(), (0, 0));
+    }
+
+    #[test]
+    fn an_invalid_new_object_is_skipped_and_the_rest_kept() {
+        let mut store = Store::default();
+        let yaml = format!(
+            "{GOOD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: bad}}\nspec: {{clusterIP: 10.96.0.11, ports: [{{port: 80, protocol: ICMP}}]}}\n"
+        );
+        let problems = update(&mut store, &documents(&yaml));
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].contains("Service default/bad: spec.ports[0].protocol"),
+            "{problems:?}"
+        );
+        assert_eq!(store.counts(), (1, 0));
+    }
+
+    #[test]
+    fn slices_of_another_address_type_are_reported_and_unused() {
+        let mut store = Store::default();
+        let yaml = "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\nendpoints: [{addresses: [\"fd00::1\"]}]\n";
+        let problems = update(&mut store, &documents(yaml));
+        assert_eq!(
+            problems,
+            ["m.yaml: EndpointSlice default/web-v6: addressType: IPv6 is not served yet; skipped"]
+        );
     }
 }
