@@ -68,6 +68,13 @@ pub struct AgentArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9965).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Capacity of the service map: one entry per frontend plus one per backend slot
+    /// (applies when the maps are created).
+    #[arg(long, value_name = "N", default_value_t = lb_common::SERVICE_MAP_CAPACITY)]
+    pub service_map_entries: u32,
+    /// Capacity of the backend map: distinct backend address:port pairs.
+    #[arg(long, value_name = "N", default_value_t = lb_common::BACKEND_MAP_CAPACITY)]
+    pub backend_map_entries: u32,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -108,7 +115,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
 
     // The datapath first: pinned maps from an earlier agent keep translating meanwhile.
-    let datapath = datapath::load(&args.bpffs, &cgroup)
+    let capacity = datapath::Capacity {
+        services: args.service_map_entries,
+        backends: args.backend_map_entries,
+    };
+    let datapath = datapath::load(&args.bpffs, &cgroup, capacity)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
     tracing::info!(
         cgroup = %cgroup.display(),

@@ -376,6 +376,15 @@ fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
     })
 }
 
+/// Sizes of the maps that grow with the cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct Capacity {
+    /// Entries of the service map: one per frontend plus one per backend slot.
+    pub services: u32,
+    /// Entries of the backend map: distinct backend address:port pairs.
+    pub backends: u32,
+}
+
 /// The loaded datapath: programs attached to a cgroup, link and maps pinned.
 pub struct Datapath {
     /// Holds the program fds; the pinned link keeps the program attached without it.
@@ -385,14 +394,17 @@ pub struct Datapath {
 
 /// Loads the programs (reusing maps already pinned in `pin_dir`), attaches connect4 to
 /// `cgroup` and pins the link, replacing a link an earlier agent pinned there.
-pub fn load(pin_dir: &Path, cgroup: &Path) -> Result<Datapath, DatapathError> {
+pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapath, DatapathError> {
     mounts::ensure_bpffs(pin_dir)?;
     std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::CreateDir {
         path: pin_dir.into(),
         source,
     })?;
+    // Capacities apply when the maps are created; maps already pinned keep theirs.
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
+        .map_max_entries(SERVICE_MAP, capacity.services)
+        .map_max_entries(BACKEND_MAP, capacity.backends)
         .load(EBPF_OBJECT)?;
     let maps = ServiceMaps::take(&mut ebpf)?;
 

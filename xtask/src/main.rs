@@ -1,5 +1,6 @@
 //! `cargo xtask`: set-up, build, test and demo, each installing what is missing first.
 
+mod bench;
 mod deploy;
 mod setup;
 
@@ -39,6 +40,11 @@ enum Task {
     Demo,
     /// Put the agent onto a cluster (--kubectl) or onto hosts (--ssh).
     Deploy(deploy::DeployArgs),
+    /// Compare lb with a direct connect and kube-proxy's iptables and nftables layouts.
+    Bench(bench::BenchArgs),
+    /// The benchmark's client, run by `bench` inside the client pod.
+    #[command(hide = true)]
+    BenchClient(bench::client::ClientArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +75,14 @@ fn run(task: Task) -> anyhow::Result<()> {
             lb_tests::demo::run_demo()
         }
         Task::Deploy(args) => deploy::run(args),
+        Task::Bench(args) => {
+            if !args.no_build {
+                setup::install_missing()?;
+                build(false)?;
+            }
+            bench::run(args)
+        }
+        Task::BenchClient(args) => bench::client::run(args),
     }
 }
 

@@ -17,9 +17,30 @@ use crate::{
 
 pub struct Manifests {
     dir: PathBuf,
-    /// Last readable contents of each manifest.
-    files: BTreeMap<PathBuf, Vec<Document>>,
+    /// Last readable contents of each manifest, and the file's version when read.
+    files: BTreeMap<PathBuf, (Version, Vec<Document>)>,
     _watcher: notify::RecommendedWatcher,
+}
+
+/// What tells a file that changed from one that did not, without reading it: editors and
+/// `kubectl get > file` replace or rewrite it, changing one of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Version {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl Version {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Self {
+            modified: metadata.modified().ok(),
+            len: metadata.len(),
+            inode: metadata.ino(),
+        })
+    }
 }
 
 impl Manifests {
@@ -56,9 +77,17 @@ impl Manifests {
         let mut problems = Vec::new();
         self.files.retain(|path, _| paths.contains(path));
         for path in paths {
+            let version = Version::of(&path);
+            // An unchanged file is not read again: one edited Service in a directory of
+            // thousands costs one file, not the directory.
+            if version.is_some() && self.files.get(&path).map(|(v, _)| Some(*v)) == Some(version) {
+                continue;
+            }
             match manifest::read_file(&path) {
                 Ok(documents) => {
-                    self.files.insert(path, documents);
+                    if let Some(version) = version {
+                        self.files.insert(path, (version, documents));
+                    }
                 }
                 Err(e) => {
                     let kept = if self.files.contains_key(&path) {
@@ -70,7 +99,7 @@ impl Manifests {
                 }
             }
         }
-        let delivered = self.files.iter().flat_map(|(path, documents)| {
+        let delivered = self.files.iter().flat_map(|(path, (_, documents))| {
             documents.iter().map(move |document| Delivered {
                 kind: document.kind,
                 id: document.id.clone(),

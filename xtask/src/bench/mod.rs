@@ -1,0 +1,574 @@
+//! `cargo xtask bench`: lb against a direct connect and kube-proxy's iptables (nft and
+//! legacy) and nftables layouts, on one private node, at 1 to 100k Services.
+//!
+//! Everything runs inside network namespaces and a cgroup the harness creates, with no route
+//! out; each setup is bounded by a time budget (a peer over budget is reported as skipped
+//! with the time it reached), each client run by a count and a window.
+
+pub mod client;
+mod plot;
+pub mod rules;
+
+use std::{
+    io::Read as _,
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use comfy_table::{Table, presets::NOTHING};
+use indicatif::{ProgressBar, ProgressStyle};
+use lb_tests::{Pod, Testbed, binary, free_port, http_get, wait_for};
+use serde::Serialize;
+
+use self::client::ClientResult;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Peer {
+    /// The backend's own address: no load balancer at all.
+    Direct,
+    /// This project, through the real agent and maps.
+    Lb,
+    /// kube-proxy's iptables layout through iptables-nft.
+    IptablesNft,
+    /// kube-proxy's iptables layout through iptables-legacy.
+    IptablesLegacy,
+    /// kube-proxy's nftables layout.
+    Nftables,
+}
+
+impl Peer {
+    const ALL: [Peer; 5] = [
+        Peer::Direct,
+        Peer::Lb,
+        Peer::IptablesNft,
+        Peer::IptablesLegacy,
+        Peer::Nftables,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Direct => "direct",
+            Peer::Lb => "lb",
+            Peer::IptablesNft => "iptables-nft",
+            Peer::IptablesLegacy => "iptables-legacy",
+            Peer::Nftables => "nftables",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Small sizes and short runs (seconds): a smoke test that every peer produces figures.
+    #[arg(long)]
+    quick: bool,
+    /// Numbers of Services [default: 1,1000,10000,30000,100000; with --quick 1,100].
+    #[arg(long, value_delimiter = ',')]
+    sizes: Option<Vec<u32>>,
+    /// Peers to run [default: all].
+    #[arg(long, value_delimiter = ',', value_enum)]
+    peers: Option<Vec<Peer>>,
+    /// Seconds a peer's setup may take at one size before it is reported as skipped.
+    #[arg(long)]
+    setup_budget_s: Option<u64>,
+    /// Directory for results.json and p50.svg [default: target/lb-bench].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Use the binaries already built instead of running setup and build first (for the
+    /// test that runs the benchmark from inside `cargo test`).
+    #[arg(long, hide = true)]
+    pub no_build: bool,
+}
+
+/// One peer at one size; `null` figures when it was skipped.
+#[derive(Debug, Serialize)]
+pub struct Measurement {
+    pub peer: String,
+    pub services: u32,
+    pub connect_p50_us: Option<f64>,
+    pub connect_p99_us: Option<f64>,
+    pub conns_per_s: Option<f64>,
+    /// Setting up N Services: loading the rules, or for lb a full sync from manifests.
+    pub setup_s: Option<f64>,
+    pub skipped: Option<String>,
+    pub errors: u64,
+    /// lb only: average BPF run time per connect4 call (kernel.bpf_stats_enabled).
+    pub bpf_ns_per_call: Option<f64>,
+    /// lb only: from an EndpointSlice change on disk to the maps written.
+    pub endpoint_change_to_map_ms: Option<f64>,
+    /// lb only: the agent's resident memory after the sync.
+    pub agent_rss_mib: Option<f64>,
+}
+
+struct Plan {
+    sizes: Vec<u32>,
+    peers: Vec<Peer>,
+    budget: Duration,
+    connects: u32,
+    rate_ms: u64,
+    out: PathBuf,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark builds network namespaces and loads BPF programs: run it as root"
+    );
+    let plan = Plan {
+        sizes: args.sizes.clone().unwrap_or_else(|| {
+            if args.quick {
+                vec![1, 100]
+            } else {
+                vec![1, 1000, 10_000, 30_000, 100_000]
+            }
+        }),
+        peers: args.peers.clone().unwrap_or_else(|| Peer::ALL.to_vec()),
+        budget: Duration::from_secs(args.setup_budget_s.unwrap_or(if args.quick {
+            60
+        } else {
+            300
+        })),
+        connects: if args.quick { 200 } else { 2000 },
+        rate_ms: if args.quick { 300 } else { 2000 },
+        out: args
+            .out
+            .clone()
+            .unwrap_or_else(|| crate::workspace_root().join("target/lb-bench")),
+    };
+    ensure!(
+        !plan.sizes.is_empty() && !plan.peers.is_empty(),
+        "nothing to run"
+    );
+    std::fs::create_dir_all(&plan.out)?;
+
+    let (mut testbed, pods, client) = Testbed::with_backends(3, 8888)?;
+    // kube-proxy's DNAT happens after the route lookup, so its clients need a route for the
+    // Service range, as nodes have; here it is the private bridge, not a way out.
+    lb_tests::run(Command::new("ip").args([
+        "-n",
+        &client.netns,
+        "route",
+        "add",
+        "10.96.0.0/12",
+        "dev",
+        "eth0",
+    ]))?;
+    let endpoints: Vec<(Ipv4Addr, u16)> = pods.iter().map(|p| (p.ip, 8888)).collect();
+    let _stats = BpfStats::enable()?;
+    let progress = ProgressBar::new(u64::try_from(plan.sizes.len() * plan.peers.len())?);
+    progress.set_style(ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} {msg} [{elapsed}]",
+    )?);
+    let mut results = Vec::new();
+    for &size in &plan.sizes {
+        let services = rules::services(size, &endpoints);
+        for &peer in &plan.peers {
+            progress.set_message(format!("{} at {size} Services", peer.name()));
+            let over_budget = results.iter().find(|m: &&Measurement| {
+                m.peer == peer.name()
+                    && m.services < size
+                    && m.skipped
+                        .as_deref()
+                        .is_some_and(|s| s.starts_with(OVER_BUDGET))
+            });
+            let measurement = match over_budget {
+                Some(earlier) => skipped(
+                    peer,
+                    size,
+                    format!("over budget at {} Services already", earlier.services),
+                ),
+                None => measure(&mut testbed, &client, peer, &services, &plan)
+                    .unwrap_or_else(|e| skipped(peer, size, format!("{e:#}"))),
+            };
+            results.push(measurement);
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+
+    println!("{}", table(&results));
+    let json = plan.out.join("results.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
+    let svg = plan.out.join("p50.svg");
+    plot::p50_svg(&results, &svg)?;
+    println!("\nwrote {} and {}", json.display(), svg.display());
+    Ok(())
+}
+
+/// How a skip for a setup over its time budget starts: a larger size is not tried then.
+const OVER_BUDGET: &str = "setup over budget";
+
+fn skipped(peer: Peer, services: u32, why: String) -> Measurement {
+    Measurement {
+        peer: peer.name().into(),
+        services,
+        connect_p50_us: None,
+        connect_p99_us: None,
+        conns_per_s: None,
+        setup_s: None,
+        skipped: Some(why),
+        errors: 0,
+        bpf_ns_per_call: None,
+        endpoint_change_to_map_ms: None,
+        agent_rss_mib: None,
+    }
+}
+
+/// Runs `command` for at most `budget`; the time it took.
+fn timed(command: &mut Command, budget: Duration, what: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{what}: {command:?}"))?;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.stderr.take() {
+                pipe.read_to_string(&mut stderr)?;
+            }
+            ensure!(
+                status.success(),
+                "{what} failed ({status}): {}",
+                stderr.trim()
+            );
+            return Ok(started.elapsed().as_secs_f64());
+        }
+        if started.elapsed() > budget {
+            drop(child.kill());
+            drop(child.wait());
+            bail!(
+                "{OVER_BUDGET}: {what} still running after {:.0} s",
+                budget.as_secs_f64()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn in_netns(pod: &Pod, program: &str) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", &pod.netns, program]);
+    command
+}
+
+fn measure(
+    testbed: &mut Testbed,
+    client: &Pod,
+    peer: Peer,
+    services: &[rules::BenchService],
+    plan: &Plan,
+) -> anyhow::Result<Measurement> {
+    let size = u32::try_from(services.len())?;
+    let under_test = services.last().context("no Services")?;
+    let rules_file = plan.out.join("rules");
+    let mut lb_extras = LbExtras::default();
+    let (setup_s, target, in_cgroup) = match peer {
+        Peer::Direct => {
+            let (ip, port) = under_test.endpoints[0];
+            (0.0, format!("{ip}:{port}"), false)
+        }
+        Peer::IptablesNft | Peer::IptablesLegacy => {
+            std::fs::write(&rules_file, rules::iptables(services))?;
+            let restore = if peer == Peer::IptablesNft {
+                "iptables-nft-restore"
+            } else {
+                "iptables-legacy-restore"
+            };
+            let setup = timed(
+                in_netns(client, restore).arg(&rules_file),
+                plan.budget,
+                restore,
+            )?;
+            (
+                setup,
+                format!("{}:{}", under_test.vip, under_test.port),
+                false,
+            )
+        }
+        Peer::Nftables => {
+            std::fs::write(&rules_file, rules::nftables(services))?;
+            let setup = timed(
+                in_netns(client, "nft").arg("-f").arg(&rules_file),
+                plan.budget,
+                "nft -f",
+            )?;
+            (
+                setup,
+                format!("{}:{}", under_test.vip, under_test.port),
+                false,
+            )
+        }
+        Peer::Lb => {
+            let (setup, extras) = lb_setup(testbed, services, plan)?;
+            lb_extras = extras;
+            (
+                setup,
+                format!("{}:{}", under_test.vip, under_test.port),
+                true,
+            )
+        }
+    };
+    let program_id = if peer == Peer::Lb {
+        connect4_program_id(testbed).ok()
+    } else {
+        None
+    };
+    let before = program_id.and_then(|id| bpf_run_stats(id).ok());
+    let result = run_client(testbed, client, &target, in_cgroup, plan);
+    let after = program_id.and_then(|id| bpf_run_stats(id).ok());
+    teardown(testbed, client, peer)?;
+    let result = result?;
+    let bpf_ns_per_call = match (before, after) {
+        (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => Some((t1 - t0) as f64 / (c1 - c0) as f64),
+        _ => None,
+    };
+    ensure!(
+        result.samples > 0,
+        "no connect succeeded ({} errors)",
+        result.errors
+    );
+    Ok(Measurement {
+        peer: peer.name().into(),
+        services: size,
+        connect_p50_us: Some(result.p50_us),
+        connect_p99_us: Some(result.p99_us),
+        conns_per_s: Some(result.conns_per_s),
+        setup_s: Some(setup_s),
+        skipped: None,
+        errors: result.errors,
+        bpf_ns_per_call,
+        endpoint_change_to_map_ms: lb_extras.endpoint_change_to_map_ms,
+        agent_rss_mib: lb_extras.agent_rss_mib,
+    })
+}
+
+fn run_client(
+    testbed: &Testbed,
+    client: &Pod,
+    target: &str,
+    in_cgroup: bool,
+    plan: &Plan,
+) -> anyhow::Result<ClientResult> {
+    let xtask = binary("xtask")?;
+    let mut command = if in_cgroup {
+        testbed.pod_command(client, xtask)?
+    } else {
+        testbed.netns_command(client, xtask)?
+    };
+    let output = command
+        .args([
+            "bench-client",
+            target,
+            "--connects",
+            &plan.connects.to_string(),
+            "--rate-ms",
+            &plan.rate_ms.to_string(),
+        ])
+        .stderr(Stdio::inherit())
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "bench-client failed: {}",
+        output.status
+    );
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+/// lb's own figures besides the client's.
+#[derive(Clone, Copy, Default)]
+struct LbExtras {
+    endpoint_change_to_map_ms: Option<f64>,
+    agent_rss_mib: Option<f64>,
+}
+
+/// The lb agent over N Services from manifests: the full sync time, then the time an
+/// EndpointSlice change takes to reach the maps, and the agent's memory.
+fn lb_setup(
+    testbed: &mut Testbed,
+    services: &[rules::BenchService],
+    plan: &Plan,
+) -> anyhow::Result<(f64, LbExtras)> {
+    let (rest, under_test) = services.split_at(services.len() - 1);
+    testbed.write_manifest("services.yaml", &rules::manifests(rest))?;
+    testbed.write_manifest("under-test.yaml", &rules::manifests(under_test))?;
+    let port = free_port()?;
+    let entries = (services.len() * 5 + 1024).to_string();
+    let manifests = testbed.manifests.clone();
+    let started = Instant::now();
+    testbed.spawn_agent(&[
+        "--manifests".as_ref(),
+        manifests.as_os_str(),
+        "--metrics-addr".as_ref(),
+        format!("127.0.0.1:{port}").as_ref(),
+        "--service-map-entries".as_ref(),
+        entries.as_ref(),
+    ])?;
+    let budget = plan.budget;
+    wait_for("the agent's first sync", budget, || {
+        if !testbed.agent_running() {
+            bail!("the agent exited:\n{}", testbed.agent_output());
+        }
+        Ok(testbed.agent_output().contains(" ready").then_some(()))
+    })
+    .map_err(|e| anyhow::anyhow!("{OVER_BUDGET}: the agent's first sync: {e:#}"))?;
+    let setup = started.elapsed().as_secs_f64();
+
+    // One endpoint of the Service under test goes away; the agent's own histogram times
+    // the change from the file event to the maps.
+    let (count_before, sum_before) = event_to_map(port)?;
+    let mut changed = under_test.to_vec();
+    changed[0].endpoints.pop();
+    testbed.write_manifest("under-test.yaml", &rules::manifests(&changed))?;
+    let (count, sum) = wait_for("the endpoint change in the maps", budget, || {
+        let (count, sum) = event_to_map(port)?;
+        Ok((count > count_before).then_some((count, sum)))
+    })?;
+    let change_ms = (sum - sum_before) / (count - count_before) as f64 * 1e3;
+    // Back to three endpoints for the measurement.
+    testbed.write_manifest("under-test.yaml", &rules::manifests(under_test))?;
+    wait_for("the endpoint back", budget, || {
+        Ok((event_to_map(port)?.0 > count).then_some(()))
+    })?;
+    let extras = LbExtras {
+        endpoint_change_to_map_ms: Some(change_ms),
+        agent_rss_mib: Some(agent_rss_mib(testbed)?),
+    };
+    Ok((setup, extras))
+}
+
+/// `lb_event_to_map_seconds` count and sum from the agent's /metrics.
+fn event_to_map(port: u16) -> anyhow::Result<(u64, f64)> {
+    let (_, text) = http_get(port, "/metrics")?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+            })
+            .unwrap_or(0.0)
+    };
+    Ok((
+        value("lb_event_to_map_seconds_count ") as u64,
+        value("lb_event_to_map_seconds_sum "),
+    ))
+}
+
+fn agent_rss_mib(testbed: &Testbed) -> anyhow::Result<f64> {
+    let pid = lb_tests::wait_for("the agent's pid", Duration::from_secs(5), || {
+        let status: serde_json::Value =
+            serde_json::from_str(&testbed.lb(&["status", "-o", "json"])?)?;
+        Ok(status["agent_pid"].as_u64())
+    })?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kib / 1024.0)
+}
+
+fn connect4_program_id(testbed: &Testbed) -> anyhow::Result<u64> {
+    let status: serde_json::Value = serde_json::from_str(&testbed.lb(&["status", "-o", "json"])?)?;
+    status["programs"][0]["program_id"]
+        .as_u64()
+        .context("no connect4 program id")
+}
+
+/// run_time_ns and run_cnt of a program (kernel.bpf_stats_enabled must be on).
+fn bpf_run_stats(id: u64) -> anyhow::Result<(u64, u64)> {
+    let output =
+        lb_tests::run(Command::new("bpftool").args(["prog", "show", "id", &id.to_string(), "-j"]))?;
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    Ok((
+        info["run_time_ns"].as_u64().unwrap_or(0),
+        info["run_cnt"].as_u64().unwrap_or(0),
+    ))
+}
+
+fn teardown(testbed: &mut Testbed, client: &Pod, peer: Peer) -> anyhow::Result<()> {
+    match peer {
+        Peer::Direct => {}
+        Peer::IptablesNft | Peer::IptablesLegacy => {
+            let tool = if peer == Peer::IptablesNft {
+                "iptables-nft"
+            } else {
+                "iptables-legacy"
+            };
+            lb_tests::run(in_netns(client, tool).args(["-t", "nat", "-F"]))?;
+            lb_tests::run(in_netns(client, tool).args(["-t", "nat", "-X"]))?;
+        }
+        Peer::Nftables => {
+            lb_tests::run(in_netns(client, "nft").args(["delete", "table", "ip", "kube-proxy"]))?;
+        }
+        Peer::Lb => {
+            testbed.stop_agent()?;
+            testbed.lb(&["unload"])?;
+            for name in ["services.yaml", "under-test.yaml"] {
+                drop(testbed.remove_manifest(name));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// kernel.bpf_stats_enabled on for the run, restored after.
+struct BpfStats(Option<String>);
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl BpfStats {
+    fn enable() -> anyhow::Result<Self> {
+        let before = std::fs::read_to_string(BPF_STATS).ok();
+        std::fs::write(BPF_STATS, "1").context("enabling kernel.bpf_stats_enabled")?;
+        Ok(Self(before))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if let Some(before) = &self.0 {
+            drop(std::fs::write(BPF_STATS, before.trim()));
+        }
+    }
+}
+
+fn table(results: &[Measurement]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header([
+        "PEER",
+        "SERVICES",
+        "P50 µs",
+        "P99 µs",
+        "CONN/S",
+        "SETUP s",
+        "BPF ns/call",
+        "CHANGE→MAP ms",
+        "RSS MiB",
+        "NOTE",
+    ]);
+    let f = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    for m in results {
+        table.add_row([
+            m.peer.clone(),
+            m.services.to_string(),
+            f(m.connect_p50_us, 0),
+            f(m.connect_p99_us, 0),
+            f(m.conns_per_s, 0),
+            f(m.setup_s, 2),
+            f(m.bpf_ns_per_call, 0),
+            f(m.endpoint_change_to_map_ms, 1),
+            f(m.agent_rss_mib, 1),
+            m.skipped
+                .clone()
+                .map(|s| format!("skipped: {s}"))
+                .unwrap_or_default(),
+        ]);
+    }
+    table
+}
