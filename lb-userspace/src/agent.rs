@@ -96,7 +96,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let node = Node {
         name: match args.node_name {
             Some(name) => name,
-            None => nix::unistd::gethostname()?.to_string_lossy().into_owned(),
+            // kube-proxy's default too: node names are lowercase, hostnames need not be.
+            None => nix::unistd::gethostname()?.to_string_lossy().to_lowercase(),
         },
         ips: if args.node_ips.is_empty() {
             host.addresses.clone()
@@ -114,6 +115,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
 
+    // One agent per pin directory: two would interleave their writes and break the order
+    // that keeps connects safe during updates.
+    let _lock = datapath::lock(&args.bpffs)?;
     // The datapath first: pinned maps from an earlier agent keep translating meanwhile.
     let capacity = datapath::Capacity {
         services: args.service_map_entries,
@@ -151,16 +155,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         cgroup,
         metrics: metrics.clone(),
     };
-    if syncer.sync(&mut maps, &mut source, None) {
-        // Entries a stopped agent left half-written; nothing points at them any more.
-        for key in snapshot.orphans {
-            if let Err(e) = maps.remove_service(&key) {
-                tracing::warn!("removing a stale map entry: {e}");
-            }
+    // Entries an agent stopped mid-update left behind: no master count points at them, so
+    // they go before the first sync, which may write the same keys again.
+    for key in snapshot.orphans {
+        if let Err(e) = maps.remove_service(&key) {
+            tracing::warn!("removing a stale map entry: {e}");
         }
     }
-    metrics.set_ready();
-    tracing::info!(source = %source.describe(), "ready");
+    let mut ready = false;
+    if syncer.sync(&mut maps, &mut source, None) {
+        ready = syncer.ready(&source);
+    } else {
+        tracing::warn!("not ready: the first sync failed; retrying on the next change");
+    }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -172,7 +179,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 while let Ok(at) = changed.try_recv() {
                     earliest = earliest.min(at);
                 }
-                syncer.sync(&mut maps, &mut source, Some(earliest));
+                if syncer.sync(&mut maps, &mut source, Some(earliest)) && !ready {
+                    ready = syncer.ready(&source);
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -263,6 +272,13 @@ impl Syncer {
             self.metrics.error(ErrorKind::StateFile);
         }
         self.record(&desired, started, changed_at, ops.len());
+        true
+    }
+
+    /// Marks the agent ready: its source synced and the maps written.
+    fn ready(&self, source: &Source) -> bool {
+        self.metrics.set_ready();
+        tracing::info!(source = %source.describe(), "ready");
         true
     }
 

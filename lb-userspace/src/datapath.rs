@@ -91,6 +91,8 @@ pub enum DatapathError {
         map: &'static str,
         source: MapError,
     },
+    #[error("another lb agent already runs on {dir} ({reason}); stop it first")]
+    Locked { dir: PathBuf, reason: String },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
 }
@@ -374,6 +376,28 @@ fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
         port: port_from_map(key.port),
         protocol: Protocol::from_number(key.protocol)?,
     })
+}
+
+/// An exclusive lock on the pin directory, held for the agent's lifetime.
+pub struct PinLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Locks `pin_dir` (creating it on a bpffs), or says that another agent holds it.
+pub fn lock(pin_dir: &Path) -> Result<PinLock, DatapathError> {
+    mounts::ensure_bpffs(pin_dir)?;
+    let dir_error = |source| DatapathError::CreateDir {
+        path: pin_dir.into(),
+        source,
+    };
+    std::fs::create_dir_all(pin_dir).map_err(dir_error)?;
+    let dir = std::fs::File::open(pin_dir).map_err(dir_error)?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map(|lock| PinLock { _lock: lock })
+        .map_err(|(_, errno)| DatapathError::Locked {
+            dir: pin_dir.into(),
+            reason: errno.desc().to_owned(),
+        })
 }
 
 /// Sizes of the maps that grow with the cluster.

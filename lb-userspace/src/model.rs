@@ -435,11 +435,11 @@ impl SliceModel {
                         format!("{address:?} is not an IPv4 address"),
                     )
                 })?;
-                // As the API documents: ready unset means ready, serving unset means the
-                // same as ready, terminating unset means not terminating.
+                // As kube-proxy reads them: ready and serving unset mean true, terminating
+                // unset means false.
                 let conditions = endpoint.conditions.as_ref();
                 let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-                let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+                let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
                 let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
                 endpoints.push(EndpointModel {
                     address,
@@ -493,7 +493,10 @@ impl fmt::Display for FrontendKind {
     }
 }
 
-/// Which part of a Service a frontend is.
+/// Which part of a Service a frontend is. The order is the precedence when two Services
+/// claim one frontend: a clusterIP, which the API server allocated, always wins over an
+/// address a Service merely names, so `externalIPs` cannot take over another Service's
+/// clusterIP (CVE-2020-8554).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum FrontendKind {
     ClusterIP,
@@ -591,15 +594,26 @@ impl Desired {
             .collect()
     }
 
+    /// Adds a frontend; of two claims on one, the stronger kind wins (see [`FrontendKind`]
+    /// order), then the first Service by name.
     fn add(&mut self, frontend: Frontend, target: FrontendTarget) {
-        if let Some(existing) = self.frontends.get(&frontend) {
-            self.conflicts.push(Conflict {
+        match self.frontends.get(&frontend) {
+            None => {
+                self.frontends.insert(frontend, target);
+            }
+            Some(existing) if target.kind < existing.kind => {
+                self.conflicts.push(Conflict {
+                    frontend,
+                    kept: target.service.clone(),
+                    ignored: existing.service.clone(),
+                });
+                self.frontends.insert(frontend, target);
+            }
+            Some(existing) => self.conflicts.push(Conflict {
                 frontend,
                 kept: existing.service.clone(),
                 ignored: target.service,
-            });
-        } else {
-            self.frontends.insert(frontend, target);
+            }),
         }
     }
 }
@@ -1055,6 +1069,30 @@ spec: {type: ExternalName, externalName: api.acmecorp.com, ports: [{port: 9000}]
                     }
                 ),
             ])
+        );
+    }
+
+    #[test]
+    fn an_external_ip_cannot_take_over_a_cluster_ip() {
+        let desired = desired_of(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: a-attacker}
+spec: {clusterIP: 10.96.0.99, externalIPs: [10.96.0.10], ports: [{port: 53, protocol: UDP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kube-dns}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 53, protocol: UDP}]}
+"#,
+        );
+        let target = &desired.frontends[&fe([10, 96, 0, 10], 53, Protocol::Udp)];
+        assert_eq!(target.service, ObjectRef::new("default", "kube-dns"));
+        assert_eq!(target.kind, FrontendKind::ClusterIP);
+        assert_eq!(
+            desired.conflicts[0].ignored,
+            ObjectRef::new("default", "a-attacker")
         );
     }
 

@@ -2,11 +2,12 @@
 //! that never exposes a half-written frontend to a concurrent connect().
 //!
 //! Order (after Cilium's service map updates):
-//! 1. new backends;
-//! 2. per changed frontend: its slots `1..=n`, then its master entry with count `n`, then the
+//! 1. removed frontends: the master entry first, then its slots (this also frees room in a
+//!    full map for what follows);
+//! 2. new backends, and affinity matches new masters may rely on;
+//! 3. per changed frontend: its slots `1..=n`, then its master entry with count `n`, then the
 //!    surplus slots `n+1..=old_n`, which no count points at any more;
-//! 3. removed frontends: the master entry first, then its slots;
-//! 4. backends no frontend references any more.
+//! 4. backends and affinity matches nothing references any more.
 //!
 //! At every step each master entry's count points at slots that exist and name backends that
 //! exist, so a connect sees the old or the new backend set, never an empty or partial one.
@@ -125,6 +126,17 @@ pub fn plan(
     let mut next = Programmed::default();
     let mut ops = Vec::new();
 
+    // 0. Removed frontends go first, master before slots: that frees room in a full map for
+    // what the rest of the plan adds, and nothing else refers to them.
+    for (frontend, old) in &current.frontends {
+        if !desired.contains_key(frontend) {
+            ops.push(MapOp::DeleteMaster(*frontend));
+            for index in 0..old.slots.len() {
+                ops.push(MapOp::DeleteSlot(*frontend, slot_number(index)));
+            }
+        }
+    }
+
     // 1. Backends: keep the ids of known ones, give new ones the lowest free ids.
     let mut backend_ids: BTreeMap<BackendAddr, BackendId> = current
         .backends
@@ -204,17 +216,7 @@ pub fn plan(
     }
     ops.extend(surplus);
 
-    // 4. Removed frontends: the master first, then its slots.
-    for (frontend, old) in &current.frontends {
-        if !next.frontends.contains_key(frontend) {
-            ops.push(MapOp::DeleteMaster(*frontend));
-            for index in 0..old.slots.len() {
-                ops.push(MapOp::DeleteSlot(*frontend, slot_number(index)));
-            }
-        }
-    }
-
-    // 5. What nobody references any more.
+    // 4. What nobody references any more.
     for key in current.affinity_matches.difference(&next.affinity_matches) {
         ops.push(MapOp::DeleteAffinityMatch(*key));
     }
@@ -469,5 +471,21 @@ mod tests {
         let (ops, _) = plan(&current, &BTreeMap::new()).unwrap();
         assert_eq!(ops[0], MapOp::DeleteMaster(frontend(1)));
         assert!(matches!(ops.last(), Some(MapOp::DeleteBackend(_))));
+    }
+
+    #[test]
+    fn removals_come_before_additions_so_a_full_map_makes_room() {
+        let desired = BTreeMap::from([(frontend(1), backends(1..3))]);
+        let (_, current) = plan(&Programmed::default(), &desired).unwrap();
+        let (ops, _) = plan(&current, &BTreeMap::from([(frontend(2), backends(1..3))])).unwrap();
+        let first_put = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::PutSlot(..) | MapOp::PutMaster(..)))
+            .unwrap();
+        let last_removal = ops
+            .iter()
+            .rposition(|op| matches!(op, MapOp::DeleteMaster(_) | MapOp::DeleteSlot(..)))
+            .unwrap();
+        assert!(last_removal < first_put, "{ops:?}");
     }
 }

@@ -268,9 +268,11 @@ impl Testbed {
             SEQUENCE.fetch_add(1, Ordering::Relaxed)
         );
         let workdir = std::env::temp_dir().join(&id);
+        let cgroup_root = cgroup2_root()?;
+        sweep_leftovers(&cgroup_root);
         let testbed = Self {
             node_netns: format!("{id}-node"),
-            cgroup: cgroup2_root()?.join(&id),
+            cgroup: cgroup_root.join(&id),
             bpffs: PathBuf::from("/sys/fs/bpf").join(&id),
             manifests: workdir.join("manifests"),
             workdir,
@@ -681,6 +683,64 @@ impl Testbed {
     }
 }
 
+/// Kills every process in `cgroup` and waits (bounded) until it is empty.
+fn kill_cgroup(cgroup: &Path) {
+    if std::fs::write(cgroup.join("cgroup.kill"), "1").is_err() {
+        return;
+    }
+    drop(wait_for(
+        "the test cgroup to empty",
+        Duration::from_secs(5),
+        || {
+            let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+            Ok(procs.trim().is_empty().then_some(()))
+        },
+    ));
+}
+
+/// The pid in a harness name (`lbt<pid>x<n>…`), if the name is the harness's.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('x').next()?.parse().ok()
+}
+
+/// Removes what runs of the harness that died without cleaning up (killed by a timeout or a
+/// signal) left: netns, cgroups, pins and temp dirs named after a process that is gone.
+fn sweep_leftovers(cgroup_root: &Path) {
+    let dead = |name: &str| {
+        owner_pid(name).is_some_and(|pid| {
+            pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+        })
+    };
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect()
+    };
+    for name in names(Path::new("/run/netns")).iter().filter(|n| dead(n)) {
+        drop(ip(&["netns", "del", name]));
+    }
+    for name in names(cgroup_root).iter().filter(|n| dead(n)) {
+        let cgroup = cgroup_root.join(name);
+        kill_cgroup(&cgroup);
+        drop(std::fs::remove_dir(cgroup));
+    }
+    let bpffs = Path::new("/sys/fs/bpf");
+    for name in names(bpffs).iter().filter(|n| dead(n)) {
+        let dir = bpffs.join(name);
+        for pin in names(&dir) {
+            drop(std::fs::remove_file(dir.join(pin)));
+        }
+        drop(std::fs::remove_dir(dir));
+    }
+    let temp = std::env::temp_dir();
+    for name in names(&temp).iter().filter(|n| dead(n)) {
+        drop(std::fs::remove_dir_all(temp.join(name)));
+    }
+}
+
 impl Drop for Testbed {
     fn drop(&mut self) {
         let mut problems = Vec::new();
@@ -692,6 +752,9 @@ impl Drop for Testbed {
             drop(server.kill());
             drop(server.wait());
         }
+        // Whatever still runs in the test cgroup (a client a failed test left behind) goes
+        // first, or the cgroup cannot be removed.
+        kill_cgroup(&self.cgroup);
         // Unpinning the link detaches the program; unpinning the maps frees them.
         if let Ok(entries) = std::fs::read_dir(&self.bpffs) {
             for entry in entries.flatten() {

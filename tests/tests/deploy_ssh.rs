@@ -131,6 +131,14 @@ impl Drop for SshHost {
         {
             eprintln!("stopping the deployed agent {pid}: {e}");
         }
+        // The agent exits before the testbed removes its pins and state (bounded wait).
+        if let Some(pid) = self.agent_pid() {
+            drop(wait_for(
+                "the deployed agent to exit",
+                Duration::from_secs(10),
+                || Ok((!Path::new(&format!("/proc/{pid}")).exists()).then_some(())),
+            ));
+        }
         drop(self.sshd.kill());
         drop(self.sshd.wait());
     }

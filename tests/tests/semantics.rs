@@ -362,9 +362,9 @@ fn session_affinity_holds_expires_and_follows_backends_away() {
     assert!(testbed.stat("affinity_hit").unwrap() >= 19);
 
     // Past the timeout the choice is made afresh: across pauses longer than the timeout
-    // both backends show up (ten fresh choices all alike: 2^-9).
+    // both backends show up (twenty fresh choices all alike: 2^-19).
     let mut seen = BTreeSet::new();
-    for _ in 0..10 {
+    for _ in 0..20 {
         std::thread::sleep(Duration::from_millis(1200));
         seen.extend(hostnames(
             &testbed.probe(&client, "10.96.0.10:80", 1).unwrap(),

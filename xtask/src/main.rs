@@ -3,6 +3,7 @@
 mod bench;
 mod deploy;
 mod setup;
+mod vm;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -42,6 +43,8 @@ enum Task {
     Deploy(deploy::DeployArgs),
     /// Compare lb with a direct connect and kube-proxy's iptables and nftables layouts.
     Bench(bench::BenchArgs),
+    /// The benchmark in a VM (lima or vagrant): up, bench, down.
+    Vm(vm::VmArgs),
     /// The benchmark's client, run by `bench` inside the client pod.
     #[command(hide = true)]
     BenchClient(bench::client::ClientArgs),
@@ -83,6 +86,7 @@ fn run(task: Task) -> anyhow::Result<()> {
             bench::run(args)
         }
         Task::BenchClient(args) => bench::client::run(args),
+        Task::Vm(args) => vm::run_vm(args),
     }
 }
 

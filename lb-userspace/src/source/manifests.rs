@@ -83,6 +83,16 @@ impl Manifests {
             if version.is_some() && self.files.get(&path).map(|(v, _)| Some(*v)) == Some(version) {
                 continue;
             }
+            // `kubectl get … > file` truncates before it writes: an empty file that had
+            // objects is most likely half-written, so they stay until it has content again
+            // (or is removed).
+            if version.is_some_and(|v| v.len == 0) && self.files.contains_key(&path) {
+                problems.push(format!(
+                    "{}: empty; its last objects stay in effect until it has content or is removed",
+                    path.display()
+                ));
+                continue;
+            }
             match manifest::read_file(&path) {
                 Ok(documents) => {
                     if let Some(version) = version {

@@ -37,17 +37,55 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// Upper bound of the rate loop, whatever the window: keeps it bounded in count too.
 const MAX_RATE_CONNECTS: u32 = 200_000;
 
+/// One connection: connect, GET, read the whole response, close. The close is a reset
+/// (SO_LINGER 0), so no side keeps the 4-tuple in TIME_WAIT: tens of thousands of short
+/// connections per run would otherwise collide with their own predecessors' ports and
+/// measure the TIME_WAIT handling, not the load balancer.
 fn one(address: SocketAddr) -> std::io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&address, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")?;
-    let mut sink = Vec::with_capacity(4096);
-    stream.read_to_end(&mut sink)?;
-    if sink.starts_with(b"HTTP/1.1 200") {
+    let mut response = Vec::with_capacity(4096);
+    let mut buffer = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        response.extend_from_slice(&buffer[..n]);
+        if complete(&response) {
+            break;
+        }
+    }
+    nix::sys::socket::setsockopt(
+        &stream,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+    .map_err(std::io::Error::from)?;
+    if response.starts_with(b"HTTP/1.1 200") && complete(&response) {
         Ok(())
     } else {
-        Err(std::io::Error::other("not a 200 response"))
+        Err(std::io::Error::other("no complete 200 response"))
     }
+}
+
+/// Whether `response` holds the head and the Content-Length bytes of body it announces.
+fn complete(response: &[u8]) -> bool {
+    let Some(head_end) = response.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&response[..head_end]);
+    let length = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())
+            .flatten()
+    });
+    length.is_some_and(|length| response.len() >= head_end + 4 + length)
 }
 
 pub fn run(args: ClientArgs) -> anyhow::Result<()> {

@@ -144,18 +144,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&plan.out)?;
 
-    let (mut testbed, pods, client) = Testbed::with_backends(3, 8888)?;
-    // kube-proxy's DNAT happens after the route lookup, so its clients need a route for the
-    // Service range, as nodes have; here it is the private bridge, not a way out.
-    lb_tests::run(Command::new("ip").args([
-        "-n",
-        &client.netns,
-        "route",
-        "add",
-        "10.96.0.0/12",
-        "dev",
-        "eth0",
-    ]))?;
+    let (mut testbed, pods, _) = Testbed::with_backends(3, 8888)?;
     let endpoints: Vec<(Ipv4Addr, u16)> = pods.iter().map(|p| (p.ip, 8888)).collect();
     let _stats = BpfStats::enable()?;
     let progress = ProgressBar::new(u64::try_from(plan.sizes.len() * plan.peers.len())?);
@@ -180,7 +169,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     size,
                     format!("over budget at {} Services already", earlier.services),
                 ),
-                None => measure(&mut testbed, &client, peer, &services, &plan)
+                None => fresh_client(&mut testbed, results.len())
+                    .and_then(|client| measure(&mut testbed, &client, peer, &services, &plan))
                     .unwrap_or_else(|e| skipped(peer, size, format!("{e:#}"))),
             };
             results.push(measurement);
@@ -196,6 +186,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     plot::p50_svg(&results, &svg)?;
     println!("\nwrote {} and {}", json.display(), svg.display());
     Ok(())
+}
+
+/// A client pod of its own for each measurement, so that no run inherits another's
+/// conntrack table or sockets.
+fn fresh_client(testbed: &mut Testbed, index: usize) -> anyhow::Result<Pod> {
+    let host = u8::try_from(index % 250 + 2)?;
+    let client = testbed.add_pod(&format!("c{index}"), Ipv4Addr::new(10, 244, 2, host))?;
+    // kube-proxy's DNAT happens after the route lookup, so its clients need a route for the
+    // Service range, as nodes have; here it is the private bridge, not a way out.
+    let netns = client.netns.as_str();
+    lb_tests::run(Command::new("ip").args([
+        "-n",
+        netns,
+        "route",
+        "add",
+        "10.96.0.0/12",
+        "dev",
+        "eth0",
+    ]))?;
+    lb_tests::run(
+        in_netns(&client, "sysctl").args(["-qw", "net.ipv4.ip_local_port_range=1024 65535"]),
+    )?;
+    Ok(client)
 }
 
 /// How a skip for a setup over its time budget starts: a larger size is not tried then.
