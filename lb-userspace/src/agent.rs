@@ -22,7 +22,7 @@ use crate::{
     mounts, netns,
     plan::{self, Programmed},
     source::{Source, kubernetes, manifests::Manifests},
-    state::{AgentPid, State},
+    state::{AgentPid, Snapshot, StateWriter},
     store::Store,
 };
 
@@ -146,13 +146,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
 
     let _pid = AgentPid::create(&args.state_dir)?;
+    let state_errors = metrics.clone();
+    let state = StateWriter::spawn(args.state_dir, cgroup, node.name.clone(), move |e| {
+        tracing::error!("{e}; `lb services` may show stale names");
+        state_errors.error(ErrorKind::StateFile);
+    })
+    .context("starting the state file writer")?;
     let mut syncer = Syncer {
-        programmed: snapshot.programmed,
         store: Store::default(),
+        desired: Desired::default(),
+        programmed: snapshot.programmed,
+        full: true,
         reported: BTreeSet::new(),
         node,
-        state_dir: args.state_dir,
-        cgroup,
+        state,
         metrics: metrics.clone(),
     };
     // Entries an agent stopped mid-update left behind: no master count points at them, so
@@ -163,32 +170,67 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     let mut ready = false;
+    let mut retry = Retry::default();
     if syncer.sync(&mut maps, &mut source, None) {
         ready = syncer.ready(&source);
     } else {
-        tracing::warn!("not ready: the first sync failed; retrying on the next change");
+        tracing::warn!("not ready: the first sync failed; retrying");
+        retry.failed();
     }
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
-        tokio::select! {
+        let changed_at = tokio::select! {
             Some(first) = changed.recv() => {
                 tokio::time::sleep(BATCH).await;
                 let mut earliest = first;
                 while let Ok(at) = changed.try_recv() {
                     earliest = earliest.min(at);
                 }
-                if syncer.sync(&mut maps, &mut source, Some(earliest)) && !ready {
-                    ready = syncer.ready(&source);
-                }
+                Some(earliest)
             }
+            () = retry.wait() => None,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
+        };
+        if syncer.sync(&mut maps, &mut source, changed_at) {
+            retry = Retry::default();
+            if !ready {
+                ready = syncer.ready(&source);
+            }
+        } else {
+            retry.failed();
         }
     }
     tracing::info!("stopping; the datapath stays loaded and keeps the last state");
     Ok(())
+}
+
+/// When to try again after a failed sync: soon, then less and less often, so that a
+/// transient failure heals without a change and a lasting one does not spin.
+#[derive(Default)]
+struct Retry {
+    at: Option<tokio::time::Instant>,
+    delay: Duration,
+}
+
+impl Retry {
+    const FIRST: Duration = Duration::from_secs(1);
+    const MAX: Duration = Duration::from_secs(60);
+
+    fn failed(&mut self) {
+        self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
+        self.at = Some(tokio::time::Instant::now() + self.delay);
+    }
+
+    /// Resolves when a retry is due; never when none is.
+    async fn wait(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 fn manifests(dir: &std::path::Path, changes: crate::source::Changes) -> anyhow::Result<Source> {
@@ -211,20 +253,23 @@ async fn kubernetes(
 }
 
 struct Syncer {
-    programmed: Programmed,
     store: Store,
+    desired: Desired,
+    programmed: Programmed,
+    /// The next plan covers every frontend, not only those that changed: at the start, and
+    /// after a failed write left the maps in a state the agent re-read.
+    full: bool,
     /// Problems already logged, so that each is logged (and counted) once, not every sync.
     reported: BTreeSet<String>,
     node: Node,
-    state_dir: PathBuf,
-    cgroup: PathBuf,
+    state: StateWriter,
     metrics: Arc<Metrics>,
 }
 
 impl Syncer {
     /// One pass of source → model → diff → maps; true if the maps are in line with the
     /// source. Failures are logged and counted, and leave the last good state in place: the
-    /// agent keeps running and tries again on the next change.
+    /// agent keeps running and tries again.
     fn sync(
         &mut self,
         maps: &mut ServiceMaps,
@@ -232,51 +277,71 @@ impl Syncer {
         changed_at: Option<Instant>,
     ) -> bool {
         let started = Instant::now();
-        match source.refresh(&mut self.store) {
-            Ok(problems) => self.report(problems),
+        let mut problems = match source.refresh(&mut self.store) {
+            Ok(problems) => problems,
             Err(e) => {
                 tracing::error!("{e}; keeping the last good state");
                 self.metrics.error(ErrorKind::Source);
                 return false;
             }
-        }
-        let desired = self.store.desired(&self.node);
-        for conflict in &desired.conflicts {
-            tracing::warn!(
-                "Service {} claims {} which Service {} already has; ignored",
-                conflict.ignored,
-                conflict.frontend,
-                conflict.kept
-            );
-        }
-        let (ops, next) = match plan::plan(&self.programmed, &desired.specs()) {
-            Ok(planned) => planned,
-            Err(e) => {
-                tracing::error!("{e}; keeping the last good state");
-                self.metrics.error(ErrorKind::MapWrite);
-                return false;
-            }
         };
-        if let Err(e) = maps.apply(&ops) {
-            tracing::error!("writing the maps: {e}; re-reading them to retry on the next change");
+        let refreshed = started.elapsed();
+        let changed = self.store.take_changed();
+        let touched = self.desired.update(
+            changed.iter().map(|id| (id, self.store.service(id))),
+            &self.node,
+        );
+        problems.extend(self.desired.conflicts().into_iter().map(|conflict| {
+            format!(
+                "Service {} claims {} which Service {} already has; ignored",
+                conflict.ignored, conflict.frontend, conflict.kept
+            )
+        }));
+        let scope = if self.full {
+            self.programmed
+                .frontends
+                .keys()
+                .chain(self.desired.frontends().map(|(frontend, _)| frontend))
+                .copied()
+                .collect()
+        } else {
+            touched
+        };
+        let desired = &self.desired;
+        let plan = plan::plan(
+            &self.programmed,
+            |frontend| desired.target(frontend).map(|target| &target.spec),
+            &scope,
+        );
+        problems.extend(
+            plan.refused
+                .iter()
+                .map(|e| format!("{e}; its last state stays")),
+        );
+        self.report(problems);
+        let planned = started.elapsed();
+        tracing::debug!(?refreshed, ?planned, "sync phases");
+        if let Err(e) = maps.apply(&plan.ops) {
+            tracing::error!("writing the maps: {e}; re-reading them to retry");
             self.metrics.error(ErrorKind::MapWrite);
             match maps.read() {
                 Ok(snapshot) => self.programmed = snapshot.programmed,
                 Err(e) => tracing::error!("re-reading the maps: {e}"),
             }
+            self.full = true;
             return false;
         }
-        self.programmed = next;
-        if let Err(e) = State::of(&desired, &self.cgroup, &self.node.name).write(&self.state_dir) {
-            tracing::error!("{e}; `lb services` may show stale names");
-            self.metrics.error(ErrorKind::StateFile);
-        }
-        self.record(&desired, started, changed_at, ops.len());
+        self.programmed.apply(&plan.ops);
+        self.full = false;
+        self.record(started, changed_at, changed.len(), plan.ops.len());
+        self.state.write(Snapshot::of(&self.desired));
         true
     }
 
-    /// Marks the agent ready: its source synced and the maps written.
+    /// Marks the agent ready: its source synced, the maps written, and the state file
+    /// that names what they hold.
     fn ready(&self, source: &Source) -> bool {
+        self.state.flush();
         self.metrics.set_ready();
         tracing::info!(source = %source.describe(), "ready");
         true
@@ -293,11 +358,12 @@ impl Syncer {
 
     fn record(
         &self,
-        desired: &Desired,
         started: Instant,
         changed_at: Option<Instant>,
+        changed_services: usize,
         writes: usize,
     ) {
+        let elapsed = started.elapsed();
         let (services, slices) = self.store.counts();
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.metrics.services.set(gauge(services));
@@ -308,24 +374,20 @@ impl Syncer {
             .backends
             .set(gauge(self.programmed.backends.len()));
         self.metrics.syncs.inc();
-        self.metrics
-            .sync_duration
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         if let Some(changed_at) = changed_at {
             self.metrics
                 .event_to_map
                 .observe(changed_at.elapsed().as_secs_f64());
         }
-        for (service, why) in &desired.not_in_datapath {
-            tracing::debug!(%service, ?why, "not in the datapath");
-        }
         tracing::info!(
             services,
             endpoint_slices = slices,
-            frontends = desired.frontends.len(),
+            changed_services,
+            frontends = self.programmed.frontends.len(),
             backends = self.programmed.backends.len(),
             map_writes = writes,
-            elapsed_us = started.elapsed().as_micros(),
+            elapsed_us = elapsed.as_micros(),
             "synced"
         );
     }

@@ -274,11 +274,7 @@ impl ServiceMaps {
             affinity_matches.insert(key.map_err(map_error(AFFINITY_MATCH_MAP))?);
         }
         Ok(Snapshot {
-            programmed: Programmed {
-                frontends,
-                backends,
-                affinity_matches,
-            },
+            programmed: Programmed::new(frontends, backends, affinity_matches),
             orphans,
         })
     }

@@ -7,18 +7,31 @@
 use std::{
     fmt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::{
+    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::Deserialize as _;
 
 use crate::model::ObjectRef;
 
-/// A Service or EndpointSlice read from a manifest.
+/// A Service or EndpointSlice, read from a manifest or shared with a reflector's store.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ApiObject {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+}
+
+impl ApiObject {
+    pub fn metadata(&self) -> &ObjectMeta {
+        match self {
+            Self::Service(service) => &service.metadata,
+            Self::EndpointSlice(slice) => &slice.metadata,
+        }
+    }
 }
 
 /// The kinds the agent reads.
@@ -116,18 +129,14 @@ pub fn read_file(path: &Path) -> Result<Vec<Document>, ManifestError> {
 
 /// Parses the text of `path`: every YAML document (JSON is YAML), `kind: List` unpacked.
 pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
-    let mut values = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
+    let mut documents = Vec::new();
+    // One document at a time: a file of 100k objects never holds all of them untyped.
+    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let value =
             serde_yaml::Value::deserialize(document).map_err(|e| ManifestError::Syntax {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
-        values.push(value);
-    }
-
-    let mut documents = Vec::new();
-    for (index, value) in values.into_iter().enumerate() {
         let index = index + 1;
         if value.is_null() {
             continue;
@@ -177,9 +186,9 @@ fn object(path: &Path, value: serde_yaml::Value) -> Option<Document> {
         field("name").unwrap_or_else(|| "<unnamed>".into()),
     );
     let object = match kind {
-        Kind::Service => typed::<Service>(value).map(|s| ApiObject::Service(Box::new(s))),
+        Kind::Service => typed::<Service>(value).map(|s| ApiObject::Service(Arc::new(s))),
         Kind::EndpointSlice => {
-            typed::<EndpointSlice>(value).map(|s| ApiObject::EndpointSlice(Box::new(s)))
+            typed::<EndpointSlice>(value).map(|s| ApiObject::EndpointSlice(Arc::new(s)))
         }
     }
     .map_err(|(field, reason)| ManifestError::Field {

@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, Ipv4Addr},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -577,44 +578,101 @@ pub struct Node {
     pub ips: Vec<Ipv4Addr>,
 }
 
-/// The state the datapath should have.
+/// Who claims a frontend, in precedence order: the stronger kind (see [`FrontendKind`]),
+/// then the first Service by name, then the Service's first claim.
+type Claim = (FrontendKind, ObjectRef, usize);
+
+/// The state the datapath should have, kept per Service so that a change recomputes only
+/// the Services it touched.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    pub frontends: BTreeMap<Frontend, FrontendTarget>,
+    /// Every claim on every frontend; the first one is in effect.
+    claims: BTreeMap<Frontend, BTreeMap<Claim, Arc<FrontendTarget>>>,
+    /// The frontends each Service claims, to withdraw them when it changes.
+    claimed_by: BTreeMap<ObjectRef, Vec<Frontend>>,
     pub not_in_datapath: BTreeMap<ObjectRef, NotInDatapath>,
-    pub conflicts: Vec<Conflict>,
 }
 
 impl Desired {
-    /// What the maps must hold per frontend.
-    pub fn specs(&self) -> BTreeMap<Frontend, FrontendSpec> {
-        self.frontends
-            .iter()
-            .map(|(frontend, target)| (*frontend, target.spec.clone()))
-            .collect()
+    /// Recomputes the Services in `changed`, each with its current model and slices (`None`
+    /// when it is gone), and returns the frontends whose target may have changed.
+    pub fn update<'a>(
+        &mut self,
+        changed: impl IntoIterator<
+            Item = (
+                &'a ObjectRef,
+                Option<(&'a ServiceModel, Vec<&'a SliceModel>)>,
+            ),
+        >,
+        node: &Node,
+    ) -> BTreeSet<Frontend> {
+        let mut touched = BTreeSet::new();
+        for (id, current) in changed {
+            for frontend in self.claimed_by.remove(id).unwrap_or_default() {
+                if let Some(claims) = self.claims.get_mut(&frontend) {
+                    claims.retain(|(_, service, _), _| service != id);
+                    if claims.is_empty() {
+                        self.claims.remove(&frontend);
+                    }
+                }
+                touched.insert(frontend);
+            }
+            self.not_in_datapath.remove(id);
+            let Some((service, slices)) = current else {
+                continue;
+            };
+            match claims_of(service, &slices, node) {
+                Ok(claims) => {
+                    let mut frontends = Vec::with_capacity(claims.len());
+                    for (seq, (frontend, target)) in claims.into_iter().enumerate() {
+                        self.claims
+                            .entry(frontend)
+                            .or_default()
+                            .insert((target.kind, id.clone(), seq), Arc::new(target));
+                        frontends.push(frontend);
+                        touched.insert(frontend);
+                    }
+                    self.claimed_by.insert(id.clone(), frontends);
+                }
+                Err(why) => {
+                    self.not_in_datapath.insert(id.clone(), why);
+                }
+            }
+        }
+        touched
     }
 
-    /// Adds a frontend; of two claims on one, the stronger kind wins (see [`FrontendKind`]
-    /// order), then the first Service by name.
-    fn add(&mut self, frontend: Frontend, target: FrontendTarget) {
-        match self.frontends.get(&frontend) {
-            None => {
-                self.frontends.insert(frontend, target);
-            }
-            Some(existing) if target.kind < existing.kind => {
-                self.conflicts.push(Conflict {
-                    frontend,
-                    kept: target.service.clone(),
-                    ignored: existing.service.clone(),
-                });
-                self.frontends.insert(frontend, target);
-            }
-            Some(existing) => self.conflicts.push(Conflict {
-                frontend,
-                kept: existing.service.clone(),
-                ignored: target.service,
-            }),
-        }
+    /// The target in effect for `frontend`.
+    pub fn target(&self, frontend: &Frontend) -> Option<&Arc<FrontendTarget>> {
+        self.claims.get(frontend)?.values().next()
+    }
+
+    /// Every frontend with the target in effect, in order.
+    pub fn frontends(&self) -> impl Iterator<Item = (&Frontend, &Arc<FrontendTarget>)> {
+        self.claims
+            .iter()
+            .filter_map(|(frontend, claims)| Some((frontend, claims.values().next()?)))
+    }
+
+    /// Frontends claimed by more than one Service: who keeps each, and who is ignored.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        self.claims
+            .iter()
+            .filter(|(_, claims)| claims.len() > 1)
+            .flat_map(|(frontend, claims)| {
+                let mut services = claims.keys().map(|(_, service, _)| service);
+                let kept = services.next();
+                services
+                    .filter(move |service| Some(*service) != kept)
+                    .filter_map(move |ignored| {
+                        Some(Conflict {
+                            frontend: *frontend,
+                            kept: kept?.clone(),
+                            ignored: ignored.clone(),
+                        })
+                    })
+            })
+            .collect()
     }
 }
 
@@ -636,13 +694,9 @@ fn usable(endpoints: &[(BackendAddr, &EndpointModel)]) -> BTreeSet<BackendAddr> 
     }
 }
 
-/// Computes the desired datapath state from validated Services and EndpointSlices.
-///
-/// A Service port is served by the EndpointSlice ports of the same name and protocol (the
-/// EndpointSlice controller has already resolved `targetPort` into them, named ports too).
-/// Endpoints repeated across slices count once; slices of another address type are ignored.
-/// Each port gets a frontend per clusterIP, per external IP, per load-balancer IP, and for a
-/// nodePort per node IP and on 127.0.0.1 (the latter for the node's own sockets only).
+/// Computes the desired datapath state from validated Services and EndpointSlices, all at
+/// once.
+#[cfg(test)]
 pub fn desired<'a>(
     services: impl IntoIterator<Item = &'a ServiceModel>,
     slices: impl IntoIterator<Item = &'a SliceModel>,
@@ -654,152 +708,156 @@ pub fn desired<'a>(
             slices_by_service.entry(service).or_default().push(slice);
         }
     }
-
-    let mut services: Vec<&ServiceModel> = services.into_iter().collect();
-    services.sort_by(|a, b| a.id.cmp(&b.id));
-
     let mut out = Desired::default();
-    for service in services {
-        let cluster_ips = match &service.kind {
-            ServiceKind::ClusterIp(ips) => ips,
-            ServiceKind::Headless => {
-                out.not_in_datapath
-                    .insert(service.id.clone(), NotInDatapath::Headless);
-                continue;
-            }
-            ServiceKind::ExternalName(name) => {
-                out.not_in_datapath.insert(
-                    service.id.clone(),
-                    NotInDatapath::ExternalName { name: name.clone() },
-                );
-                continue;
-            }
-        };
-        let slices = slices_by_service
-            .get(&service.id)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let affinity_timeout_s = service.affinity_timeout_s.unwrap_or(0);
-        for port in &service.ports {
-            // Every endpoint of this port once; a duplicate counts as ready if any copy is.
-            let mut endpoints: BTreeMap<BackendAddr, &EndpointModel> = BTreeMap::new();
-            for slice in slices.iter().filter(|slice| slice.ipv4) {
-                let Some(target) = slice
-                    .ports
-                    .iter()
-                    .find(|p| p.name == port.name && p.protocol == port.protocol)
-                else {
-                    continue;
-                };
-                for endpoint in &slice.endpoints {
-                    let addr = BackendAddr {
-                        address: endpoint.address,
-                        port: target.port,
-                    };
-                    let entry = endpoints.entry(addr).or_insert(endpoint);
-                    if endpoint.ready && !entry.ready {
-                        *entry = endpoint;
-                    }
-                }
-            }
-            let endpoints: Vec<(BackendAddr, &EndpointModel)> = endpoints.into_iter().collect();
-            let cluster_wide = usable(&endpoints);
-            let on_this_node =
-                |e: &EndpointModel| e.node_name.as_deref() == Some(node.name.as_str());
-            let local: Vec<(BackendAddr, &EndpointModel)> = endpoints
-                .iter()
-                .filter(|(_, e)| on_this_node(e))
-                .copied()
-                .collect();
-            let node_local = usable(&local);
-            let states = |chosen: &BTreeSet<BackendAddr>, local_only: bool| -> Vec<EndpointState> {
-                endpoints
-                    .iter()
-                    .map(|(addr, e)| EndpointState {
-                        address: addr.address,
-                        port: addr.port,
-                        ready: e.ready,
-                        serving: e.serving,
-                        terminating: e.terminating,
-                        node_name: e.node_name.clone(),
-                        excluded: if chosen.contains(addr) {
-                            None
-                        } else if local_only && !on_this_node(e) {
-                            Some(format!(
-                                "on node {}, not {} (internalTrafficPolicy: Local)",
-                                e.node_name.as_deref().unwrap_or("<unset>"),
-                                node.name
-                            ))
-                        } else if e.serving && e.terminating {
-                            Some("terminating: used only while no endpoint is ready".into())
-                        } else {
-                            Some("not ready".into())
-                        },
-                    })
-                    .collect()
-            };
+    out.update(
+        services.into_iter().map(|service| {
+            let slices = slices_by_service.remove(&service.id).unwrap_or_default();
+            (&service.id, Some((service, slices)))
+        }),
+        node,
+    );
+    out
+}
 
-            let target = |kind, backends: &BTreeSet<BackendAddr>, flags| FrontendTarget {
-                service: service.id.clone(),
-                port_name: port.name.clone(),
-                kind,
-                spec: FrontendSpec {
-                    backends: backends.clone(),
-                    flags,
-                    affinity_timeout_s,
-                },
-                endpoints: states(backends, flags & lb_common::FLAG_NODE_LOCAL != 0),
+/// The frontends one Service claims, each with its target, or why it has none.
+///
+/// A Service port is served by the EndpointSlice ports of the same name and protocol (the
+/// EndpointSlice controller has already resolved `targetPort` into them, named ports too).
+/// Endpoints repeated across slices count once; slices of another address type are ignored.
+/// Each port gets a frontend per clusterIP, per external IP, per load-balancer IP, and for a
+/// nodePort per node IP and on 127.0.0.1 (the latter for the node's own sockets only).
+fn claims_of(
+    service: &ServiceModel,
+    slices: &[&SliceModel],
+    node: &Node,
+) -> Result<Vec<(Frontend, FrontendTarget)>, NotInDatapath> {
+    let cluster_ips = match &service.kind {
+        ServiceKind::ClusterIp(ips) => ips,
+        ServiceKind::Headless => return Err(NotInDatapath::Headless),
+        ServiceKind::ExternalName(name) => {
+            return Err(NotInDatapath::ExternalName { name: name.clone() });
+        }
+    };
+    let affinity_timeout_s = service.affinity_timeout_s.unwrap_or(0);
+    let mut out = Vec::new();
+    for port in &service.ports {
+        // Every endpoint of this port once; a duplicate counts as ready if any copy is.
+        let mut endpoints: BTreeMap<BackendAddr, &EndpointModel> = BTreeMap::new();
+        for slice in slices.iter().filter(|slice| slice.ipv4) {
+            let Some(target) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
+                continue;
             };
-            let frontend = |address, port_number| Frontend {
-                address,
-                port: port_number,
-                protocol: port.protocol,
-            };
-            // internalTrafficPolicy governs the clusterIP; the other frontends are for
-            // traffic from outside, which on-node clients reach cluster-wide, as with
-            // kube-proxy.
-            let (internal, internal_flags) = if service.internal_traffic_local {
-                (&node_local, lb_common::FLAG_NODE_LOCAL)
-            } else {
-                (&cluster_wide, 0)
-            };
-            for ip in cluster_ips {
-                out.add(
-                    frontend(*ip, port.port),
-                    target(FrontendKind::ClusterIP, internal, internal_flags),
-                );
-            }
-            for ip in &service.external_ips {
-                out.add(
-                    frontend(*ip, port.port),
-                    target(FrontendKind::ExternalIP, &cluster_wide, 0),
-                );
-            }
-            for ip in &service.load_balancer_ips {
-                out.add(
-                    frontend(*ip, port.port),
-                    target(FrontendKind::LoadBalancer, &cluster_wide, 0),
-                );
-            }
-            if let Some(node_port) = port.node_port {
-                for ip in &node.ips {
-                    out.add(
-                        frontend(*ip, node_port),
-                        target(FrontendKind::NodePort, &cluster_wide, 0),
-                    );
+            for endpoint in &slice.endpoints {
+                let addr = BackendAddr {
+                    address: endpoint.address,
+                    port: target.port,
+                };
+                let entry = endpoints.entry(addr).or_insert(endpoint);
+                if endpoint.ready && !entry.ready {
+                    *entry = endpoint;
                 }
-                out.add(
-                    frontend(Ipv4Addr::LOCALHOST, node_port),
-                    target(
-                        FrontendKind::NodePort,
-                        &cluster_wide,
-                        lb_common::FLAG_HOST_NETNS_ONLY,
-                    ),
-                );
             }
         }
+        let endpoints: Vec<(BackendAddr, &EndpointModel)> = endpoints.into_iter().collect();
+        let cluster_wide = usable(&endpoints);
+        let on_this_node = |e: &EndpointModel| e.node_name.as_deref() == Some(node.name.as_str());
+        let local: Vec<(BackendAddr, &EndpointModel)> = endpoints
+            .iter()
+            .filter(|(_, e)| on_this_node(e))
+            .copied()
+            .collect();
+        let node_local = usable(&local);
+        let states = |chosen: &BTreeSet<BackendAddr>, local_only: bool| -> Vec<EndpointState> {
+            endpoints
+                .iter()
+                .map(|(addr, e)| EndpointState {
+                    address: addr.address,
+                    port: addr.port,
+                    ready: e.ready,
+                    serving: e.serving,
+                    terminating: e.terminating,
+                    node_name: e.node_name.clone(),
+                    excluded: if chosen.contains(addr) {
+                        None
+                    } else if local_only && !on_this_node(e) {
+                        Some(format!(
+                            "on node {}, not {} (internalTrafficPolicy: Local)",
+                            e.node_name.as_deref().unwrap_or("<unset>"),
+                            node.name
+                        ))
+                    } else if e.serving && e.terminating {
+                        Some("terminating: used only while no endpoint is ready".into())
+                    } else {
+                        Some("not ready".into())
+                    },
+                })
+                .collect()
+        };
+
+        let target = |kind, backends: &BTreeSet<BackendAddr>, flags| FrontendTarget {
+            service: service.id.clone(),
+            port_name: port.name.clone(),
+            kind,
+            spec: FrontendSpec {
+                backends: backends.clone(),
+                flags,
+                affinity_timeout_s,
+            },
+            endpoints: states(backends, flags & lb_common::FLAG_NODE_LOCAL != 0),
+        };
+        let frontend = |address, port_number| Frontend {
+            address,
+            port: port_number,
+            protocol: port.protocol,
+        };
+        // internalTrafficPolicy governs the clusterIP; the other frontends are for
+        // traffic from outside, which on-node clients reach cluster-wide, as with
+        // kube-proxy.
+        let (internal, internal_flags) = if service.internal_traffic_local {
+            (&node_local, lb_common::FLAG_NODE_LOCAL)
+        } else {
+            (&cluster_wide, 0)
+        };
+        for ip in cluster_ips {
+            out.push((
+                frontend(*ip, port.port),
+                target(FrontendKind::ClusterIP, internal, internal_flags),
+            ));
+        }
+        for ip in &service.external_ips {
+            out.push((
+                frontend(*ip, port.port),
+                target(FrontendKind::ExternalIP, &cluster_wide, 0),
+            ));
+        }
+        for ip in &service.load_balancer_ips {
+            out.push((
+                frontend(*ip, port.port),
+                target(FrontendKind::LoadBalancer, &cluster_wide, 0),
+            ));
+        }
+        if let Some(node_port) = port.node_port {
+            for ip in &node.ips {
+                out.push((
+                    frontend(*ip, node_port),
+                    target(FrontendKind::NodePort, &cluster_wide, 0),
+                ));
+            }
+            out.push((
+                frontend(Ipv4Addr::LOCALHOST, node_port),
+                target(
+                    FrontendKind::NodePort,
+                    &cluster_wide,
+                    lb_common::FLAG_HOST_NETNS_ONLY,
+                ),
+            ));
+        }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -843,7 +901,9 @@ mod tests {
     }
 
     fn backends(desired: &Desired, frontend: &Frontend) -> Vec<String> {
-        desired.frontends[frontend]
+        desired
+            .target(frontend)
+            .unwrap()
             .spec
             .backends
             .iter()
@@ -897,7 +957,7 @@ ports:
     #[test]
     fn slices_are_merged_by_port_name_and_protocol_with_duplicates_once() {
         let desired = desired_of(WEB);
-        assert_eq!(desired.frontends.len(), 2);
+        assert_eq!(desired.frontends().count(), 2);
         // Named targetPort `web` resolved by the slice ports; not-ready 10.244.0.2 left out;
         // 10.244.0.1 in both slices counted once; the IPv6 slice ignored.
         assert_eq!(
@@ -908,7 +968,9 @@ ports:
             backends(&desired, &fe([10, 96, 0, 10], 53, Protocol::Udp)),
             ["10.244.0.1:5353", "10.244.0.3:5353"]
         );
-        let target = &desired.frontends[&fe([10, 96, 0, 10], 80, Protocol::Tcp)];
+        let target = desired
+            .target(&fe([10, 96, 0, 10], 80, Protocol::Tcp))
+            .unwrap();
         assert_eq!(target.service, ObjectRef::new("default", "web"));
         assert_eq!(target.port_name, "http");
         assert_eq!(target.kind, FrontendKind::ClusterIP);
@@ -940,7 +1002,9 @@ ports: [{{port: 80}}]
         let frontend = fe([10, 96, 0, 10], 80, Protocol::Tcp);
         let ready = desired_of(&slice("{ready: true}"));
         assert_eq!(backends(&ready, &frontend), ["10.244.0.2:80"]);
-        let why: Vec<Option<String>> = ready.frontends[&frontend]
+        let why: Vec<Option<String>> = ready
+            .target(&frontend)
+            .unwrap()
             .endpoints
             .iter()
             .map(|e| e.excluded.clone())
@@ -978,8 +1042,7 @@ status:
 "#,
         );
         let kinds: Vec<(String, FrontendKind, u16)> = desired
-            .frontends
-            .iter()
+            .frontends()
             .map(|(f, t)| (f.to_string(), t.kind, t.spec.flags))
             .collect();
         assert_eq!(
@@ -1023,12 +1086,14 @@ ports: [{{port: 80}}]
         let frontend = fe([10, 96, 0, 10], 80, Protocol::Tcp);
         let local = desired_of(&yaml("node-1"));
         assert_eq!(backends(&local, &frontend), ["10.244.0.1:80"]);
-        let spec = &local.frontends[&frontend].spec;
+        let spec = &local.target(&frontend).unwrap().spec;
         assert_eq!(spec.flags, lb_common::FLAG_NODE_LOCAL);
         assert_eq!(spec.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
         let elsewhere = desired_of(&yaml("node-3"));
         assert!(backends(&elsewhere, &frontend).is_empty());
-        let why: Vec<Option<String>> = elsewhere.frontends[&frontend]
+        let why: Vec<Option<String>> = elsewhere
+            .target(&frontend)
+            .unwrap()
             .endpoints
             .iter()
             .map(|e| e.excluded.clone())
@@ -1057,7 +1122,7 @@ metadata: {name: external-service}
 spec: {type: ExternalName, externalName: api.acmecorp.com, ports: [{port: 9000}]}
 "#,
         );
-        assert!(desired.frontends.is_empty());
+        assert!((desired.frontends().count() == 0));
         assert_eq!(
             desired.not_in_datapath,
             BTreeMap::from([
@@ -1087,11 +1152,13 @@ metadata: {name: kube-dns}
 spec: {clusterIP: 10.96.0.10, ports: [{port: 53, protocol: UDP}]}
 "#,
         );
-        let target = &desired.frontends[&fe([10, 96, 0, 10], 53, Protocol::Udp)];
+        let target = desired
+            .target(&fe([10, 96, 0, 10], 53, Protocol::Udp))
+            .unwrap();
         assert_eq!(target.service, ObjectRef::new("default", "kube-dns"));
         assert_eq!(target.kind, FrontendKind::ClusterIP);
         assert_eq!(
-            desired.conflicts[0].ignored,
+            desired.conflicts()[0].ignored,
             ObjectRef::new("default", "a-attacker")
         );
     }
@@ -1111,9 +1178,12 @@ metadata: {name: b}
 spec: {clusterIP: 10.96.0.11, externalIPs: [10.96.0.10], ports: [{port: 80}]}
 "#,
         );
-        assert_eq!(desired.conflicts.len(), 1);
-        assert_eq!(desired.conflicts[0].kept, ObjectRef::new("default", "a"));
-        assert_eq!(desired.conflicts[0].ignored, ObjectRef::new("default", "b"));
+        assert_eq!(desired.conflicts().len(), 1);
+        assert_eq!(desired.conflicts()[0].kept, ObjectRef::new("default", "a"));
+        assert_eq!(
+            desired.conflicts()[0].ignored,
+            ObjectRef::new("default", "b")
+        );
     }
 
     #[test]

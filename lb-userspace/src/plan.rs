@@ -60,15 +60,40 @@ impl ProgrammedFrontend {
     }
 }
 
-/// What the maps hold, in the agent's terms.
+/// What the maps hold, in the agent's terms, with the indexes that let a plan touch only
+/// the frontends that changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Programmed {
     pub frontends: BTreeMap<Frontend, ProgrammedFrontend>,
     pub backends: BTreeMap<BackendId, BackendAddr>,
     pub affinity_matches: BTreeSet<AffinityMatchKey>,
+    backend_ids: BTreeMap<BackendAddr, BackendId>,
+    /// How many slots name each backend.
+    backend_refs: BTreeMap<BackendId, usize>,
+    frontend_ids: BTreeSet<FrontendId>,
 }
 
 impl Programmed {
+    /// The state read back from the maps.
+    pub fn new(
+        frontends: BTreeMap<Frontend, ProgrammedFrontend>,
+        backends: BTreeMap<BackendId, BackendAddr>,
+        affinity_matches: BTreeSet<AffinityMatchKey>,
+    ) -> Self {
+        let mut programmed = Self {
+            backend_ids: backends.iter().map(|(id, addr)| (*addr, *id)).collect(),
+            backends,
+            affinity_matches,
+            frontend_ids: frontends.values().map(|f| f.id).collect(),
+            ..Self::default()
+        };
+        for id in frontends.values().flat_map(|f| &f.slots) {
+            *programmed.backend_refs.entry(*id).or_default() += 1;
+        }
+        programmed.frontends = frontends;
+        programmed
+    }
+
     /// The backends of `frontend` in slot order; ids that do not resolve are left out.
     pub fn backends_of(&self, frontend: &Frontend) -> Vec<BackendAddr> {
         self.frontends
@@ -77,6 +102,91 @@ impl Programmed {
             .flat_map(|f| &f.slots)
             .filter_map(|id| self.backends.get(id).copied())
             .collect()
+    }
+
+    /// Records `ops` as written to the maps.
+    pub fn apply(&mut self, ops: &[MapOp]) {
+        for op in ops {
+            self.apply_one(op);
+        }
+    }
+
+    fn apply_one(&mut self, op: &MapOp) {
+        match op {
+            MapOp::PutBackend(id, addr) => {
+                self.backends.insert(*id, *addr);
+                self.backend_ids.insert(*addr, *id);
+            }
+            MapOp::PutAffinityMatch(key) => {
+                self.affinity_matches.insert(*key);
+            }
+            MapOp::PutSlot(frontend, slot, id) => {
+                let slots = &mut self.frontends.entry(*frontend).or_default().slots;
+                let index = usize::from(*slot).saturating_sub(1);
+                let replaced = match slots.get_mut(index) {
+                    Some(old) => Some(std::mem::replace(old, *id)),
+                    None => {
+                        // Slots are written in order, so a new one is always the next.
+                        slots.push(*id);
+                        None
+                    }
+                };
+                *self.backend_refs.entry(*id).or_default() += 1;
+                if let Some(old) = replaced {
+                    self.release(old);
+                }
+            }
+            MapOp::PutMaster(frontend, master) => {
+                let entry = self.frontends.entry(*frontend).or_default();
+                if entry.id != master.id {
+                    self.frontend_ids.remove(&entry.id);
+                    self.frontend_ids.insert(master.id);
+                }
+                entry.id = master.id;
+                entry.flags = master.flags;
+                entry.affinity_timeout_s = master.affinity_timeout_s;
+            }
+            MapOp::DeleteSlot(frontend, slot) => {
+                let released = self.frontends.get_mut(frontend).map_or_else(Vec::new, |f| {
+                    let from = usize::from(*slot).saturating_sub(1).min(f.slots.len());
+                    f.slots.split_off(from)
+                });
+                for id in released {
+                    self.release(id);
+                }
+            }
+            MapOp::DeleteMaster(frontend) => {
+                if let Some(old) = self.frontends.remove(frontend) {
+                    self.frontend_ids.remove(&old.id);
+                    for id in old.slots {
+                        self.release(id);
+                    }
+                }
+            }
+            MapOp::DeleteAffinityMatch(key) => {
+                self.affinity_matches.remove(key);
+            }
+            MapOp::DeleteBackend(id) => {
+                if let Some(addr) = self.backends.remove(id)
+                    && self.backend_ids.get(&addr) == Some(id)
+                {
+                    self.backend_ids.remove(&addr);
+                }
+            }
+        }
+    }
+
+    fn release(&mut self, id: BackendId) {
+        if let Some(refs) = self.backend_refs.get_mut(&id) {
+            *refs = refs.saturating_sub(1);
+            if *refs == 0 {
+                self.backend_refs.remove(&id);
+            }
+        }
+    }
+
+    fn refs(&self, id: BackendId) -> usize {
+        self.backend_refs.get(&id).copied().unwrap_or(0)
     }
 }
 
@@ -104,102 +214,130 @@ pub enum PlanError {
     },
 }
 
-/// The lowest ids not in `used`, in order.
-fn free_ids<'a>(used: impl Fn(&u32) -> bool + 'a) -> impl Iterator<Item = u32> + 'a {
-    (1..=u32::MAX).filter(move |id| !used(id))
+/// The writes of one plan, and the frontends it refused to write.
+#[derive(Debug)]
+pub struct Plan {
+    pub ops: Vec<MapOp>,
+    pub refused: Vec<PlanError>,
 }
 
-/// The writes that turn `current` into `desired`, and the state they leave.
-pub fn plan(
-    current: &Programmed,
-    desired: &BTreeMap<Frontend, FrontendSpec>,
-) -> Result<(Vec<MapOp>, Programmed), PlanError> {
-    let max = usize::from(u16::MAX);
-    if let Some((frontend, spec)) = desired.iter().find(|(_, s)| s.backends.len() > max) {
-        return Err(PlanError::TooManyBackends {
-            frontend: *frontend,
-            count: spec.backends.len(),
-            max,
-        });
-    }
+/// Ids not in use: above the highest one first (cheap, and ids of what was just removed
+/// are not reused at once), then the gaps below once the top is reached.
+fn free_ids<'a>(
+    used: impl Fn(&u32) -> bool + 'a,
+    highest: Option<u32>,
+) -> impl Iterator<Item = u32> + 'a {
+    let highest = highest.unwrap_or(0);
+    (highest.saturating_add(1)..=u32::MAX)
+        .chain(1..highest)
+        .filter(move |id| *id != 0 && !used(id))
+}
 
-    let mut next = Programmed::default();
+/// The writes that bring the frontends in `scope` from `current` to `desired` (`None`:
+/// the frontend should not exist), in an order that keeps every connect safe; backends and
+/// affinity matches nothing references any more go last. Frontends outside `scope` are
+/// assumed unchanged.
+pub fn plan<'a>(
+    current: &Programmed,
+    desired: impl Fn(&Frontend) -> Option<&'a FrontendSpec>,
+    scope: &BTreeSet<Frontend>,
+) -> Plan {
+    let max = usize::from(u16::MAX);
+    let mut refused = Vec::new();
+    let mut wanted: Vec<(Frontend, &FrontendSpec)> = Vec::new();
+    for frontend in scope {
+        match desired(frontend) {
+            Some(spec) if spec.backends.len() > max => refused.push(PlanError::TooManyBackends {
+                frontend: *frontend,
+                count: spec.backends.len(),
+                max,
+            }),
+            Some(spec) => wanted.push((*frontend, spec)),
+            None => {}
+        }
+    }
+    // A refused frontend keeps what the maps hold for it.
+    let refused_frontends: BTreeSet<Frontend> = refused
+        .iter()
+        .map(|PlanError::TooManyBackends { frontend, .. }| *frontend)
+        .collect();
+    let scope: Vec<Frontend> = scope
+        .iter()
+        .filter(|frontend| !refused_frontends.contains(frontend))
+        .copied()
+        .collect();
     let mut ops = Vec::new();
+    // Slot references each backend gains (+) or loses (-) with this plan.
+    let mut ref_changes: BTreeMap<BackendId, isize> = BTreeMap::new();
 
     // 0. Removed frontends go first, master before slots: that frees room in a full map for
     // what the rest of the plan adds, and nothing else refers to them.
-    for (frontend, old) in &current.frontends {
-        if !desired.contains_key(frontend) {
+    for frontend in &scope {
+        if let (None, Some(old)) = (desired(frontend), current.frontends.get(frontend)) {
             ops.push(MapOp::DeleteMaster(*frontend));
-            for index in 0..old.slots.len() {
+            for (index, id) in old.slots.iter().enumerate() {
                 ops.push(MapOp::DeleteSlot(*frontend, slot_number(index)));
+                *ref_changes.entry(*id).or_default() -= 1;
             }
         }
     }
 
-    // 1. Backends: keep the ids of known ones, give new ones the lowest free ids.
-    let mut backend_ids: BTreeMap<BackendAddr, BackendId> = current
-        .backends
-        .iter()
-        .map(|(id, addr)| (*addr, *id))
-        .collect();
-    let wanted: BTreeSet<BackendAddr> = desired
-        .values()
-        .flat_map(|s| &s.backends)
-        .copied()
-        .collect();
-    let mut new_backend_ids = free_ids(|id| current.backends.contains_key(id));
-    for addr in &wanted {
-        let id = match backend_ids.get(addr) {
-            Some(id) => *id,
-            None => {
-                let id = new_backend_ids.next().unwrap_or(BackendId::MAX);
-                backend_ids.insert(*addr, id);
-                ops.push(MapOp::PutBackend(id, *addr));
-                id
-            }
-        };
-        next.backends.insert(id, *addr);
+    // 1. Backends: known ones keep their ids, new ones get free ids.
+    let mut new_backends: BTreeMap<BackendAddr, BackendId> = BTreeMap::new();
+    let mut backend_ids = free_ids(
+        |id| current.backends.contains_key(id),
+        current.backends.keys().next_back().copied(),
+    );
+    for addr in wanted.iter().flat_map(|(_, spec)| &spec.backends) {
+        if !current.backend_ids.contains_key(addr) && !new_backends.contains_key(addr) {
+            let id = backend_ids.next().unwrap_or(BackendId::MAX);
+            new_backends.insert(*addr, id);
+            ops.push(MapOp::PutBackend(id, *addr));
+        }
     }
+    let id_of = |addr: &BackendAddr| {
+        current
+            .backend_ids
+            .get(addr)
+            .or_else(|| new_backends.get(addr))
+            .copied()
+    };
 
     // The frontends as they will be, with stable ids.
-    let used_frontend_ids: BTreeSet<FrontendId> =
-        current.frontends.values().map(|f| f.id).collect();
-    let mut new_frontend_ids = free_ids(|id| used_frontend_ids.contains(id));
-    for (frontend, spec) in desired {
-        let id = match current.frontends.get(frontend) {
-            Some(old) => old.id,
-            None => new_frontend_ids.next().unwrap_or(FrontendId::MAX),
-        };
-        let slots = spec
-            .backends
-            .iter()
-            .filter_map(|addr| backend_ids.get(addr).copied())
-            .collect();
-        next.frontends.insert(
-            *frontend,
-            ProgrammedFrontend {
+    let mut frontend_ids = free_ids(
+        |id| current.frontend_ids.contains(id),
+        current.frontend_ids.last().copied(),
+    );
+    let next: Vec<(Frontend, ProgrammedFrontend)> = wanted
+        .iter()
+        .map(|(frontend, spec)| {
+            let id = match current.frontends.get(frontend) {
+                Some(old) => old.id,
+                None => frontend_ids.next().unwrap_or(FrontendId::MAX),
+            };
+            let slots = spec.backends.iter().filter_map(id_of).collect();
+            let programmed = ProgrammedFrontend {
                 id,
                 flags: spec.flags,
                 affinity_timeout_s: spec.affinity_timeout_s,
                 slots,
-            },
-        );
-    }
+            };
+            (*frontend, programmed)
+        })
+        .collect();
 
     // 2. Affinity matches a new master may rely on, before any master changes.
-    next.affinity_matches = next
-        .frontends
-        .values()
-        .flat_map(ProgrammedFrontend::affinity_matches)
-        .collect();
-    for key in next.affinity_matches.difference(&current.affinity_matches) {
-        ops.push(MapOp::PutAffinityMatch(*key));
+    for (_, new) in &next {
+        for key in new.affinity_matches() {
+            if !current.affinity_matches.contains(&key) {
+                ops.push(MapOp::PutAffinityMatch(key));
+            }
+        }
     }
 
     // 3. Changed and new frontends: slots, then the master, then the surplus slots.
     let mut surplus = Vec::new();
-    for (frontend, new) in &next.frontends {
+    for (frontend, new) in &next {
         let old = current.frontends.get(frontend);
         let old_slots = old.map(|o| o.slots.as_slice()).unwrap_or_default();
         for (index, id) in new.slots.iter().enumerate() {
@@ -213,19 +351,54 @@ pub fn plan(
         for index in new.slots.len()..old_slots.len() {
             surplus.push(MapOp::DeleteSlot(*frontend, slot_number(index)));
         }
+        for id in old_slots {
+            *ref_changes.entry(*id).or_default() -= 1;
+        }
+        for id in &new.slots {
+            *ref_changes.entry(*id).or_default() += 1;
+        }
     }
     ops.extend(surplus);
 
-    // 4. What nobody references any more.
-    for key in current.affinity_matches.difference(&next.affinity_matches) {
-        ops.push(MapOp::DeleteAffinityMatch(*key));
-    }
-    for id in current.backends.keys() {
-        if !next.backends.contains_key(id) {
-            ops.push(MapOp::DeleteBackend(*id));
-        }
-    }
-    Ok((ops, next))
+    // 4. What nobody references any more: what this plan released, and what an earlier
+    // agent left behind.
+    let next_matches: BTreeSet<AffinityMatchKey> = next
+        .iter()
+        .flat_map(|(_, new)| new.affinity_matches())
+        .collect();
+    let live_frontend_ids: BTreeSet<FrontendId> = next.iter().map(|(_, new)| new.id).collect();
+    let mut stale_matches: BTreeSet<AffinityMatchKey> = scope
+        .iter()
+        .filter_map(|frontend| current.frontends.get(frontend))
+        .flat_map(ProgrammedFrontend::affinity_matches)
+        .filter(|key| !next_matches.contains(key))
+        .collect();
+    stale_matches.extend(current.affinity_matches.iter().filter(|key| {
+        !current.frontend_ids.contains(&key.frontend_id)
+            && !live_frontend_ids.contains(&key.frontend_id)
+    }));
+    ops.extend(
+        stale_matches
+            .into_iter()
+            .filter(|key| current.affinity_matches.contains(key))
+            .map(MapOp::DeleteAffinityMatch),
+    );
+    let mut unreferenced: BTreeSet<BackendId> = ref_changes
+        .iter()
+        .filter(|(id, change)| {
+            current.backends.contains_key(id)
+                && current.refs(**id).checked_add_signed(**change) == Some(0)
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    unreferenced.extend(
+        current
+            .backends
+            .keys()
+            .filter(|id| current.refs(**id) == 0 && !ref_changes.contains_key(id)),
+    );
+    ops.extend(unreferenced.into_iter().map(MapOp::DeleteBackend));
+    Plan { ops, refused }
 }
 
 /// Slot number of the backend at `index`; `plan` bounds indexes by `u16::MAX`.
@@ -239,6 +412,26 @@ mod tests {
 
     use super::*;
     use crate::model::Protocol;
+
+    /// A plan over every frontend either side knows, and the state it leaves.
+    fn plan_all(
+        current: &Programmed,
+        desired: &BTreeMap<Frontend, FrontendSpec>,
+    ) -> Result<(Vec<MapOp>, Programmed), PlanError> {
+        let scope: BTreeSet<Frontend> = current
+            .frontends
+            .keys()
+            .chain(desired.keys())
+            .copied()
+            .collect();
+        let Plan { ops, mut refused } = plan(current, |f| desired.get(f), &scope);
+        if let Some(error) = refused.pop() {
+            return Err(error);
+        }
+        let mut next = current.clone();
+        next.apply(&ops);
+        Ok((ops, next))
+    }
 
     /// An in-memory copy of the maps, to replay plans op by op.
     #[derive(Default)]
@@ -331,7 +524,7 @@ mod tests {
         current: &Programmed,
         desired: &BTreeMap<Frontend, FrontendSpec>,
     ) -> (Programmed, usize) {
-        let (ops, next) = plan(current, desired).unwrap();
+        let (ops, next) = plan_all(current, desired).unwrap();
         for op in &ops {
             maps.apply(op);
             for (f, spec) in desired {
@@ -382,7 +575,7 @@ mod tests {
         }
         // Turning affinity off removes its matches but keeps the frontend.
         let desired = BTreeMap::from([(frontend(1), backends(1..2))]);
-        let (ops, next) = plan(&current, &desired).unwrap();
+        let (ops, next) = plan_all(&current, &desired).unwrap();
         assert!(next.affinity_matches.is_empty());
         assert!(
             ops.iter()
@@ -397,12 +590,12 @@ mod tests {
     fn frontend_ids_are_stable_and_reused_only_when_free() {
         let desired =
             BTreeMap::from([(frontend(1), backends(1..2)), (frontend(2), backends(1..2))]);
-        let (_, current) = plan(&Programmed::default(), &desired).unwrap();
+        let (_, current) = plan_all(&Programmed::default(), &desired).unwrap();
         let ids: Vec<_> = current.frontends.values().map(|f| f.id).collect();
         assert_eq!(ids, [1, 2]);
         let desired =
             BTreeMap::from([(frontend(2), backends(1..2)), (frontend(3), backends(1..2))]);
-        let (_, next) = plan(&current, &desired).unwrap();
+        let (_, next) = plan_all(&current, &desired).unwrap();
         assert_eq!(next.frontends[&frontend(2)].id, 2);
         assert_eq!(
             next.frontends[&frontend(3)].id,
@@ -414,10 +607,10 @@ mod tests {
     #[test]
     fn a_flag_change_rewrites_only_the_master() {
         let desired = BTreeMap::from([(frontend(1), backends(1..3))]);
-        let (_, current) = plan(&Programmed::default(), &desired).unwrap();
+        let (_, current) = plan_all(&Programmed::default(), &desired).unwrap();
         let mut spec = backends(1..3);
         spec.flags = lb_common::FLAG_NODE_LOCAL;
-        let (ops, _) = plan(&current, &BTreeMap::from([(frontend(1), spec)])).unwrap();
+        let (ops, _) = plan_all(&current, &BTreeMap::from([(frontend(1), spec)])).unwrap();
         assert_eq!(ops.len(), 1, "{ops:?}");
         assert!(matches!(&ops[0], MapOp::PutMaster(_, m) if m.flags == lb_common::FLAG_NODE_LOCAL));
     }
@@ -435,8 +628,8 @@ mod tests {
     fn an_unchanged_state_writes_nothing() {
         let desired =
             BTreeMap::from([(frontend(1), backends(1..4)), (frontend(2), backends(3..6))]);
-        let (_, current) = plan(&Programmed::default(), &desired).unwrap();
-        let (ops, next) = plan(&current, &desired).unwrap();
+        let (_, current) = plan_all(&Programmed::default(), &desired).unwrap();
+        let (ops, next) = plan_all(&current, &desired).unwrap();
         assert!(ops.is_empty(), "{ops:?}");
         assert_eq!(next, current);
     }
@@ -445,7 +638,7 @@ mod tests {
     fn shared_backends_get_one_id_and_ids_stay_stable() {
         let desired =
             BTreeMap::from([(frontend(1), backends(1..4)), (frontend(2), backends(2..5))]);
-        let (_, current) = plan(&Programmed::default(), &desired).unwrap();
+        let (_, current) = plan_all(&Programmed::default(), &desired).unwrap();
         assert_eq!(current.backends.len(), 4);
         let id_of = |p: &Programmed, i: u8| {
             p.backends
@@ -456,7 +649,7 @@ mod tests {
         // Dropping backend 1 must not renumber the others.
         let desired =
             BTreeMap::from([(frontend(1), backends(2..4)), (frontend(2), backends(2..5))]);
-        let (ops, next) = plan(&current, &desired).unwrap();
+        let (ops, next) = plan_all(&current, &desired).unwrap();
         for i in 2..5 {
             assert_eq!(id_of(&current, i), id_of(&next, i));
         }
@@ -467,8 +660,8 @@ mod tests {
     #[test]
     fn removed_frontends_lose_master_before_slots() {
         let desired = BTreeMap::from([(frontend(1), backends(1..3))]);
-        let (_, current) = plan(&Programmed::default(), &desired).unwrap();
-        let (ops, _) = plan(&current, &BTreeMap::new()).unwrap();
+        let (_, current) = plan_all(&Programmed::default(), &desired).unwrap();
+        let (ops, _) = plan_all(&current, &BTreeMap::new()).unwrap();
         assert_eq!(ops[0], MapOp::DeleteMaster(frontend(1)));
         assert!(matches!(ops.last(), Some(MapOp::DeleteBackend(_))));
     }
@@ -476,8 +669,9 @@ mod tests {
     #[test]
     fn removals_come_before_additions_so_a_full_map_makes_room() {
         let desired = BTreeMap::from([(frontend(1), backends(1..3))]);
-        let (_, current) = plan(&Programmed::default(), &desired).unwrap();
-        let (ops, _) = plan(&current, &BTreeMap::from([(frontend(2), backends(1..3))])).unwrap();
+        let (_, current) = plan_all(&Programmed::default(), &desired).unwrap();
+        let (ops, _) =
+            plan_all(&current, &BTreeMap::from([(frontend(2), backends(1..3))])).unwrap();
         let first_put = ops
             .iter()
             .position(|op| matches!(op, MapOp::PutSlot(..) | MapOp::PutMaster(..)))

@@ -2,11 +2,16 @@
 //! that have no frontend — written by the agent after each sync for the CLI to read, also
 //! while the agent is stopped.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex, PoisonError, mpsc},
+};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Desired, EndpointState, Frontend, FrontendKind, NotInDatapath};
+use crate::model::{
+    Desired, EndpointState, Frontend, FrontendKind, FrontendTarget, NotInDatapath, ObjectRef,
+};
 
 /// Default directory of the state file.
 pub const DEFAULT_STATE_DIR: &str = "/run/lb";
@@ -54,16 +59,41 @@ pub struct Unserved {
     pub why: String,
 }
 
-impl State {
-    pub fn of(desired: &Desired, cgroup: &Path, node: &str) -> Self {
+/// What a state file is made of, taken on the sync path: the targets are shared, not
+/// copied, so taking it costs little even with 100k frontends.
+pub struct Snapshot {
+    frontends: Vec<(Frontend, Arc<FrontendTarget>)>,
+    not_in_datapath: Vec<(ObjectRef, NotInDatapath)>,
+    synced_at_ms: u64,
+}
+
+impl Snapshot {
+    pub fn of(desired: &Desired) -> Self {
         let synced_at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         Self {
+            frontends: desired
+                .frontends()
+                .map(|(frontend, target)| (*frontend, target.clone()))
+                .collect(),
+            not_in_datapath: desired
+                .not_in_datapath
+                .iter()
+                .map(|(service, why)| (service.clone(), why.clone()))
+                .collect(),
             synced_at_ms,
+        }
+    }
+}
+
+impl State {
+    pub fn of(snapshot: &Snapshot, cgroup: &Path, node: &str) -> Self {
+        Self {
+            synced_at_ms: snapshot.synced_at_ms,
             cgroup: cgroup.into(),
             node: node.into(),
-            frontends: desired
+            frontends: snapshot
                 .frontends
                 .iter()
                 .map(|(frontend, target)| FrontendNames {
@@ -74,10 +104,10 @@ impl State {
                     endpoints: target.endpoints.clone(),
                 })
                 .collect(),
-            not_in_datapath: desired
+            not_in_datapath: snapshot
                 .not_in_datapath
                 .iter()
-                .map(|(service, why): (_, &NotInDatapath)| Unserved {
+                .map(|(service, why)| Unserved {
                     service: service.to_string(),
                     why: why.to_string(),
                 })
@@ -94,10 +124,12 @@ impl State {
         };
         std::fs::create_dir_all(dir).map_err(error)?;
         let temp = dir.join(format!(".{FILE}.tmp"));
-        let text = serde_json::to_vec_pretty(self)
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(error)?);
+        serde_json::to_writer(&mut file, self)
             .map_err(std::io::Error::other)
             .map_err(error)?;
-        std::fs::write(&temp, text).map_err(error)?;
+        std::io::Write::flush(&mut file).map_err(error)?;
+        drop(file);
         std::fs::rename(&temp, &path).map_err(error)
     }
 
@@ -120,6 +152,84 @@ impl State {
                 path,
                 reason: e.to_string(),
             })
+    }
+}
+
+/// Writes state files on a thread of its own, so that a sync does not wait for 100k
+/// frontends to be serialized: it hands over a [`Snapshot`] and goes on. When snapshots
+/// come faster than files are written, only the newest is written.
+pub struct StateWriter {
+    snapshots: Option<mpsc::Sender<(u64, Snapshot)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    sent: u64,
+    /// The last snapshot written (or given up on), by its number.
+    done: Arc<(Mutex<u64>, Condvar)>,
+}
+
+impl StateWriter {
+    pub fn spawn(
+        dir: PathBuf,
+        cgroup: PathBuf,
+        node: String,
+        on_error: impl Fn(&StateError) + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let (snapshots, received) = mpsc::channel::<(u64, Snapshot)>();
+        let done = Arc::new((Mutex::new(0), Condvar::new()));
+        let written = done.clone();
+        let thread = std::thread::Builder::new()
+            .name("lb-state".into())
+            .spawn(move || {
+                while let Ok(mut latest) = received.recv() {
+                    while let Ok(newer) = received.try_recv() {
+                        latest = newer;
+                    }
+                    let (number, snapshot) = latest;
+                    if let Err(e) = State::of(&snapshot, &cgroup, &node).write(&dir) {
+                        on_error(&e);
+                    }
+                    let (last, changed) = &*written;
+                    *last.lock().unwrap_or_else(PoisonError::into_inner) = number;
+                    changed.notify_all();
+                }
+            })?;
+        Ok(Self {
+            snapshots: Some(snapshots),
+            thread: Some(thread),
+            sent: 0,
+            done,
+        })
+    }
+
+    pub fn write(&mut self, snapshot: Snapshot) {
+        if let Some(snapshots) = &self.snapshots {
+            self.sent += 1;
+            // The thread ends only when this sender is dropped.
+            drop(snapshots.send((self.sent, snapshot)));
+        }
+    }
+
+    /// Waits until every snapshot handed over so far is in the file.
+    pub fn flush(&self) {
+        let (last, changed) = &*self.done;
+        let mut written = last.lock().unwrap_or_else(PoisonError::into_inner);
+        while *written < self.sent && self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            written = changed
+                .wait_timeout(written, std::time::Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+}
+
+impl Drop for StateWriter {
+    /// Waits for the last snapshot to be written, so a stopped agent leaves its last state.
+    fn drop(&mut self) {
+        self.snapshots = None;
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the state file writer panicked");
+        }
     }
 }
 

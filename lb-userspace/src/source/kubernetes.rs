@@ -3,7 +3,7 @@
 //! reflector's store only once the new list is complete, so a sync never sees a partial
 //! list; and the agent syncs only once both initial lists are in.
 
-use std::{path::Path, sync::Arc, time::Instant};
+use std::{path::Path, time::Instant};
 
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -121,32 +121,34 @@ impl Kubernetes {
         })
     }
 
-    /// Puts the reflectors' current objects into `store`.
+    /// Puts the reflectors' current objects into `store`; only those whose
+    /// `resourceVersion` changed are converted again.
     pub fn refresh(&mut self, store: &mut Store) -> Problems {
         let objects: Vec<(Kind, ObjectRef, ApiObject)> = self
             .services
             .state()
-            .iter()
-            .map(|s: &Arc<Service>| {
-                (
-                    Kind::Service,
-                    id(&s.metadata),
-                    ApiObject::Service(Box::new(Service::clone(s))),
-                )
-            })
-            .chain(self.slices.state().iter().map(|s: &Arc<EndpointSlice>| {
-                (
-                    Kind::EndpointSlice,
-                    id(&s.metadata),
-                    ApiObject::EndpointSlice(Box::new(EndpointSlice::clone(s))),
-                )
-            }))
+            .into_iter()
+            .map(|s| (Kind::Service, ApiObject::Service(s)))
+            .chain(
+                self.slices
+                    .state()
+                    .into_iter()
+                    .map(|s| (Kind::EndpointSlice, ApiObject::EndpointSlice(s))),
+            )
+            .map(|(kind, object)| (kind, id(object.metadata()), object))
             .collect();
-        store.update(objects.iter().map(|(kind, id, object)| Delivered {
-            kind: *kind,
-            id: id.clone(),
-            object: Ok(object),
-            origin: String::new(),
+        store.update(objects.iter().map(|(kind, id, object)| {
+            Delivered {
+                kind: *kind,
+                id,
+                version: object
+                    .metadata()
+                    .resource_version
+                    .as_deref()
+                    .unwrap_or_default(),
+                object: Ok(object),
+                origin: "",
+            }
         }))
     }
 }

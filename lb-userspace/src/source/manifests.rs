@@ -17,9 +17,21 @@ use crate::{
 
 pub struct Manifests {
     dir: PathBuf,
-    /// Last readable contents of each manifest, and the file's version when read.
-    files: BTreeMap<PathBuf, (Version, Vec<Document>)>,
+    /// Last readable contents of each manifest.
+    files: BTreeMap<PathBuf, File>,
+    /// Files read so far: each read gets its own number, the version of its objects.
+    reads: u64,
     _watcher: notify::RecommendedWatcher,
+}
+
+struct File {
+    /// The file as it was when read.
+    version: Version,
+    /// The version of the objects read from it.
+    read: String,
+    /// `"path: "`, what model errors of its objects start with.
+    origin: String,
+    documents: Vec<Document>,
 }
 
 /// What tells a file that changed from one that did not, without reading it: editors and
@@ -63,6 +75,7 @@ impl Manifests {
         Ok(Self {
             dir: dir.into(),
             files: BTreeMap::new(),
+            reads: 0,
             _watcher: watcher,
         })
     }
@@ -80,7 +93,8 @@ impl Manifests {
             let version = Version::of(&path);
             // An unchanged file is not read again: one edited Service in a directory of
             // thousands costs one file, not the directory.
-            if version.is_some() && self.files.get(&path).map(|(v, _)| Some(*v)) == Some(version) {
+            if version.is_some() && self.files.get(&path).map(|f| Some(f.version)) == Some(version)
+            {
                 continue;
             }
             // `kubectl get … > file` truncates before it writes: an empty file that had
@@ -96,7 +110,14 @@ impl Manifests {
             match manifest::read_file(&path) {
                 Ok(documents) => {
                     if let Some(version) = version {
-                        self.files.insert(path, (version, documents));
+                        self.reads += 1;
+                        let file = File {
+                            version,
+                            read: self.reads.to_string(),
+                            origin: format!("{}: ", path.display()),
+                            documents,
+                        };
+                        self.files.insert(path, file);
                     }
                 }
                 Err(e) => {
@@ -109,12 +130,13 @@ impl Manifests {
                 }
             }
         }
-        let delivered = self.files.iter().flat_map(|(path, (_, documents))| {
-            documents.iter().map(move |document| Delivered {
+        let delivered = self.files.values().flat_map(|file| {
+            file.documents.iter().map(move |document| Delivered {
                 kind: document.kind,
-                id: document.id.clone(),
+                id: &document.id,
+                version: &file.read,
                 object: document.object.as_ref().map_err(ToString::to_string),
-                origin: format!("{}: ", path.display()),
+                origin: &file.origin,
             })
         });
         problems.extend(store.update(delivered));
