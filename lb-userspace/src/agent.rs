@@ -2,7 +2,7 @@
 //! line with the Services and EndpointSlices of its source until SIGINT or SIGTERM.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -18,9 +18,9 @@ use tokio::{
 use crate::{
     datapath::{self, ServiceMaps},
     metrics::{self, ErrorKind, Metrics},
-    model::{Desired, Node},
+    model::{Desired, Frontend, Node},
     mounts, netns,
-    plan::{self, Programmed},
+    plan::{self, PlanError, Programmed},
     source::{Source, kubernetes, manifests::Manifests},
     state::{AgentPid, Snapshot, StateWriter},
     store::Store,
@@ -132,7 +132,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     );
     let mut maps = datapath.maps;
     maps.set_host_netns_cookie(host.cookie)?;
-    let snapshot = maps.read()?;
 
     // Changes are watched before the first read, so none between the two is missed.
     let (changes, mut changed) = mpsc::unbounded_channel();
@@ -155,20 +154,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut syncer = Syncer {
         store: Store::default(),
         desired: Desired::default(),
-        programmed: snapshot.programmed,
+        programmed: Programmed::default(),
+        read_back: true,
         full: true,
+        refused: BTreeMap::new(),
         reported: BTreeSet::new(),
         node,
         state,
         metrics: metrics.clone(),
     };
-    // Entries an agent stopped mid-update left behind: no master count points at them, so
-    // they go before the first sync, which may write the same keys again.
-    for key in snapshot.orphans {
-        if let Err(e) = maps.remove_service(&key) {
-            tracing::warn!("removing a stale map entry: {e}");
-        }
-    }
     let mut ready = false;
     let mut retry = Retry::default();
     if syncer.sync(&mut maps, &mut source, None) {
@@ -256,9 +250,14 @@ struct Syncer {
     store: Store,
     desired: Desired,
     programmed: Programmed,
-    /// The next plan covers every frontend, not only those that changed: at the start, and
-    /// after a failed write left the maps in a state the agent re-read.
+    /// The maps are read back before the next plan: at the start (an earlier agent's
+    /// state), and after a failed write left them partly written.
+    read_back: bool,
+    /// The next plan covers every frontend, not only those that changed: after the maps
+    /// were read back.
     full: bool,
+    /// Frontends plans refused to write, and why: reported every sync while they last.
+    refused: BTreeMap<Frontend, String>,
     /// Problems already logged, so that each is logged (and counted) once, not every sync.
     reported: BTreeSet<String>,
     node: Node,
@@ -297,6 +296,14 @@ impl Syncer {
                 conflict.ignored, conflict.frontend, conflict.kept
             )
         }));
+        if self.read_back
+            && let Err(e) = self.reload(maps)
+        {
+            tracing::error!("reading the maps back: {e}; retrying");
+            self.metrics.error(ErrorKind::MapWrite);
+            self.report(problems);
+            return false;
+        }
         let scope = if self.full {
             self.programmed
                 .frontends
@@ -313,22 +320,22 @@ impl Syncer {
             |frontend| desired.target(frontend).map(|target| &target.spec),
             &scope,
         );
-        problems.extend(
-            plan.refused
-                .iter()
-                .map(|e| format!("{e}; its last state stays")),
-        );
+        for frontend in &scope {
+            self.refused.remove(frontend);
+        }
+        for refusal in &plan.refused {
+            let PlanError::TooManyBackends { frontend, .. } = refusal;
+            self.refused
+                .insert(*frontend, format!("{refusal}; its last state stays"));
+        }
+        problems.extend(self.refused.values().cloned());
         self.report(problems);
         let planned = started.elapsed();
         tracing::debug!(?refreshed, ?planned, "sync phases");
         if let Err(e) = maps.apply(&plan.ops) {
-            tracing::error!("writing the maps: {e}; re-reading them to retry");
+            tracing::error!("writing the maps: {e}; reading them back to retry");
             self.metrics.error(ErrorKind::MapWrite);
-            match maps.read() {
-                Ok(snapshot) => self.programmed = snapshot.programmed,
-                Err(e) => tracing::error!("re-reading the maps: {e}"),
-            }
-            self.full = true;
+            self.read_back = true;
             return false;
         }
         self.programmed.apply(&plan.ops);
@@ -338,10 +345,26 @@ impl Syncer {
         true
     }
 
+    /// Takes what the maps hold as the starting point of a full plan, after removing the
+    /// entries an interrupted plan left behind: slots no master count points at, which the
+    /// plan may write again.
+    fn reload(&mut self, maps: &mut ServiceMaps) -> Result<(), datapath::DatapathError> {
+        let snapshot = maps.read()?;
+        for key in snapshot.orphans {
+            maps.remove_service(&key)?;
+        }
+        self.programmed = snapshot.programmed;
+        self.read_back = false;
+        self.full = true;
+        Ok(())
+    }
+
     /// Marks the agent ready: its source synced, the maps written, and the state file
     /// that names what they hold.
     fn ready(&self, source: &Source) -> bool {
-        self.state.flush();
+        if !self.state.flush(Duration::from_secs(30)) {
+            tracing::warn!("the state file is still being written; `lb services` may lag");
+        }
         self.metrics.set_ready();
         tracing::info!(source = %source.describe(), "ready");
         true
@@ -373,6 +396,21 @@ impl Syncer {
         self.metrics
             .backends
             .set(gauge(self.programmed.backends.len()));
+        let service_entries = self.programmed.frontends.len()
+            + self
+                .programmed
+                .frontends
+                .values()
+                .map(|f| f.slots.len())
+                .sum::<usize>();
+        self.metrics
+            .set_map_entries(lb_common::SERVICE_MAP, service_entries);
+        self.metrics
+            .set_map_entries(lb_common::BACKEND_MAP, self.programmed.backends.len());
+        self.metrics.set_map_entries(
+            lb_common::AFFINITY_MATCH_MAP,
+            self.programmed.affinity_matches.len(),
+        );
         self.metrics.syncs.inc();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         if let Some(changed_at) = changed_at {

@@ -123,31 +123,45 @@ pub struct Occupancy {
 /// How full every map pinned in `dir` is. Hash maps are counted key by key; arrays are full
 /// by construction.
 pub fn occupancy(dir: &Path) -> Result<Vec<Occupancy>, DatapathError> {
+    MAPS.iter().map(|name| map_occupancy(dir, name)).collect()
+}
+
+/// The maps the kernel fills (LRU), which only a walk can count.
+pub const KERNEL_FILLED_MAPS: [&str; 2] = [REVNAT_MAP, AFFINITY_MAP];
+
+/// One map's occupancy: hash maps are walked (a syscall per entry), arrays are full.
+pub fn map_occupancy(dir: &Path, name: &'static str) -> Result<Occupancy, DatapathError> {
     fn count<K: aya::Pod, V: aya::Pod>(map: Map, name: &'static str) -> Result<u64, DatapathError> {
         let map: HashMap<MapData, K, V> = map.try_into().map_err(map_error(name))?;
         Ok(map.keys().filter(Result::is_ok).count() as u64)
     }
-    MAPS.iter()
-        .map(|name| {
-            let map = open_pinned_map(dir, name)?;
-            let info = aya::maps::MapInfo::from_pin(dir.join(name)).map_err(map_error(name))?;
-            let entries = match *name {
-                SERVICE_MAP => count::<ServiceKey, ServiceValue>(map, name)?,
-                BACKEND_MAP => count::<BackendId, Backend>(map, name)?,
-                REVNAT_MAP => count::<lb_common::RevNatKey, lb_common::RevNatValue>(map, name)?,
-                AFFINITY_MAP => {
-                    count::<lb_common::AffinityKey, lb_common::AffinityValue>(map, name)?
-                }
-                AFFINITY_MATCH_MAP => count::<AffinityMatchKey, u32>(map, name)?,
-                _ => u64::from(info.max_entries()),
-            };
-            Ok(Occupancy {
-                map: name,
-                entries,
-                max_entries: info.max_entries(),
-            })
-        })
-        .collect()
+    let info = aya::maps::MapInfo::from_pin(dir.join(name)).map_err(map_error(name))?;
+    let entries = match name {
+        SERVICE_MAP => count::<ServiceKey, ServiceValue>(open_pinned_map(dir, name)?, name)?,
+        BACKEND_MAP => count::<BackendId, Backend>(open_pinned_map(dir, name)?, name)?,
+        REVNAT_MAP => count::<lb_common::RevNatKey, lb_common::RevNatValue>(
+            open_pinned_map(dir, name)?,
+            name,
+        )?,
+        AFFINITY_MAP => count::<lb_common::AffinityKey, lb_common::AffinityValue>(
+            open_pinned_map(dir, name)?,
+            name,
+        )?,
+        AFFINITY_MATCH_MAP => count::<AffinityMatchKey, u32>(open_pinned_map(dir, name)?, name)?,
+        _ => u64::from(info.max_entries()),
+    };
+    Ok(Occupancy {
+        map: name,
+        entries,
+        max_entries: info.max_entries(),
+    })
+}
+
+/// A map's capacity, without walking it.
+pub fn map_capacity(dir: &Path, name: &'static str) -> Result<u32, DatapathError> {
+    Ok(aya::maps::MapInfo::from_pin(dir.join(name))
+        .map_err(map_error(name))?
+        .max_entries())
 }
 
 /// The live affinity entries: (client, frontend id) → (backend id, last use in ns of

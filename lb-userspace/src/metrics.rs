@@ -4,9 +4,10 @@
 use std::{
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
+    time::{Duration, Instant},
 };
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
@@ -54,9 +55,15 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
+    /// When the kernel-filled maps were last walked.
+    walked_at: Mutex<Option<Instant>>,
     ready: AtomicBool,
     bpffs: PathBuf,
 }
+
+/// How often a scrape may walk the maps the kernel fills: a walk costs a syscall per entry,
+/// and they can hold hundreds of thousands.
+const WALK_EVERY: Duration = Duration::from_secs(10);
 
 /// Buckets from 100 µs to about 52 s.
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -119,6 +126,7 @@ impl Metrics {
             errors,
             map_entries,
             map_capacity,
+            walked_at: Mutex::new(None),
             ready: AtomicBool::new(false),
             bpffs,
         }
@@ -132,23 +140,52 @@ impl Metrics {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    /// The exposition text; map occupancy is read from the maps at scrape time.
+    /// Entries of a map the agent writes, as it knows them after a sync (counting them in
+    /// the map would walk it).
+    pub fn set_map_entries(&self, map: &str, entries: usize) {
+        self.map_entries
+            .get_or_create(&MapLabels { map: map.into() })
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// The exposition text. Capacities are read at scrape time; the maps the kernel fills
+    /// are counted by a walk at most every [`WALK_EVERY`].
     fn render(&self) -> Result<String, std::fmt::Error> {
-        match datapath::occupancy(&self.bpffs) {
-            Ok(maps) => {
-                for map in maps {
-                    let labels = MapLabels {
-                        map: map.map.to_owned(),
-                    };
-                    self.map_entries
-                        .get_or_create(&labels)
-                        .set(i64::try_from(map.entries).unwrap_or(i64::MAX));
+        for map in datapath::MAPS {
+            match datapath::map_capacity(&self.bpffs, map) {
+                Ok(capacity) => {
                     self.map_capacity
-                        .get_or_create(&labels)
-                        .set(i64::from(map.max_entries));
+                        .get_or_create(&MapLabels { map: map.into() })
+                        .set(i64::from(capacity));
+                    // Arrays are always full.
+                    if [lb_common::CONFIG_MAP, lb_common::STATS_MAP].contains(&map) {
+                        self.set_map_entries(map, usize::try_from(capacity).unwrap_or(usize::MAX));
+                    }
+                }
+                Err(e) => tracing::warn!("reading map capacity: {e}"),
+            }
+        }
+        let walk = {
+            let mut walked_at = self
+                .walked_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let due = walked_at.is_none_or(|at| at.elapsed() >= WALK_EVERY);
+            if due {
+                *walked_at = Some(Instant::now());
+            }
+            due
+        };
+        if walk {
+            for map in datapath::KERNEL_FILLED_MAPS {
+                match datapath::map_occupancy(&self.bpffs, map) {
+                    Ok(occupancy) => self.set_map_entries(
+                        map,
+                        usize::try_from(occupancy.entries).unwrap_or(usize::MAX),
+                    ),
+                    Err(e) => tracing::warn!("reading map occupancy: {e}"),
                 }
             }
-            Err(e) => tracing::warn!("reading map occupancy: {e}"),
         }
         let mut text = String::new();
         encode(&mut text, &self.registry)?;

@@ -71,6 +71,8 @@ pub struct Programmed {
     /// How many slots name each backend.
     backend_refs: BTreeMap<BackendId, usize>,
     frontend_ids: BTreeSet<FrontendId>,
+    /// `affinity_matches` by frontend id, whatever its slots say now.
+    matches_by_frontend: BTreeMap<FrontendId, BTreeSet<BackendId>>,
 }
 
 impl Programmed {
@@ -83,10 +85,12 @@ impl Programmed {
         let mut programmed = Self {
             backend_ids: backends.iter().map(|(id, addr)| (*addr, *id)).collect(),
             backends,
-            affinity_matches,
             frontend_ids: frontends.values().map(|f| f.id).collect(),
             ..Self::default()
         };
+        for key in affinity_matches {
+            programmed.insert_match(key);
+        }
         for id in frontends.values().flat_map(|f| &f.slots) {
             *programmed.backend_refs.entry(*id).or_default() += 1;
         }
@@ -117,9 +121,7 @@ impl Programmed {
                 self.backends.insert(*id, *addr);
                 self.backend_ids.insert(*addr, *id);
             }
-            MapOp::PutAffinityMatch(key) => {
-                self.affinity_matches.insert(*key);
-            }
+            MapOp::PutAffinityMatch(key) => self.insert_match(*key),
             MapOp::PutSlot(frontend, slot, id) => {
                 let slots = &mut self.frontends.entry(*frontend).or_default().slots;
                 let index = usize::from(*slot).saturating_sub(1);
@@ -165,6 +167,12 @@ impl Programmed {
             }
             MapOp::DeleteAffinityMatch(key) => {
                 self.affinity_matches.remove(key);
+                if let Some(backends) = self.matches_by_frontend.get_mut(&key.frontend_id) {
+                    backends.remove(&key.backend_id);
+                    if backends.is_empty() {
+                        self.matches_by_frontend.remove(&key.frontend_id);
+                    }
+                }
             }
             MapOp::DeleteBackend(id) => {
                 if let Some(addr) = self.backends.remove(id)
@@ -174,6 +182,26 @@ impl Programmed {
                 }
             }
         }
+    }
+
+    fn insert_match(&mut self, key: AffinityMatchKey) {
+        self.affinity_matches.insert(key);
+        self.matches_by_frontend
+            .entry(key.frontend_id)
+            .or_default()
+            .insert(key.backend_id);
+    }
+
+    /// The affinity matches the maps hold for frontend `id`.
+    fn matches_of(&self, id: FrontendId) -> impl Iterator<Item = AffinityMatchKey> + '_ {
+        self.matches_by_frontend
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .map(move |backend_id| AffinityMatchKey {
+                backend_id: *backend_id,
+                frontend_id: id,
+            })
     }
 
     fn release(&mut self, id: BackendId) {
@@ -221,8 +249,10 @@ pub struct Plan {
     pub refused: Vec<PlanError>,
 }
 
-/// Ids not in use: above the highest one first (cheap, and ids of what was just removed
-/// are not reused at once), then the gaps below once the top is reached.
+/// Ids not in use: above the highest one in use first (cheap), then the gaps below once
+/// the top is reached. An id freed by one plan may be handed out by the next: affinity
+/// entries that still name it are harmless, as the affinity-match map no longer pairs it
+/// with their frontend.
 fn free_ids<'a>(
     used: impl Fn(&u32) -> bool + 'a,
     highest: Option<u32>,
@@ -284,9 +314,15 @@ pub fn plan<'a>(
 
     // 1. Backends: known ones keep their ids, new ones get free ids.
     let mut new_backends: BTreeMap<BackendAddr, BackendId> = BTreeMap::new();
+    // An id a slot still names is in use even if its backend entry is missing.
     let mut backend_ids = free_ids(
-        |id| current.backends.contains_key(id),
-        current.backends.keys().next_back().copied(),
+        |id| current.backends.contains_key(id) || current.backend_refs.contains_key(id),
+        current
+            .backends
+            .keys()
+            .next_back()
+            .max(current.backend_refs.keys().next_back())
+            .copied(),
     );
     for addr in wanted.iter().flat_map(|(_, spec)| &spec.backends) {
         if !current.backend_ids.contains_key(addr) && !new_backends.contains_key(addr) {
@@ -304,9 +340,14 @@ pub fn plan<'a>(
     };
 
     // The frontends as they will be, with stable ids.
+    // Ids that left-over affinity matches name are not handed out until those are gone.
     let mut frontend_ids = free_ids(
-        |id| current.frontend_ids.contains(id),
-        current.frontend_ids.last().copied(),
+        |id| current.frontend_ids.contains(id) || current.matches_by_frontend.contains_key(id),
+        current
+            .frontend_ids
+            .last()
+            .max(current.matches_by_frontend.keys().next_back())
+            .copied(),
     );
     let next: Vec<(Frontend, ProgrammedFrontend)> = wanted
         .iter()
@@ -366,17 +407,22 @@ pub fn plan<'a>(
         .iter()
         .flat_map(|(_, new)| new.affinity_matches())
         .collect();
-    let live_frontend_ids: BTreeSet<FrontendId> = next.iter().map(|(_, new)| new.id).collect();
+    // Every match the maps hold for a frontend in scope, not only those its slots imply:
+    // an interrupted plan can leave others.
     let mut stale_matches: BTreeSet<AffinityMatchKey> = scope
         .iter()
         .filter_map(|frontend| current.frontends.get(frontend))
-        .flat_map(ProgrammedFrontend::affinity_matches)
+        .flat_map(|old| current.matches_of(old.id))
         .filter(|key| !next_matches.contains(key))
         .collect();
-    stale_matches.extend(current.affinity_matches.iter().filter(|key| {
-        !current.frontend_ids.contains(&key.frontend_id)
-            && !live_frontend_ids.contains(&key.frontend_id)
-    }));
+    // And the matches of frontend ids no frontend has (new frontends never get those).
+    stale_matches.extend(
+        current
+            .matches_by_frontend
+            .keys()
+            .filter(|id| !current.frontend_ids.contains(id))
+            .flat_map(|id| current.matches_of(*id)),
+    );
     ops.extend(
         stale_matches
             .into_iter()
@@ -681,5 +727,37 @@ mod tests {
             .rposition(|op| matches!(op, MapOp::DeleteMaster(_) | MapOp::DeleteSlot(..)))
             .unwrap();
         assert!(last_removal < first_put, "{ops:?}");
+    }
+
+    #[test]
+    fn left_over_affinity_matches_go_with_a_full_plan() {
+        let desired = BTreeMap::from([(frontend(1), with_affinity(backends(1..3)))]);
+        let (_, current) = plan_all(&Programmed::default(), &desired).unwrap();
+        // What an interrupted plan can leave: a match for a backend the frontend no longer
+        // has, and one for a frontend id no frontend has.
+        let id = current.frontends[&frontend(1)].id;
+        let mut matches = current.affinity_matches.clone();
+        matches.insert(AffinityMatchKey {
+            backend_id: 99,
+            frontend_id: id,
+        });
+        matches.insert(AffinityMatchKey {
+            backend_id: 1,
+            frontend_id: 77,
+        });
+        let read = Programmed::new(current.frontends.clone(), current.backends.clone(), matches);
+        let (ops, next) = plan_all(&read, &desired).unwrap();
+        assert_eq!(next.affinity_matches, current.affinity_matches);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        // A new frontend does not get id 77 while a match names it.
+        let (_, next) = plan_all(
+            &read,
+            &BTreeMap::from([
+                (frontend(1), with_affinity(backends(1..3))),
+                (frontend(2), backends(1..2)),
+            ]),
+        )
+        .unwrap();
+        assert_ne!(next.frontends[&frontend(2)].id, 77);
     }
 }

@@ -208,16 +208,23 @@ impl StateWriter {
         }
     }
 
-    /// Waits until every snapshot handed over so far is in the file.
-    pub fn flush(&self) {
+    /// Waits until every snapshot handed over so far is in the file, or `deadline` passed;
+    /// false in the latter case.
+    pub fn flush(&self, deadline: std::time::Duration) -> bool {
+        let until = std::time::Instant::now() + deadline;
         let (last, changed) = &*self.done;
         let mut written = last.lock().unwrap_or_else(PoisonError::into_inner);
         while *written < self.sent && self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
             written = changed
-                .wait_timeout(written, std::time::Duration::from_millis(100))
+                .wait_timeout(written, left.min(std::time::Duration::from_millis(100)))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+        true
     }
 }
 

@@ -286,14 +286,20 @@ mod tests {
         manifest::parse(Path::new("m.yaml"), yaml).unwrap()
     }
 
-    fn update(store: &mut Store, documents: &[Document]) -> Problems {
+    /// Delivers `documents` as m.yaml's, at `version`.
+    fn update_at(store: &mut Store, documents: &[Document], version: &str) -> Problems {
         store.update(documents.iter().map(|d| Delivered {
             kind: d.kind,
             id: &d.id,
-            version: "",
+            version,
             object: d.object.as_ref().map_err(ToString::to_string),
             origin: "m.yaml: ",
         }))
+    }
+
+    /// Delivers `documents` as changed, whatever they hold.
+    fn update(store: &mut Store, documents: &[Document]) -> Problems {
+        update_at(store, documents, "")
     }
 
     /// The frontends the store's Services have, computed from what it says changed.
@@ -458,16 +464,7 @@ mod tests {
     #[test]
     fn an_unchanged_version_is_not_converted_again() {
         let mut store = Store::default();
-        let deliver = |store: &mut Store, yaml: &str| {
-            let documents = documents(yaml);
-            store.update(documents.iter().map(|d| Delivered {
-                kind: d.kind,
-                id: &d.id,
-                version: "7",
-                object: d.object.as_ref().map_err(ToString::to_string),
-                origin: "",
-            }))
-        };
+        let deliver = |store: &mut Store, yaml: &str| update_at(store, &documents(yaml), "7");
         assert!(deliver(&mut store, A).is_empty());
         assert_eq!(store.take_changed().len(), 1);
         // Same version, different text: a source only does that if its object did not
