@@ -39,6 +39,8 @@ pub const AFFINITY_MAP: &str = "lb4_affinity_v1";
 /// See [`SERVICE_MAP`].
 pub const AFFINITY_MATCH_MAP: &str = "lb4_affmatch_v1";
 /// See [`SERVICE_MAP`].
+pub const UDP_SOCKET_MAP: &str = "lb4_udpsock_v1";
+/// See [`SERVICE_MAP`].
 pub const CONFIG_MAP: &str = "lb_config_v1";
 /// See [`SERVICE_MAP`].
 pub const STATS_MAP: &str = "lb_stats_v2";
@@ -51,8 +53,11 @@ pub const BACKEND_MAP_CAPACITY: u32 = 65_536;
 pub const REVNAT_MAP_CAPACITY: u32 = 262_144;
 /// Capacity of the LRU [`AFFINITY_MAP`]: (client, frontend) pairs with session affinity.
 pub const AFFINITY_MAP_CAPACITY: u32 = 65_536;
-/// Capacity of [`AFFINITY_MATCH_MAP`]: backends of frontends that have session affinity.
+/// Capacity of [`AFFINITY_MATCH_MAP`]: backends of frontends that have session affinity,
+/// and of UDP frontends.
 pub const AFFINITY_MATCH_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of the LRU [`UDP_SOCKET_MAP`]: (unconnected UDP socket, frontend) pairs.
+pub const UDP_SOCKET_MAP_CAPACITY: u32 = 262_144;
 
 /// The errno a connect()/sendmsg() to a frontend with no usable backend fails with, at
 /// once, as a TCP RST from a closed port would: the client is not left waiting.
@@ -206,8 +211,21 @@ pub struct AffinityValue {
     pub _pad: u32,
 }
 
+/// Key of the LRU [`UDP_SOCKET_MAP`] (value: the backend id): the backend an unconnected
+/// UDP socket's datagrams to a frontend go to, as long as it stays one of the frontend's —
+/// what a conntrack entry gives a UDP flow under kube-proxy.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct UdpSocketKey {
+    /// `bpf_get_socket_cookie()`: unique for the socket's lifetime.
+    pub socket_cookie: u64,
+    pub frontend_id: u32,
+    pub _pad: u32,
+}
+
 /// Key of [`AFFINITY_MATCH_MAP`] (value `u32`, unused): present while `backend_id` is a
-/// backend of `frontend_id`, so an affinity entry for a backend that went away is ignored.
+/// backend of `frontend_id`, so an affinity or UDP socket entry for a backend that went
+/// away is ignored.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct AffinityMatchKey {
@@ -343,6 +361,7 @@ const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
+const _: () = assert!(core::mem::size_of::<UdpSocketKey>() == 16);
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
 #[cfg(feature = "user")]
@@ -364,6 +383,8 @@ mod user {
     unsafe impl aya::Pod for super::AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityMatchKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::UdpSocketKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
 }

@@ -4,7 +4,8 @@
 //! no conntrack:
 //! - `cgroup/connect4` rewrites a connect() to a frontend (VIP:port/protocol) into a connect()
 //!   to one of its backends (TCP, and connected UDP);
-//! - `cgroup/sendmsg4` does the same for each unconnected UDP sendmsg();
+//! - `cgroup/sendmsg4` does the same for each unconnected UDP sendmsg(), keeping a socket on
+//!   the backend of its first datagram to a frontend while that backend stays;
 //! - `cgroup/recvmsg4` and `cgroup/getpeername4` show the frontend again where the
 //!   application would otherwise see the backend, using the reverse map the first two fill.
 //!
@@ -29,7 +30,8 @@ mod datapath {
         AFFINITY_MAP_CAPACITY, AFFINITY_MATCH_MAP_CAPACITY, AffinityKey, AffinityMatchKey,
         AffinityValue, BACKEND_MAP_CAPACITY, Backend, Config, ERRNO_NO_BACKENDS,
         FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, MASTER_SLOT, REVNAT_MAP_CAPACITY, Reason, RevNatKey,
-        RevNatValue, SERVICE_MAP_CAPACITY, ServiceKey, ServiceValue, affinity_holds, backend_slot,
+        RevNatValue, SERVICE_MAP_CAPACITY, ServiceKey, ServiceValue, UDP_SOCKET_MAP_CAPACITY,
+        UdpSocketKey, affinity_holds, backend_slot,
     };
 
     /// Verdict that lets the syscall proceed (with whatever address we left in the context).
@@ -54,6 +56,10 @@ mod datapath {
     static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
         HashMap::pinned(AFFINITY_MATCH_MAP_CAPACITY, 0);
 
+    #[map(name = "lb4_udpsock_v1")]
+    static UDP_SOCKETS: LruHashMap<UdpSocketKey, u32> =
+        LruHashMap::pinned(UDP_SOCKET_MAP_CAPACITY, 0);
+
     #[map(name = "lb_config_v1")]
     static CONFIG: Array<Config> = Array::pinned(1, 0);
 
@@ -62,12 +68,12 @@ mod datapath {
 
     #[cgroup_sock_addr(connect4)]
     pub fn connect4(ctx: SockAddrContext) -> i32 {
-        forward(&ctx, Reason::ConnectTranslated)
+        forward(&ctx, Reason::ConnectTranslated, false)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-        forward(&ctx, Reason::SendmsgTranslated)
+        forward(&ctx, Reason::SendmsgTranslated, true)
     }
 
     #[cgroup_sock_addr(recvmsg4)]
@@ -98,8 +104,9 @@ mod datapath {
         Untranslated(Reason),
     }
 
+    /// `per_datagram`: the call is one unconnected sendmsg() of many a socket may make.
     #[inline(always)]
-    fn forward(ctx: &SockAddrContext, translated: Reason) -> i32 {
+    fn forward(ctx: &SockAddrContext, translated: Reason, per_datagram: bool) -> i32 {
         // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime.
         let sock_addr = unsafe { &mut *ctx.sock_addr };
         // The kernel keeps the network-order port in the low 16 bits of `user_port`.
@@ -109,7 +116,7 @@ mod datapath {
             sock_addr.protocol as u8,
             MASTER_SLOT,
         );
-        match choose(ctx, &frontend) {
+        match choose(ctx, &frontend, per_datagram) {
             Choice::NotOurs => ALLOW,
             Choice::Backend {
                 backend,
@@ -151,7 +158,7 @@ mod datapath {
     }
 
     #[inline(always)]
-    fn choose(ctx: &SockAddrContext, frontend: &ServiceKey) -> Choice {
+    fn choose(ctx: &SockAddrContext, frontend: &ServiceKey, per_datagram: bool) -> Choice {
         // SAFETY: values are plain data copied out at once; a concurrent update can at worst
         // hand us an older or newer entry, which the writer's ordering keeps consistent.
         let Some(master) = (unsafe { SERVICES.get(frontend) }).copied() else {
@@ -170,7 +177,12 @@ mod datapath {
 
         let mut affinity_hit = false;
         let backend_id = if master.affinity_timeout_s == 0 {
-            match random_backend(frontend, master.count) {
+            let chosen = if per_datagram {
+                socket_backend(ctx, frontend, &master)
+            } else {
+                random_backend(frontend, master.count)
+            };
+            match chosen {
                 Some(id) => id,
                 None => return Choice::Untranslated(Reason::BackendMissing),
             }
@@ -223,6 +235,33 @@ mod datapath {
         let slot = backend_slot(count, unsafe { bpf_get_prandom_u32() })?;
         // SAFETY: as in `choose`.
         (unsafe { SERVICES.get(&frontend.with_slot(slot)) }).map(|slot| slot.backend_id)
+    }
+
+    /// The backend of an unconnected UDP socket's earlier datagrams to this frontend while
+    /// it is still one of the frontend's; otherwise a new one, which later datagrams keep.
+    #[inline(always)]
+    fn socket_backend(
+        ctx: &SockAddrContext,
+        frontend: &ServiceKey,
+        master: &ServiceValue,
+    ) -> Option<u32> {
+        let key = UdpSocketKey {
+            // SAFETY: a helper valid for sock_addr programs, given their context.
+            socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+            frontend_id: master.frontend_id,
+            _pad: 0,
+        };
+        // SAFETY: plain data copied out at once.
+        let held = (unsafe { UDP_SOCKETS.get(&key) })
+            .copied()
+            .filter(|id| still_a_backend(*id, master.frontend_id));
+        if held.is_some() {
+            return held;
+        }
+        let id = random_backend(frontend, master.count)?;
+        // LRU: a full map evicts the least recently used socket's entry.
+        let _ = UDP_SOCKETS.insert(&key, &id, 0);
+        Some(id)
     }
 
     #[inline(always)]

@@ -20,7 +20,7 @@ use aya::{
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityMatchKey, BACKEND_MAP, Backend, CONFIG_MAP, Config,
     MASTER_SLOT, REVNAT_MAP, Reason, SERVICE_MAP, STATS_MAP, ServiceKey, ServiceValue,
-    ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
+    UDP_SOCKET_MAP, ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
 };
 
 use crate::{
@@ -38,12 +38,13 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
 /// Every map the object declares, all pinned by name.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     SERVICE_MAP,
     BACKEND_MAP,
     REVNAT_MAP,
     AFFINITY_MAP,
     AFFINITY_MATCH_MAP,
+    UDP_SOCKET_MAP,
     CONFIG_MAP,
     STATS_MAP,
 ];
@@ -127,7 +128,7 @@ pub fn occupancy(dir: &Path) -> Result<Vec<Occupancy>, DatapathError> {
 }
 
 /// The maps the kernel fills (LRU), which only a walk can count.
-pub const KERNEL_FILLED_MAPS: [&str; 2] = [REVNAT_MAP, AFFINITY_MAP];
+pub const KERNEL_FILLED_MAPS: [&str; 3] = [REVNAT_MAP, AFFINITY_MAP, UDP_SOCKET_MAP];
 
 /// One map's occupancy: hash maps are walked (a syscall per entry), arrays are full.
 pub fn map_occupancy(dir: &Path, name: &'static str) -> Result<Occupancy, DatapathError> {
@@ -148,6 +149,7 @@ pub fn map_occupancy(dir: &Path, name: &'static str) -> Result<Occupancy, Datapa
             name,
         )?,
         AFFINITY_MATCH_MAP => count::<AffinityMatchKey, u32>(open_pinned_map(dir, name)?, name)?,
+        UDP_SOCKET_MAP => count::<lb_common::UdpSocketKey, u32>(open_pinned_map(dir, name)?, name)?,
         _ => u64::from(info.max_entries()),
     };
     Ok(Occupancy {

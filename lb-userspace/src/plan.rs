@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::AffinityMatchKey;
 
-use crate::model::{BackendAddr, Frontend, FrontendSpec};
+use crate::model::{BackendAddr, Frontend, FrontendSpec, Protocol};
 
 /// Backend ids are map keys; 0 is never used so that a zeroed value is never a valid id.
 pub type BackendId = u32;
@@ -48,11 +48,14 @@ impl ProgrammedFrontend {
         )
     }
 
-    /// The affinity-match entries this frontend needs: one per backend, with affinity only.
-    fn affinity_matches(&self) -> impl Iterator<Item = AffinityMatchKey> + '_ {
+    /// The affinity-match entries this frontend needs: one per backend, for the datapath to
+    /// check a remembered backend against — session affinity's, or an unconnected UDP
+    /// socket's.
+    fn affinity_matches(&self, frontend: &Frontend) -> impl Iterator<Item = AffinityMatchKey> + '_ {
+        let needed = self.affinity_timeout_s != 0 || frontend.protocol == Protocol::Udp;
         self.slots
             .iter()
-            .filter(|_| self.affinity_timeout_s != 0)
+            .filter(move |_| needed)
             .map(|backend_id| AffinityMatchKey {
                 backend_id: *backend_id,
                 frontend_id: self.id,
@@ -368,8 +371,8 @@ pub fn plan<'a>(
         .collect();
 
     // 2. Affinity matches a new master may rely on, before any master changes.
-    for (_, new) in &next {
-        for key in new.affinity_matches() {
+    for (frontend, new) in &next {
+        for key in new.affinity_matches(frontend) {
             if !current.affinity_matches.contains(&key) {
                 ops.push(MapOp::PutAffinityMatch(key));
             }
@@ -405,7 +408,7 @@ pub fn plan<'a>(
     // agent left behind.
     let next_matches: BTreeSet<AffinityMatchKey> = next
         .iter()
-        .flat_map(|(_, new)| new.affinity_matches())
+        .flat_map(|(frontend, new)| new.affinity_matches(frontend))
         .collect();
     // Every match the maps hold for a frontend in scope, not only those its slots imply:
     // an interrupted plan can leave others.
@@ -457,7 +460,6 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::model::Protocol;
 
     /// A plan over every frontend either side knows, and the state it leaves.
     fn plan_all(

@@ -175,6 +175,99 @@ fn a_service_without_usable_endpoints_refuses_at_once() {
     assert_eq!(testbed.stat("no_backends").unwrap(), 5);
 }
 
+/// An unconnected UDP socket keeps its backend, as a conntrack entry keeps a UDP flow's
+/// under kube-proxy, until that backend leaves the Service; other sockets spread.
+#[test]
+fn an_unconnected_udp_socket_keeps_its_backend_while_the_backend_stays() {
+    if !privileged("an_unconnected_udp_socket_keeps_its_backend_while_the_backend_stays") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(3, 5353);
+    let manifest = |pods: &[&Pod]| {
+        let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+        web("", "port: 53, targetPort: 5353, protocol: UDP")
+            + &slice("web", "web-a", 5353, "UDP", &ready(&ips))
+    };
+    let all: Vec<&Pod> = pods.iter().collect();
+    testbed.write_manifest("dns.yaml", &manifest(&all)).unwrap();
+    testbed.start_agent().unwrap();
+    let backends: Vec<String> = pods.iter().map(|p| format!("{}:5353", p.ip)).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    testbed
+        .wait_for_frontend("10.96.0.10:53/UDP", Some(&backends))
+        .unwrap();
+
+    let mut chosen = BTreeSet::new();
+    for _ in 0..12 {
+        let probes = testbed
+            .probe_with(
+                &client,
+                "10.96.0.10:53",
+                8,
+                &["--mode", "udp", "--same-socket"],
+            )
+            .unwrap();
+        assert_all_answered(&probes);
+        let answered = hostnames(&probes);
+        assert_eq!(answered.len(), 1, "one socket, one backend: {probes:?}");
+        chosen.extend(answered);
+    }
+    // Twelve sockets all on one of three backends: a chance of 3 in 3^12.
+    assert!(chosen.len() > 1, "every socket chose {chosen:?}");
+
+    // One socket sending throughout while its backend leaves the Service.
+    let mut prober = testbed
+        .probe_command(
+            &client,
+            "10.96.0.10:53",
+            2_000,
+            &[
+                "--mode",
+                "udp",
+                "--same-socket",
+                "--interval-ms",
+                "10",
+                "--for-ms",
+                "20000",
+            ],
+        )
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(prober.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let first = parse_probes(&first).unwrap().remove(0).probe;
+    let before = first.hostname().unwrap().to_owned();
+    let remaining: Vec<&Pod> = pods.iter().filter(|p| p.name != before).collect();
+    testbed
+        .write_manifest("dns.yaml", &manifest(&remaining))
+        .unwrap();
+    let backends: Vec<String> = remaining.iter().map(|p| format!("{}:5353", p.ip)).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    testbed
+        .wait_for_frontend("10.96.0.10:53/UDP", Some(&backends))
+        .unwrap();
+    let moved_by = monotonic_ns();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(prober.kill());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    drop(prober.wait());
+
+    let after: Vec<Probe> = parse_probes(&rest)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.at_ns > moved_by)
+        .map(|p| p.probe)
+        .collect();
+    assert!(after.len() > 10, "too few datagrams to tell: {after:?}");
+    assert_all_answered(&after);
+    let now = hostnames(&after);
+    assert_eq!(now.len(), 1, "the socket settled on one backend: {now:?}");
+    assert!(!now.contains(&before), "still on {before}, which left");
+}
+
 #[test]
 fn node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node() {
     if !privileged("node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node") {

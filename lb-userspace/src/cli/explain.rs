@@ -189,7 +189,10 @@ fn verdict(frontend: &Frontend, flags: u16, affinity_timeout_s: u32, slots: &[Sl
         );
     }
     let n = slots.len();
-    let affinity = if affinity_timeout_s == 0 {
+    let affinity = if affinity_timeout_s == 0 && frontend.protocol == Protocol::Udp && n > 1 {
+        "; an unconnected socket keeps the backend of its first datagram while that backend stays"
+            .to_owned()
+    } else if affinity_timeout_s == 0 {
         String::new()
     } else {
         format!(

@@ -1,5 +1,5 @@
-//! The test client: asks `address` who it is, `--count` times, each time on a new socket,
-//! and prints one JSON line per attempt: the pod that answered (HOSTNAME), the peer the
+//! The test client: asks `address` who it is, `--count` times, each time on a new socket
+//! (or all on one with `--same-socket`, for unconnected UDP), and prints one JSON line per attempt: the pod that answered (HOSTNAME), the peer the
 //! application sees (getpeername() for TCP and connected UDP, the reply's source for
 //! unconnected UDP), the client address the server saw, and a CLOCK_MONOTONIC timestamp —
 //! or the error.
@@ -41,6 +41,9 @@ struct Args {
     /// Stop after this many milliseconds even if `--count` attempts are not done.
     #[arg(long)]
     for_ms: Option<u64>,
+    /// Send every attempt from one unconnected UDP socket (`--mode udp` only).
+    #[arg(long)]
+    same_socket: bool,
 }
 
 struct Answer {
@@ -55,6 +58,20 @@ fn main() {
     let deadline = args
         .for_ms
         .map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
+    let shared = match (args.same_socket, args.mode) {
+        (false, _) => None,
+        (true, Mode::Udp) => match udp_socket(timeout) {
+            Ok(socket) => Some(socket),
+            Err(e) => {
+                eprintln!("lb-probe: a UDP socket: {e}");
+                std::process::exit(1);
+            }
+        },
+        (true, _) => {
+            eprintln!("lb-probe: --same-socket needs --mode udp");
+            std::process::exit(2);
+        }
+    };
     for attempt in 0..args.count {
         if deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline) {
             break;
@@ -65,8 +82,8 @@ fn main() {
         let at_ns = monotonic_ns();
         let result = match args.mode {
             Mode::Tcp => tcp(args.address, timeout),
-            Mode::Udp => udp(args.address, timeout, false),
-            Mode::ConnectedUdp => udp(args.address, timeout, true),
+            Mode::Udp => udp(args.address, timeout, false, shared.as_ref()),
+            Mode::ConnectedUdp => udp(args.address, timeout, true, None),
         };
         let line = match result {
             Ok(answer) => json!({
@@ -114,9 +131,26 @@ fn tcp(address: SocketAddr, timeout: Duration) -> std::io::Result<Answer> {
     })
 }
 
-fn udp(address: SocketAddr, timeout: Duration, connected: bool) -> std::io::Result<Answer> {
+fn udp_socket(timeout: Duration) -> std::io::Result<UdpSocket> {
     let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
     socket.set_read_timeout(Some(timeout))?;
+    Ok(socket)
+}
+
+fn udp(
+    address: SocketAddr,
+    timeout: Duration,
+    connected: bool,
+    shared: Option<&UdpSocket>,
+) -> std::io::Result<Answer> {
+    let own;
+    let socket = match shared {
+        Some(socket) => socket,
+        None => {
+            own = udp_socket(timeout)?;
+            &own
+        }
+    };
     let mut buffer = [0u8; 1500];
     let (len, peer) = if connected {
         socket.connect(address)?;
