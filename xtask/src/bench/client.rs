@@ -18,7 +18,7 @@ pub struct ClientArgs {
     /// Connections timed one by one.
     #[arg(long, default_value_t = 1000)]
     connects: u32,
-    /// Window for the connection rate, in milliseconds.
+    /// Window for the connection rate, in milliseconds (0: no rate measured).
     #[arg(long, default_value_t = 1000)]
     rate_ms: u64,
 }
@@ -26,10 +26,10 @@ pub struct ClientArgs {
 /// What one client run measured.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ClientResult {
-    pub p50_us: f64,
-    pub p99_us: f64,
-    pub conns_per_s: f64,
-    pub samples: u64,
+    /// Each timed connection's latency, for histograms over several runs.
+    pub latencies_us: Vec<u64>,
+    /// `None` when no rate window was asked for.
+    pub conns_per_s: Option<f64>,
     pub errors: u64,
 }
 
@@ -88,33 +88,40 @@ fn complete(response: &[u8]) -> bool {
     length.is_some_and(|length| response.len() >= head_end + 4 + length)
 }
 
+/// A histogram for connection latencies in µs, from 1 µs to a minute.
+pub fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
+}
+
 pub fn run(args: ClientArgs) -> anyhow::Result<()> {
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut latencies_us = Vec::new();
     let mut errors = 0;
     for _ in 0..args.connects {
         let started = Instant::now();
         match one(args.address) {
-            Ok(()) => {
-                let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-                histogram.saturating_record(us.max(1));
+            Ok(()) => latencies_us.push(
+                u64::try_from(started.elapsed().as_micros())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+            ),
+            Err(_) => errors += 1,
+        }
+    }
+    let conns_per_s = (args.rate_ms > 0).then(|| {
+        let window = Duration::from_millis(args.rate_ms);
+        let started = Instant::now();
+        let mut done = 0u32;
+        while started.elapsed() < window && done < MAX_RATE_CONNECTS {
+            match one(args.address) {
+                Ok(()) => done += 1,
+                Err(_) => errors += 1,
             }
-            Err(_) => errors += 1,
         }
-    }
-    let window = Duration::from_millis(args.rate_ms);
-    let started = Instant::now();
-    let mut done = 0u32;
-    while started.elapsed() < window && done < MAX_RATE_CONNECTS {
-        match one(args.address) {
-            Ok(()) => done += 1,
-            Err(_) => errors += 1,
-        }
-    }
+        f64::from(done) / started.elapsed().as_secs_f64()
+    });
     let result = ClientResult {
-        p50_us: histogram.value_at_quantile(0.5) as f64,
-        p99_us: histogram.value_at_quantile(0.99) as f64,
-        conns_per_s: f64::from(done) / started.elapsed().as_secs_f64(),
-        samples: histogram.len(),
+        latencies_us,
+        conns_per_s,
         errors,
     };
     println!("{}", serde_json::to_string(&result)?);

@@ -90,6 +90,9 @@ pub struct Measurement {
     pub services: u32,
     pub connect_p50_us: Option<f64>,
     pub connect_p99_us: Option<f64>,
+    /// A direct connect's p50 measured in rounds alternating with this peer's, so that both
+    /// saw the same moments of the machine: the baseline to compare `connect_p50_us` with.
+    pub paired_direct_p50_us: Option<f64>,
     pub conns_per_s: Option<f64>,
     /// Setting up N Services: loading the rules, or for lb a full sync from manifests.
     pub setup_s: Option<f64>,
@@ -107,7 +110,9 @@ struct Plan {
     sizes: Vec<u32>,
     peers: Vec<Peer>,
     budget: Duration,
+    /// Timed connections per peer and size, in `rounds` alternating with a direct client.
     connects: u32,
+    rounds: u32,
     rate_ms: u64,
     out: PathBuf,
 }
@@ -132,6 +137,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             300
         })),
         connects: if args.quick { 200 } else { 2000 },
+        rounds: if args.quick { 2 } else { 10 },
         rate_ms: if args.quick { 300 } else { 2000 },
         out: args
             .out
@@ -169,8 +175,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                     size,
                     format!("over budget at {} Services already", earlier.services),
                 ),
-                None => fresh_client(&mut testbed, results.len())
-                    .and_then(|client| measure(&mut testbed, &client, peer, &services, &plan))
+                None => fresh_client(&mut testbed, "c", 2, results.len())
+                    .and_then(|client| {
+                        let paired = fresh_client(&mut testbed, "d", 3, results.len())?;
+                        measure(&mut testbed, &client, &paired, peer, &services, &plan)
+                    })
                     .unwrap_or_else(|e| skipped(peer, size, format!("{e:#}"))),
             };
             results.push(measurement);
@@ -189,10 +198,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// A client pod of its own for each measurement, so that no run inherits another's
-/// conntrack table or sockets.
-fn fresh_client(testbed: &mut Testbed, index: usize) -> anyhow::Result<Pod> {
+/// conntrack table or sockets: `{prefix}{index}` at 10.244.`subnet`.x.
+fn fresh_client(
+    testbed: &mut Testbed,
+    prefix: &str,
+    subnet: u8,
+    index: usize,
+) -> anyhow::Result<Pod> {
     let host = u8::try_from(index % 250 + 2)?;
-    let client = testbed.add_pod(&format!("c{index}"), Ipv4Addr::new(10, 244, 2, host))?;
+    let client = testbed.add_pod(
+        &format!("{prefix}{index}"),
+        Ipv4Addr::new(10, 244, subnet, host),
+    )?;
     // kube-proxy's DNAT happens after the route lookup, so its clients need a route for the
     // Service range, as nodes have; here it is the private bridge, not a way out.
     let netns = client.netns.as_str();
@@ -220,6 +237,7 @@ fn skipped(peer: Peer, services: u32, why: String) -> Measurement {
         services,
         connect_p50_us: None,
         connect_p99_us: None,
+        paired_direct_p50_us: None,
         conns_per_s: None,
         setup_s: None,
         skipped: Some(why),
@@ -272,6 +290,7 @@ fn in_netns(pod: &Pod, program: &str) -> Command {
 fn measure(
     testbed: &mut Testbed,
     client: &Pod,
+    paired: &Pod,
     peer: Peer,
     services: &[rules::BenchService],
     plan: &Plan,
@@ -280,11 +299,10 @@ fn measure(
     let under_test = services.last().context("no Services")?;
     let rules_file = plan.out.join("rules");
     let mut lb_extras = LbExtras::default();
+    let (ip, port) = under_test.endpoints[0];
+    let direct = format!("{ip}:{port}");
     let (setup_s, target, in_cgroup) = match peer {
-        Peer::Direct => {
-            let (ip, port) = under_test.endpoints[0];
-            (0.0, format!("{ip}:{port}"), false)
-        }
+        Peer::Direct => (0.0, direct.clone(), false),
         Peer::IptablesNft | Peer::IptablesLegacy => {
             std::fs::write(&rules_file, rules::iptables(services))?;
             let restore = if peer == Peer::IptablesNft {
@@ -332,7 +350,7 @@ fn measure(
         None
     };
     let before = program_id.and_then(|id| bpf_run_stats(id).ok());
-    let result = run_client(testbed, client, &target, in_cgroup, plan);
+    let result = run_rounds(testbed, client, paired, &target, &direct, in_cgroup, plan);
     let after = program_id.and_then(|id| bpf_run_stats(id).ok());
     teardown(testbed, client, peer)?;
     let result = result?;
@@ -341,16 +359,18 @@ fn measure(
         _ => None,
     };
     ensure!(
-        result.samples > 0,
+        !result.peer.is_empty(),
         "no connect succeeded ({} errors)",
         result.errors
     );
+    let p50 = |h: &hdrhistogram::Histogram<u64>| h.value_at_quantile(0.5) as f64;
     Ok(Measurement {
         peer: peer.name().into(),
         services: size,
-        connect_p50_us: Some(result.p50_us),
-        connect_p99_us: Some(result.p99_us),
-        conns_per_s: Some(result.conns_per_s),
+        connect_p50_us: Some(p50(&result.peer)),
+        connect_p99_us: Some(result.peer.value_at_quantile(0.99) as f64),
+        paired_direct_p50_us: (!result.direct.is_empty()).then(|| p50(&result.direct)),
+        conns_per_s: result.conns_per_s,
         setup_s: Some(setup_s),
         skipped: None,
         errors: result.errors,
@@ -360,12 +380,60 @@ fn measure(
     })
 }
 
+/// What the rounds of one peer measured.
+struct Rounds {
+    peer: hdrhistogram::Histogram<u64>,
+    /// The direct client's, alternating with the peer's; empty for `direct` itself.
+    direct: hdrhistogram::Histogram<u64>,
+    conns_per_s: Option<f64>,
+    errors: u64,
+}
+
+/// The peer's client and a direct client (`paired`, outside the cgroup and the rules)
+/// take turns, `plan.rounds` each, so that whatever else the machine does weighs on both
+/// alike; then the peer's rate.
+fn run_rounds(
+    testbed: &Testbed,
+    client: &Pod,
+    paired: &Pod,
+    target: &str,
+    direct: &str,
+    in_cgroup: bool,
+    plan: &Plan,
+) -> anyhow::Result<Rounds> {
+    let mut rounds = Rounds {
+        peer: client::latency_histogram()?,
+        direct: client::latency_histogram()?,
+        conns_per_s: None,
+        errors: 0,
+    };
+    let per_round = (plan.connects / plan.rounds).max(1);
+    for _ in 0..plan.rounds {
+        if target != direct {
+            let baseline = run_client(testbed, paired, direct, false, per_round, 0)?;
+            for us in baseline.latencies_us {
+                rounds.direct.saturating_record(us);
+            }
+        }
+        let measured = run_client(testbed, client, target, in_cgroup, per_round, 0)?;
+        rounds.errors += measured.errors;
+        for us in measured.latencies_us {
+            rounds.peer.saturating_record(us);
+        }
+    }
+    let rate = run_client(testbed, client, target, in_cgroup, 0, plan.rate_ms)?;
+    rounds.errors += rate.errors;
+    rounds.conns_per_s = rate.conns_per_s;
+    Ok(rounds)
+}
+
 fn run_client(
     testbed: &Testbed,
     client: &Pod,
     target: &str,
     in_cgroup: bool,
-    plan: &Plan,
+    connects: u32,
+    rate_ms: u64,
 ) -> anyhow::Result<ClientResult> {
     let xtask = binary("xtask")?;
     let mut command = if in_cgroup {
@@ -378,9 +446,9 @@ fn run_client(
             "bench-client",
             target,
             "--connects",
-            &plan.connects.to_string(),
+            &connects.to_string(),
             "--rate-ms",
-            &plan.rate_ms.to_string(),
+            &rate_ms.to_string(),
         ])
         .stderr(Stdio::inherit())
         .output()?;
@@ -551,12 +619,19 @@ impl Drop for BpfStats {
     }
 }
 
+/// The peer's p50 against the direct p50 measured alongside it, in percent.
+fn vs_direct(m: &Measurement) -> Option<String> {
+    let (peer, direct) = (m.connect_p50_us?, m.paired_direct_p50_us?);
+    (direct > 0.0).then(|| format!("{:+.1}%", (peer / direct - 1.0) * 100.0))
+}
+
 fn table(results: &[Measurement]) -> Table {
     let mut table = Table::new();
     table.load_preset(NOTHING).set_header([
         "PEER",
         "SERVICES",
         "P50 µs",
+        "VS DIRECT",
         "P99 µs",
         "CONN/S",
         "SETUP s",
@@ -571,6 +646,7 @@ fn table(results: &[Measurement]) -> Table {
             m.peer.clone(),
             m.services.to_string(),
             f(m.connect_p50_us, 0),
+            vs_direct(m).unwrap_or_else(|| "-".to_owned()),
             f(m.connect_p99_us, 0),
             f(m.conns_per_s, 0),
             f(m.setup_s, 2),
