@@ -13,8 +13,10 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, clap::Args)]
 pub struct ClientArgs {
-    /// The destination: a Service's VIP:port, or a backend's address for `direct`.
-    address: SocketAddr,
+    /// The destination: a Service's VIP:port; for `direct`, the backends' addresses, taken
+    /// in turn, so that a direct client spreads over the same pods a load balancer would.
+    #[arg(required = true, num_args = 1..)]
+    addresses: Vec<SocketAddr>,
     /// Connections timed one by one.
     #[arg(long, default_value_t = 1000)]
     connects: u32,
@@ -96,9 +98,11 @@ pub fn latency_histogram() -> anyhow::Result<Histogram<u64>> {
 pub fn run(args: ClientArgs) -> anyhow::Result<()> {
     let mut latencies_us = Vec::new();
     let mut errors = 0;
+    let mut targets = args.addresses.iter().copied().cycle();
     for _ in 0..args.connects {
+        let Some(address) = targets.next() else { break };
         let started = Instant::now();
-        match one(args.address) {
+        match one(address) {
             Ok(()) => latencies_us.push(
                 u64::try_from(started.elapsed().as_micros())
                     .unwrap_or(u64::MAX)
@@ -111,8 +115,11 @@ pub fn run(args: ClientArgs) -> anyhow::Result<()> {
         let window = Duration::from_millis(args.rate_ms);
         let started = Instant::now();
         let mut done = 0u32;
-        while started.elapsed() < window && done < MAX_RATE_CONNECTS {
-            match one(args.address) {
+        while let Some(address) = targets.next()
+            && started.elapsed() < window
+            && done < MAX_RATE_CONNECTS
+        {
+            match one(address) {
                 Ok(()) => done += 1,
                 Err(_) => errors += 1,
             }

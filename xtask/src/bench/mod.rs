@@ -299,8 +299,12 @@ fn measure(
     let under_test = services.last().context("no Services")?;
     let rules_file = plan.out.join("rules");
     let mut lb_extras = LbExtras::default();
-    let (ip, port) = under_test.endpoints[0];
-    let direct = format!("{ip}:{port}");
+    // No load balancer: the client itself takes the Service's pods in turn.
+    let direct: Vec<String> = under_test
+        .endpoints
+        .iter()
+        .map(|(ip, port)| format!("{ip}:{port}"))
+        .collect();
     let (setup_s, target, in_cgroup) = match peer {
         Peer::Direct => (0.0, direct.clone(), false),
         Peer::IptablesNft | Peer::IptablesLegacy => {
@@ -317,7 +321,7 @@ fn measure(
             )?;
             (
                 setup,
-                format!("{}:{}", under_test.vip, under_test.port),
+                vec![format!("{}:{}", under_test.vip, under_test.port)],
                 false,
             )
         }
@@ -330,7 +334,7 @@ fn measure(
             )?;
             (
                 setup,
-                format!("{}:{}", under_test.vip, under_test.port),
+                vec![format!("{}:{}", under_test.vip, under_test.port)],
                 false,
             )
         }
@@ -339,7 +343,7 @@ fn measure(
             lb_extras = extras;
             (
                 setup,
-                format!("{}:{}", under_test.vip, under_test.port),
+                vec![format!("{}:{}", under_test.vip, under_test.port)],
                 true,
             )
         }
@@ -396,8 +400,8 @@ fn run_rounds(
     testbed: &Testbed,
     client: &Pod,
     paired: &Pod,
-    target: &str,
-    direct: &str,
+    target: &[String],
+    direct: &[String],
     in_cgroup: bool,
     plan: &Plan,
 ) -> anyhow::Result<Rounds> {
@@ -430,7 +434,7 @@ fn run_rounds(
 fn run_client(
     testbed: &Testbed,
     client: &Pod,
-    target: &str,
+    target: &[String],
     in_cgroup: bool,
     connects: u32,
     rate_ms: u64,
@@ -442,9 +446,9 @@ fn run_client(
         testbed.netns_command(client, xtask)?
     };
     let output = command
+        .arg("bench-client")
+        .args(target)
         .args([
-            "bench-client",
-            target,
             "--connects",
             &connects.to_string(),
             "--rate-ms",
