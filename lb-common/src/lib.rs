@@ -53,8 +53,8 @@ pub const BACKEND_MAP_CAPACITY: u32 = 65_536;
 pub const REVNAT_MAP_CAPACITY: u32 = 262_144;
 /// Capacity of the LRU [`AFFINITY_MAP`]: (client, frontend) pairs with session affinity.
 pub const AFFINITY_MAP_CAPACITY: u32 = 65_536;
-/// Capacity of [`AFFINITY_MATCH_MAP`]: backends of frontends that have session affinity,
-/// and of UDP frontends.
+/// Capacity of [`AFFINITY_MATCH_MAP`] as compiled: backends of frontends that have session
+/// affinity, and of UDP frontends. The agent creates it as large as the service map.
 pub const AFFINITY_MATCH_MAP_CAPACITY: u32 = 65_536;
 /// Capacity of the LRU [`UDP_SOCKET_MAP`]: (unconnected UDP socket, frontend) pairs.
 pub const UDP_SOCKET_MAP_CAPACITY: u32 = 262_144;

@@ -441,6 +441,8 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
         .default_map_pin_directory(pin_dir)
         .map_max_entries(SERVICE_MAP, capacity.services)
         .map_max_entries(BACKEND_MAP, capacity.backends)
+        // One match per slot at most, so it never needs more room than the service map.
+        .map_max_entries(AFFINITY_MATCH_MAP, capacity.services)
         .load(EBPF_OBJECT)?;
     let maps = ServiceMaps::take(&mut ebpf)?;
 

@@ -303,8 +303,10 @@ pub fn plan<'a>(
     // Slot references each backend gains (+) or loses (-) with this plan.
     let mut ref_changes: BTreeMap<BackendId, isize> = BTreeMap::new();
 
-    // 0. Removed frontends go first, master before slots: that frees room in a full map for
-    // what the rest of the plan adds, and nothing else refers to them.
+    // 0. Removed frontends go first, master before slots and affinity matches: that frees
+    // room in full maps for what the rest of the plan adds, and once the master is gone no
+    // connect looks at the rest.
+    let mut removed_ids = BTreeSet::new();
     for frontend in &scope {
         if let (None, Some(old)) = (desired(frontend), current.frontends.get(frontend)) {
             ops.push(MapOp::DeleteMaster(*frontend));
@@ -312,6 +314,8 @@ pub fn plan<'a>(
                 ops.push(MapOp::DeleteSlot(*frontend, slot_number(index)));
                 *ref_changes.entry(*id).or_default() -= 1;
             }
+            ops.extend(current.matches_of(old.id).map(MapOp::DeleteAffinityMatch));
+            removed_ids.insert(old.id);
         }
     }
 
@@ -415,6 +419,7 @@ pub fn plan<'a>(
     let mut stale_matches: BTreeSet<AffinityMatchKey> = scope
         .iter()
         .filter_map(|frontend| current.frontends.get(frontend))
+        .filter(|old| !removed_ids.contains(&old.id))
         .flat_map(|old| current.matches_of(old.id))
         .filter(|key| !next_matches.contains(key))
         .collect();
@@ -761,5 +766,37 @@ mod tests {
         )
         .unwrap();
         assert_ne!(next.frontends[&frontend(2)].id, 77);
+    }
+
+    #[test]
+    fn udp_frontends_get_matches_for_their_sockets_affinity_or_not() {
+        let udp = Frontend {
+            protocol: Protocol::Udp,
+            ..frontend(53)
+        };
+        let mut maps = Maps::default();
+        let desired = BTreeMap::from([(udp, backends(1..4))]);
+        let (current, _) = step(&mut maps, &Programmed::default(), &desired);
+        assert_eq!(current.affinity_matches.len(), 3);
+        // Affinity on, then off: the matches stay, as UDP sockets rely on them.
+        let desired = BTreeMap::from([(udp, with_affinity(backends(1..4)))]);
+        let (current, _) = step(&mut maps, &current, &desired);
+        let desired = BTreeMap::from([(udp, backends(1..3))]);
+        let (current, _) = step(&mut maps, &current, &desired);
+        assert_eq!(current.affinity_matches.len(), 2);
+        // A removed frontend's matches go with its master, before anything is added.
+        let desired = BTreeMap::from([(frontend(1), backends(5..6))]);
+        let (ops, _) = plan_all(&current, &desired).unwrap();
+        let last_match_removal = ops
+            .iter()
+            .rposition(|op| matches!(op, MapOp::DeleteAffinityMatch(_)))
+            .unwrap();
+        let first_put = ops
+            .iter()
+            .position(|op| matches!(op, MapOp::PutBackend(..) | MapOp::PutSlot(..)))
+            .unwrap();
+        assert!(last_match_removal < first_put, "{ops:?}");
+        let (current, _) = step(&mut maps, &current, &desired);
+        assert!(current.affinity_matches.is_empty());
     }
 }

@@ -42,6 +42,12 @@ fn quick_bench_gives_every_peer_figures_at_every_size() {
                     "{peer} at {services}: no {figure}: {m}"
                 );
             }
+            // Every load balancer is compared with a direct client measured alongside it.
+            assert_eq!(
+                m["paired_direct_p50_us"].as_f64().is_some(),
+                peer != "direct",
+                "{peer} at {services}: paired_direct_p50_us: {m}"
+            );
             if peer == "lb" {
                 for figure in [
                     "bpf_ns_per_call",

@@ -239,24 +239,47 @@ fn an_unconnected_udp_socket_keeps_its_backend_while_the_backend_stays() {
     std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
     let first = parse_probes(&first).unwrap().remove(0).probe;
     let before = first.hostname().unwrap().to_owned();
-    let remaining: Vec<&Pod> = pods.iter().filter(|p| p.name != before).collect();
-    testbed
-        .write_manifest("dns.yaml", &manifest(&remaining))
-        .unwrap();
-    let backends: Vec<String> = remaining.iter().map(|p| format!("{}:5353", p.ip)).collect();
-    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
-    testbed
-        .wait_for_frontend("10.96.0.10:53/UDP", Some(&backends))
-        .unwrap();
-    let moved_by = monotonic_ns();
+    let set_backends = |pods: &[&Pod]| {
+        testbed.write_manifest("dns.yaml", &manifest(pods)).unwrap();
+        let backends: Vec<String> = pods.iter().map(|p| format!("{}:5353", p.ip)).collect();
+        let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+        testbed
+            .wait_for_frontend("10.96.0.10:53/UDP", Some(&backends))
+            .unwrap();
+        monotonic_ns()
+    };
+    // Another backend leaves, which renumbers the slots: the socket stays where it is.
+    let other = pods.iter().find(|p| p.name != before).unwrap();
+    let others_gone = set_backends(
+        &pods
+            .iter()
+            .filter(|p| p.name != other.name)
+            .collect::<Vec<_>>(),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    // Its own backend leaves: the socket moves.
+    let own_leaves_from = monotonic_ns();
+    let moved_by = set_backends(&pods.iter().filter(|p| p.name != before).collect::<Vec<_>>());
     std::thread::sleep(Duration::from_secs(1));
     drop(prober.kill());
     let mut rest = String::new();
     stdout.read_to_string(&mut rest).unwrap();
     drop(prober.wait());
 
-    let after: Vec<Probe> = parse_probes(&rest)
-        .unwrap()
+    let rest = parse_probes(&rest).unwrap();
+    let stayed: Vec<Probe> = rest
+        .iter()
+        .filter(|p| (others_gone..own_leaves_from).contains(&p.at_ns))
+        .map(|p| p.probe.clone())
+        .collect();
+    assert!(stayed.len() > 10, "too few datagrams to tell: {stayed:?}");
+    assert_all_answered(&stayed);
+    assert_eq!(
+        hostnames(&stayed),
+        BTreeSet::from([before.clone()]),
+        "the socket left {before} when another backend went"
+    );
+    let after: Vec<Probe> = rest
         .into_iter()
         .filter(|p| p.at_ns > moved_by)
         .map(|p| p.probe)

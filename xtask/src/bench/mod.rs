@@ -177,8 +177,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 ),
                 None => fresh_client(&mut testbed, "c", 2, results.len())
                     .and_then(|client| {
-                        let paired = fresh_client(&mut testbed, "d", 3, results.len())?;
-                        measure(&mut testbed, &client, &paired, peer, &services, &plan)
+                        // `direct` is its own baseline.
+                        let paired = (peer != Peer::Direct)
+                            .then(|| fresh_client(&mut testbed, "d", 3, results.len()))
+                            .transpose()?;
+                        measure(
+                            &mut testbed,
+                            &client,
+                            paired.as_ref(),
+                            peer,
+                            &services,
+                            &plan,
+                        )
                     })
                     .unwrap_or_else(|e| skipped(peer, size, format!("{e:#}"))),
             };
@@ -290,7 +300,7 @@ fn in_netns(pod: &Pod, program: &str) -> Command {
 fn measure(
     testbed: &mut Testbed,
     client: &Pod,
-    paired: &Pod,
+    paired: Option<&Pod>,
     peer: Peer,
     services: &[rules::BenchService],
     plan: &Plan,
@@ -384,6 +394,13 @@ fn measure(
     })
 }
 
+fn record(histogram: &mut hdrhistogram::Histogram<u64>, errors: &mut u64, result: ClientResult) {
+    *errors += result.errors;
+    for us in result.latencies_us {
+        histogram.saturating_record(us);
+    }
+}
+
 /// What the rounds of one peer measured.
 struct Rounds {
     peer: hdrhistogram::Histogram<u64>,
@@ -393,13 +410,13 @@ struct Rounds {
     errors: u64,
 }
 
-/// The peer's client and a direct client (`paired`, outside the cgroup and the rules)
-/// take turns, `plan.rounds` each, so that whatever else the machine does weighs on both
+/// The peer's client and a direct client (`paired`, outside the cgroup and the rules;
+/// none for `direct` itself) take turns, `plan.rounds` each, so that whatever else the machine does weighs on both
 /// alike; then the peer's rate.
 fn run_rounds(
     testbed: &Testbed,
     client: &Pod,
-    paired: &Pod,
+    paired: Option<&Pod>,
     target: &[String],
     direct: &[String],
     in_cgroup: bool,
@@ -412,17 +429,29 @@ fn run_rounds(
         errors: 0,
     };
     let per_round = (plan.connects / plan.rounds).max(1);
-    for _ in 0..plan.rounds {
-        if target != direct {
-            let baseline = run_client(testbed, paired, direct, false, per_round, 0)?;
-            for us in baseline.latencies_us {
-                rounds.direct.saturating_record(us);
-            }
+    for round in 0..plan.rounds {
+        // Who goes first alternates too, so that neither gains from the other warming the pods.
+        let peer_first = round % 2 == 1;
+        if peer_first {
+            record(
+                &mut rounds.peer,
+                &mut rounds.errors,
+                run_client(testbed, client, target, in_cgroup, per_round, 0)?,
+            );
         }
-        let measured = run_client(testbed, client, target, in_cgroup, per_round, 0)?;
-        rounds.errors += measured.errors;
-        for us in measured.latencies_us {
-            rounds.peer.saturating_record(us);
+        if let Some(paired) = paired {
+            record(
+                &mut rounds.direct,
+                &mut rounds.errors,
+                run_client(testbed, paired, direct, false, per_round, 0)?,
+            );
+        }
+        if !peer_first {
+            record(
+                &mut rounds.peer,
+                &mut rounds.errors,
+                run_client(testbed, client, target, in_cgroup, per_round, 0)?,
+            );
         }
     }
     let rate = run_client(testbed, client, target, in_cgroup, 0, plan.rate_ms)?;
