@@ -82,6 +82,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Some(cgroup) => cgroup,
         None => mounts::cgroup2_root()?,
     };
+    // Given addresses stay; discovered ones are followed, from before they are first read
+    // so that no change in between is missed.
+    let mut address_watch = if args.node_ips.is_empty() {
+        match netns::AddressWatch::new(&args.host_netns) {
+            Ok(watch) => Some(watch),
+            Err(e) => {
+                tracing::warn!("{e}; NodePorts stay on the node addresses found at start");
+                None
+            }
+        }
+    } else {
+        None
+    };
     let host = match netns::inspect(&args.host_netns) {
         Ok(host) => host,
         // Without the cookie, NodePorts on 127.0.0.1 match nobody; everything else works.
@@ -112,6 +125,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--metrics-addr {addr}"))?;
+        // Port 0 picks a free port: the log says which.
+        let bound = listener
+            .local_addr()
+            .with_context(|| format!("--metrics-addr {addr}"))?;
+        tracing::info!(addr = %bound, "metrics listening");
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
 
@@ -185,6 +203,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 Some(earliest)
             }
             () = retry.wait() => None,
+            changed = address_change(address_watch.as_mut()) => {
+                let at = Instant::now();
+                // Addresses come and go in bursts (an interface going up or down).
+                tokio::time::sleep(BATCH).await;
+                let ips = changed.and_then(|()| netns::addresses_of(&args.host_netns));
+                match ips {
+                    Ok(ips) if ips != syncer.node.ips => {
+                        syncer.node_ips_changed(ips);
+                        Some(at)
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(
+                            ips = ?syncer.node.ips,
+                            "{e}; NodePorts stay on the node addresses they have"
+                        );
+                        address_watch = None;
+                        continue;
+                    }
+                }
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
@@ -199,6 +238,14 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping; the datapath stays loaded and keeps the last state");
     Ok(())
+}
+
+/// The next change of the node's addresses; never when they are not followed.
+async fn address_change(watch: Option<&mut netns::AddressWatch>) -> Result<(), netns::NetnsError> {
+    match watch {
+        Some(watch) => watch.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// When to try again after a failed sync: soon, then less and less often, so that a
@@ -343,6 +390,14 @@ impl Syncer {
         self.record(started, changed_at, changed.len(), plan.ops.len());
         self.state.write(Snapshot::of(&self.desired));
         true
+    }
+
+    /// NodePort frontends follow the node's addresses: the Services with a NodePort are
+    /// recomputed at the next sync.
+    fn node_ips_changed(&mut self, ips: Vec<std::net::Ipv4Addr>) {
+        tracing::info!(was = ?self.node.ips, now = ?ips, "node addresses changed");
+        self.node.ips = ips;
+        self.store.node_addresses_changed();
     }
 
     /// Takes what the maps hold as the starting point of a full plan, after removing the

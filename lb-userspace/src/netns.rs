@@ -1,14 +1,22 @@
 //! Facts about the node's own network namespace: its cookie (the programs compare it to tell
-//! the node's sockets from pods') and its addresses (the NodePort frontends).
+//! the node's sockets from pods') and its addresses (the NodePort frontends), which it
+//! follows as they change.
 
 use std::{
     fs::File,
     net::Ipv4Addr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
-use nix::sched::{CloneFlags, setns};
+use nix::{
+    errno::Errno,
+    sched::{CloneFlags, setns},
+    sys::socket::{
+        AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, socket,
+    },
+};
+use tokio::io::{Interest, unix::AsyncFd};
 
 /// `SO_NETNS_COOKIE` (Linux ≥ 5.14; the same value on every architecture lb builds for).
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -28,6 +36,11 @@ pub enum NetnsError {
     Addresses(nix::Error),
     #[error("the thread that entered {path} panicked")]
     Thread { path: PathBuf },
+    #[error("watching the addresses of {path}: {source}")]
+    Watch {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The node's network namespace as the agent sees it.
@@ -42,6 +55,19 @@ pub struct HostNetns {
 /// `/proc/self/ns/net`, `/run/netns/NAME`), from a thread that enters it, so the agent's
 /// own threads stay where they are.
 pub fn inspect(path: &Path) -> Result<HostNetns, NetnsError> {
+    inside(path, || {
+        Ok(HostNetns {
+            cookie: cookie()?,
+            addresses: addresses()?,
+        })
+    })
+}
+
+/// Runs `work` on a thread that entered the network namespace at `path`.
+fn inside<T: Send>(
+    path: &Path,
+    work: impl FnOnce() -> Result<T, NetnsError> + Send,
+) -> Result<T, NetnsError> {
     let netns = File::open(path).map_err(|source| NetnsError::Open {
         path: path.into(),
         source,
@@ -55,14 +81,91 @@ pub fn inspect(path: &Path) -> Result<HostNetns, NetnsError> {
                         source,
                     }
                 })?;
-                Ok(HostNetns {
-                    cookie: cookie()?,
-                    addresses: addresses()?,
-                })
+                work()
             })
             .join()
             .map_err(|_| NetnsError::Thread { path: path.into() })?
     })
+}
+
+/// The IPv4 addresses (other than loopback) of the network namespace at `path`.
+pub fn addresses_of(path: &Path) -> Result<Vec<Ipv4Addr>, NetnsError> {
+    inside(path, addresses)
+}
+
+/// Tells when an IPv4 address of a network namespace is added or removed, so that
+/// NodePorts follow the node's addresses as kube-proxy's do (`--dst-type LOCAL`).
+pub struct AddressWatch {
+    socket: AsyncFd<OwnedFd>,
+    path: PathBuf,
+}
+
+impl AddressWatch {
+    /// Subscribes to the address changes of the network namespace at `path`: a netlink
+    /// socket belongs to the namespace it was created in, so it is created from a thread
+    /// inside it.
+    pub fn new(path: &Path) -> Result<Self, NetnsError> {
+        let error = |source: Errno| NetnsError::Watch {
+            path: path.into(),
+            source: source.into(),
+        };
+        let socket = inside(path, || {
+            let socket = socket(
+                AddressFamily::Netlink,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                SockProtocol::NetlinkRoute,
+            )
+            .map_err(error)?;
+            let groups = u32::try_from(libc::RTMGRP_IPV4_IFADDR).unwrap_or_default();
+            bind(socket.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(error)?;
+            Ok(socket)
+        })?;
+        // SAFETY: the OwnedFd moves into the AsyncFd and is closed only when it drops, so the
+        // descriptor stays open and the same for the AsyncFd's whole life.
+        let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }
+            .map_err(|e| NetnsError::Watch {
+                path: path.into(),
+                source: e.into(),
+            })?;
+        Ok(Self {
+            socket,
+            path: path.into(),
+        })
+    }
+
+    /// Waits for the next change. Each message on the subscribed group is one, and so is an
+    /// overflow (ENOBUFS: changes were dropped), so the messages are not parsed: the caller
+    /// reads the addresses again.
+    pub async fn changed(&mut self) -> Result<(), NetnsError> {
+        let error = |source: std::io::Error| NetnsError::Watch {
+            path: self.path.clone(),
+            source,
+        };
+        let mut buffer = [0u8; 8192];
+        loop {
+            let mut ready = self.socket.readable().await.map_err(error)?;
+            let mut changed = false;
+            loop {
+                match recv(
+                    self.socket.get_ref().as_raw_fd(),
+                    &mut buffer,
+                    MsgFlags::MSG_DONTWAIT,
+                ) {
+                    Ok(_) | Err(Errno::ENOBUFS) => changed = true,
+                    Err(Errno::EAGAIN) => {
+                        ready.clear_ready();
+                        break;
+                    }
+                    Err(Errno::EINTR) => {}
+                    Err(e) => return Err(error(e.into())),
+                }
+            }
+            if changed {
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn cookie() -> Result<u64, NetnsError> {

@@ -168,6 +168,20 @@ impl Store {
         }
     }
 
+    /// Marks the Services with a NodePort changed, for their frontends follow the node's
+    /// addresses.
+    pub fn node_addresses_changed(&mut self) {
+        let with_node_ports = self.services.iter().filter_map(|(id, entry)| {
+            let service = entry.model.as_ref()?;
+            service
+                .ports
+                .iter()
+                .any(|port| port.node_port.is_some())
+                .then(|| id.clone())
+        });
+        self.changed.extend(with_node_ports);
+    }
+
     /// The Services changed since the last call: added, modified, removed, or whose
     /// slices were.
     pub fn take_changed(&mut self) -> BTreeSet<ObjectRef> {
@@ -333,6 +347,23 @@ mod tests {
 
         assert!(update(&mut store, &[]).is_empty());
         assert_eq!(store.counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_change_of_node_addresses_marks_only_the_services_with_a_node_port() {
+        let mut store = Store::default();
+        let yaml = format!(
+            "{GOOD}---\napiVersion: v1\nkind: Service\nmetadata: {{name: np}}\nspec: {{type: NodePort, clusterIP: 10.96.0.11, ports: [{{port: 80, nodePort: 30080}}]}}\n"
+        );
+        assert!(update(&mut store, &documents(&yaml)).is_empty());
+        store.take_changed();
+        store.node_addresses_changed();
+        let changed: Vec<String> = store
+            .take_changed()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(changed, ["default/np"]);
     }
 
     #[test]

@@ -130,13 +130,6 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// A free TCP port on 127.0.0.1 (free when asked; taken by whoever binds it first).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
-}
-
 /// The cgroup2 root of this machine (hybrid hosts have it at /sys/fs/cgroup/unified).
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
     let mounts = std::fs::read_to_string("/proc/mounts")?;
@@ -256,6 +249,9 @@ pub struct Testbed {
     workdir: PathBuf,
     servers: Vec<Child>,
     agent: Option<Child>,
+    /// The agent finds the node's addresses itself (and follows them) instead of being
+    /// told [`NODE_IP`].
+    pub discover_node_ips: bool,
 }
 
 impl Testbed {
@@ -279,6 +275,7 @@ impl Testbed {
             pods: Vec::new(),
             servers: Vec::new(),
             agent: None,
+            discover_node_ips: false,
             id,
         };
         // From here on, Drop removes whatever was created.
@@ -335,6 +332,11 @@ impl Testbed {
             netns: self.node_netns.clone(),
             ip: NODE_IP,
         }
+    }
+
+    /// Runs `ip ARGS` in the node's netns.
+    pub fn node_ip_command(&self, args: &[&str]) -> anyhow::Result<()> {
+        ip(&[&["-n", self.node_netns.as_str()], args].concat())
     }
 
     /// Adds a pod at `ip` (in 10.244.0.0/16, the pod network; no other route).
@@ -434,7 +436,8 @@ impl Testbed {
     }
 
     /// Starts the real `lb agent` on the test cgroup and waits until it is ready. The node
-    /// netns is its host network, [`NODE_IP`] its node IP and [`NODE_NAME`] its name.
+    /// netns is its host network, [`NODE_IP`] its node IP (unless
+    /// [`Testbed::discover_node_ips`]) and [`NODE_NAME`] its name.
     pub fn start_agent(&mut self) -> anyhow::Result<u32> {
         let manifests = self.manifests.clone();
         self.start_agent_with(&["--manifests".as_ref(), manifests.as_os_str()])
@@ -463,7 +466,12 @@ impl Testbed {
             .arg(self.state_dir())
             .arg("--host-netns")
             .arg(Path::new("/run/netns").join(&self.node_netns))
-            .args(["--node-ip", &NODE_IP.to_string(), "--node-name", NODE_NAME])
+            .args(["--node-name", NODE_NAME])
+            .args(if self.discover_node_ips {
+                Vec::new()
+            } else {
+                vec!["--node-ip".to_owned(), NODE_IP.to_string()]
+            })
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -485,6 +493,22 @@ impl Testbed {
             }
             Ok(self.agent_output().contains(" ready").then_some(()))
         })
+    }
+
+    /// The port the running agent serves metrics on, started with
+    /// `--metrics-addr 127.0.0.1:0` so that the kernel picks a free one.
+    pub fn metrics_port(&self) -> anyhow::Result<u16> {
+        wait_for(
+            "the agent's metrics address",
+            Duration::from_secs(20),
+            || {
+                Ok(self.agent_output().lines().find_map(|line| {
+                    let (_, after) = line.split_once("metrics listening")?;
+                    let addr = after.trim().strip_prefix("addr=")?;
+                    addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+                }))
+            },
+        )
     }
 
     /// Stops the agent with SIGTERM and waits for it to exit; the datapath stays loaded.

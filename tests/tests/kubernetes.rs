@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, ffi::OsStr, io::Read as _, process::Child, time
 use lb_tests::{
     Pod, Probe, Testbed,
     apiserver::{ApiServer, Resource},
-    free_port, http_get, parse_probes, privileged, wait_for,
+    http_get, parse_probes, privileged, wait_for,
 };
 
 fn service(ips: &[&str]) -> String {
@@ -37,32 +37,31 @@ ports: [{{name: http, port: 8888, protocol: TCP}}]
 }
 
 /// A node with two backends, an API server holding Service `web` → web-0, and the agent
-/// following it (with metrics on `port`).
-fn cluster() -> (Testbed, Vec<Pod>, Pod, ApiServer, u16) {
+/// following it (with metrics on a port it picks: [`Testbed::metrics_port`]).
+fn cluster() -> (Testbed, Vec<Pod>, Pod, ApiServer) {
     let (mut testbed, pods, client) = Testbed::with_backends(2, 8888).unwrap();
     let api = ApiServer::start().unwrap();
     api.apply_yaml(&service(&["10.244.0.10"])).unwrap();
-    let port = free_port().unwrap();
-    start(&mut testbed, &api, port);
+    start(&mut testbed, &api);
     testbed
         .wait_for_frontend("10.96.0.10:80/TCP", Some(&["10.244.0.10:8888"]))
         .unwrap();
-    (testbed, pods, client, api, port)
+    (testbed, pods, client, api)
 }
 
-fn agent_args(testbed: &Testbed, api: &ApiServer, port: u16) -> Vec<std::ffi::OsString> {
+fn agent_args(testbed: &Testbed, api: &ApiServer) -> Vec<std::ffi::OsString> {
     let kubeconfig = testbed.manifests.with_file_name("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
     vec![
         "--kubeconfig".into(),
         kubeconfig.into(),
         "--metrics-addr".into(),
-        format!("127.0.0.1:{port}").into(),
+        "127.0.0.1:0".into(),
     ]
 }
 
-fn start(testbed: &mut Testbed, api: &ApiServer, port: u16) {
-    let args = agent_args(testbed, api, port);
+fn start(testbed: &mut Testbed, api: &ApiServer) {
+    let args = agent_args(testbed, api);
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     testbed.start_agent_with(&args).unwrap();
 }
@@ -127,7 +126,7 @@ fn initial_sync_then_adds_changes_and_deletes_reach_real_connections() {
     if !privileged("initial_sync_then_adds_changes_and_deletes_reach_real_connections") {
         return;
     }
-    let (testbed, _pods, client, api, _) = cluster();
+    let (testbed, _pods, client, api) = cluster();
     let probes = testbed.probe(&client, "10.96.0.10:80", 5).unwrap();
     assert_eq!(hostnames(&probes), BTreeSet::from(["web-0".into()]));
 
@@ -180,7 +179,7 @@ fn broken_watches_and_410_gone_recover_without_a_blackhole() {
     if !privileged("broken_watches_and_410_gone_recover_without_a_blackhole") {
         return;
     }
-    let (testbed, _pods, client, api, _) = cluster();
+    let (testbed, _pods, client, api) = cluster();
     let prober = background_prober(&testbed, &client);
     std::thread::sleep(Duration::from_millis(300));
 
@@ -231,15 +230,16 @@ fn nothing_is_removed_before_both_lists_are_in() {
     if !privileged("nothing_is_removed_before_both_lists_are_in") {
         return;
     }
-    let (mut testbed, _pods, client, api, port) = cluster();
+    let (mut testbed, _pods, client, api) = cluster();
     testbed.stop_agent().unwrap();
 
     // A new agent gets the Services but not yet the EndpointSlices: a sync now would see
     // `web` without endpoints and refuse its connects.
     api.hold_list(Resource::EndpointSlices, true);
-    let args = agent_args(&testbed, &api, port);
+    let args = agent_args(&testbed, &api);
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     testbed.spawn_agent(&args).unwrap();
+    let port = testbed.metrics_port().unwrap();
     wait_for(
         "the agent to list Services",
         Duration::from_secs(20),
@@ -278,7 +278,7 @@ fn an_agent_restart_loses_no_connect() {
     if !privileged("an_agent_restart_loses_no_connect") {
         return;
     }
-    let (mut testbed, _pods, client, api, port) = cluster();
+    let (mut testbed, _pods, client, api) = cluster();
     api.apply_yaml(&service(&["10.244.0.10", "10.244.0.11"]))
         .unwrap();
     testbed
@@ -291,7 +291,7 @@ fn an_agent_restart_loses_no_connect() {
     std::thread::sleep(Duration::from_millis(300));
     testbed.stop_agent().unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    start(&mut testbed, &api, port);
+    start(&mut testbed, &api);
     assert!(
         testbed.agent_output().contains("map_writes=0"),
         "{}",
@@ -306,7 +306,8 @@ fn metrics_health_and_unusable_objects() {
     if !privileged("metrics_health_and_unusable_objects") {
         return;
     }
-    let (testbed, _pods, client, api, port) = cluster();
+    let (testbed, _pods, client, api) = cluster();
+    let port = testbed.metrics_port().unwrap();
     assert_eq!(http_get(port, "/healthz").unwrap(), (200, "ok\n".into()));
     assert_eq!(http_get(port, "/readyz").unwrap().0, 200);
 

@@ -328,6 +328,53 @@ fn node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node() {
 }
 
 #[test]
+fn node_ports_follow_the_node_addresses() {
+    if !privileged("node_ports_follow_the_node_addresses") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(1, 8888);
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web(
+                "  type: NodePort",
+                "port: 8888, targetPort: 8888, nodePort: 31642",
+            ) + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))),
+        )
+        .unwrap();
+    testbed.discover_node_ips = true;
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.244.0.1:31642/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+
+    // The node gets another address while the agent runs: its NodePort answers there too.
+    testbed
+        .node_ip_command(&["addr", "add", "10.244.255.7/16", "dev", "br0"])
+        .unwrap();
+    testbed
+        .wait_for_frontend("10.244.255.7:31642/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    let probes = testbed.probe(&client, "10.244.255.7:31642", 2).unwrap();
+    assert_eq!(hostnames(&probes), BTreeSet::from(["web-0".into()]));
+    assert_eq!(probes[0].peer(), Some("10.244.255.7:31642"));
+
+    // And the frontend goes with the address; the other stays.
+    testbed
+        .node_ip_command(&["addr", "del", "10.244.255.7/16", "dev", "br0"])
+        .unwrap();
+    testbed
+        .wait_for_frontend("10.244.255.7:31642/TCP", None)
+        .unwrap();
+    assert_all_answered(&testbed.probe(&client, "10.244.0.1:31642", 2).unwrap());
+    assert!(
+        testbed.agent_output().contains("node addresses changed"),
+        "{}",
+        testbed.agent_output()
+    );
+}
+
+#[test]
 fn load_balancer_ingress_and_external_ips_act_as_vips() {
     if !privileged("load_balancer_ingress_and_external_ips_act_as_vips") {
         return;

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use comfy_table::{Table, presets::NOTHING};
 use indicatif::{ProgressBar, ProgressStyle};
-use lb_tests::{Pod, Testbed, binary, free_port, http_get, wait_for};
+use lb_tests::{Pod, Testbed, binary, http_get, wait_for};
 use serde::Serialize;
 
 use self::client::ClientResult;
@@ -510,7 +510,6 @@ fn lb_setup(
     let (rest, under_test) = services.split_at(services.len() - 1);
     testbed.write_manifest("services.yaml", &rules::manifests(rest))?;
     testbed.write_manifest("under-test.yaml", &rules::manifests(under_test))?;
-    let port = free_port()?;
     let entries = (services.len() * 5 + 1024).to_string();
     let manifests = testbed.manifests.clone();
     let started = Instant::now();
@@ -518,7 +517,7 @@ fn lb_setup(
         "--manifests".as_ref(),
         manifests.as_os_str(),
         "--metrics-addr".as_ref(),
-        format!("127.0.0.1:{port}").as_ref(),
+        "127.0.0.1:0".as_ref(),
         "--service-map-entries".as_ref(),
         entries.as_ref(),
     ])?;
@@ -531,6 +530,7 @@ fn lb_setup(
     })
     .map_err(|e| anyhow::anyhow!("{OVER_BUDGET}: the agent's first sync: {e:#}"))?;
     let setup = started.elapsed().as_secs_f64();
+    let port = testbed.metrics_port()?;
 
     // One endpoint of the Service under test goes away; the agent's own histogram times
     // the change from the file event to the maps.
