@@ -20,7 +20,9 @@ pub struct Delivered<'a> {
     /// Changes whenever the object does: its `resourceVersion`, or the read of its file.
     /// An empty version is taken as a change every time.
     pub version: &'a str,
-    pub object: Result<&'a ApiObject, String>,
+    /// `None`: the source let go of the object once the store held this version of it, to
+    /// save memory. Should the store need it again, it asks ([`Store::take_wanted`]).
+    pub object: Option<Result<&'a ApiObject, String>>,
     /// Where the object came from, to prefix model errors with (`"file: "`, or empty).
     pub origin: &'a str,
 }
@@ -47,6 +49,8 @@ pub struct Store {
     slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
     /// Services whose frontends may differ since the last [`Store::take_changed`].
     changed: BTreeSet<ObjectRef>,
+    /// Objects delivered without the object when it was needed.
+    wanted: BTreeSet<(Kind, ObjectRef)>,
     updates: u64,
 }
 
@@ -55,6 +59,8 @@ enum Outcome<M> {
     Unchanged,
     /// The model changed from this one (`None`: the object had no model before).
     Changed(Option<M>),
+    /// The object is needed but was not delivered: the entry keeps its last state.
+    Wanted,
 }
 
 impl Store {
@@ -79,10 +85,14 @@ impl Store {
                             ApiObject::EndpointSlice(_) => Err("not a Service".into()),
                         },
                     )
-                    .map(|outcome| {
-                        if let Outcome::Changed(_) = outcome {
+                    .map(|outcome| match outcome {
+                        Outcome::Changed(_) => {
                             self.changed.insert(id.clone());
                         }
+                        Outcome::Wanted => {
+                            self.wanted.insert((Kind::Service, id.clone()));
+                        }
+                        Outcome::Unchanged => {}
                     })
                 }
                 Kind::EndpointSlice => {
@@ -101,12 +111,16 @@ impl Store {
                             .map_err(|e| e.to_string()),
                         ApiObject::Service(_) => Err("not an EndpointSlice".into()),
                     })
-                    .map(|outcome| {
-                        if let Outcome::Changed(old) = outcome {
+                    .map(|outcome| match outcome {
+                        Outcome::Changed(old) => {
                             let new = self.slices.get(id).and_then(|e| e.model.as_ref());
                             let new_service = new.and_then(|m| m.service.clone());
                             self.reindex_slice(id, old.and_then(|m| m.service), new_service);
                         }
+                        Outcome::Wanted => {
+                            self.wanted.insert((Kind::EndpointSlice, id.clone()));
+                        }
+                        Outcome::Unchanged => {}
                     })
                 }
             };
@@ -168,6 +182,22 @@ impl Store {
         }
     }
 
+    /// The objects the last update needed but was delivered without: the source should
+    /// deliver them again, with the object.
+    pub fn take_wanted(&mut self) -> BTreeSet<(Kind, ObjectRef)> {
+        std::mem::take(&mut self.wanted)
+    }
+
+    /// Whether the store holds `version` of an object: a source may then let go of it.
+    pub fn holds(&self, kind: Kind, id: &ObjectRef, version: &str) -> bool {
+        let version_of = |entry: Option<&String>| entry.is_some_and(|v| v == version);
+        !version.is_empty()
+            && match kind {
+                Kind::Service => version_of(self.services.get(id).map(|e| &e.version)),
+                Kind::EndpointSlice => version_of(self.slices.get(id).map(|e| &e.version)),
+            }
+    }
+
     /// Marks the Services with a NodePort changed, for their frontends follow the node's
     /// addresses.
     pub fn node_addresses_changed(&mut self) {
@@ -227,14 +257,17 @@ fn deliver<M: PartialEq>(
         origin,
     } = delivered;
     // Errors of the object as read already name their origin; the model's do not.
-    let converted = || match object {
+    let converted = |object: Result<&ApiObject, String>| match object {
         Ok(object) => convert(object)
             .map(|(model, note)| (model, note.map(|note| format!("{origin}{note}"))))
             .map_err(|problem| format!("{origin}{problem}")),
         Err(problem) => Err(problem),
     };
     let Some(entry) = entries.get_mut(id) else {
-        let (model, problem) = match converted() {
+        let Some(object) = object else {
+            return Ok(Outcome::Wanted);
+        };
+        let (model, problem) = match converted(object) {
             Ok((model, note)) => (Some(model), note),
             Err(problem) => (None, Some(problem)),
         };
@@ -263,8 +296,11 @@ fn deliver<M: PartialEq>(
     if !version.is_empty() && entry.version == version {
         return Ok(Outcome::Unchanged);
     }
+    let Some(object) = object else {
+        return Ok(Outcome::Wanted);
+    };
     entry.version = version.to_owned();
-    match converted() {
+    match converted(object) {
         Ok((model, note)) => {
             entry.problem = note;
             if entry.model.as_ref() == Some(&model) {
@@ -306,7 +342,7 @@ mod tests {
             kind: d.kind,
             id: &d.id,
             version,
-            object: d.object.as_ref().map_err(ToString::to_string),
+            object: Some(d.object.as_ref().map_err(ToString::to_string)),
             origin: "m.yaml: ",
         }))
     }

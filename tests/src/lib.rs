@@ -38,10 +38,25 @@ pub fn privileged(test: &str) -> bool {
     false
 }
 
-/// A built binary of the workspace: `$LB_BIN_DIR/NAME`, or found beside the running
-/// executable (target/debug for the demo, target/debug/deps for tests).
+/// Where [`binary`] looks first, when set: the benchmark measures release builds.
+static BINARIES: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Makes [`binary`] take the workspace's binaries from `dir` (e.g. target/release); the
+/// first call wins.
+pub fn use_binaries_from(dir: PathBuf) {
+    // A second call changes nothing: every binary of one run comes from one build.
+    drop(BINARIES.set(dir));
+}
+
+/// A built binary of the workspace: from [`use_binaries_from`]'s directory, or
+/// `$LB_BIN_DIR/NAME`, or found beside the running executable (target/debug for the
+/// demo, target/debug/deps for tests).
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("LB_BIN_DIR") {
+    if let Some(dir) = BINARIES
+        .get()
+        .map(|dir| dir.as_os_str().to_owned())
+        .or_else(|| std::env::var_os("LB_BIN_DIR"))
+    {
         let path = Path::new(&dir).join(name);
         ensure!(
             path.is_file(),

@@ -81,7 +81,10 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Bench(args) => {
             if !args.no_build {
                 setup::install_missing()?;
-                build(false)?;
+                // What is measured is what a node runs: the agent, the probes and the
+                // benchmark's own client built with optimizations.
+                build(true)?;
+                lb_tests::use_binaries_from(bin_dir(true));
             }
             bench::run(args)
         }

@@ -8,7 +8,7 @@ use std::{path::Path, time::Instant};
 use futures::StreamExt as _;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
-    Api, Client, Config,
+    Api, Client, Config, ResourceExt as _,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt as _,
@@ -84,6 +84,7 @@ impl Kubernetes {
             watcher::Config::default(),
         )
         .default_backoff()
+        .modify(drop_unused_metadata)
         .reflect(services_writer)
         .map(|event| event.map(|e| is_change(&e)));
         // Only slices that belong to a Service, as kube-proxy selects them.
@@ -92,6 +93,7 @@ impl Kubernetes {
             watcher::Config::default().labels(SERVICE_NAME_LABEL),
         )
         .default_backoff()
+        .modify(drop_unused_metadata)
         .reflect(slices_writer)
         .map(|event| event.map(|e| is_change(&e)));
         let mut events = Box::pin(futures::stream::select(service_events, slice_events));
@@ -146,11 +148,19 @@ impl Kubernetes {
                     .resource_version
                     .as_deref()
                     .unwrap_or_default(),
-                object: Ok(object),
+                object: Some(Ok(object)),
                 origin: "",
             }
         }))
     }
+}
+
+/// The reflectors keep every object for as long as it exists: what the model never reads
+/// goes before it is stored. Field managers and annotations (`kubectl apply` keeps a whole
+/// copy of the object in one) are often most of an object's bytes.
+fn drop_unused_metadata<K: kube::Resource>(object: &mut K) {
+    object.managed_fields_mut().clear();
+    object.annotations_mut().clear();
 }
 
 /// Whether the store changed with `event`: objects of a relist in progress are held back
@@ -161,4 +171,37 @@ fn is_change<K>(event: &watcher::Event<K>) -> bool {
 
 fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {
     object_ref(meta).unwrap_or_else(|| ObjectRef::new("default", "<unnamed>"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ServiceModel;
+
+    #[test]
+    fn what_is_dropped_before_storing_is_nothing_the_model_reads() {
+        let mut service: Service = serde_yaml::from_str(
+            r#"
+metadata:
+  name: web
+  namespace: shop
+  annotations: {kubectl.kubernetes.io/last-applied-configuration: "{}"}
+  managedFields: [{manager: kubectl, operation: Apply, apiVersion: v1}]
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [203.0.113.7]
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.1}]}
+"#,
+        )
+        .unwrap();
+        let before = ServiceModel::from_api(&service).unwrap();
+        drop_unused_metadata(&mut service);
+        assert!(service.managed_fields().is_empty());
+        assert!(service.annotations().is_empty());
+        assert_eq!(ServiceModel::from_api(&service).unwrap(), before);
+    }
 }

@@ -11,7 +11,8 @@ use notify::{RecursiveMode, Watcher as _};
 
 use super::{Changes, SourceError};
 use crate::{
-    manifest::{self, Document, ManifestError},
+    manifest::{self, ApiObject, Document, Kind, ManifestError},
+    model::ObjectRef,
     store::{Delivered, Problems, Store},
 };
 
@@ -31,7 +32,25 @@ struct File {
     read: String,
     /// `"path: "`, what model errors of its objects start with.
     origin: String,
-    documents: Vec<Document>,
+    documents: Vec<Held>,
+}
+
+/// One document of a file; the object goes once the store has it (see
+/// [`Manifests::let_go`]).
+struct Held {
+    kind: Kind,
+    id: ObjectRef,
+    object: Option<Result<ApiObject, ManifestError>>,
+}
+
+impl From<Document> for Held {
+    fn from(document: Document) -> Self {
+        Self {
+            kind: document.kind,
+            id: document.id,
+            object: Some(document.object),
+        }
+    }
 }
 
 /// What tells a file that changed from one that did not, without reading it: editors and
@@ -107,39 +126,165 @@ impl Manifests {
                 ));
                 continue;
             }
-            match manifest::read_file(&path) {
-                Ok(documents) => {
-                    if let Some(version) = version {
-                        self.reads += 1;
-                        let file = File {
-                            version,
-                            read: self.reads.to_string(),
-                            origin: format!("{}: ", path.display()),
-                            documents,
-                        };
-                        self.files.insert(path, file);
-                    }
-                }
-                Err(e) => {
-                    let kept = if self.files.contains_key(&path) {
-                        "; its last good objects stay in effect"
-                    } else {
-                        ""
-                    };
-                    problems.push(format!("{e}{kept}"));
-                }
+            if let Err(problem) = self.read(path, version) {
+                problems.push(problem);
             }
         }
-        let delivered = self.files.values().flat_map(|file| {
+        let mut delivered = self.deliver(store);
+        // A file let go of an object the store needs again (a duplicate definition that
+        // takes over when the first goes): read those files again and deliver once more.
+        let wanted = store.take_wanted();
+        if !wanted.is_empty() {
+            let rereads: Vec<PathBuf> = self
+                .files
+                .iter()
+                .filter(|(_, file)| {
+                    file.documents
+                        .iter()
+                        .any(|d| wanted.contains(&(d.kind, d.id.clone())))
+                })
+                .map(|(path, _)| path.clone())
+                .collect();
+            for path in rereads {
+                let version = Version::of(&path);
+                if let Err(problem) = self.read(path, version) {
+                    problems.push(problem);
+                }
+            }
+            delivered = self.deliver(store);
+        }
+        problems.extend(delivered);
+        self.let_go(store);
+        Ok(problems)
+    }
+
+    /// Reads one file; on failure its last good objects stay and the problem says so.
+    fn read(&mut self, path: PathBuf, version: Option<Version>) -> Result<(), String> {
+        match manifest::read_file(&path) {
+            Ok(documents) => {
+                if let Some(version) = version {
+                    self.reads += 1;
+                    let file = File {
+                        version,
+                        read: self.reads.to_string(),
+                        origin: format!("{}: ", path.display()),
+                        documents: documents.into_iter().map(Held::from).collect(),
+                    };
+                    self.files.insert(path, file);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                let kept = if self.files.contains_key(&path) {
+                    "; its last good objects stay in effect"
+                } else {
+                    ""
+                };
+                Err(format!("{e}{kept}"))
+            }
+        }
+    }
+
+    /// Delivers every file's objects, the complete set, to `store`.
+    fn deliver(&self, store: &mut Store) -> Problems {
+        store.update(self.files.values().flat_map(|file| {
             file.documents.iter().map(move |document| Delivered {
                 kind: document.kind,
                 id: &document.id,
                 version: &file.read,
-                object: document.object.as_ref().map_err(ToString::to_string),
+                object: document
+                    .object
+                    .as_ref()
+                    .map(|object| object.as_ref().map_err(ToString::to_string)),
                 origin: &file.origin,
             })
-        });
-        problems.extend(store.update(delivered));
-        Ok(problems)
+        }))
+    }
+
+    /// Drops the parsed objects the store holds a model of at the same version: at 100k
+    /// Services they would weigh hundreds of MiB, and an unchanged version is never
+    /// converted again.
+    fn let_go(&mut self, store: &Store) {
+        for file in self.files.values_mut() {
+            for document in &mut file.documents {
+                if matches!(document.object, Some(Ok(_)))
+                    && store.holds(document.kind, &document.id, &file.read)
+                {
+                    document.object = None;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Desired, Node};
+
+    fn service(cluster_ip: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {{clusterIP: {cluster_ip}, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    /// The addresses of the frontends after one refresh.
+    fn refresh(manifests: &mut Manifests, store: &mut Store, desired: &mut Desired) -> Vec<String> {
+        manifests.refresh(store).unwrap();
+        let changed = store.take_changed();
+        desired.update(
+            changed.iter().map(|id| (id, store.service(id))),
+            &Node::default(),
+        );
+        desired
+            .frontends()
+            .map(|(f, _)| f.address.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn objects_let_go_of_come_back_when_a_duplicate_takes_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (changes, _changed) = tokio::sync::mpsc::unbounded_channel();
+        let mut manifests = Manifests::watch(dir.path(), changes).unwrap();
+        let (mut store, mut desired) = (Store::default(), Desired::default());
+        std::fs::write(dir.path().join("a.yaml"), service("10.96.0.10")).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), service("10.96.0.99")).unwrap();
+
+        assert_eq!(
+            refresh(&mut manifests, &mut store, &mut desired),
+            ["10.96.0.10"]
+        );
+        // Both files' objects: a's is in the store, b's lost to it and is kept.
+        let held = |manifests: &Manifests, name: &str| {
+            manifests.files[&dir.path().join(name)].documents[0]
+                .object
+                .is_some()
+        };
+        assert!(!held(&manifests, "a.yaml"));
+        assert!(held(&manifests, "b.yaml"));
+        assert_eq!(
+            refresh(&mut manifests, &mut store, &mut desired),
+            ["10.96.0.10"]
+        );
+
+        // b's definition is held no more once it has won: after a comes back and goes
+        // again, b's is read again.
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(
+            refresh(&mut manifests, &mut store, &mut desired),
+            ["10.96.0.99"]
+        );
+        assert!(!held(&manifests, "b.yaml"));
+        std::fs::write(dir.path().join("a.yaml"), service("10.96.0.10")).unwrap();
+        assert_eq!(
+            refresh(&mut manifests, &mut store, &mut desired),
+            ["10.96.0.10"]
+        );
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(
+            refresh(&mut manifests, &mut store, &mut desired),
+            ["10.96.0.99"]
+        );
     }
 }

@@ -77,8 +77,9 @@ pub struct BenchArgs {
     /// Directory for results.json and p50.svg [default: target/lb-bench].
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Use the binaries already built instead of running setup and build first (for the
-    /// test that runs the benchmark from inside `cargo test`).
+    /// Use the binaries already built beside this one (debug ones in `cargo test`) instead
+    /// of running setup and a release build first (for the test that runs the benchmark
+    /// from inside `cargo test`).
     #[arg(long, hide = true)]
     pub no_build: bool,
 }
