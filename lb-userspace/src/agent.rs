@@ -84,17 +84,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     // Given addresses stay; discovered ones are followed, from before they are first read
     // so that no change in between is missed.
-    let mut address_watch = if args.node_ips.is_empty() {
-        match netns::AddressWatch::new(&args.host_netns) {
-            Ok(watch) => Some(watch),
-            Err(e) => {
-                tracing::warn!("{e}; NodePorts stay on the node addresses found at start");
-                None
-            }
-        }
-    } else {
-        None
-    };
+    let mut node_addresses = NodeAddresses::follow(args.node_ips.is_empty(), &args.host_netns);
     let host = match netns::inspect(&args.host_netns) {
         Ok(host) => host,
         // Without the cookie, NodePorts on 127.0.0.1 match nobody; everything else works.
@@ -102,7 +92,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             tracing::warn!("{e}; NodePorts on 127.0.0.1 stay off");
             netns::HostNetns {
                 cookie: 0,
-                addresses: Vec::new(),
+                addresses: netns::addresses_of(&args.host_netns).unwrap_or_else(|e| {
+                    tracing::warn!("{e}; NodePorts only on --node-ip addresses");
+                    Vec::new()
+                }),
             }
         }
     };
@@ -203,27 +196,13 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 Some(earliest)
             }
             () = retry.wait() => None,
-            changed = address_change(address_watch.as_mut()) => {
-                let at = Instant::now();
-                // Addresses come and go in bursts (an interface going up or down).
-                tokio::time::sleep(BATCH).await;
-                let ips = changed.and_then(|()| netns::addresses_of(&args.host_netns));
-                match ips {
-                    Ok(ips) if ips != syncer.node.ips => {
-                        syncer.node_ips_changed(ips);
-                        Some(at)
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!(
-                            ips = ?syncer.node.ips,
-                            "{e}; NodePorts stay on the node addresses they have"
-                        );
-                        address_watch = None;
-                        continue;
-                    }
+            at = node_addresses.due() => match node_addresses.read(&syncer.node.ips) {
+                Some(ips) => {
+                    syncer.node_ips_changed(ips);
+                    Some(at)
                 }
-            }
+                None => continue,
+            },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
@@ -240,11 +219,77 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The next change of the node's addresses; never when they are not followed.
-async fn address_change(watch: Option<&mut netns::AddressWatch>) -> Result<(), netns::NetnsError> {
-    match watch {
-        Some(watch) => watch.changed().await,
-        None => std::future::pending().await,
+/// The node's addresses, followed when they were not given: NodePorts answer on each.
+struct NodeAddresses {
+    watch: Option<netns::AddressWatch>,
+    netns: PathBuf,
+    /// A read to make: when the change was seen, and when to read. Kept here rather than in
+    /// [`NodeAddresses::due`]'s future, which the agent's loop drops when something else
+    /// comes first.
+    read_at: Option<(Instant, tokio::time::Instant)>,
+}
+
+impl NodeAddresses {
+    /// A failed read is tried again after this.
+    const RECHECK: Duration = Duration::from_secs(5);
+
+    fn follow(follow: bool, netns: &std::path::Path) -> Self {
+        let watch = if follow {
+            netns::AddressWatch::new(netns)
+                .inspect_err(|e| {
+                    tracing::warn!("{e}; NodePorts stay on the node addresses found at start");
+                })
+                .ok()
+        } else {
+            None
+        };
+        Self {
+            watch,
+            netns: netns.into(),
+            read_at: None,
+        }
+    }
+
+    /// Resolves, with the time of the change, when the addresses should be read; never
+    /// when they are not followed.
+    async fn due(&mut self) -> Instant {
+        loop {
+            if let Some((seen, at)) = self.read_at {
+                tokio::time::sleep_until(at).await;
+                self.read_at = None;
+                return seen;
+            }
+            let Some(watch) = self.watch.as_mut() else {
+                return std::future::pending().await;
+            };
+            match watch.changed().await {
+                // Several addresses change at once when an interface is configured: one
+                // read, a moment later.
+                Ok(()) => {
+                    self.read_at = Some((Instant::now(), tokio::time::Instant::now() + BATCH));
+                }
+                Err(e) => {
+                    tracing::warn!("{e}; NodePorts stay on the node addresses they have");
+                    self.watch = None;
+                }
+            }
+        }
+    }
+
+    /// The node's addresses, if they differ from `current`. A failed read is tried again
+    /// a little later: the change that prompted it will not be notified twice.
+    fn read(&mut self, current: &[std::net::Ipv4Addr]) -> Option<Vec<std::net::Ipv4Addr>> {
+        match netns::addresses_of(&self.netns) {
+            Ok(ips) => (ips != current).then_some(ips),
+            Err(e) => {
+                tracing::warn!(
+                    "{e}; reading the node's addresses again in {:?}",
+                    Self::RECHECK
+                );
+                self.read_at = Some((Instant::now(), tokio::time::Instant::now() + Self::RECHECK));
+                None
+            }
+        }
     }
 }
 

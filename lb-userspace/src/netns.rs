@@ -21,6 +21,10 @@ use tokio::io::{Interest, unix::AsyncFd};
 /// `SO_NETNS_COOKIE` (Linux ≥ 5.14; the same value on every architecture lb builds for).
 const SO_NETNS_COOKIE: libc::c_int = 71;
 
+/// The netlink multicast group of IPv4 address changes, as a bind() group mask (libc
+/// types the positive mask as c_int).
+const IPV4_ADDRESS_CHANGES: u32 = libc::RTMGRP_IPV4_IFADDR.unsigned_abs();
+
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
     #[error("opening network namespace {path}: {source}")]
@@ -117,8 +121,11 @@ impl AddressWatch {
                 SockProtocol::NetlinkRoute,
             )
             .map_err(error)?;
-            let groups = u32::try_from(libc::RTMGRP_IPV4_IFADDR).unwrap_or_default();
-            bind(socket.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(error)?;
+            bind(
+                socket.as_raw_fd(),
+                &NetlinkAddr::new(0, IPV4_ADDRESS_CHANGES),
+            )
+            .map_err(error)?;
             Ok(socket)
         })?;
         // SAFETY: the OwnedFd moves into the AsyncFd and is closed only when it drops, so the

@@ -51,6 +51,8 @@ pub struct Store {
     changed: BTreeSet<ObjectRef>,
     /// Objects delivered without the object when it was needed.
     wanted: BTreeSet<(Kind, ObjectRef)>,
+    /// Objects the last update delivered more than once.
+    defined_twice: BTreeSet<(Kind, ObjectRef)>,
     updates: u64,
 }
 
@@ -69,9 +71,11 @@ impl Store {
     pub fn update<'a>(&mut self, objects: impl IntoIterator<Item = Delivered<'a>>) -> Problems {
         self.updates += 1;
         let update = self.updates;
+        self.defined_twice.clear();
         let mut problems = Vec::new();
         for delivered in objects {
             let id = delivered.id;
+            let delivered_kind = delivered.kind;
             let outcome = match delivered.kind {
                 Kind::Service => {
                     deliver(
@@ -125,6 +129,7 @@ impl Store {
                 }
             };
             if let Err(duplicate) = outcome {
+                self.defined_twice.insert((delivered_kind, id.clone()));
                 problems.push(duplicate);
             }
         }
@@ -196,6 +201,11 @@ impl Store {
                 Kind::Service => version_of(self.services.get(id).map(|e| &e.version)),
                 Kind::EndpointSlice => version_of(self.slices.get(id).map(|e| &e.version)),
             }
+    }
+
+    /// Whether the last update delivered the object more than once.
+    pub fn defined_twice(&self, kind: Kind, id: &ObjectRef) -> bool {
+        !self.defined_twice.is_empty() && self.defined_twice.contains(&(kind, id.clone()))
     }
 
     /// Marks the Services with a NodePort changed, for their frontends follow the node's

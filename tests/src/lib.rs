@@ -60,7 +60,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
         let path = Path::new(&dir).join(name);
         ensure!(
             path.is_file(),
-            "{} does not exist (LB_BIN_DIR)",
+            "{} does not exist (LB_BIN_DIR or the benchmark's release build)",
             path.display()
         );
         return Ok(path);
@@ -512,12 +512,20 @@ impl Testbed {
 
     /// The port the running agent serves metrics on, started with
     /// `--metrics-addr 127.0.0.1:0` so that the kernel picks a free one.
-    pub fn metrics_port(&self) -> anyhow::Result<u16> {
+    pub fn metrics_port(&mut self) -> anyhow::Result<u16> {
         wait_for(
             "the agent's metrics address",
             Duration::from_secs(20),
             || {
-                Ok(self.agent_output().lines().find_map(|line| {
+                if let Some(agent) = self.agent.as_mut()
+                    && let Some(status) = agent.try_wait()?
+                {
+                    bail!("lb agent exited ({status}):\n{}", self.agent_output());
+                }
+                // Whole lines only: the last one may be half-written.
+                let output = self.agent_output();
+                Ok(output.split_inclusive('\n').find_map(|line| {
+                    let line = line.strip_suffix('\n')?;
                     let (_, after) = line.split_once("metrics listening")?;
                     let addr = after.trim().strip_prefix("addr=")?;
                     addr.parse::<std::net::SocketAddr>().ok().map(|a| a.port())

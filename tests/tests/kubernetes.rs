@@ -306,7 +306,7 @@ fn metrics_health_and_unusable_objects() {
     if !privileged("metrics_health_and_unusable_objects") {
         return;
     }
-    let (testbed, _pods, client, api) = cluster();
+    let (mut testbed, _pods, client, api) = cluster();
     let port = testbed.metrics_port().unwrap();
     assert_eq!(http_get(port, "/healthz").unwrap(), (200, "ok\n".into()));
     assert_eq!(http_get(port, "/readyz").unwrap().0, 200);

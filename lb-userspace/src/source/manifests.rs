@@ -116,16 +116,6 @@ impl Manifests {
             {
                 continue;
             }
-            // `kubectl get … > file` truncates before it writes: an empty file that had
-            // objects is most likely half-written, so they stay until it has content again
-            // (or is removed).
-            if version.is_some_and(|v| v.len == 0) && self.files.contains_key(&path) {
-                problems.push(format!(
-                    "{}: empty; its last objects stay in effect until it has content or is removed",
-                    path.display()
-                ));
-                continue;
-            }
             if let Err(problem) = self.read(path, version) {
                 problems.push(problem);
             }
@@ -152,6 +142,11 @@ impl Manifests {
                 }
             }
             delivered = self.deliver(store);
+            problems.extend(store.take_wanted().into_iter().map(|(kind, id)| {
+                format!(
+                    "{kind} {id}: its remaining definition could not be read again; the one from a removed file stays in effect until it can be"
+                )
+            }));
         }
         problems.extend(delivered);
         self.let_go(store);
@@ -160,6 +155,15 @@ impl Manifests {
 
     /// Reads one file; on failure its last good objects stay and the problem says so.
     fn read(&mut self, path: PathBuf, version: Option<Version>) -> Result<(), String> {
+        // `kubectl get … > file` truncates before it writes: an empty file that had
+        // objects is most likely half-written, so they stay until it has content again
+        // (or is removed).
+        if version.is_some_and(|v| v.len == 0) && self.files.contains_key(&path) {
+            return Err(format!(
+                "{}: empty; its last objects stay in effect until it has content or is removed",
+                path.display()
+            ));
+        }
         match manifest::read_file(&path) {
             Ok(documents) => {
                 if let Some(version) = version {
@@ -201,14 +205,15 @@ impl Manifests {
         }))
     }
 
-    /// Drops the parsed objects the store holds a model of at the same version: at 100k
-    /// Services they would weigh hundreds of MiB, and an unchanged version is never
-    /// converted again.
+    /// Drops the parsed objects whose version the store holds: at 100k Services they would
+    /// weigh hundreds of MiB, and an unchanged version is never converted again. Objects
+    /// defined more than once stay, so that one can take over from another without a read.
     fn let_go(&mut self, store: &Store) {
         for file in self.files.values_mut() {
             for document in &mut file.documents {
                 if matches!(document.object, Some(Ok(_)))
                     && store.holds(document.kind, &document.id, &file.read)
+                    && !store.defined_twice(document.kind, &document.id)
                 {
                     document.object = None;
                 }
@@ -228,18 +233,23 @@ mod tests {
         )
     }
 
-    /// The addresses of the frontends after one refresh.
-    fn refresh(manifests: &mut Manifests, store: &mut Store, desired: &mut Desired) -> Vec<String> {
-        manifests.refresh(store).unwrap();
+    /// The addresses of the frontends after one refresh, and its problems.
+    fn refresh(
+        manifests: &mut Manifests,
+        store: &mut Store,
+        desired: &mut Desired,
+    ) -> (Vec<String>, Problems) {
+        let problems = manifests.refresh(store).unwrap();
         let changed = store.take_changed();
         desired.update(
             changed.iter().map(|id| (id, store.service(id))),
             &Node::default(),
         );
-        desired
+        let frontends = desired
             .frontends()
             .map(|(f, _)| f.address.to_string())
-            .collect()
+            .collect();
+        (frontends, problems)
     }
 
     #[test]
@@ -248,43 +258,51 @@ mod tests {
         let (changes, _changed) = tokio::sync::mpsc::unbounded_channel();
         let mut manifests = Manifests::watch(dir.path(), changes).unwrap();
         let (mut store, mut desired) = (Store::default(), Desired::default());
-        std::fs::write(dir.path().join("a.yaml"), service("10.96.0.10")).unwrap();
-        std::fs::write(dir.path().join("b.yaml"), service("10.96.0.99")).unwrap();
+        let mut frontends = || refresh(&mut manifests, &mut store, &mut desired).0;
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        let remove = |name: &str| std::fs::remove_file(dir.path().join(name)).unwrap();
 
-        assert_eq!(
-            refresh(&mut manifests, &mut store, &mut desired),
-            ["10.96.0.10"]
-        );
-        // Both files' objects: a's is in the store, b's lost to it and is kept.
-        let held = |manifests: &Manifests, name: &str| {
-            manifests.files[&dir.path().join(name)].documents[0]
-                .object
-                .is_some()
-        };
-        assert!(!held(&manifests, "a.yaml"));
-        assert!(held(&manifests, "b.yaml"));
-        assert_eq!(
-            refresh(&mut manifests, &mut store, &mut desired),
-            ["10.96.0.10"]
+        write("a.yaml", &service("10.96.0.10"));
+        write("b.yaml", &service("10.96.0.99"));
+        assert_eq!(frontends(), ["10.96.0.10"]);
+        // Defined twice: both objects are kept, so b's takes over without a read.
+        remove("a.yaml");
+        assert_eq!(frontends(), ["10.96.0.99"]);
+
+        // b's object was let go once it alone defined the Service; a's comes back and wins,
+        // then goes again: b's is read again.
+        write("a.yaml", &service("10.96.0.10"));
+        assert_eq!(frontends(), ["10.96.0.10"]);
+        remove("a.yaml");
+        assert_eq!(frontends(), ["10.96.0.99"]);
+    }
+
+    #[test]
+    fn a_definition_that_cannot_be_read_again_leaves_the_last_one_in_effect() {
+        let dir = tempfile::tempdir().unwrap();
+        let (changes, _changed) = tokio::sync::mpsc::unbounded_channel();
+        let mut manifests = Manifests::watch(dir.path(), changes).unwrap();
+        let (mut store, mut desired) = (Store::default(), Desired::default());
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("b.yaml", &service("10.96.0.99"));
+        refresh(&mut manifests, &mut store, &mut desired);
+        write("a.yaml", &service("10.96.0.10"));
+        refresh(&mut manifests, &mut store, &mut desired);
+
+        // a goes while b is half-written (`kubectl get > b.yaml` truncates first).
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        write("b.yaml", "");
+        let (frontends, problems) = refresh(&mut manifests, &mut store, &mut desired);
+        assert_eq!(frontends, ["10.96.0.10"]);
+        assert!(
+            problems.iter().any(|p| p
+                .contains("Service default/web: its remaining definition could not be read again")),
+            "{problems:?}"
         );
 
-        // b's definition is held no more once it has won: after a comes back and goes
-        // again, b's is read again.
-        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
-        assert_eq!(
-            refresh(&mut manifests, &mut store, &mut desired),
-            ["10.96.0.99"]
-        );
-        assert!(!held(&manifests, "b.yaml"));
-        std::fs::write(dir.path().join("a.yaml"), service("10.96.0.10")).unwrap();
-        assert_eq!(
-            refresh(&mut manifests, &mut store, &mut desired),
-            ["10.96.0.10"]
-        );
-        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
-        assert_eq!(
-            refresh(&mut manifests, &mut store, &mut desired),
-            ["10.96.0.99"]
-        );
+        write("b.yaml", &service("10.96.0.99"));
+        let (frontends, problems) = refresh(&mut manifests, &mut store, &mut desired);
+        assert_eq!(frontends, ["10.96.0.99"]);
+        assert!(problems.is_empty(), "{problems:?}");
     }
 }
