@@ -291,12 +291,10 @@ fn an_unconnected_udp_socket_keeps_its_backend_while_the_backend_stays() {
     assert!(!now.contains(&before), "still on {before}, which left");
 }
 
-#[test]
-fn node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node() {
-    if !privileged("node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node") {
-        return;
-    }
-    let (mut testbed, pods, client) = node(1, 8888);
+/// A node with web-0 behind NodePort 31642 in its manifests (the agent not started yet),
+/// and a client pod.
+fn node_port_31642() -> (Testbed, Pod) {
+    let (testbed, pods, client) = node(1, 8888);
     testbed
         .write_manifest(
             "web.yaml",
@@ -306,6 +304,15 @@ fn node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node() {
             ) + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))),
         )
         .unwrap();
+    (testbed, client)
+}
+
+#[test]
+fn node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node() {
+    if !privileged("node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node") {
+        return;
+    }
+    let (mut testbed, client) = node_port_31642();
     testbed.start_agent().unwrap();
     testbed
         .wait_for_frontend("127.0.0.1:31642/TCP", Some(&["10.244.0.10:8888"]))
@@ -332,16 +339,7 @@ fn node_ports_follow_the_node_addresses() {
     if !privileged("node_ports_follow_the_node_addresses") {
         return;
     }
-    let (mut testbed, pods, client) = node(1, 8888);
-    testbed
-        .write_manifest(
-            "web.yaml",
-            &(web(
-                "  type: NodePort",
-                "port: 8888, targetPort: 8888, nodePort: 31642",
-            ) + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))),
-        )
-        .unwrap();
+    let (mut testbed, client) = node_port_31642();
     testbed.discover_node_ips = true;
     testbed.start_agent().unwrap();
     testbed
