@@ -98,7 +98,7 @@ pub fn addresses_of(path: &Path) -> Result<Vec<Ipv4Addr>, NetnsError> {
 }
 
 /// Tells when an IPv4 address of a network namespace is added or removed, so that
-/// NodePorts follow the node's addresses as kube-proxy's do (`--dst-type LOCAL`).
+/// NodePorts follow the node's addresses.
 pub struct AddressWatch {
     socket: AsyncFd<OwnedFd>,
     path: PathBuf,

@@ -233,66 +233,82 @@ mod tests {
         )
     }
 
-    /// The addresses of the frontends after one refresh, and its problems.
-    fn refresh(
-        manifests: &mut Manifests,
-        store: &mut Store,
-        desired: &mut Desired,
-    ) -> (Vec<String>, Problems) {
-        let problems = manifests.refresh(store).unwrap();
-        let changed = store.take_changed();
-        desired.update(
-            changed.iter().map(|id| (id, store.service(id))),
-            &Node::default(),
-        );
-        let frontends = desired
-            .frontends()
-            .map(|(f, _)| f.address.to_string())
-            .collect();
-        (frontends, problems)
+    /// A watched manifest directory and the store and model it feeds.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        manifests: Manifests,
+        store: Store,
+        desired: Desired,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let (changes, _) = tokio::sync::mpsc::unbounded_channel();
+            let manifests = Manifests::watch(dir.path(), changes).unwrap();
+            Self {
+                dir,
+                manifests,
+                store: Store::default(),
+                desired: Desired::default(),
+            }
+        }
+
+        fn write(&self, name: &str, text: &str) {
+            std::fs::write(self.dir.path().join(name), text).unwrap();
+        }
+
+        fn remove(&self, name: &str) {
+            std::fs::remove_file(self.dir.path().join(name)).unwrap();
+        }
+
+        /// The addresses of the frontends after one refresh, and its problems.
+        fn refresh(&mut self) -> (Vec<String>, Problems) {
+            let problems = self.manifests.refresh(&mut self.store).unwrap();
+            let changed = self.store.take_changed();
+            self.desired.update(
+                changed.iter().map(|id| (id, self.store.service(id))),
+                &Node::default(),
+            );
+            let frontends = self
+                .desired
+                .frontends()
+                .map(|(f, _)| f.address.to_string())
+                .collect();
+            (frontends, problems)
+        }
     }
 
     #[test]
     fn objects_let_go_of_come_back_when_a_duplicate_takes_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let (changes, _changed) = tokio::sync::mpsc::unbounded_channel();
-        let mut manifests = Manifests::watch(dir.path(), changes).unwrap();
-        let (mut store, mut desired) = (Store::default(), Desired::default());
-        let mut frontends = || refresh(&mut manifests, &mut store, &mut desired).0;
-        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-        let remove = |name: &str| std::fs::remove_file(dir.path().join(name)).unwrap();
-
-        write("a.yaml", &service("10.96.0.10"));
-        write("b.yaml", &service("10.96.0.99"));
-        assert_eq!(frontends(), ["10.96.0.10"]);
+        let mut fixture = Fixture::new();
+        fixture.write("a.yaml", &service("10.96.0.10"));
+        fixture.write("b.yaml", &service("10.96.0.99"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.10"]);
         // Defined twice: both objects are kept, so b's takes over without a read.
-        remove("a.yaml");
-        assert_eq!(frontends(), ["10.96.0.99"]);
+        fixture.remove("a.yaml");
+        assert_eq!(fixture.refresh().0, ["10.96.0.99"]);
 
         // b's object was let go once it alone defined the Service; a's comes back and wins,
         // then goes again: b's is read again.
-        write("a.yaml", &service("10.96.0.10"));
-        assert_eq!(frontends(), ["10.96.0.10"]);
-        remove("a.yaml");
-        assert_eq!(frontends(), ["10.96.0.99"]);
+        fixture.write("a.yaml", &service("10.96.0.10"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.10"]);
+        fixture.remove("a.yaml");
+        assert_eq!(fixture.refresh().0, ["10.96.0.99"]);
     }
 
     #[test]
     fn a_definition_that_cannot_be_read_again_leaves_the_last_one_in_effect() {
-        let dir = tempfile::tempdir().unwrap();
-        let (changes, _changed) = tokio::sync::mpsc::unbounded_channel();
-        let mut manifests = Manifests::watch(dir.path(), changes).unwrap();
-        let (mut store, mut desired) = (Store::default(), Desired::default());
-        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-        write("b.yaml", &service("10.96.0.99"));
-        refresh(&mut manifests, &mut store, &mut desired);
-        write("a.yaml", &service("10.96.0.10"));
-        refresh(&mut manifests, &mut store, &mut desired);
+        let mut fixture = Fixture::new();
+        fixture.write("b.yaml", &service("10.96.0.99"));
+        fixture.refresh();
+        fixture.write("a.yaml", &service("10.96.0.10"));
+        fixture.refresh();
 
         // a goes while b is half-written (`kubectl get > b.yaml` truncates first).
-        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
-        write("b.yaml", "");
-        let (frontends, problems) = refresh(&mut manifests, &mut store, &mut desired);
+        fixture.remove("a.yaml");
+        fixture.write("b.yaml", "");
+        let (frontends, problems) = fixture.refresh();
         assert_eq!(frontends, ["10.96.0.10"]);
         assert!(
             problems.iter().any(|p| p
@@ -300,8 +316,8 @@ mod tests {
             "{problems:?}"
         );
 
-        write("b.yaml", &service("10.96.0.99"));
-        let (frontends, problems) = refresh(&mut manifests, &mut store, &mut desired);
+        fixture.write("b.yaml", &service("10.96.0.99"));
+        let (frontends, problems) = fixture.refresh();
         assert_eq!(frontends, ["10.96.0.99"]);
         assert!(problems.is_empty(), "{problems:?}");
     }
