@@ -16,11 +16,11 @@ use tokio::{
 };
 
 use crate::{
-    datapath::{self, ServiceMaps},
+    datapath,
     metrics::{self, ErrorKind, Metrics},
-    model::{Desired, Frontend, Node},
+    model::{Desired, Frontend, Node, ObjectRef},
     mounts, netns,
-    plan::{self, PlanError, Programmed},
+    plan::{self, Capacity, PlanError, Programmed},
     source::{Source, kubernetes, manifests::Manifests},
     state::{AgentPid, Snapshot, StateWriter},
     store::Store,
@@ -68,13 +68,49 @@ pub struct AgentArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9965).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
-    /// Capacity of the service map: one entry per frontend plus one per backend slot
-    /// (applies when the maps are created).
-    #[arg(long, value_name = "N", default_value_t = lb_common::SERVICE_MAP_CAPACITY)]
-    pub service_map_entries: u32,
-    /// Capacity of the backend map: distinct backend address:port pairs.
-    #[arg(long, value_name = "N", default_value_t = lb_common::BACKEND_MAP_CAPACITY)]
-    pub backend_map_entries: u32,
+    /// Upper bound of the service map (one entry per frontend plus one per backend slot).
+    /// The maps are sized from what the source needs and grow while the agent runs; a
+    /// Service that would take a map past its bound is refused, whole, and reported.
+    #[arg(long, value_name = "N", alias = "service-map-entries",
+          default_value_t = DEFAULT_CEILING.services,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    pub service_map_max_entries: u32,
+    /// Upper bound of the backend map: distinct backend address:port pairs.
+    #[arg(long, value_name = "N", alias = "backend-map-entries",
+          default_value_t = DEFAULT_CEILING.backends,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    pub backend_map_max_entries: u32,
+    /// Upper bound of the affinity-match map: one entry per backend of a frontend with
+    /// session affinity, and of a UDP frontend.
+    #[arg(long, value_name = "N",
+          default_value_t = DEFAULT_CEILING.affinity_matches,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    pub affinity_match_map_max_entries: u32,
+}
+
+/// Default upper bounds of the growing maps: far above 100k Services with a few endpoints
+/// each (about 0.5M service entries), yet a bound on the kernel memory a runaway source can
+/// make the agent take (about 80 bytes an entry).
+pub const DEFAULT_CEILING: Capacity = Capacity {
+    services: 1 << 22,
+    backends: 1 << 21,
+    affinity_matches: 1 << 22,
+};
+
+/// Why a sync did not bring the maps in line with the source.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("reading the source: {0}")]
+    Source(#[from] crate::source::SourceError),
+    #[error("reading the maps back: {0}")]
+    ReadBack(#[source] datapath::DatapathError),
+    #[error("growing the maps to {to}: {source}")]
+    Grow {
+        to: Capacity,
+        source: datapath::DatapathError,
+    },
+    #[error("writing the maps: {0}")]
+    Write(#[source] datapath::DatapathError),
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -130,19 +166,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // that keeps connects safe during updates.
     let _lock = datapath::lock(&args.bpffs)?;
     // The datapath first: pinned maps from an earlier agent keep translating meanwhile.
-    let capacity = datapath::Capacity {
-        services: args.service_map_entries,
-        backends: args.backend_map_entries,
+    let ceiling = Capacity {
+        services: args.service_map_max_entries,
+        backends: args.backend_map_max_entries,
+        affinity_matches: args.affinity_match_map_max_entries,
     };
-    let datapath = datapath::load(&args.bpffs, &cgroup, capacity)
+    // New maps start small; the first sync grows them to what the source needs.
+    let initial = Capacity {
+        services: Capacity::INITIAL.services.min(ceiling.services),
+        backends: Capacity::INITIAL.backends.min(ceiling.backends),
+        affinity_matches: Capacity::INITIAL.affinity_matches.min(ceiling.affinity_matches),
+    };
+    let mut datapath = datapath::load(&args.bpffs, &cgroup, initial)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
     tracing::info!(
         cgroup = %cgroup.display(),
         bpffs = %args.bpffs.display(),
         "programs attached, maps pinned"
     );
-    let mut maps = datapath.maps;
-    maps.set_host_netns_cookie(host.cookie)?;
+    datapath.maps.set_host_netns_cookie(host.cookie)?;
 
     // Changes are watched before the first read, so none between the two is missed.
     let (changes, mut changed) = mpsc::unbounded_channel();
@@ -166,6 +208,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         store: Store::default(),
         desired: Desired::default(),
         programmed: Programmed::default(),
+        datapath,
+        ceiling,
         read_back: true,
         full: true,
         refused: BTreeMap::new(),
@@ -174,14 +218,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         state,
         metrics: metrics.clone(),
     };
-    let mut ready = false;
+    let mut first_done = false;
     let mut retry = Retry::default();
-    if syncer.sync(&mut maps, &mut source, None) {
-        ready = syncer.ready(&source);
-    } else {
-        tracing::warn!("not ready: the first sync failed; retrying");
-        retry.failed();
-    }
+    syncer.sync_and_report(&mut source, None, &mut retry, &mut first_done);
 
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -206,14 +245,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };
-        if syncer.sync(&mut maps, &mut source, changed_at) {
-            retry = Retry::default();
-            if !ready {
-                ready = syncer.ready(&source);
-            }
-        } else {
-            retry.failed();
-        }
+        syncer.sync_and_report(&mut source, changed_at, &mut retry, &mut first_done);
     }
     tracing::info!("stopping; the datapath stays loaded and keeps the last state");
     Ok(())
@@ -342,14 +374,18 @@ struct Syncer {
     store: Store,
     desired: Desired,
     programmed: Programmed,
+    datapath: datapath::Datapath,
+    /// Upper bounds of the growing maps.
+    ceiling: Capacity,
     /// The maps are read back before the next plan: at the start (an earlier agent's
     /// state), and after a failed write left them partly written.
     read_back: bool,
     /// The next plan covers every frontend, not only those that changed: after the maps
     /// were read back.
     full: bool,
-    /// Frontends plans refused to write, and why: reported every sync while they last.
-    refused: BTreeMap<Frontend, String>,
+    /// Services plans refused to write, and why: tried again every sync (what took their
+    /// room may have gone) and reported while they last.
+    refused: BTreeMap<ObjectRef, PlanError>,
     /// Problems already logged, so that each is logged (and counted) once, not every sync.
     reported: BTreeSet<String>,
     node: Node,
@@ -358,24 +394,60 @@ struct Syncer {
 }
 
 impl Syncer {
-    /// One pass of source → model → diff → maps; true if the maps are in line with the
-    /// source. Failures are logged and counted, and leave the last good state in place: the
-    /// agent keeps running and tries again.
-    fn sync(
+    /// One sync, its outcome logged, counted and reflected in /readyz.
+    fn sync_and_report(
         &mut self,
-        maps: &mut ServiceMaps,
         source: &mut Source,
         changed_at: Option<Instant>,
-    ) -> bool {
-        let started = Instant::now();
-        let mut problems = match source.refresh(&mut self.store) {
-            Ok(problems) => problems,
-            Err(e) => {
-                tracing::error!("{e}; keeping the last good state");
-                self.metrics.error(ErrorKind::Source);
-                return false;
+        retry: &mut Retry,
+        first_done: &mut bool,
+    ) {
+        match self.sync(source, changed_at) {
+            Ok(()) => {
+                *retry = Retry::default();
+                let not_ready = self.refusal_summary();
+                if !*first_done {
+                    *first_done = true;
+                    if !self.state.flush(Duration::from_secs(30)) {
+                        tracing::warn!(
+                            "the state file is still being written; `lb services` may lag"
+                        );
+                    }
+                    match &not_ready {
+                        None => tracing::info!(source = %source.describe(), "ready"),
+                        Some(why) => tracing::warn!(source = %source.describe(), "synced, not ready: {why}"),
+                    }
+                }
+                self.metrics.set_readiness(not_ready);
             }
-        };
+            Err(e) => {
+                let kind = match e {
+                    SyncError::Source(_) => ErrorKind::Source,
+                    _ => ErrorKind::MapWrite,
+                };
+                self.metrics.error(kind);
+                tracing::error!("{e}; keeping the last good state, retrying");
+                self.metrics
+                    .set_readiness(Some(format!("the last sync failed: {e}; retrying")));
+                retry.failed();
+            }
+        }
+    }
+
+    /// Why the maps do not hold all the source has, if Services were refused.
+    fn refusal_summary(&self) -> Option<String> {
+        let (first, error) = self.refused.iter().next()?;
+        Some(format!(
+            "{} Service(s) refused, e.g. {first}: {error}",
+            self.refused.len()
+        ))
+    }
+
+    /// One pass of source → model → diff → maps. Failures leave the last good state in
+    /// place: the agent keeps running and tries again.
+    fn sync(&mut self, source: &mut Source, changed_at: Option<Instant>) -> Result<(), SyncError> {
+        let started = Instant::now();
+        let mut problems = source.refresh(&mut self.store)?;
         let refreshed = started.elapsed();
         let changed = self.store.take_changed();
         let touched = self.desired.update(
@@ -389,14 +461,12 @@ impl Syncer {
             )
         }));
         if self.read_back
-            && let Err(e) = self.reload(maps)
+            && let Err(e) = self.reload()
         {
-            tracing::error!("reading the maps back: {e}; retrying");
-            self.metrics.error(ErrorKind::MapWrite);
             self.report(problems);
-            return false;
+            return Err(SyncError::ReadBack(e));
         }
-        let scope = if self.full {
+        let mut scope: BTreeSet<Frontend> = if self.full {
             self.programmed
                 .frontends
                 .keys()
@@ -406,35 +476,79 @@ impl Syncer {
         } else {
             touched
         };
+        // Services refused before are tried again: what took their room may have gone.
+        // Those that are gone from the source are no longer refused.
         let desired = &self.desired;
-        let plan = plan::plan(
+        self.refused
+            .retain(|service, _| desired.frontends_of(service).next().is_some());
+        for service in self.refused.keys() {
+            scope.extend(self.desired.frontends_of(service));
+        }
+        let desired = &self.desired;
+        let plan::Plan { ops, refused, peak } = plan::plan(
             &self.programmed,
-            |frontend| desired.target(frontend).map(|target| &target.spec),
+            |frontend| {
+                desired
+                    .target(frontend)
+                    .map(|target| (&target.service, &target.spec))
+            },
             &scope,
+            &self.ceiling,
         );
         for frontend in &scope {
-            self.refused.remove(frontend);
+            if let Some(target) = desired.target(frontend) {
+                self.refused.remove(&target.service);
+            }
         }
-        for refusal in &plan.refused {
-            let PlanError::TooManyBackends { frontend, .. } = refusal;
-            self.refused
-                .insert(*frontend, format!("{refusal}; its last state stays"));
+        let mut newly_refused = 0;
+        for refusal in refused {
+            if self.refused.get(refusal.owner) != Some(&refusal.error) {
+                newly_refused += 1;
+            }
+            self.refused.insert(refusal.owner.clone(), refusal.error);
         }
-        problems.extend(self.refused.values().cloned());
+        for _ in 0..newly_refused {
+            self.metrics.error(ErrorKind::Capacity);
+        }
+        self.metrics
+            .refused
+            .set(i64::try_from(self.refused.len()).unwrap_or(i64::MAX));
+        problems.extend(self.refused.iter().map(|(service, error)| {
+            format!("Service {service} refused: {error}; what the maps held for it stays")
+        }));
         self.report(problems);
         let planned = started.elapsed();
-        tracing::debug!(?refreshed, ?planned, "sync phases");
-        if let Err(e) = maps.apply(&plan.ops) {
-            tracing::error!("writing the maps: {e}; reading them back to retry");
-            self.metrics.error(ErrorKind::MapWrite);
-            self.read_back = true;
-            return false;
+
+        let capacity = self.datapath.maps.capacity().map_err(SyncError::Write)?;
+        if capacity.overflow(&peak).is_some() {
+            let to = capacity.grown_for(&peak, &self.ceiling);
+            let grow_started = Instant::now();
+            self.datapath
+                .grow(to, &self.programmed)
+                .map_err(|source| SyncError::Grow { to, source })?;
+            tracing::info!(
+                from = %capacity,
+                to = %to,
+                elapsed_ms = grow_started.elapsed().as_millis(),
+                "maps grown; the programs use the new ones"
+            );
         }
-        self.programmed.apply(&plan.ops);
+        tracing::debug!(?refreshed, ?planned, "sync phases");
+        if let Err(e) = self.datapath.maps.apply(&ops) {
+            self.read_back = true;
+            return Err(SyncError::Write(e));
+        }
+        self.programmed.apply(&ops);
         self.full = false;
-        self.record(started, changed_at, changed.len(), plan.ops.len());
-        self.state.write(Snapshot::of(&self.desired));
-        true
+        self.record(started, changed_at, changed.len(), ops.len());
+        self.state.write(Snapshot::of(
+            &self.desired,
+            self.refused
+                .iter()
+                .map(|(service, error)| (service.clone(), error.to_string()))
+                .collect(),
+        ));
+        Ok(())
     }
 
     /// NodePort frontends follow the node's addresses: the Services with a NodePort are
@@ -448,26 +562,15 @@ impl Syncer {
     /// Takes what the maps hold as the starting point of a full plan, after removing the
     /// entries an interrupted plan left behind: slots no master count points at, which the
     /// plan may write again.
-    fn reload(&mut self, maps: &mut ServiceMaps) -> Result<(), datapath::DatapathError> {
-        let snapshot = maps.read()?;
+    fn reload(&mut self) -> Result<(), datapath::DatapathError> {
+        let snapshot = self.datapath.maps.read()?;
         for key in snapshot.orphans {
-            maps.remove_service(&key)?;
+            self.datapath.maps.remove_service(&key)?;
         }
         self.programmed = snapshot.programmed;
         self.read_back = false;
         self.full = true;
         Ok(())
-    }
-
-    /// Marks the agent ready: its source synced, the maps written, and the state file
-    /// that names what they hold.
-    fn ready(&self, source: &Source) -> bool {
-        if !self.state.flush(Duration::from_secs(30)) {
-            tracing::warn!("the state file is still being written; `lb services` may lag");
-        }
-        self.metrics.set_ready();
-        tracing::info!(source = %source.describe(), "ready");
-        true
     }
 
     fn report(&mut self, problems: Vec<String>) {
@@ -496,21 +599,15 @@ impl Syncer {
         self.metrics
             .backends
             .set(gauge(self.programmed.backends.len()));
-        let service_entries = self.programmed.frontends.len()
-            + self
-                .programmed
-                .frontends
-                .values()
-                .map(|f| f.slots.len())
-                .sum::<usize>();
-        self.metrics
-            .set_map_entries(lb_common::SERVICE_MAP, service_entries);
-        self.metrics
-            .set_map_entries(lb_common::BACKEND_MAP, self.programmed.backends.len());
-        self.metrics.set_map_entries(
-            lb_common::AFFINITY_MATCH_MAP,
-            self.programmed.affinity_matches.len(),
-        );
+        let usage = self.programmed.usage();
+        for (map, entries) in [
+            (lb_common::SERVICE_MAP, usage.services),
+            (lb_common::BACKEND_MAP, usage.backends),
+            (lb_common::AFFINITY_MATCH_MAP, usage.affinity_matches),
+        ] {
+            self.metrics
+                .set_map_entries(map, usize::try_from(entries).unwrap_or(usize::MAX));
+        }
         self.metrics.syncs.inc();
         self.metrics.sync_duration.observe(elapsed.as_secs_f64());
         if let Some(changed_at) = changed_at {

@@ -6,6 +6,7 @@ use std::{
     collections::BTreeMap,
     fs::File,
     net::Ipv4Addr,
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
@@ -24,9 +25,10 @@ use lb_common::{
 };
 
 use crate::{
+    bpf,
     model::{BackendAddr, Frontend, Protocol},
     mounts::{self, MountError},
-    plan::{BackendId, MapOp, Programmed, ProgrammedFrontend},
+    plan::{BackendId, Capacity, MapOp, Programmed, ProgrammedFrontend},
 };
 
 /// The eBPF object built by build.rs from lb-ebpf.
@@ -96,6 +98,47 @@ pub enum DatapathError {
     Locked { dir: PathBuf, reason: String },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
+    #[error("{0} is not a hash map: pinned by another build of lb? run `lb unload`")]
+    NotAHashMap(&'static str),
+    #[error("reading map {map}: {source}")]
+    Read {
+        map: &'static str,
+        source: crate::bpf::BpfError,
+    },
+    #[error("writing {entries} entries to map {map} (capacity {capacity}): {source}{}", full_hint(source))]
+    Write {
+        map: &'static str,
+        entries: usize,
+        capacity: u32,
+        source: crate::bpf::BpfError,
+    },
+    #[error("switching the link {path} to the new programs: {source}")]
+    Relink {
+        path: PathBuf,
+        source: crate::bpf::BpfError,
+    },
+    #[error("moving the pin {from} to {to}: {source}")]
+    Repin {
+        from: PathBuf,
+        to: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("removing the pin {path}: {source}")]
+    Unpin {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What to do about a write the kernel refused because the map is full.
+fn full_hint(source: &crate::bpf::BpfError) -> &'static str {
+    match source.errno() {
+        Some(libc::E2BIG | libc::ENOSPC) => {
+            " (the map is full: the agent grows its maps up to the --*-max-entries bounds)"
+        }
+        Some(libc::ENOMEM) => " (out of kernel memory for BPF maps)",
+        _ => "",
+    }
 }
 
 fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
@@ -180,11 +223,13 @@ pub fn affinity_entries(
         .collect()
 }
 
-/// The pinned maps the agent writes and the CLI reads.
+/// The pinned maps the agent writes and the CLI reads. The three that grow with the
+/// cluster are raw [`MapData`]: they are read and written through [`crate::bpf`]'s batched
+/// syscalls.
 pub struct ServiceMaps {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, BackendId, Backend>,
-    affinity_matches: HashMap<MapData, AffinityMatchKey, u32>,
+    services: MapData,
+    backends: MapData,
+    affinity_matches: MapData,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -194,6 +239,51 @@ pub struct ServiceMaps {
 pub struct Snapshot {
     pub programmed: Programmed,
     pub orphans: Vec<ServiceKey>,
+}
+
+fn hash_map(map: Map, name: &'static str) -> Result<MapData, DatapathError> {
+    match map {
+        Map::HashMap(data) => Ok(data),
+        _ => Err(DatapathError::NotAHashMap(name)),
+    }
+}
+
+/// Which map a run of [`MapOp`]s goes to, and whether it writes or deletes: consecutive ops
+/// of one class become one batched syscall, which the kernel applies in order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OpClass {
+    PutBackend,
+    DeleteBackend,
+    PutService,
+    DeleteService,
+    PutMatch,
+    DeleteMatch,
+}
+
+impl OpClass {
+    const fn of(op: &MapOp) -> Self {
+        match op {
+            MapOp::PutBackend(..) => Self::PutBackend,
+            MapOp::DeleteBackend(..) => Self::DeleteBackend,
+            MapOp::PutSlot(..) | MapOp::PutMaster(..) => Self::PutService,
+            MapOp::DeleteSlot(..) | MapOp::DeleteMaster(..) => Self::DeleteService,
+            MapOp::PutAffinityMatch(..) => Self::PutMatch,
+            MapOp::DeleteAffinityMatch(..) => Self::DeleteMatch,
+        }
+    }
+}
+
+fn backend_value(addr: &BackendAddr) -> Backend {
+    Backend::new(ipv4_to_map(addr.address.octets()), port_to_map(addr.port))
+}
+
+fn master_value(master: &ProgrammedFrontend) -> ServiceValue {
+    ServiceValue::master(
+        u16::try_from(master.slots.len()).unwrap_or(u16::MAX),
+        master.flags,
+        master.id,
+        master.affinity_timeout_s,
+    )
 }
 
 impl ServiceMaps {
@@ -210,17 +300,25 @@ impl ServiceMaps {
         mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
     ) -> Result<Self, DatapathError> {
         Ok(Self {
-            services: get(SERVICE_MAP)?
-                .try_into()
-                .map_err(map_error(SERVICE_MAP))?,
-            backends: get(BACKEND_MAP)?
-                .try_into()
-                .map_err(map_error(BACKEND_MAP))?,
-            affinity_matches: get(AFFINITY_MATCH_MAP)?
-                .try_into()
-                .map_err(map_error(AFFINITY_MATCH_MAP))?,
+            services: hash_map(get(SERVICE_MAP)?, SERVICE_MAP)?,
+            backends: hash_map(get(BACKEND_MAP)?, BACKEND_MAP)?,
+            affinity_matches: hash_map(get(AFFINITY_MATCH_MAP)?, AFFINITY_MATCH_MAP)?,
             config: get(CONFIG_MAP)?.try_into().map_err(map_error(CONFIG_MAP))?,
             stats: get(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
+        })
+    }
+
+    /// How many entries each growing map can hold.
+    pub fn capacity(&self) -> Result<Capacity, DatapathError> {
+        let max = |map: &MapData, name: &'static str| {
+            map.info()
+                .map(|info| info.max_entries())
+                .map_err(map_error(name))
+        };
+        Ok(Capacity {
+            services: max(&self.services, SERVICE_MAP)?,
+            backends: max(&self.backends, BACKEND_MAP)?,
+            affinity_matches: max(&self.affinity_matches, AFFINITY_MATCH_MAP)?,
         })
     }
 
@@ -237,11 +335,15 @@ impl ServiceMaps {
             .map_err(map_error(CONFIG_MAP))
     }
 
-    /// Reads the maps back into the agent's terms.
+    /// Reads the maps back into the agent's terms, a batch of entries per syscall.
     pub fn read(&self) -> Result<Snapshot, DatapathError> {
+        let read_error = |map: &'static str| {
+            move |source| DatapathError::Read { map, source }
+        };
         let mut backends = BTreeMap::new();
-        for entry in self.backends.iter() {
-            let (id, backend) = entry.map_err(map_error(BACKEND_MAP))?;
+        for (id, backend) in bpf::lookup_all::<BackendId, Backend>(self.backends.fd().as_fd())
+            .map_err(read_error(BACKEND_MAP))?
+        {
             backends.insert(
                 id,
                 BackendAddr {
@@ -254,8 +356,10 @@ impl ServiceMaps {
         let mut masters = BTreeMap::new();
         let mut slots = BTreeMap::new();
         let mut orphans = Vec::new();
-        for entry in self.services.iter() {
-            let (key, value) = entry.map_err(map_error(SERVICE_MAP))?;
+        for (key, value) in
+            bpf::lookup_all::<ServiceKey, ServiceValue>(self.services.fd().as_fd())
+                .map_err(read_error(SERVICE_MAP))?
+        {
             let Some(frontend) = frontend_of(&key) else {
                 orphans.push(key);
                 continue;
@@ -285,69 +389,157 @@ impl ServiceMaps {
         }
         orphans.extend(slots.into_values().map(|(key, _)| key));
 
-        let mut affinity_matches = std::collections::BTreeSet::new();
-        for key in self.affinity_matches.keys() {
-            affinity_matches.insert(key.map_err(map_error(AFFINITY_MATCH_MAP))?);
-        }
+        let affinity_matches = bpf::lookup_all::<AffinityMatchKey, u32>(
+            self.affinity_matches.fd().as_fd(),
+        )
+        .map_err(read_error(AFFINITY_MATCH_MAP))?
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
         Ok(Snapshot {
             programmed: Programmed::new(frontends, backends, affinity_matches),
             orphans,
         })
     }
 
-    /// Performs `ops` in order.
+    /// Performs `ops` in order: each run of ops on one map that all write (or all delete) is
+    /// one batched syscall, which the kernel applies entry by entry in order, so a
+    /// concurrent connect sees every prefix of the plan, as with single writes.
     pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
-        for op in ops {
-            match *op {
-                MapOp::PutBackend(id, addr) => self
-                    .backends
-                    .insert(
-                        id,
-                        Backend::new(ipv4_to_map(addr.address.octets()), port_to_map(addr.port)),
-                        0,
-                    )
-                    .map_err(map_error(BACKEND_MAP))?,
-                MapOp::PutSlot(frontend, slot, id) => self
-                    .services
-                    .insert(key_of(&frontend, slot), ServiceValue::slot(id), 0)
-                    .map_err(map_error(SERVICE_MAP))?,
-                MapOp::PutMaster(frontend, ref master) => self
-                    .services
-                    .insert(
-                        key_of(&frontend, MASTER_SLOT),
-                        ServiceValue::master(
-                            u16::try_from(master.slots.len()).unwrap_or(u16::MAX),
-                            master.flags,
-                            master.id,
-                            master.affinity_timeout_s,
-                        ),
-                        0,
-                    )
-                    .map_err(map_error(SERVICE_MAP))?,
-                MapOp::PutAffinityMatch(key) => self
-                    .affinity_matches
-                    .insert(key, 1, 0)
-                    .map_err(map_error(AFFINITY_MATCH_MAP))?,
-                MapOp::DeleteAffinityMatch(key) => {
-                    ignore_missing(self.affinity_matches.remove(&key))
-                        .map_err(map_error(AFFINITY_MATCH_MAP))?;
-                }
-                MapOp::DeleteSlot(frontend, slot) => {
-                    self.remove_service(&key_of(&frontend, slot))?;
-                }
-                MapOp::DeleteMaster(frontend) => {
-                    self.remove_service(&key_of(&frontend, MASTER_SLOT))?;
-                }
-                MapOp::DeleteBackend(id) => {
-                    ignore_missing(self.backends.remove(&id)).map_err(map_error(BACKEND_MAP))?;
-                }
-            }
+        let mut rest = ops;
+        while let Some(first) = rest.first() {
+            let class = OpClass::of(first);
+            let run = rest
+                .iter()
+                .position(|op| OpClass::of(op) != class)
+                .unwrap_or(rest.len());
+            let (batch, after) = rest.split_at(run);
+            self.apply_run(class, batch)?;
+            rest = after;
         }
         Ok(())
     }
 
+    fn apply_run(&self, class: OpClass, ops: &[MapOp]) -> Result<(), DatapathError> {
+        let (map, name) = match class {
+            OpClass::PutBackend | OpClass::DeleteBackend => (&self.backends, BACKEND_MAP),
+            OpClass::PutService | OpClass::DeleteService => (&self.services, SERVICE_MAP),
+            OpClass::PutMatch | OpClass::DeleteMatch => {
+                (&self.affinity_matches, AFFINITY_MATCH_MAP)
+            }
+        };
+        let fd = map.fd().as_fd();
+        let result = match class {
+            OpClass::PutBackend => {
+                let (ids, values): (Vec<BackendId>, Vec<Backend>) = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::PutBackend(id, addr) => Some((*id, backend_value(addr))),
+                        _ => None,
+                    })
+                    .unzip();
+                bpf::update(fd, &ids, &values)
+            }
+            OpClass::DeleteBackend => {
+                let ids: Vec<BackendId> = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::DeleteBackend(id) => Some(*id),
+                        _ => None,
+                    })
+                    .collect();
+                bpf::delete(fd, &ids)
+            }
+            OpClass::PutService => {
+                let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::PutSlot(frontend, slot, id) => {
+                            Some((key_of(frontend, *slot), ServiceValue::slot(*id)))
+                        }
+                        MapOp::PutMaster(frontend, master) => {
+                            Some((key_of(frontend, MASTER_SLOT), master_value(master)))
+                        }
+                        _ => None,
+                    })
+                    .unzip();
+                bpf::update(fd, &keys, &values)
+            }
+            OpClass::DeleteService => {
+                let keys: Vec<ServiceKey> = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::DeleteSlot(frontend, slot) => Some(key_of(frontend, *slot)),
+                        MapOp::DeleteMaster(frontend) => Some(key_of(frontend, MASTER_SLOT)),
+                        _ => None,
+                    })
+                    .collect();
+                bpf::delete(fd, &keys)
+            }
+            OpClass::PutMatch => {
+                let keys: Vec<AffinityMatchKey> = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::PutAffinityMatch(key) => Some(*key),
+                        _ => None,
+                    })
+                    .collect();
+                bpf::update(fd, &keys, &vec![1u32; keys.len()])
+            }
+            OpClass::DeleteMatch => {
+                let keys: Vec<AffinityMatchKey> = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        MapOp::DeleteAffinityMatch(key) => Some(*key),
+                        _ => None,
+                    })
+                    .collect();
+                bpf::delete(fd, &keys)
+            }
+        };
+        result.map_err(|source| DatapathError::Write {
+            map: name,
+            entries: ops.len(),
+            capacity: map.info().map_or(0, |info| info.max_entries()),
+            source,
+        })
+    }
+
+    /// Writes everything `programmed` holds into these (empty) maps: a new generation,
+    /// before any program uses it.
+    fn fill(&self, programmed: &Programmed) -> Result<(), DatapathError> {
+        let mut ops: Vec<MapOp> = programmed
+            .backends
+            .iter()
+            .map(|(id, addr)| MapOp::PutBackend(*id, *addr))
+            .collect();
+        ops.extend(
+            programmed
+                .affinity_matches
+                .iter()
+                .map(|key| MapOp::PutAffinityMatch(*key)),
+        );
+        for (frontend, programmed) in &programmed.frontends {
+            for (index, id) in programmed.slots.iter().enumerate() {
+                let slot = u16::try_from(index + 1).unwrap_or(u16::MAX);
+                ops.push(MapOp::PutSlot(*frontend, slot, *id));
+            }
+            ops.push(MapOp::PutMaster(*frontend, programmed.clone()));
+        }
+        self.apply_run(OpClass::PutBackend, &ops[..programmed.backends.len()])?;
+        let (matches, services) = ops[programmed.backends.len()..]
+            .split_at(programmed.affinity_matches.len());
+        self.apply_run(OpClass::PutMatch, matches)?;
+        self.apply_run(OpClass::PutService, services)
+    }
+
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError> {
-        ignore_missing(self.services.remove(key)).map_err(map_error(SERVICE_MAP))
+        bpf::delete_one(self.services.fd().as_fd(), key).map_err(|source| DatapathError::Write {
+            map: SERVICE_MAP,
+            entries: 1,
+            capacity: 0,
+            source,
+        })
     }
 
     /// Per-reason counters, one value per CPU.
@@ -362,14 +554,6 @@ impl ServiceMaps {
                 Ok((*reason, per_cpu.to_vec()))
             })
             .collect()
-    }
-}
-
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(MapError::KeyNotFound) => Ok(()),
-        other => other,
     }
 }
 
@@ -412,38 +596,86 @@ pub fn lock(pin_dir: &Path) -> Result<PinLock, DatapathError> {
         })
 }
 
-/// Sizes of the maps that grow with the cluster.
-#[derive(Clone, Copy, Debug)]
-pub struct Capacity {
-    /// Entries of the service map: one per frontend plus one per backend slot.
-    pub services: u32,
-    /// Entries of the backend map: distinct backend address:port pairs.
-    pub backends: u32,
+/// The maps that grow with the cluster, by pin name.
+const GROWING_MAPS: [&str; 3] = [SERVICE_MAP, BACKEND_MAP, AFFINITY_MATCH_MAP];
+
+/// Where a growing map's next generation is pinned while it is filled; renamed over the
+/// current pin once the programs use it (bpffs refuses names with a dot).
+fn next_pin(pin_dir: &Path, map: &str) -> PathBuf {
+    pin_dir.join(format!("{map}_next"))
 }
 
-/// The loaded datapath: programs attached to a cgroup, link and maps pinned.
+/// The loaded datapath: programs attached to a cgroup, links and maps pinned.
 pub struct Datapath {
-    /// Holds the program fds; the pinned link keeps the program attached without it.
-    _ebpf: Ebpf,
+    /// Holds the program fds; the pinned links keep the programs attached without it.
+    ebpf: Ebpf,
     pub maps: ServiceMaps,
+    pin_dir: PathBuf,
 }
 
-/// Loads the programs (reusing maps already pinned in `pin_dir`), attaches connect4 to
-/// `cgroup` and pins the link, replacing a link an earlier agent pinned there.
+/// Loads the object: maps already pinned in `pin_dir` are reused (with the size they
+/// have), missing ones are created with `capacity`. With `next`, the growing maps are new
+/// ones pinned at their [`next_pin`] instead.
+fn load_object(pin_dir: &Path, capacity: Capacity, next: bool) -> Result<Ebpf, DatapathError> {
+    let next_pins: Vec<(&'static str, PathBuf)> = GROWING_MAPS
+        .iter()
+        .map(|map| (*map, next_pin(pin_dir, map)))
+        .collect();
+    let mut loader = EbpfLoader::new();
+    loader
+        .default_map_pin_directory(pin_dir)
+        .map_max_entries(SERVICE_MAP, capacity.services)
+        .map_max_entries(BACKEND_MAP, capacity.backends)
+        .map_max_entries(AFFINITY_MATCH_MAP, capacity.affinity_matches);
+    if next {
+        for (map, path) in &next_pins {
+            loader.map_pin_path(map, path.as_path());
+        }
+    }
+    Ok(loader.load(EBPF_OBJECT)?)
+}
+
+/// Removes the next-generation pins a growth that was interrupted left behind.
+fn remove_next_pins(pin_dir: &Path) -> Result<(), DatapathError> {
+    for map in GROWING_MAPS {
+        let path = next_pin(pin_dir, map);
+        match std::fs::remove_file(&path) {
+            Ok(()) => tracing::info!("removed {} left by an interrupted growth", path.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(DatapathError::Unpin { path, source }),
+        }
+    }
+    Ok(())
+}
+
+fn loaded_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+    let program_error = |source| DatapathError::Program {
+        program: name,
+        source,
+    };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(DatapathError::Missing(name))?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    Ok(program)
+}
+
+/// Loads the programs (reusing maps already pinned in `pin_dir`; new ones get `capacity`),
+/// attaches them to `cgroup` and pins their links, replacing links an earlier agent pinned
+/// there.
 pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapath, DatapathError> {
     mounts::ensure_bpffs(pin_dir)?;
     std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::CreateDir {
         path: pin_dir.into(),
         source,
     })?;
-    // Capacities apply when the maps are created; maps already pinned keep theirs.
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(pin_dir)
-        .map_max_entries(SERVICE_MAP, capacity.services)
-        .map_max_entries(BACKEND_MAP, capacity.backends)
-        // One match per slot at most, so it never needs more room than the service map.
-        .map_max_entries(AFFINITY_MATCH_MAP, capacity.services)
-        .load(EBPF_OBJECT)?;
+    remove_next_pins(pin_dir)?;
+    let mut ebpf = load_object(pin_dir, capacity, false)?;
     let maps = ServiceMaps::take(&mut ebpf)?;
 
     let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
@@ -455,12 +687,7 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
             program: name,
             source,
         };
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::Missing(name))?
-            .try_into()
-            .map_err(program_error)?;
-        program.load().map_err(program_error)?;
+        let program = loaded_program(&mut ebpf, name)?;
         // A bpf_link on a cgroup always runs alongside other links (the kernel rejects the
         // ALLOW_MULTI flag there as implied), so the old agent's link stays attached until
         // the new one is pinned in its place and no socket goes untranslated during a restart.
@@ -478,7 +705,97 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
             })?;
         replace_pinned_link(&path, link)?;
     }
-    Ok(Datapath { _ebpf: ebpf, maps })
+    Ok(Datapath {
+        ebpf,
+        maps,
+        pin_dir: pin_dir.into(),
+    })
+}
+
+impl Datapath {
+    /// Moves the datapath to larger maps without a connect going untranslated: a new
+    /// generation of the growing maps is created and filled with what the maps hold
+    /// (`programmed`), programs that use it are loaded, every pinned link is switched to
+    /// them atomically (`BPF_LINK_UPDATE`), and the new maps take the old ones' pins. The
+    /// maps the kernel fills (reverse NAT, affinity, UDP sockets), the counters and the
+    /// config are shared by both generations, so sockets keep what they had.
+    ///
+    /// Until the last link switches, some hooks run the old programs on the old maps and
+    /// some the new on the new, which hold the same; nothing is written meanwhile. On
+    /// failure, the links already switched go back and the old generation stays.
+    pub fn grow(&mut self, capacity: Capacity, programmed: &Programmed) -> Result<(), DatapathError> {
+        remove_next_pins(&self.pin_dir)?;
+        let result = self.grow_into(capacity, programmed);
+        if result.is_err() {
+            // The old generation stays: what was made for the new one goes.
+            drop(remove_next_pins(&self.pin_dir));
+        }
+        result
+    }
+
+    fn grow_into(&mut self, capacity: Capacity, programmed: &Programmed) -> Result<(), DatapathError> {
+        let mut ebpf = load_object(&self.pin_dir, capacity, true)?;
+        let maps = ServiceMaps::take(&mut ebpf)?;
+        maps.fill(programmed)?;
+        let mut links = Vec::new();
+        for name in PROGRAMS {
+            loaded_program(&mut ebpf, name)?;
+            let path = self.pin_dir.join(link_pin(name));
+            let link = bpf::open_pin(&path).map_err(|source| DatapathError::Relink {
+                path: path.clone(),
+                source,
+            })?;
+            links.push((name, path, link));
+        }
+        let program_fd = |ebpf: &Ebpf, name: &'static str| -> Result<std::os::fd::OwnedFd, DatapathError> {
+            let program: &CgroupSockAddr = ebpf
+                .program(name)
+                .ok_or(DatapathError::Missing(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { program: name, source })?;
+            program
+                .fd()
+                .and_then(|fd| fd.as_fd().try_clone_to_owned().map_err(Into::into))
+                .map_err(|source| DatapathError::Program { program: name, source })
+        };
+        for (switched, (name, path, link)) in links.iter().enumerate() {
+            let new = program_fd(&ebpf, name)?;
+            if let Err(source) = bpf::update_link(link.as_fd(), &new) {
+                // Back to the old programs, which still have the old maps.
+                for (name, path, link) in &links[..switched] {
+                    let restored = program_fd(&self.ebpf, name)
+                        .and_then(|old| {
+                            bpf::update_link(link.as_fd(), &old).map_err(|source| {
+                                DatapathError::Relink {
+                                    path: path.clone(),
+                                    source,
+                                }
+                            })
+                        });
+                    if let Err(e) = restored {
+                        tracing::error!("switching {name} back to the old maps: {e}");
+                    }
+                }
+                return Err(DatapathError::Relink {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        }
+        // Every hook runs the new programs: the new maps take the pins, and the old ones go
+        // when the old programs (held by `self.ebpf`) are dropped.
+        for map in GROWING_MAPS {
+            let (from, to) = (next_pin(&self.pin_dir, map), self.pin_dir.join(map));
+            std::fs::rename(&from, &to).map_err(|source| DatapathError::Repin {
+                from: from.clone(),
+                to: to.clone(),
+                source,
+            })?;
+        }
+        self.ebpf = ebpf;
+        self.maps = maps;
+        Ok(())
+    }
 }
 
 fn replace_pinned_link(path: &Path, link: FdLink) -> Result<(), DatapathError> {
@@ -502,7 +819,15 @@ fn replace_pinned_link(path: &Path, link: FdLink) -> Result<(), DatapathError> {
 pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
     let mut removed = Vec::new();
     let links = PROGRAMS.iter().map(|name| link_pin(name));
-    for pin in links.chain(MAPS.iter().map(|m| (*m).to_owned())) {
+    let next_generation = GROWING_MAPS.iter().map(|map| {
+        next_pin(Path::new(""), map)
+            .to_string_lossy()
+            .into_owned()
+    });
+    for pin in links
+        .chain(MAPS.iter().map(|m| (*m).to_owned()))
+        .chain(next_generation)
+    {
         let path = pin_dir.join(pin);
         match std::fs::remove_file(&path) {
             Ok(()) => removed.push(path),

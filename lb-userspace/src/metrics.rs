@@ -3,10 +3,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
 
@@ -37,6 +34,8 @@ pub enum ErrorKind {
     MapWrite,
     /// The state file could not be written.
     StateFile,
+    /// A Service was refused: it would take a map past its upper bound.
+    Capacity,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,6 +48,8 @@ pub struct Metrics {
     pub services: Gauge,
     pub frontends: Gauge,
     pub backends: Gauge,
+    /// Services refused for want of room under the maps' upper bounds.
+    pub refused: Gauge,
     pub syncs: Counter,
     pub sync_duration: Histogram,
     pub event_to_map: Histogram,
@@ -57,7 +58,8 @@ pub struct Metrics {
     map_capacity: Family<MapLabels, Gauge>,
     /// When the kernel-filled maps were last walked.
     walked_at: Mutex<Option<Instant>>,
-    ready: AtomicBool,
+    /// `None` when ready; otherwise why not, for the body of /readyz.
+    not_ready: Mutex<Option<String>>,
     bpffs: PathBuf,
 }
 
@@ -76,6 +78,7 @@ impl Metrics {
         let services = Gauge::default();
         let frontends = Gauge::default();
         let backends = Gauge::default();
+        let refused = Gauge::default();
         let syncs = Counter::default();
         let sync_duration = Histogram::new(latency_buckets());
         let event_to_map = Histogram::new(latency_buckets());
@@ -96,6 +99,11 @@ impl Metrics {
             "backends",
             "Backends programmed in the backend map",
             backends.clone(),
+        );
+        registry.register(
+            "services_refused",
+            "Services refused because a map would pass its upper bound",
+            refused.clone(),
         );
         registry.register("syncs", "Syncs of the maps with the sources", syncs.clone());
         registry.register(
@@ -120,6 +128,7 @@ impl Metrics {
             services,
             frontends,
             backends,
+            refused,
             syncs,
             sync_duration,
             event_to_map,
@@ -127,7 +136,7 @@ impl Metrics {
             map_entries,
             map_capacity,
             walked_at: Mutex::new(None),
-            ready: AtomicBool::new(false),
+            not_ready: Mutex::new(Some("not synced yet".to_owned())),
             bpffs,
         }
     }
@@ -136,8 +145,9 @@ impl Metrics {
         self.errors.get_or_create(&ErrorLabels { kind }).inc();
     }
 
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+    /// Ready (`None`), or not and why: the maps do not hold what the source says.
+    pub fn set_readiness(&self, not_ready: Option<String>) {
+        *self.not_ready.lock().unwrap_or_else(PoisonError::into_inner) = not_ready;
     }
 
     /// Entries of a map the agent writes, as it knows them after a sync (counting them in
@@ -212,10 +222,14 @@ pub async fn serve(
         .route(
             "/readyz",
             get(|State(metrics): State<Arc<Metrics>>| async move {
-                if metrics.ready.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready\n")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not synced yet\n")
+                let not_ready = metrics
+                    .not_ready
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                match not_ready {
+                    None => (StatusCode::OK, "ready\n".to_owned()),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
                 }
             }),
         )

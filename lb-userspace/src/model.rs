@@ -642,6 +642,11 @@ impl Desired {
         touched
     }
 
+    /// The frontends `service` claims, whether its claims are in effect or not.
+    pub fn frontends_of(&self, service: &ObjectRef) -> impl Iterator<Item = Frontend> + '_ {
+        self.claimed_by.get(service).into_iter().flatten().copied()
+    }
+
     /// The target in effect for `frontend`.
     pub fn target(&self, frontend: &Frontend) -> Option<&Arc<FrontendTarget>> {
         self.claims.get(frontend)?.values().next()

@@ -76,6 +76,9 @@ pub struct Programmed {
     frontend_ids: BTreeSet<FrontendId>,
     /// `affinity_matches` by frontend id, whatever its slots say now.
     matches_by_frontend: BTreeMap<FrontendId, BTreeSet<BackendId>>,
+    /// Slots of every frontend, summed: kept as slots come and go, so that the service
+    /// map's fill is known without a pass over the frontends.
+    slot_count: usize,
 }
 
 impl Programmed {
@@ -96,9 +99,19 @@ impl Programmed {
         }
         for id in frontends.values().flat_map(|f| &f.slots) {
             *programmed.backend_refs.entry(*id).or_default() += 1;
+            programmed.slot_count += 1;
         }
         programmed.frontends = frontends;
         programmed
+    }
+
+    /// How many entries each map holds.
+    pub fn usage(&self) -> Capacity {
+        Capacity {
+            services: count(self.frontends.len() + self.slot_count),
+            backends: count(self.backends.len()),
+            affinity_matches: count(self.affinity_matches.len()),
+        }
     }
 
     /// The backends of `frontend` in slot order; ids that do not resolve are left out.
@@ -133,6 +146,7 @@ impl Programmed {
                     None => {
                         // Slots are written in order, so a new one is always the next.
                         slots.push(*id);
+                        self.slot_count += 1;
                         None
                     }
                 };
@@ -156,6 +170,7 @@ impl Programmed {
                     let from = usize::from(*slot).saturating_sub(1).min(f.slots.len());
                     f.slots.split_off(from)
                 });
+                self.slot_count -= released.len();
                 for id in released {
                     self.release(id);
                 }
@@ -163,6 +178,7 @@ impl Programmed {
             MapOp::DeleteMaster(frontend) => {
                 if let Some(old) = self.frontends.remove(frontend) {
                     self.frontend_ids.remove(&old.id);
+                    self.slot_count -= old.slots.len();
                     for id in old.slots {
                         self.release(id);
                     }
@@ -235,7 +251,135 @@ pub enum MapOp {
     DeleteBackend(BackendId),
 }
 
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+/// Entries of the service map, the backend map and the affinity-match map: what the maps
+/// that grow with the cluster hold, need, or may hold at most.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Capacity {
+    /// Entries of the service map: one per frontend plus one per backend slot.
+    pub services: u32,
+    /// Entries of the backend map: distinct backend address:port pairs.
+    pub backends: u32,
+    /// Entries of the affinity-match map: one per backend of a frontend with session
+    /// affinity, and of a UDP frontend.
+    pub affinity_matches: u32,
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// One of the maps that grow with the cluster, as a plan's refusal names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum GrowingMap {
+    Services,
+    Backends,
+    AffinityMatches,
+}
+
+impl GrowingMap {
+    /// The agent flag that bounds the map.
+    pub const fn flag(self) -> &'static str {
+        match self {
+            Self::Services => "--service-map-max-entries",
+            Self::Backends => "--backend-map-max-entries",
+            Self::AffinityMatches => "--affinity-match-map-max-entries",
+        }
+    }
+
+    pub const fn map_name(self) -> &'static str {
+        match self {
+            Self::Services => lb_common::SERVICE_MAP,
+            Self::Backends => lb_common::BACKEND_MAP,
+            Self::AffinityMatches => lb_common::AFFINITY_MATCH_MAP,
+        }
+    }
+}
+
+impl Capacity {
+    /// What maps created without knowing the cluster start with: a small node's worth.
+    pub const INITIAL: Self = Self {
+        services: 4096,
+        backends: 1024,
+        affinity_matches: 1024,
+    };
+
+    /// The first map where `need` does not fit, if any.
+    pub fn overflow(&self, need: &Self) -> Option<GrowingMap> {
+        if need.services > self.services {
+            Some(GrowingMap::Services)
+        } else if need.backends > self.backends {
+            Some(GrowingMap::Backends)
+        } else if need.affinity_matches > self.affinity_matches {
+            Some(GrowingMap::AffinityMatches)
+        } else {
+            None
+        }
+    }
+
+    pub fn get(&self, map: GrowingMap) -> u32 {
+        match map {
+            GrowingMap::Services => self.services,
+            GrowingMap::Backends => self.backends,
+            GrowingMap::AffinityMatches => self.affinity_matches,
+        }
+    }
+
+    fn saturating_add(self, other: Self) -> Self {
+        Self {
+            services: self.services.saturating_add(other.services),
+            backends: self.backends.saturating_add(other.backends),
+            affinity_matches: self.affinity_matches.saturating_add(other.affinity_matches),
+        }
+    }
+
+    fn saturating_sub(self, other: Self) -> Self {
+        Self {
+            services: self.services.saturating_sub(other.services),
+            backends: self.backends.saturating_sub(other.backends),
+            affinity_matches: self.affinity_matches.saturating_sub(other.affinity_matches),
+        }
+    }
+
+    /// The capacity to grow to for `need`: each map that is too small gets room for a
+    /// quarter more than it needs, rounded up to a power of two (so that growing step by
+    /// step copies at most about twice the final size), never above `ceiling`. Maps that
+    /// are large enough keep their size.
+    pub fn grown_for(&self, need: &Self, ceiling: &Self) -> Self {
+        let size = |current: u32, need: u32, ceiling: u32| {
+            if need <= current {
+                current
+            } else {
+                let wanted = (u64::from(need) + u64::from(need) / 4).next_power_of_two();
+                u32::try_from(wanted)
+                    .unwrap_or(u32::MAX)
+                    .min(ceiling)
+                    .max(need)
+            }
+        };
+        Self {
+            services: size(self.services, need.services, ceiling.services),
+            backends: size(self.backends, need.backends, ceiling.backends),
+            affinity_matches: size(
+                self.affinity_matches,
+                need.affinity_matches,
+                ceiling.affinity_matches,
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} service entries, {} backends, {} affinity matches",
+            self.services, self.backends, self.affinity_matches
+        )
+    }
+}
+
+/// Why a plan left a unit (a Service: all its frontends, or none) out.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error("frontend {frontend} has {count} backends; a frontend holds at most {max}")]
     TooManyBackends {
@@ -243,13 +387,33 @@ pub enum PlanError {
         count: usize,
         max: usize,
     },
+    #[error(
+        "map {} would need {need} entries, over its upper bound of {bound}; raise {}",
+        map.map_name(),
+        map.flag()
+    )]
+    NoRoom {
+        map: GrowingMap,
+        need: u32,
+        bound: u32,
+    },
 }
 
-/// The writes of one plan, and the frontends it refused to write.
+/// A unit the plan refused, and why; what the maps hold for it stays as it is.
 #[derive(Debug)]
-pub struct Plan {
+pub struct Refusal<O> {
+    pub owner: O,
+    pub error: PlanError,
+}
+
+/// The writes of one plan, the units it refused, and the most entries the maps hold once
+/// the removals are done and before the surplus goes (removals come first, surplus entries
+/// go last): maps that hold `peak` and what they hold now never fill during the plan.
+#[derive(Debug)]
+pub struct Plan<O> {
     pub ops: Vec<MapOp>,
-    pub refused: Vec<PlanError>,
+    pub refused: Vec<Refusal<O>>,
+    pub peak: Capacity,
 }
 
 /// Ids not in use: above the highest one in use first (cheap), then the gaps below once
@@ -270,30 +434,83 @@ fn free_ids<'a>(
 /// the frontend should not exist), in an order that keeps every connect safe; backends and
 /// affinity matches nothing references any more go last. Frontends outside `scope` are
 /// assumed unchanged.
-pub fn plan<'a>(
+///
+/// `desired` also names each frontend's owner (its Service): an owner's frontends are
+/// written together or not at all. Owners whose frontends would take the maps past
+/// `ceiling` are refused, whole, and keep what the maps hold for them; owners the maps
+/// already serve are admitted before new ones, so a newcomer never pushes out a live
+/// Service.
+pub fn plan<'a, O: Ord + Clone>(
     current: &Programmed,
-    desired: impl Fn(&Frontend) -> Option<&'a FrontendSpec>,
+    desired: impl Fn(&Frontend) -> Option<(O, &'a FrontendSpec)>,
     scope: &BTreeSet<Frontend>,
-) -> Plan {
+    ceiling: &Capacity,
+) -> Plan<O> {
     let max = usize::from(u16::MAX);
     let mut refused = Vec::new();
-    let mut wanted: Vec<(Frontend, &FrontendSpec)> = Vec::new();
+    // Units in admission order: those with frontends in the maps first, then by owner.
+    let mut units: BTreeMap<(bool, O), Vec<(Frontend, &FrontendSpec)>> = BTreeMap::new();
+    let mut owners: BTreeMap<O, bool> = BTreeMap::new();
     for frontend in scope {
-        match desired(frontend) {
-            Some(spec) if spec.backends.len() > max => refused.push(PlanError::TooManyBackends {
+        if let Some((owner, spec)) = desired(frontend) {
+            let live = owners.entry(owner.clone()).or_insert(false);
+            *live |= current.frontends.contains_key(frontend);
+            units.entry((false, owner)).or_default().push((*frontend, spec));
+        }
+    }
+    let units: BTreeMap<(bool, O), Vec<(Frontend, &FrontendSpec)>> = units
+        .into_iter()
+        .map(|((_, owner), frontends)| ((!owners[&owner], owner), frontends))
+        .collect();
+
+    // What the maps hold at the peak of the plan: now, less the removed frontends (their
+    // entries go first), plus what admitted units add (surplus entries go only at the end).
+    let mut removed = Capacity::default();
+    for frontend in scope {
+        if let (None, Some(old)) = (desired(frontend), current.frontends.get(frontend)) {
+            removed.services += count(1 + old.slots.len());
+            removed.affinity_matches += count(current.matches_of(old.id).count());
+        }
+    }
+    let mut peak = current.usage().saturating_sub(removed);
+    let mut reserved: BTreeSet<BackendAddr> = BTreeSet::new();
+    let mut wanted: Vec<(Frontend, &FrontendSpec)> = Vec::new();
+    let mut refused_frontends: BTreeSet<Frontend> = BTreeSet::new();
+    for ((_, owner), frontends) in units {
+        let too_many = frontends.iter().find(|(_, spec)| spec.backends.len() > max);
+        let adds = unit_additions(current, &frontends, &reserved);
+        let need = peak.saturating_add(adds);
+        let error = match (too_many, ceiling.overflow(&need)) {
+            (Some((frontend, spec)), _) => Some(PlanError::TooManyBackends {
                 frontend: *frontend,
                 count: spec.backends.len(),
                 max,
             }),
-            Some(spec) => wanted.push((*frontend, spec)),
-            None => {}
+            (None, Some(map)) => Some(PlanError::NoRoom {
+                map,
+                need: need.get(map),
+                bound: ceiling.get(map),
+            }),
+            (None, None) => None,
+        };
+        match error {
+            Some(error) => {
+                refused_frontends.extend(frontends.iter().map(|(frontend, _)| *frontend));
+                refused.push(Refusal { owner, error });
+            }
+            None => {
+                peak = need;
+                reserved.extend(
+                    frontends
+                        .iter()
+                        .flat_map(|(_, spec)| &spec.backends)
+                        .filter(|addr| !current.backend_ids.contains_key(addr)),
+                );
+                wanted.extend(frontends);
+            }
         }
     }
-    // A refused frontend keeps what the maps hold for it.
-    let refused_frontends: BTreeSet<Frontend> = refused
-        .iter()
-        .map(|PlanError::TooManyBackends { frontend, .. }| *frontend)
-        .collect();
+    // A refused unit keeps what the maps hold for it.
     let scope: Vec<Frontend> = scope
         .iter()
         .filter(|frontend| !refused_frontends.contains(frontend))
@@ -452,7 +669,51 @@ pub fn plan<'a>(
             .filter(|id| current.refs(**id) == 0 && !ref_changes.contains_key(id)),
     );
     ops.extend(unreferenced.into_iter().map(MapOp::DeleteBackend));
-    Plan { ops, refused }
+    Plan { ops, refused, peak }
+}
+
+/// The entries a unit's frontends add to the maps, at the peak of the plan: new frontends
+/// all of theirs, changed ones the slots they gain (surplus slots go last), backends that
+/// neither the maps nor earlier admitted units (`reserved`) have, and the affinity matches
+/// the maps do not hold.
+fn unit_additions(
+    current: &Programmed,
+    frontends: &[(Frontend, &FrontendSpec)],
+    reserved: &BTreeSet<BackendAddr>,
+) -> Capacity {
+    let mut adds = Capacity::default();
+    let mut new_backends: BTreeSet<&BackendAddr> = BTreeSet::new();
+    for (frontend, spec) in frontends {
+        let needs_matches = spec.affinity_timeout_s != 0 || frontend.protocol == Protocol::Udp;
+        match current.frontends.get(frontend) {
+            Some(old) => {
+                adds.services += count(spec.backends.len().saturating_sub(old.slots.len()));
+                if needs_matches {
+                    let held = current.matches_by_frontend.get(&old.id);
+                    adds.affinity_matches += count(
+                        spec.backends
+                            .iter()
+                            .filter(|addr| {
+                                let id = current.backend_ids.get(addr);
+                                !id.zip(held).is_some_and(|(id, held)| held.contains(id))
+                            })
+                            .count(),
+                    );
+                }
+            }
+            None => {
+                adds.services += count(1 + spec.backends.len());
+                if needs_matches {
+                    adds.affinity_matches += count(spec.backends.len());
+                }
+            }
+        }
+        new_backends.extend(spec.backends.iter().filter(|addr| {
+            !current.backend_ids.contains_key(addr) && !reserved.contains(addr)
+        }));
+    }
+    adds.backends = count(new_backends.len());
+    adds
 }
 
 /// Slot number of the backend at `index`; `plan` bounds indexes by `u16::MAX`.
@@ -477,10 +738,20 @@ mod tests {
             .chain(desired.keys())
             .copied()
             .collect();
-        let Plan { ops, mut refused } = plan(current, |f| desired.get(f), &scope);
-        if let Some(error) = refused.pop() {
-            return Err(error);
+        let unbounded = Capacity {
+            services: u32::MAX,
+            backends: u32::MAX,
+            affinity_matches: u32::MAX,
+        };
+        let Plan {
+            ops,
+            mut refused,
+            peak,
+        } = plan(current, |f| desired.get(f).map(|s| (*f, s)), &scope, &unbounded);
+        if let Some(refusal) = refused.pop() {
+            return Err(refusal.error);
         }
+        assert_fits_peak(current, &ops, peak);
         let mut next = current.clone();
         next.apply(&ops);
         Ok((ops, next))
@@ -798,5 +1069,155 @@ mod tests {
         assert!(last_match_removal < first_put, "{ops:?}");
         let (current, _) = step(&mut maps, &current, &desired);
         assert!(current.affinity_matches.is_empty());
+    }
+
+    /// Replays `ops` on a copy of `current` and checks that no step holds more entries than
+    /// the plan's `peak` said, or than the maps held already: growing the maps to it before
+    /// applying is enough.
+    fn assert_fits_peak(current: &Programmed, ops: &[MapOp], peak: Capacity) {
+        let before = current.usage();
+        let bound = Capacity {
+            services: peak.services.max(before.services),
+            backends: peak.backends.max(before.backends),
+            affinity_matches: peak.affinity_matches.max(before.affinity_matches),
+        };
+        let mut state = current.clone();
+        for op in ops {
+            state.apply_one(op);
+            assert!(
+                bound.overflow(&state.usage()).is_none(),
+                "after {op:?}: {} over the peak {peak}",
+                state.usage()
+            );
+        }
+    }
+
+    fn owned_by<'a>(
+        desired: &'a BTreeMap<Frontend, (&'static str, FrontendSpec)>,
+    ) -> impl Fn(&Frontend) -> Option<(&'static str, &'a FrontendSpec)> {
+        |f| desired.get(f).map(|(owner, spec)| (*owner, spec))
+    }
+
+    #[test]
+    fn a_unit_that_does_not_fit_is_refused_whole_and_the_others_land() {
+        // Service "a": two frontends of 3 backends (8 service entries); "b": one of 2 (3).
+        let desired = BTreeMap::from([
+            (frontend(1), ("a", backends(1..4))),
+            (frontend(2), ("a", backends(1..4))),
+            (frontend(3), ("b", backends(10..12))),
+        ]);
+        let scope: BTreeSet<Frontend> = desired.keys().copied().collect();
+        let ceiling = Capacity {
+            services: 5,
+            backends: 100,
+            affinity_matches: 100,
+        };
+        let plan = plan(&Programmed::default(), owned_by(&desired), &scope, &ceiling);
+        assert_eq!(plan.refused.len(), 1);
+        assert_eq!(plan.refused[0].owner, "a");
+        assert!(matches!(
+            plan.refused[0].error,
+            PlanError::NoRoom {
+                map: GrowingMap::Services,
+                need: 8,
+                bound: 5
+            }
+        ));
+        let mut next = Programmed::default();
+        next.apply(&plan.ops);
+        assert_eq!(next.frontends.keys().copied().collect::<Vec<_>>(), [frontend(3)]);
+        assert_eq!(next.usage().services, 3);
+        assert_eq!(plan.peak.services, 3);
+    }
+
+    #[test]
+    fn a_live_unit_keeps_its_room_and_a_newcomer_is_refused() {
+        let ceiling = Capacity {
+            services: 6,
+            backends: 100,
+            affinity_matches: 100,
+        };
+        // "z" is live with 4 entries; "a" (first by name) arrives wanting 3 more.
+        let live = BTreeMap::from([(frontend(1), ("z", backends(1..4)))]);
+        let scope: BTreeSet<Frontend> = live.keys().copied().collect();
+        let first = plan(&Programmed::default(), owned_by(&live), &scope, &ceiling);
+        let mut current = Programmed::default();
+        current.apply(&first.ops);
+        let desired = BTreeMap::from([
+            (frontend(1), ("z", backends(1..5))),
+            (frontend(2), ("a", backends(1..3))),
+        ]);
+        let scope: BTreeSet<Frontend> = desired.keys().copied().collect();
+        let plan = plan(&current, owned_by(&desired), &scope, &ceiling);
+        // z grows by one slot (5 entries) and fits; a would make 8 and is refused.
+        assert_eq!(plan.refused.len(), 1);
+        assert_eq!(plan.refused[0].owner, "a");
+        current.apply(&plan.ops);
+        assert_eq!(current.frontends[&frontend(1)].slots.len(), 4);
+        assert!(!current.frontends.contains_key(&frontend(2)));
+    }
+
+    #[test]
+    fn removals_make_room_within_the_same_plan() {
+        let ceiling = Capacity {
+            services: 4,
+            backends: 3,
+            affinity_matches: 100,
+        };
+        let before = BTreeMap::from([(frontend(1), ("a", backends(1..4)))]);
+        let scope: BTreeSet<Frontend> = before.keys().copied().collect();
+        let first = plan(&Programmed::default(), owned_by(&before), &scope, &ceiling);
+        let mut current = Programmed::default();
+        current.apply(&first.ops);
+        // "a" goes, "b" comes with as much: it fits because a's entries go first.
+        let after = BTreeMap::from([(frontend(2), ("b", backends(4..7)))]);
+        let scope: BTreeSet<Frontend> = [frontend(1), frontend(2)].into();
+        // The backends of a go only at the end, so the backend map peaks at 6 — over the
+        // bound of 3: refused on backends, not on service entries.
+        let plan = plan(&current, owned_by(&after), &scope, &ceiling);
+        assert!(
+            matches!(
+                plan.refused[..],
+                [Refusal {
+                    owner: "b",
+                    error: PlanError::NoRoom {
+                        map: GrowingMap::Backends,
+                        need: 6,
+                        bound: 3
+                    }
+                }]
+            ),
+            "{:?}",
+            plan.refused
+        );
+        let ceiling = Capacity {
+            backends: 6,
+            ..ceiling
+        };
+        let plan = super::plan(&current, owned_by(&after), &scope, &ceiling);
+        assert!(plan.refused.is_empty(), "{:?}", plan.refused);
+        assert_eq!(plan.peak.services, 4);
+        assert_eq!(plan.peak.backends, 6);
+        assert_fits_peak(&current, &plan.ops, plan.peak);
+    }
+
+    #[test]
+    fn growth_rounds_up_with_headroom_within_the_ceiling() {
+        let current = Capacity::INITIAL;
+        let ceiling = Capacity {
+            services: 1 << 20,
+            backends: 5000,
+            affinity_matches: 1 << 20,
+        };
+        let need = Capacity {
+            services: 400_000,
+            backends: 4_500,
+            affinity_matches: 10,
+        };
+        let grown = current.grown_for(&need, &ceiling);
+        assert_eq!(grown.services, 524_288);
+        assert_eq!(grown.backends, 5000, "capped by the ceiling, yet enough");
+        assert_eq!(grown.affinity_matches, current.affinity_matches);
+        assert!(grown.overflow(&need).is_none());
     }
 }

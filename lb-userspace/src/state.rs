@@ -39,6 +39,10 @@ pub struct State {
     pub node: String,
     pub frontends: Vec<FrontendNames>,
     pub not_in_datapath: Vec<Unserved>,
+    /// Services the agent refused to write (a map would pass its upper bound, …): the maps
+    /// keep what they held for them, if anything.
+    #[serde(default)]
+    pub refused: Vec<Unserved>,
 }
 
 /// The names behind one frontend, and every endpoint it was built from.
@@ -64,11 +68,12 @@ pub struct Unserved {
 pub struct Snapshot {
     frontends: Vec<(Frontend, Arc<FrontendTarget>)>,
     not_in_datapath: Vec<(ObjectRef, NotInDatapath)>,
+    refused: Vec<(ObjectRef, String)>,
     synced_at_ms: u64,
 }
 
 impl Snapshot {
-    pub fn of(desired: &Desired) -> Self {
+    pub fn of(desired: &Desired, refused: Vec<(ObjectRef, String)>) -> Self {
         let synced_at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -82,6 +87,7 @@ impl Snapshot {
                 .iter()
                 .map(|(service, why)| (service.clone(), why.clone()))
                 .collect(),
+            refused,
             synced_at_ms,
         }
     }
@@ -110,6 +116,14 @@ impl State {
                 .map(|(service, why)| Unserved {
                     service: service.to_string(),
                     why: why.to_string(),
+                })
+                .collect(),
+            refused: snapshot
+                .refused
+                .iter()
+                .map(|(service, why)| Unserved {
+                    service: service.to_string(),
+                    why: why.clone(),
                 })
                 .collect(),
         }

@@ -509,8 +509,9 @@ mod tests {
 
             let plan = plan::plan(
                 &programmed,
-                |f| desired.target(f).map(|t| &t.spec),
+                |f| desired.target(f).map(|t| (&t.service, &t.spec)),
                 &touched,
+                &crate::agent::DEFAULT_CEILING,
             );
             assert!(plan.refused.is_empty());
             programmed.apply(&plan.ops);

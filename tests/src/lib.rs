@@ -5,6 +5,7 @@
 //! is removed by [`Testbed`]'s `Drop`, also when a test fails.
 
 pub mod apiserver;
+pub mod generate;
 pub mod demo;
 
 use std::{

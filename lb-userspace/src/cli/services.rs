@@ -147,6 +147,36 @@ pub fn entries(maps: &ServiceMaps, state: Option<&State>) -> Result<Vec<ServiceE
             why: Some(unserved.why.clone()),
         });
     }
+    // Refused Services: a note on the frontends the maps still hold for them, or an entry
+    // of their own when the maps hold none.
+    for refused in state.iter().flat_map(|s| &s.refused) {
+        let why = format!("refused: {}", refused.why);
+        let mut held = false;
+        for entry in entries
+            .iter_mut()
+            .filter(|e| e.service.as_deref() == Some(refused.service.as_str()))
+        {
+            entry.why = Some(format!("{why}; these are the last backends written"));
+            held = true;
+        }
+        if !held {
+            entries.push(ServiceEntry {
+                service: Some(refused.service.clone()),
+                port_name: None,
+                kind: Some("Refused".to_owned()),
+                address: None,
+                port: None,
+                protocol: None,
+                backends: Vec::new(),
+                excluded: Vec::new(),
+                affinity_timeout_s: 0,
+                traffic_policy: None,
+                host_netns_only: false,
+                in_datapath: false,
+                why: Some(why),
+            });
+        }
+    }
     entries.sort_by(|a, b| {
         (&a.service, a.address, a.port, a.protocol)
             .cmp(&(&b.service, b.address, b.port, b.protocol))

@@ -32,6 +32,8 @@ pub struct Status {
     pub layout: String,
     pub programs: Vec<ProgramStatus>,
     pub maps: Vec<Occupancy>,
+    /// Services the agent refused to write, and why (a map at its upper bound, …).
+    pub refused: Vec<crate::state::Unserved>,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,6 +103,7 @@ pub fn run(args: StatusArgs) -> Result<(), CliError> {
             .to_owned(),
         programs,
         maps: datapath::occupancy(&args.pins.bpffs)?,
+        refused: state.as_ref().map(|s| s.refused.clone()).unwrap_or_default(),
     };
     emit(args.format.output, &status, |wide| {
         let mut summary = table(["AGENT", "LAST SYNC", "NODE", "LAYOUT"]);
@@ -150,6 +153,14 @@ pub fn run(args: StatusArgs) -> Result<(), CliError> {
                 ),
             ]);
         }
-        format!("{summary}\n\n{programs}\n\n{maps}")
+        let mut text = format!("{summary}\n\n{programs}\n\n{maps}");
+        if !status.refused.is_empty() {
+            let mut refused = table(["REFUSED SERVICE", "WHY"]);
+            for unserved in &status.refused {
+                refused.add_row([unserved.service.clone(), unserved.why.clone()]);
+            }
+            text.push_str(&format!("\n\n{refused}"));
+        }
+        text
     })
 }

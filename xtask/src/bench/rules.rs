@@ -1,30 +1,9 @@
 //! kube-proxy's rule layouts for N Services of three endpoints each, generated as the text
 //! `iptables-restore` and `nft -f` load: the peers lb is compared with.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::fmt::Write as _;
 
-/// One Service of the benchmark: its clusterIP, port and endpoints.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BenchService {
-    pub name: String,
-    pub vip: Ipv4Addr,
-    pub port: u16,
-    pub endpoints: Vec<(Ipv4Addr, u16)>,
-}
-
-/// N Services on 10.96.0.1, 10.96.0.2, … port 80, each with `endpoints`. The last one is
-/// the Service under test: the one a linear rule walk reaches last.
-pub fn services(n: u32, endpoints: &[(Ipv4Addr, u16)]) -> Vec<BenchService> {
-    let base = u32::from(Ipv4Addr::new(10, 96, 0, 0));
-    (1..=n)
-        .map(|i| BenchService {
-            name: format!("svc-{i}"),
-            vip: Ipv4Addr::from(base + i),
-            port: 80,
-            endpoints: endpoints.to_vec(),
-        })
-        .collect()
-}
+pub use lb_tests::generate::{BenchService, manifests, services};
 
 /// A chain-name suffix as kube-proxy makes them: 16 characters from a hash.
 fn chain_hash(text: &str) -> String {
@@ -117,32 +96,10 @@ pub fn nftables(services: &[BenchService]) -> String {
     out + "}\n"
 }
 
-/// The same Services as lb reads them: Service and EndpointSlice manifests.
-pub fn manifests(services: &[BenchService]) -> String {
-    let mut out = String::new();
-    for service in services {
-        let endpoints: Vec<String> = service
-            .endpoints
-            .iter()
-            .map(|(ip, _)| format!("{{addresses: [\"{ip}\"]}}"))
-            .collect();
-        let target = service.endpoints.first().map_or(0, |(_, port)| *port);
-        let _ = write!(
-            out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {vip}, ports: [{{port: {port}, targetPort: {target}}}]}}\n\
-             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
-             addressType: IPv4\nendpoints: [{eps}]\nports: [{{port: {target}}}]\n",
-            name = service.name,
-            vip = service.vip,
-            port = service.port,
-            eps = endpoints.join(", ")
-        );
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     fn three() -> Vec<(Ipv4Addr, u16)> {

@@ -1,0 +1,290 @@
+//! The few `bpf(2)` commands aya 0.14 does not offer, wrapped once, here: batched map
+//! updates, deletes and lookups (a full sync of 100k Services is hundreds of thousands of
+//! entries, one syscall per entry otherwise), and `BPF_LINK_UPDATE` on a cgroup link (to
+//! swap in programs that use a larger generation of maps without detaching anything).
+//!
+//! Every error names the command and carries the kernel's errno.
+
+use std::{
+    ffi::CString,
+    os::fd::{AsFd, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use bytemuck::Pod;
+
+/// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+
+/// Entries per batched syscall: large enough that the syscall cost vanishes, small enough
+/// that the kernel's copy of the batch stays in a few pages.
+const BATCH: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("{command} failed: {source}")]
+    Syscall {
+        command: &'static str,
+        source: std::io::Error,
+    },
+    #[error("opening the pin {path}: {source}")]
+    ObjGet {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl BpfError {
+    /// The kernel's errno, if the kernel refused.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Syscall { source, .. } | Self::ObjGet { source, .. } => source.raw_os_error(),
+        }
+    }
+}
+
+/// `struct { ... } batch` of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The element-command part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `struct { ... } link_update` of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// `struct { ... }` of `union bpf_attr` for BPF_OBJ_GET.
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// Issues `command` with `attr`; the kernel reads (and for lookups writes) the attribute
+/// and the buffers it points at.
+///
+/// # Safety
+/// `attr` must be the attribute layout of `command`, and every pointer in it valid for
+/// what the command reads or writes.
+unsafe fn sys_bpf<T>(command: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for the attribute; its size is passed, and the kernel
+    // zero-extends a smaller attribute than it knows.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if result < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+fn fd_of(map: BorrowedFd<'_>) -> u32 {
+    // File descriptors are non-negative.
+    u32::try_from(map.as_raw_fd()).unwrap_or(u32::MAX)
+}
+
+fn address<T>(slice: &[T]) -> u64 {
+    slice.as_ptr() as u64
+}
+
+/// Writes `keys[i] → values[i]` in order, batched; the first error stops it (what came
+/// before stays written, as with single updates).
+pub fn update<K: Pod, V: Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), BpfError> {
+    debug_assert_eq!(keys.len(), values.len());
+    for (keys, values) in keys.chunks(BATCH).zip(values.chunks(BATCH)) {
+        let mut attr = BatchAttr {
+            keys: address(keys),
+            values: address(values),
+            count: u32::try_from(keys.len()).unwrap_or(u32::MAX),
+            map_fd: fd_of(map),
+            ..BatchAttr::default()
+        };
+        // SAFETY: the batch layout, with `count` keys and values the kernel reads.
+        unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|source| {
+            BpfError::Syscall {
+                command: "BPF_MAP_UPDATE_BATCH",
+                source,
+            }
+        })?;
+    }
+    Ok(())
+}
+
+/// Deletes `keys` in order, batched; keys that are not there are skipped.
+pub fn delete<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), BpfError> {
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let chunk = &rest[..rest.len().min(BATCH)];
+        let mut attr = BatchAttr {
+            keys: address(chunk),
+            count: u32::try_from(chunk.len()).unwrap_or(u32::MAX),
+            map_fd: fd_of(map),
+            ..BatchAttr::default()
+        };
+        // SAFETY: the batch layout, with `count` keys the kernel reads; it writes back
+        // how many it processed.
+        match unsafe { sys_bpf(BPF_MAP_DELETE_BATCH, &mut attr) } {
+            Ok(_) => rest = &rest[chunk.len()..],
+            // The batch stops at a missing key: skip it and go on after it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let done = usize::try_from(attr.count).unwrap_or(chunk.len());
+                rest = &rest[(done + 1).min(rest.len())..];
+            }
+            Err(source) => {
+                return Err(BpfError::Syscall {
+                    command: "BPF_MAP_DELETE_BATCH",
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes one entry; a missing key is not an error.
+pub fn delete_one<K: Pod>(map: BorrowedFd<'_>, key: &K) -> Result<(), BpfError> {
+    let mut attr = ElemAttr {
+        map_fd: fd_of(map),
+        key: std::ptr::from_ref(key) as u64,
+        ..ElemAttr::default()
+    };
+    // SAFETY: the element layout; the kernel reads one key.
+    match unsafe { sys_bpf(BPF_MAP_DELETE_ELEM, &mut attr) } {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(BpfError::Syscall {
+            command: "BPF_MAP_DELETE_ELEM",
+            source,
+        }),
+    }
+}
+
+/// Every entry of a hash map, batched. Entries written meanwhile may or may not be seen,
+/// as with a key-by-key walk.
+pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>, BpfError> {
+    let mut out = Vec::new();
+    let mut chunk = BATCH;
+    // The cursor is opaque to user space (a bucket index for hash maps), u64 is enough.
+    let mut cursor = 0u64;
+    let mut first = true;
+    loop {
+        let mut keys = vec![K::zeroed(); chunk];
+        let mut values = vec![V::zeroed(); chunk];
+        let mut next = 0u64;
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { std::ptr::from_ref(&cursor) as u64 },
+            out_batch: std::ptr::from_mut(&mut next) as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: u32::try_from(chunk).unwrap_or(u32::MAX),
+            map_fd: fd_of(map),
+            ..BatchAttr::default()
+        };
+        // SAFETY: the batch layout; the kernel writes at most `count` keys and values into
+        // buffers of that many, and the cursor into `next`.
+        let result = unsafe { sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) };
+        let got = usize::try_from(attr.count).unwrap_or(0).min(chunk);
+        match result {
+            Ok(_) => {}
+            // The end: what this last call returned is still good.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                out.extend(keys.into_iter().zip(values).take(got));
+                return Ok(out);
+            }
+            // One bucket holds more entries than the buffer: retry it with a larger one.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(source) => {
+                return Err(BpfError::Syscall {
+                    command: "BPF_MAP_LOOKUP_BATCH",
+                    source,
+                });
+            }
+        }
+        out.extend(keys.into_iter().zip(values).take(got));
+        cursor = next;
+        first = false;
+    }
+}
+
+/// Opens a pinned object (map, program or link) by its bpffs path.
+pub fn open_pin(path: &Path) -> Result<OwnedFd, BpfError> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let error = |source| BpfError::ObjGet {
+        path: path.into(),
+        source,
+    };
+    let name = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let mut attr = ObjGetAttr {
+        pathname: name.as_ptr() as u64,
+        ..ObjGetAttr::default()
+    };
+    // SAFETY: the obj_get layout; the kernel reads a NUL-terminated path.
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut attr) }.map_err(error)?;
+    let fd = i32::try_from(fd).map_err(|_| error(std::io::Error::other("fd out of range")))?;
+    // SAFETY: BPF_OBJ_GET returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Points `link` at `program`, atomically: every hook the link serves runs either the old
+/// program or the new one, never neither.
+pub fn update_link(link: BorrowedFd<'_>, program: impl AsFd) -> Result<(), BpfError> {
+    let mut attr = LinkUpdateAttr {
+        link_fd: fd_of(link),
+        new_prog_fd: fd_of(program.as_fd()),
+        ..LinkUpdateAttr::default()
+    };
+    // SAFETY: the link_update layout, with two file descriptors.
+    unsafe { sys_bpf(BPF_LINK_UPDATE, &mut attr) }.map_err(|source| BpfError::Syscall {
+        command: "BPF_LINK_UPDATE",
+        source,
+    })?;
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Many Services at once, as the benchmark and the scale tests feed them to lb: N Services
+//! with their EndpointSlices, as multi-document YAML or as the one `kind: List` JSON
+//! document `kubectl get svc,endpointslices -A -o json` writes.
+
+use std::{fmt::Write as _, net::Ipv4Addr};
+
+/// One Service: its clusterIP, port and endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BenchService {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub endpoints: Vec<(Ipv4Addr, u16)>,
+}
+
+/// N Services on 10.96.0.1, 10.96.0.2, … port 80, each with `endpoints`. The last one is
+/// the Service under test: the one a linear rule walk reaches last.
+pub fn services(n: u32, endpoints: &[(Ipv4Addr, u16)]) -> Vec<BenchService> {
+    services_from(1, n, endpoints)
+}
+
+/// Services `first..first + n` of the [`services`] numbering.
+pub fn services_from(first: u32, n: u32, endpoints: &[(Ipv4Addr, u16)]) -> Vec<BenchService> {
+    let base = u32::from(Ipv4Addr::new(10, 96, 0, 0));
+    (first..first + n)
+        .map(|i| BenchService {
+            name: format!("svc-{i}"),
+            vip: Ipv4Addr::from(base + i),
+            port: 80,
+            endpoints: endpoints.to_vec(),
+        })
+        .collect()
+}
+
+fn target_port(service: &BenchService) -> u16 {
+    service.endpoints.first().map_or(0, |(_, port)| *port)
+}
+
+/// The Services and one EndpointSlice each, as multi-document YAML.
+pub fn manifests(services: &[BenchService]) -> String {
+    let mut out = String::new();
+    for service in services {
+        let endpoints: Vec<String> = service
+            .endpoints
+            .iter()
+            .map(|(ip, _)| format!("{{addresses: [\"{ip}\"]}}"))
+            .collect();
+        let target = target_port(service);
+        let _ = write!(
+            out,
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {vip}, ports: [{{port: {port}, targetPort: {target}}}]}}\n\
+             ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+             addressType: IPv4\nendpoints: [{eps}]\nports: [{{port: {target}}}]\n",
+            name = service.name,
+            vip = service.vip,
+            port = service.port,
+            eps = endpoints.join(", ")
+        );
+    }
+    out
+}
+
+/// The Services and one EndpointSlice each as one `kind: List` JSON document, with the
+/// fields `kubectl get -A -o json` prints (uid, resourceVersion, creationTimestamp, selector,
+/// conditions, …), so that a reader pays for what a real list holds.
+pub fn list_json(services: &[BenchService]) -> String {
+    let mut items = Vec::with_capacity(services.len() * 2);
+    for (i, service) in services.iter().enumerate() {
+        let target = target_port(service);
+        items.push(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": service.name,
+                "namespace": "default",
+                "uid": format!("00000000-0000-4000-8000-{:012}", 2 * i),
+                "resourceVersion": (1000 + 2 * i).to_string(),
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "labels": {"app": service.name},
+            },
+            "spec": {
+                "clusterIP": service.vip.to_string(),
+                "clusterIPs": [service.vip.to_string()],
+                "internalTrafficPolicy": "Cluster",
+                "ipFamilies": ["IPv4"],
+                "ipFamilyPolicy": "SingleStack",
+                "ports": [{"port": service.port, "protocol": "TCP", "targetPort": target}],
+                "selector": {"app": service.name},
+                "sessionAffinity": "None",
+                "type": "ClusterIP",
+            },
+            "status": {"loadBalancer": {}},
+        }));
+        let endpoints: Vec<serde_json::Value> = service
+            .endpoints
+            .iter()
+            .map(|(ip, _)| {
+                serde_json::json!({
+                    "addresses": [ip.to_string()],
+                    "conditions": {"ready": true, "serving": true, "terminating": false},
+                    "nodeName": "node-1",
+                })
+            })
+            .collect();
+        items.push(serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": format!("{}-1", service.name),
+                "namespace": "default",
+                "uid": format!("00000000-0000-4000-8000-{:012}", 2 * i + 1),
+                "resourceVersion": (1001 + 2 * i).to_string(),
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+                "generateName": format!("{}-", service.name),
+                "labels": {
+                    "kubernetes.io/service-name": service.name,
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "", "port": target, "protocol": "TCP"}],
+        }));
+    }
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": items,
+        "metadata": {"resourceVersion": ""},
+    });
+    serde_json::to_string_pretty(&list).unwrap_or_default()
+}
