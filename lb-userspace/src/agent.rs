@@ -21,14 +21,17 @@ use crate::{
     model::{Desired, Frontend, Node, ObjectRef},
     mounts, netns,
     plan::{self, Capacity, PlanError, Programmed},
-    source::{Source, kubernetes, manifests::Manifests},
+    source::{
+        Change, Source, kubernetes,
+        manifests::{Manifests, SETTLE},
+    },
     state::{AgentPid, Snapshot, StateWriter},
     store::Store,
 };
 
-/// How long to gather changes before one sync: an editor's save, a `kubectl apply` of a
-/// directory or a rollout is a burst of events, and one write should follow them all.
-const BATCH: Duration = Duration::from_millis(100);
+/// How long to wait, after an address of the node changed, before reading them all: an
+/// interface being configured changes several at once.
+const ADDRESS_BURST: Duration = Duration::from_millis(100);
 
 /// Where manifests are read from when no cluster is configured.
 pub const DEFAULT_MANIFESTS: &str = "/etc/lb/manifests";
@@ -222,18 +225,27 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut retry = Retry::default();
     syncer.sync_and_report(&mut source, None, &mut retry, &mut first_done);
 
+    let mut settle = Settle::default();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
+        // No batching window: a change is applied at once, and the changes that arrive
+        // while a sync runs are coalesced into the next one.
         let changed_at = tokio::select! {
             Some(first) = changed.recv() => {
-                tokio::time::sleep(BATCH).await;
-                let mut earliest = first;
-                while let Ok(at) = changed.try_recv() {
-                    earliest = earliest.min(at);
+                let mut pending = Pending::default();
+                pending.add(first);
+                while let Ok(change) = changed.try_recv() {
+                    pending.add(change);
                 }
-                Some(earliest)
+                settle.extend(pending.unsettled);
+                match pending.complete {
+                    Some(at) => Some(at),
+                    // Only writes in progress: the sync waits for them to close or settle.
+                    None => continue,
+                }
             }
+            seen = settle.due() => Some(seen),
             () = retry.wait() => None,
             at = node_addresses.due() => match node_addresses.read(&syncer.node.ips) {
                 Some(ips) => {
@@ -249,6 +261,59 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping; the datapath stays loaded and keeps the last state");
     Ok(())
+}
+
+/// The changes drained from the channel at once.
+#[derive(Default)]
+struct Pending {
+    /// The earliest complete change, if any: a sync is due now.
+    complete: Option<Instant>,
+    /// The earliest write in progress, if any.
+    unsettled: Option<Instant>,
+}
+
+impl Pending {
+    fn add(&mut self, change: Change) {
+        let earliest = |slot: &mut Option<Instant>, at: Instant| {
+            *slot = Some(slot.map_or(at, |earlier| earlier.min(at)));
+        };
+        match change {
+            Change::Complete(at) => earliest(&mut self.complete, at),
+            Change::Unsettled(at) => earliest(&mut self.unsettled, at),
+        }
+    }
+}
+
+/// A sync for files that were written and not closed: due [`SETTLE`] after the last write,
+/// for writers that never close (a closed file triggers a sync of its own at once).
+#[derive(Default)]
+struct Settle {
+    /// When the first of the writes was seen, and when the sync is due.
+    due: Option<(Instant, tokio::time::Instant)>,
+}
+
+impl Settle {
+    fn extend(&mut self, write: Option<Instant>) {
+        if let Some(at) = write {
+            let first = self.due.map_or(at, |(first, _)| first.min(at));
+            // The grace restarts with each write; a little more than SETTLE, so that the
+            // source sees the write as settled when the sync reads it.
+            let due = tokio::time::Instant::now() + SETTLE + Duration::from_millis(10);
+            self.due = Some((first, due));
+        }
+    }
+
+    /// Resolves with the time of the first write when the sync is due; never without one.
+    async fn due(&mut self) -> Instant {
+        match self.due {
+            Some((first, at)) => {
+                tokio::time::sleep_until(at).await;
+                self.due = None;
+                first
+            }
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// The node's addresses, followed when they were not given: NodePorts answer on each.
@@ -298,7 +363,7 @@ impl NodeAddresses {
                 // Several addresses change at once when an interface is configured: one
                 // read, a moment later.
                 Ok(()) => {
-                    self.read_at = Some((Instant::now(), tokio::time::Instant::now() + BATCH));
+                    self.read_at = Some((Instant::now(), tokio::time::Instant::now() + ADDRESS_BURST));
                 }
                 Err(e) => {
                     tracing::warn!("{e}; NodePorts stay on the node addresses they have");

@@ -309,3 +309,50 @@ fn a_bad_manifest_is_reported_and_the_last_good_state_kept() {
         .unwrap();
     assert_all_answered(&testbed.probe(&client, "10.96.0.10:8888", 3).unwrap());
 }
+
+#[test]
+fn a_file_written_in_place_is_applied_only_once_its_writer_is_done() {
+    if !privileged("a_file_written_in_place_is_applied_only_once_its_writer_is_done") {
+        return;
+    }
+    use std::io::Write as _;
+    let (mut testbed, pods, client) = node(2, 8888);
+    let web = service(8888, 8888, &[pods[0].ip]);
+    let second = service(8888, 8888, &[pods[1].ip])
+        .replace("name: web,", "name: api,")
+        .replace("web-abcde", "api-abcde")
+        .replace("service-name: web", "service-name: api")
+        .replace(VIP, "10.96.0.11");
+    let both = format!("{web}---\n{second}");
+    testbed.write_manifest("all.yaml", &both).unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.11:8888/TCP", Some(&["10.244.0.11:8888"]))
+        .unwrap();
+
+    // As `kubectl get … > all.yaml` does: truncate, write part of it (a valid YAML prefix
+    // without `api`), pause, write the rest, close.
+    let path = testbed.manifests.join("all.yaml");
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(web.as_bytes()).unwrap();
+    file.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    let during = testbed.probe(&client, "10.96.0.11:8888", 3).unwrap();
+    file.write_all(format!("---\n{second}").as_bytes()).unwrap();
+    drop(file);
+    assert_all_answered(&during);
+    assert_eq!(hostnames(&during), BTreeSet::from(["web-1".to_owned()]));
+
+    // The closed file is applied: a change in it reaches clients at once.
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(web.as_bytes()).unwrap();
+    drop(file);
+    testbed
+        .wait_for_frontend("10.96.0.11:8888/TCP", None)
+        .unwrap();
+    assert!(
+        testbed.agent_output().contains("ready"),
+        "{}",
+        testbed.agent_output()
+    );
+}

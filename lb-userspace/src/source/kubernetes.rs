@@ -17,7 +17,7 @@ use kube::{
     },
 };
 
-use super::Changes;
+use super::{Change, Changes};
 use crate::{
     manifest::{ApiObject, Kind},
     model::{ObjectRef, SERVICE_NAME_LABEL, object_ref},
@@ -101,7 +101,7 @@ impl Kubernetes {
             while let Some(event) = events.next().await {
                 match event {
                     // Changes inside a relist wait for its InitDone, which swaps the store.
-                    Ok(true) => drop(changes.send(Instant::now())),
+                    Ok(true) => drop(changes.send(Change::Complete(Instant::now()))),
                     Ok(false) => {}
                     Err(e) => tracing::warn!("watch: {e}; retrying with backoff"),
                 }

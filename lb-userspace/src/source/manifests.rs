@@ -4,20 +4,33 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    time::Instant,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
-use notify::{RecursiveMode, Watcher as _};
+use notify::{
+    EventKind, RecursiveMode, Watcher as _,
+    event::{AccessKind, AccessMode, CreateKind, ModifyKind},
+};
 
-use super::{Changes, SourceError};
+use super::{Change, Changes, SourceError};
 use crate::{
     manifest::{self, ApiObject, Document, Kind, ManifestError},
     model::ObjectRef,
     store::{Delivered, Problems, Store},
 };
 
+/// How long a file must go without a write before it is read while still open: a writer
+/// that never closes its file is taken to be done by then.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// Files written to but not closed yet, with the time of their last write: a half-written
+/// file whose prefix happens to be valid YAML must not be applied.
+type Unsettled = Arc<Mutex<BTreeMap<PathBuf, Instant>>>;
+
 pub struct Manifests {
     dir: PathBuf,
+    unsettled: Unsettled,
     /// Last readable contents of each manifest.
     files: BTreeMap<PathBuf, File>,
     /// Files read so far: each read gets its own number, the version of its objects.
@@ -81,11 +94,35 @@ impl Manifests {
             path: dir.into(),
             source,
         };
+        let unsettled = Unsettled::default();
+        let writes = unsettled.clone();
         let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(event) if event.kind.is_access() => {}
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let now = Instant::now();
+                let change = match event {
+                    Ok(event) => {
+                        let mut writes = writes.lock().unwrap_or_else(PoisonError::into_inner);
+                        match written(&event.kind) {
+                            None => return,
+                            Some(true) => {
+                                for path in event.paths {
+                                    writes.insert(path, now);
+                                }
+                                Change::Unsettled(now)
+                            }
+                            Some(false) => {
+                                for path in &event.paths {
+                                    writes.remove(path);
+                                }
+                                Change::Complete(now)
+                            }
+                        }
+                    }
+                    // An event lost (queue overflow): read everything that changed.
+                    Err(_) => Change::Complete(now),
+                };
                 // The receiver is gone only while shutting down.
-                _ => drop(changes.send(Instant::now())),
+                drop(changes.send(change));
             })
             .map_err(watch_error)?;
         watcher
@@ -93,6 +130,7 @@ impl Manifests {
             .map_err(watch_error)?;
         Ok(Self {
             dir: dir.into(),
+            unsettled,
             files: BTreeMap::new(),
             reads: 0,
             _watcher: watcher,
@@ -108,7 +146,21 @@ impl Manifests {
         let paths = manifest::list(&self.dir)?;
         let mut problems = Vec::new();
         self.files.retain(|path, _| paths.contains(path));
+        let now = Instant::now();
+        let unsettled: Vec<PathBuf> = {
+            let mut writes = self
+                .unsettled
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // A write older than SETTLE is taken as done, closed or not.
+            writes.retain(|_, at| now.duration_since(*at) < SETTLE);
+            writes.keys().cloned().collect()
+        };
         for path in paths {
+            // Still being written: its last objects stay until it is closed or settles.
+            if unsettled.contains(&path) {
+                continue;
+            }
             let version = Version::of(&path);
             // An unchanged file is not read again: one edited Service in a directory of
             // thousands costs one file, not the directory.
@@ -151,6 +203,16 @@ impl Manifests {
         problems.extend(delivered);
         self.let_go(store);
         Ok(problems)
+    }
+
+    /// Whether files are being written.
+    #[cfg(test)]
+    fn unsettled(&self) -> bool {
+        !self
+            .unsettled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
     }
 
     /// Reads one file; on failure its last good objects stay and the problem says so.
@@ -222,6 +284,23 @@ impl Manifests {
     }
 }
 
+/// What an event says of its files: `Some(true)` while they are being written (created,
+/// modified, not closed yet), `Some(false)` when they are complete (closed after writing,
+/// renamed into or out of place, removed, their attributes changed), `None` for events
+/// that change nothing (opened, read, closed unwritten).
+fn written(kind: &EventKind) -> Option<bool> {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(false),
+        EventKind::Access(_) => None,
+        EventKind::Create(CreateKind::Folder) => Some(false),
+        EventKind::Create(_) => Some(true),
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+            Some(true)
+        }
+        _ => Some(false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,6 +343,11 @@ mod tests {
 
         /// The addresses of the frontends after one refresh, and its problems.
         fn refresh(&mut self) -> (Vec<String>, Problems) {
+            // The watcher's thread sees the writes' close events a moment later.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.manifests.unsettled() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let problems = self.manifests.refresh(&mut self.store).unwrap();
             let changed = self.store.take_changed();
             self.desired.update(

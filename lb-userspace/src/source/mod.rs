@@ -12,7 +12,18 @@ use tokio::sync::mpsc;
 use crate::store::{Problems, Store};
 
 /// Tells the sync loop that something changed, and when.
-pub type Changes = mpsc::UnboundedSender<Instant>;
+pub type Changes = mpsc::UnboundedSender<Change>;
+
+/// A change a source saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Complete: a watch event, a file closed after writing, renamed into place or removed.
+    /// The agent syncs at once.
+    Complete(Instant),
+    /// A file is being written: the agent syncs once it is closed, or after
+    /// [`manifests::SETTLE`] without a write for writers that never close it.
+    Unsettled(Instant),
+}
 
 /// A running source.
 pub enum Source {
