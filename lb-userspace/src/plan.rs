@@ -510,6 +510,8 @@ pub fn plan<'a, O: Ord + Clone>(
             }
         }
     }
+    // Ids are handed out in frontend order, whatever the owners.
+    wanted.sort_unstable_by_key(|(frontend, _)| *frontend);
     // A refused unit keeps what the maps hold for it.
     let scope: Vec<Frontend> = scope
         .iter()
