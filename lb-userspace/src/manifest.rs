@@ -141,6 +141,57 @@ pub fn read_file(path: &Path) -> Result<Vec<Document>, ManifestError> {
     parse(path, &text)
 }
 
+/// Below this many bytes in all, files are read one after another: threads would cost
+/// more than they save.
+const PARALLEL_READ_MIN_BYTES: u64 = 1 << 20;
+
+/// Reads `files`, each given with its size; several at once when there are enough bytes to
+/// pay for the threads. The results are in the order of `files`.
+pub fn read_files(files: &[(&Path, u64)]) -> Vec<Result<Vec<Document>, ManifestError>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(files.len());
+    let bytes: u64 = files.iter().map(|(_, len)| len).sum();
+    if threads < 2 || bytes < PARALLEL_READ_MIN_BYTES {
+        return files.iter().map(|(path, _)| read_file(path)).collect();
+    }
+    // The largest file first, each to the thread with the fewest bytes so far: one big
+    // file among many small ones does not leave a thread idle.
+    let mut largest_first: Vec<usize> = (0..files.len()).collect();
+    largest_first.sort_by_key(|&i| std::cmp::Reverse(files[i].1));
+    let mut shares: Vec<(u64, Vec<usize>)> = vec![(0, Vec::new()); threads];
+    for i in largest_first {
+        if let Some((bytes, share)) = shares.iter_mut().min_by_key(|(bytes, _)| *bytes) {
+            *bytes += files[i].1;
+            share.push(i);
+        }
+    }
+    let mut read: Vec<(usize, Result<Vec<Document>, ManifestError>)> =
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = shares
+                .into_iter()
+                .map(|(_, share)| {
+                    scope.spawn(move || {
+                        share
+                            .into_iter()
+                            .map(|i| (i, read_file(files[i].0)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|thread| {
+                    thread
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+    read.sort_by_key(|(i, _)| *i);
+    read.into_iter().map(|(_, read)| read).collect()
+}
+
 /// Parses the text of `path`: every YAML document, or the JSON value; `kind: List`
 /// unpacked.
 pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
@@ -949,6 +1000,43 @@ spec:
         assert_eq!(
             slice.metadata.labels.as_ref().unwrap()["kubernetes.io/service-name"],
             "svc-499"
+        );
+    }
+
+    #[test]
+    fn files_read_at_once_come_back_in_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (json, yaml) = generated(2000);
+        let files = [
+            ("small.yaml", SERVICE.to_owned()),
+            ("big.json", json),
+            ("broken.yaml", "kind: [".to_owned()),
+            ("big.yaml", yaml),
+        ];
+        let paths: Vec<PathBuf> = files
+            .iter()
+            .map(|(name, text)| {
+                let path = dir.path().join(name);
+                std::fs::write(&path, text).unwrap();
+                path
+            })
+            .collect();
+        let sized: Vec<(&Path, u64)> = paths
+            .iter()
+            .zip(&files)
+            .map(|(path, (_, text))| (path.as_path(), text.len() as u64))
+            .collect();
+        assert!(sized.iter().map(|(_, len)| len).sum::<u64>() > PARALLEL_READ_MIN_BYTES);
+        let read = read_files(&sized);
+        let counts: Vec<Option<usize>> =
+            read.iter().map(|r| r.as_ref().ok().map(Vec::len)).collect();
+        assert_eq!(counts, [Some(1), Some(4000), None, Some(4000)]);
+        assert!(
+            read[2]
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("broken.yaml")
         );
     }
 
