@@ -18,7 +18,8 @@ use serde::{
 
 /// The labels the agent reads; an object's other labels are skipped.
 pub const KEPT_LABELS: [&str; 2] = [crate::model::SERVICE_NAME_LABEL, HEADLESS_LABEL];
-/// Set on the EndpointSlices of a headless Service; kube-proxy does not serve those.
+/// Set by the control plane on the EndpointSlices of a headless Service; kube-proxy skips
+/// the objects that carry it.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// A v1 Service.
