@@ -1,6 +1,7 @@
 //! `lb`: the agent that programs lb's socket-level load balancer, and the CLI that inspects it.
 
 mod agent;
+mod api;
 mod bpf;
 mod cli;
 mod datapath;

@@ -3,6 +3,19 @@
 //!
 //! Objects of other kinds (Deployments, Pods, …) are skipped, so a directory can hold a
 //! whole application. Errors name the file, the object and the field.
+//!
+//! A file is read *streamed* first: each object is typed into the lean [`api`] types while
+//! the parser reads it, and the items of a `kind: List` are handled one by one, so that
+//! nothing but the objects the agent keeps is allocated. A parser cannot resume in the
+//! middle of an object, so streaming gives up at the first thing it does not expect (a
+//! field of the wrong type, a document without `kind`, …), and the file is read again
+//! *buffered*: each object — one document or one List item, never a whole List — is read
+//! into an untyped [`serde_json::Value`] first, so that its kind and name are known whatever
+//! fails, and typed from there. The buffered reading defines the results and the errors;
+//! streaming reaches the same results faster when nothing is wrong.
+//!
+//! JSON (`*.json`, or text that starts with `{`) is read with serde_json, several times
+//! faster than a YAML parser; what is not valid JSON is read as YAML.
 
 use std::{
     fmt,
@@ -10,19 +23,20 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde::{
+    Deserialize, Deserializer,
+    de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor},
 };
-use serde::Deserialize as _;
+use serde_json::Value;
 
-use crate::model::ObjectRef;
+use crate::{api, model::ObjectRef};
 
 /// A Service or EndpointSlice, read from a manifest or shared with a reflector's store.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ApiObject {
-    Service(Arc<Service>),
-    EndpointSlice(Arc<EndpointSlice>),
+    Service(Arc<api::Service>),
+    EndpointSlice(Arc<api::EndpointSlice>),
 }
 
 impl ApiObject {
@@ -127,68 +141,590 @@ pub fn read_file(path: &Path) -> Result<Vec<Document>, ManifestError> {
     parse(path, &text)
 }
 
-/// Parses the text of `path`: every YAML document (JSON is YAML), `kind: List` unpacked.
-pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
-    let mut documents = Vec::new();
-    // One document at a time: a file of 100k objects never holds all of them untyped.
-    for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value =
-            serde_yaml::Value::deserialize(document).map_err(|e| ManifestError::Syntax {
-                path: path.to_owned(),
-                reason: e.to_string(),
-            })?;
-        let index = index + 1;
-        if value.is_null() {
-            continue;
-        }
-        let document_error = |reason: String| ManifestError::Document {
-            path: path.to_owned(),
-            index,
-            reason,
-        };
-        match value.get("kind").and_then(serde_yaml::Value::as_str) {
-            Some("List") => {
-                let items = value
-                    .get("items")
-                    .and_then(serde_yaml::Value::as_sequence)
-                    .ok_or_else(|| document_error("kind List without an items sequence".into()))?;
-                for item in items {
-                    documents.extend(object(path, item.clone()));
-                }
-            }
-            Some(_) => documents.extend(object(path, value)),
-            None => return Err(document_error("not an API object: no `kind`".into())),
+/// Below this many bytes in all, files are read one after another: threads would cost
+/// more than they save.
+const PARALLEL_READ_MIN_BYTES: u64 = 1 << 20;
+
+/// Reads `files`, each given with its size; several at once when there are enough bytes to
+/// pay for the threads. The results are in the order of `files`.
+pub fn read_files(files: &[(&Path, u64)]) -> Vec<Result<Vec<Document>, ManifestError>> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .min(files.len());
+    let bytes: u64 = files.iter().map(|(_, len)| len).sum();
+    if threads < 2 || bytes < PARALLEL_READ_MIN_BYTES {
+        return files.iter().map(|(path, _)| read_file(path)).collect();
+    }
+    // The largest file first, each to the thread with the fewest bytes so far: one big
+    // file among many small ones does not leave a thread idle.
+    let mut largest_first: Vec<usize> = (0..files.len()).collect();
+    largest_first.sort_by_key(|&i| std::cmp::Reverse(files[i].1));
+    let mut shares: Vec<(u64, Vec<usize>)> = vec![(0, Vec::new()); threads];
+    for i in largest_first {
+        if let Some((bytes, share)) = shares.iter_mut().min_by_key(|(bytes, _)| *bytes) {
+            *bytes += files[i].1;
+            share.push(i);
         }
     }
+    let mut read: Vec<(usize, Result<Vec<Document>, ManifestError>)> =
+        std::thread::scope(|scope| {
+            let threads: Vec<_> = shares
+                .into_iter()
+                .map(|(_, share)| {
+                    scope.spawn(move || {
+                        share
+                            .into_iter()
+                            .map(|i| (i, read_file(files[i].0)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|thread| {
+                    thread
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+    read.sort_by_key(|(i, _)| *i);
+    read.into_iter().map(|(_, read)| read).collect()
+}
+
+/// Parses the text of `path`: every YAML document, or the JSON value; `kind: List`
+/// unpacked.
+pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
+    let reader = Reader { path };
+    if !looks_like_json(path, text) {
+        return reader.yaml(text);
+    }
+    match reader.json(text) {
+        // `{` also opens a YAML flow mapping; and a `.json` file may hold YAML, which was
+        // always read.
+        Err(ManifestError::Syntax {
+            reason: json_reason,
+            ..
+        }) => reader.yaml(text).map_err(|yaml_error| {
+            if has_extension(path, "json") {
+                reader.syntax(json_reason)
+            } else {
+                yaml_error
+            }
+        }),
+        read => read,
+    }
+}
+
+fn has_extension(path: &Path, extension: &str) -> bool {
+    path.extension().and_then(|e| e.to_str()) == Some(extension)
+}
+
+fn looks_like_json(path: &Path, text: &str) -> bool {
+    has_extension(path, "json") || text.trim_start().starts_with('{')
+}
+
+/// Reads the text of one file.
+struct Reader<'a> {
+    path: &'a Path,
+}
+
+impl Reader<'_> {
+    fn syntax(&self, reason: String) -> ManifestError {
+        ManifestError::Syntax {
+            path: self.path.to_owned(),
+            reason,
+        }
+    }
+
+    fn yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
+        match streamed_yaml(text) {
+            Some(documents) => Ok(documents),
+            None => self.buffered_yaml(text),
+        }
+    }
+
+    fn json(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
+        match streamed_json(text) {
+            Ok(documents) => Ok(documents),
+            Err(e) if e.is_syntax() || e.is_eof() => Err(self.syntax(e.to_string())),
+            Err(_) => self.buffered_json(text),
+        }
+    }
+
+    fn buffered_yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
+        let mut documents = Vec::new();
+        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
+            // Reading into values fails only where the text is not YAML.
+            let buffered = BufferedObject {
+                path: self.path,
+                documents: &mut documents,
+            }
+            .deserialize(document)
+            .map_err(|e| self.syntax(e.to_string()))?;
+            self.check(buffered, index + 1)?;
+        }
+        Ok(documents)
+    }
+
+    fn buffered_json(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
+        let mut documents = Vec::new();
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        let buffered = BufferedObject {
+            path: self.path,
+            documents: &mut documents,
+        }
+        .deserialize(&mut deserializer)
+        .and_then(|buffered| deserializer.end().map(|()| buffered))
+        .map_err(|e| self.syntax(e.to_string()))?;
+        self.check(buffered, 1)?;
+        Ok(documents)
+    }
+
+    /// The error of a document that is not an object of the API, numbered from 1.
+    fn check(&self, buffered: Buffered, index: usize) -> Result<(), ManifestError> {
+        let reason = match buffered {
+            Buffered::Read => return Ok(()),
+            Buffered::NoKind => "not an API object: no `kind`",
+            Buffered::ListWithoutItems => "kind List without an items sequence",
+        };
+        Err(ManifestError::Document {
+            path: self.path.to_owned(),
+            index,
+            reason: reason.into(),
+        })
+    }
+}
+
+/// Every document streamed; `None` if one has to be read buffered (which also tells a
+/// syntax error from others: YAML errors do not say which they are).
+fn streamed_yaml(text: &str) -> Option<Vec<Document>> {
+    let mut documents = Vec::new();
+    serde_yaml::Deserializer::from_str(text)
+        .try_for_each(|document| {
+            StreamedObject {
+                documents: &mut documents,
+                list_item: false,
+            }
+            .deserialize(document)
+        })
+        .ok()?;
+    Some(documents)
+}
+
+/// The value streamed; a data error means it has to be read buffered.
+fn streamed_json(text: &str) -> Result<Vec<Document>, serde_json::Error> {
+    let mut documents = Vec::new();
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    StreamedObject {
+        documents: &mut documents,
+        list_item: false,
+    }
+    .deserialize(&mut deserializer)?;
+    deserializer.end()?;
     Ok(documents)
 }
 
-/// Types one object if it is a Service or an EndpointSlice; `None` for other kinds.
-fn object(path: &Path, value: serde_yaml::Value) -> Option<Document> {
+/// The object's namespace and name, as kubectl applies them: no namespace is `default`.
+fn object_id(namespace: Option<&str>, name: Option<&str>) -> ObjectRef {
+    let given = |field: Option<&str>| field.filter(|s| !s.is_empty()).map(str::to_owned);
+    ObjectRef::new(
+        given(namespace).unwrap_or_else(|| "default".into()),
+        given(name).unwrap_or_else(|| "<unnamed>".into()),
+    )
+}
+
+/// The values of `apiVersion` and `kind` that tell the objects apart, matched without
+/// allocating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TypeName {
+    CoreV1,
+    DiscoveryV1,
+    Service,
+    EndpointSlice,
+    List,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for TypeName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // `any`, not `str`: YAML would hand over `kind: 1` as the string "1", which a
+        // buffered read does not take for a kind.
+        deserializer.deserialize_any(TypeNameVisitor)
+    }
+}
+
+struct TypeNameVisitor;
+
+impl Visitor<'_> for TypeNameVisitor {
+    type Value = TypeName;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<TypeName, E> {
+        Ok(match value {
+            "v1" => TypeName::CoreV1,
+            "discovery.k8s.io/v1" => TypeName::DiscoveryV1,
+            "Service" => TypeName::Service,
+            "EndpointSlice" => TypeName::EndpointSlice,
+            "List" => TypeName::List,
+            _ => TypeName::Other,
+        })
+    }
+}
+
+/// The fields of any object the reader looks at: the union of a Service's, an
+/// EndpointSlice's and a List's.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum ObjectField {
+    ApiVersion,
+    Kind,
+    Metadata,
+    Spec,
+    Status,
+    AddressType,
+    Endpoints,
+    Ports,
+    Items,
+    #[serde(other)]
+    Other,
+}
+
+/// `apiVersion` and `kind` as far as they are read: `kubectl get -o json|yaml` sorts the
+/// fields, so an EndpointSlice's `addressType` and `endpoints` come before its `kind`.
+#[derive(Default)]
+struct TypeSoFar {
+    api_version: Option<TypeName>,
+    kind: Option<TypeName>,
+}
+
+impl TypeSoFar {
+    fn may_be(&self, api_version: TypeName, kind: TypeName) -> bool {
+        self.api_version.is_none_or(|v| v == api_version) && self.kind.is_none_or(|k| k == kind)
+    }
+
+    fn may_be_service(&self) -> bool {
+        self.may_be(TypeName::CoreV1, TypeName::Service)
+    }
+
+    fn may_be_slice(&self) -> bool {
+        self.may_be(TypeName::DiscoveryV1, TypeName::EndpointSlice)
+    }
+
+    fn may_be_list(&self) -> bool {
+        self.kind.is_none_or(|k| k == TypeName::List)
+    }
+}
+
+/// Streams one document or List item into `documents`, typed as it is read. Fails on
+/// whatever a buffered read has to explain.
+struct StreamedObject<'a> {
+    documents: &'a mut Vec<Document>,
+    /// Lists are unpacked at the top of a document only.
+    list_item: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for StreamedObject<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StreamedObject<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an API object")
+    }
+
+    /// An empty document, or a `null` item.
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut type_name = TypeSoFar::default();
+        let mut metadata: Option<api::Metadata> = None;
+        let mut spec: Option<api::ServiceSpec> = None;
+        let mut status: Option<api::ServiceStatus> = None;
+        let mut address_type: Option<String> = None;
+        let mut endpoints: Option<Vec<api::Endpoint>> = None;
+        let mut ports: Option<Vec<api::EndpointPort>> = None;
+        let mut items: Option<Vec<Document>> = None;
+        // A field is typed as what the object may still be, and skipped once it cannot be.
+        while let Some(field) = map.next_key::<ObjectField>()? {
+            match field {
+                ObjectField::ApiVersion => type_name.api_version = Some(map.next_value()?),
+                ObjectField::Kind => type_name.kind = Some(map.next_value()?),
+                ObjectField::Metadata if type_name.may_be_service() || type_name.may_be_slice() => {
+                    metadata = map.next_value()?;
+                }
+                ObjectField::Spec if type_name.may_be_service() => spec = map.next_value()?,
+                ObjectField::Status if type_name.may_be_service() => status = map.next_value()?,
+                ObjectField::AddressType if type_name.may_be_slice() => {
+                    address_type = map.next_value()?;
+                }
+                ObjectField::Endpoints if type_name.may_be_slice() => {
+                    endpoints = map.next_value()?;
+                }
+                ObjectField::Ports if type_name.may_be_slice() => ports = map.next_value()?,
+                ObjectField::Items if !self.list_item && type_name.may_be_list() => {
+                    items = Some(map.next_value_seed(StreamedItems)?);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let metadata = metadata.map(|m| m.0).unwrap_or_default();
+        let id = || object_id(metadata.namespace.as_deref(), metadata.name.as_deref());
+        let document = match (type_name.api_version, type_name.kind) {
+            (_, None) => return Err(A::Error::custom("no `kind`")),
+            (_, Some(TypeName::List)) if !self.list_item => {
+                let items = items.ok_or_else(|| A::Error::custom("kind List without items"))?;
+                self.documents.extend(items);
+                return Ok(());
+            }
+            (Some(TypeName::CoreV1), Some(TypeName::Service)) => Document {
+                kind: Kind::Service,
+                id: id(),
+                object: Ok(ApiObject::Service(Arc::new(api::Service {
+                    metadata,
+                    spec,
+                    status,
+                }))),
+            },
+            (Some(TypeName::DiscoveryV1), Some(TypeName::EndpointSlice)) => Document {
+                kind: Kind::EndpointSlice,
+                id: id(),
+                object: Ok(ApiObject::EndpointSlice(Arc::new(api::EndpointSlice {
+                    metadata,
+                    address_type: address_type.unwrap_or_default(),
+                    endpoints: endpoints.unwrap_or_default(),
+                    ports,
+                }))),
+            },
+            _ => return Ok(()),
+        };
+        self.documents.push(document);
+        Ok(())
+    }
+}
+
+/// The items of a List, streamed one by one.
+struct StreamedItems;
+
+impl<'de> DeserializeSeed<'de> for StreamedItems {
+    type Value = Vec<Document>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<Document>, D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for StreamedItems {
+    type Value = Vec<Document>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a sequence of API objects")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut items: S) -> Result<Vec<Document>, S::Error> {
+        let mut documents = Vec::new();
+        while items
+            .next_element_seed(StreamedObject {
+                documents: &mut documents,
+                list_item: true,
+            })?
+            .is_some()
+        {}
+        Ok(documents)
+    }
+}
+
+/// What a buffered read made of one document.
+enum Buffered {
+    /// Its objects, if any, are in the documents.
+    Read,
+    NoKind,
+    ListWithoutItems,
+}
+
+/// Reads one document into `documents`, an object at a time: a List's items one by one,
+/// anything else whole.
+struct BufferedObject<'a> {
+    path: &'a Path,
+    documents: &'a mut Vec<Document>,
+}
+
+impl<'de> DeserializeSeed<'de> for BufferedObject<'_> {
+    type Value = Buffered;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Buffered, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BufferedObject<'_> {
+    type Value = Buffered;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a YAML or JSON document")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Buffered, A::Error> {
+        let mut fields = serde_json::Map::new();
+        let mut items = None;
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "items" {
+                items = Some(map.next_value_seed(BufferedItems { path: self.path })?);
+            } else {
+                fields.insert(key, map.next_value()?);
+            }
+        }
+        match fields.get("kind").and_then(Value::as_str) {
+            None => Ok(Buffered::NoKind),
+            Some("List") => match items {
+                Some(Some(items)) => {
+                    self.documents.extend(items);
+                    Ok(Buffered::Read)
+                }
+                _ => Ok(Buffered::ListWithoutItems),
+            },
+            Some(_) => {
+                // `items` means nothing to the other kinds.
+                self.documents
+                    .extend(buffered_object(self.path, Value::Object(fields)));
+                Ok(Buffered::Read)
+            }
+        }
+    }
+
+    /// An empty document.
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Buffered, E> {
+        Ok(Buffered::Read)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Buffered, E> {
+        Ok(Buffered::Read)
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Buffered, S::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Buffered::NoKind)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Buffered, E> {
+        Ok(Buffered::NoKind)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Buffered, E> {
+        Ok(Buffered::NoKind)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Buffered, E> {
+        Ok(Buffered::NoKind)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Buffered, E> {
+        Ok(Buffered::NoKind)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Buffered, E> {
+        Ok(Buffered::NoKind)
+    }
+}
+
+/// A List's `items`, buffered one item at a time: the documents of its objects, or `None`
+/// when it is not a sequence.
+struct BufferedItems<'a> {
+    path: &'a Path,
+}
+
+impl<'de> DeserializeSeed<'de> for BufferedItems<'_> {
+    type Value = Option<Vec<Document>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BufferedItems<'_> {
+    type Value = Option<Vec<Document>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the items of a List")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut items: S) -> Result<Self::Value, S::Error> {
+        let mut documents = Vec::new();
+        while let Some(item) = items.next_element::<Value>()? {
+            documents.extend(buffered_object(self.path, item));
+        }
+        Ok(Some(documents))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// Types one buffered object if it is a Service or an EndpointSlice; `None` for other
+/// kinds.
+fn buffered_object(path: &Path, value: Value) -> Option<Document> {
     let kind = match (
-        value.get("apiVersion").and_then(serde_yaml::Value::as_str),
-        value.get("kind").and_then(serde_yaml::Value::as_str),
+        value.get("apiVersion").and_then(Value::as_str),
+        value.get("kind").and_then(Value::as_str),
     ) {
         (Some("v1"), Some("Service")) => Kind::Service,
         (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => Kind::EndpointSlice,
         _ => return None,
     };
     let metadata = value.get("metadata");
-    let field = |name: &str| {
-        metadata
-            .and_then(|m| m.get(name))
-            .and_then(serde_yaml::Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_owned)
-    };
-    let id = ObjectRef::new(
-        field("namespace").unwrap_or_else(|| "default".into()),
-        field("name").unwrap_or_else(|| "<unnamed>".into()),
-    );
+    let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
+    let id = object_id(field("namespace"), field("name"));
     let object = match kind {
-        Kind::Service => typed::<Service>(value).map(|s| ApiObject::Service(Arc::new(s))),
+        Kind::Service => typed::<api::Service>(value).map(|s| ApiObject::Service(Arc::new(s))),
         Kind::EndpointSlice => {
-            typed::<EndpointSlice>(value).map(|s| ApiObject::EndpointSlice(Arc::new(s)))
+            typed::<api::EndpointSlice>(value).map(|s| ApiObject::EndpointSlice(Arc::new(s)))
         }
     }
     .map_err(|(field, reason)| ManifestError::Field {
@@ -202,7 +738,7 @@ fn object(path: &Path, value: serde_yaml::Value) -> Option<Document> {
 }
 
 /// Deserializes with the path of the offending field, e.g. `spec.ports[0].port`.
-fn typed<T: serde::de::DeserializeOwned>(value: serde_yaml::Value) -> Result<T, (String, String)> {
+fn typed<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
         let reason = e.into_inner().to_string();
@@ -288,6 +824,219 @@ spec:
         assert_eq!(
             err.to_string(),
             "x.yaml: document 1: not an API object: no `kind`"
+        );
+    }
+
+    /// What a reading gave, comparable.
+    fn summary(documents: &[Document]) -> Vec<(Kind, String, Result<ApiObject, String>)> {
+        documents
+            .iter()
+            .map(|d| {
+                let object = d
+                    .object
+                    .as_ref()
+                    .map(Clone::clone)
+                    .map_err(ToString::to_string);
+                (d.kind, d.id.to_string(), object)
+            })
+            .collect()
+    }
+
+    /// Items as `kubectl get -o json` writes them: fields sorted, so an EndpointSlice's
+    /// `addressType` and `endpoints` come before its `kind`, and a List's `items` before
+    /// its `kind`.
+    const KUBECTL_LIST: &str = r#"{
+    "apiVersion": "v1",
+    "items": [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"annotations": {"a": "b"}, "name": "web", "namespace": "shop", "resourceVersion": "7", "uid": "u1"},
+            "spec": {"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"], "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}], "selector": {"app": "web"}, "type": "ClusterIP"},
+            "status": {"loadBalancer": {}}
+        },
+        {
+            "addressType": "IPv4",
+            "apiVersion": "discovery.k8s.io/v1",
+            "endpoints": [{"addresses": ["10.244.0.1"], "conditions": {"ready": true}, "nodeName": "n1", "targetRef": {"kind": "Pod", "name": "web-1"}}],
+            "kind": "EndpointSlice",
+            "metadata": {"labels": {"kubernetes.io/service-name": "web", "x": "y"}, "name": "web-abc", "namespace": "shop"},
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]
+        },
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"}, "spec": {"ports": "not a Service's"}},
+        null
+    ],
+    "kind": "List",
+    "metadata": {"resourceVersion": ""}
+}"#;
+
+    #[test]
+    fn streamed_and_buffered_readings_agree() {
+        let json = Path::new("list.json");
+        let streamed = streamed_json(KUBECTL_LIST).unwrap();
+        let buffered = Reader { path: json }.buffered_json(KUBECTL_LIST).unwrap();
+        assert_eq!(summary(&streamed), summary(&buffered));
+        assert_eq!(
+            summary(&streamed)
+                .iter()
+                .map(|(kind, id, _)| format!("{kind} {id}"))
+                .collect::<Vec<_>>(),
+            ["Service shop/web", "EndpointSlice shop/web-abc"]
+        );
+
+        let yaml = format!(
+            "{SERVICE}---\n# a comment only\n---\nkind: EndpointSlice\naddressType: IPv4\nendpoints: [{{addresses: [10.244.0.1]}}]\napiVersion: discovery.k8s.io/v1\nmetadata: {{name: httpenv-1, labels: {{kubernetes.io/service-name: httpenv}}}}\n---\napiVersion: v1\nitems:\n- {SERVICE_FLOW}\nkind: List\n"
+        );
+        let streamed = streamed_yaml(&yaml).unwrap();
+        let buffered = Reader { path: json }.buffered_yaml(&yaml).unwrap();
+        assert_eq!(summary(&streamed), summary(&buffered));
+        assert_eq!(streamed.len(), 3);
+    }
+
+    const SERVICE_FLOW: &str = "{apiVersion: v1, kind: Service, metadata: {name: flow}, spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}}";
+
+    #[test]
+    fn a_bad_list_item_is_that_items_error_and_the_others_are_read() {
+        // The bad field comes before the slice's kind and name.
+        let json = KUBECTL_LIST.replace(r#""addressType": "IPv4""#, r#""addressType": 4"#);
+        let docs = parse(Path::new("list.json"), &json).unwrap();
+        let summary = summary(&docs);
+        assert_eq!(summary.len(), 2);
+        assert!(summary[0].2.is_ok());
+        assert_eq!(
+            summary[1].2.as_ref().unwrap_err(),
+            "list.json: EndpointSlice shop/web-abc: addressType: invalid type: integer `4`, expected a string"
+        );
+
+        let yaml = format!(
+            "kind: List\nitems:\n- {}\n- {SERVICE_FLOW}\n",
+            SERVICE_FLOW.replace("port: 80", "port: eighty")
+        );
+        let docs = parse(Path::new("list.yaml"), &yaml).unwrap();
+        assert_eq!(docs.len(), 2);
+        assert_eq!(
+            docs[0].object.as_ref().unwrap_err().to_string(),
+            "list.yaml: Service default/flow: spec.ports[0].port: invalid type: string \"eighty\", expected i32"
+        );
+        assert!(docs[1].object.is_ok());
+    }
+
+    #[test]
+    fn other_kinds_are_skipped_whatever_their_fields() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: x, labels: [not, a, map]}\nspec: {ports: [{number: 80}], type: {}}\n";
+        assert!(parse_str(text).is_empty());
+        // Nor does a List's own metadata matter.
+        assert!(parse_str("kind: List\nmetadata: [1]\nitems: []\n").is_empty());
+    }
+
+    #[test]
+    fn a_list_needs_a_sequence_of_items() {
+        let err = parse(
+            Path::new("l.json"),
+            r#"{"kind": "List", "items": {"a": 1}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "l.json: document 1: kind List without an items sequence"
+        );
+    }
+
+    #[test]
+    fn flow_yaml_that_looks_like_json_is_read_as_yaml() {
+        let docs = parse(Path::new("flow.yaml"), SERVICE_FLOW).unwrap();
+        assert_eq!(docs[0].id, ObjectRef::new("default", "flow"));
+        let err = parse(Path::new("bad.json"), r#"{"kind": "Service", "#).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("bad.json: not valid YAML or JSON: EOF while parsing"),
+            "{err}"
+        );
+    }
+
+    /// `n` Services and their slices of three endpoints, as a `kind: List` JSON text and as
+    /// multi-document YAML.
+    fn generated(n: usize) -> (String, String) {
+        let mut items = Vec::new();
+        let mut yaml = String::new();
+        for i in 0..n {
+            let (a, b) = (i / 250, i % 250 + 1);
+            items.push(format!(
+                r#"{{"apiVersion": "v1", "kind": "Service", "metadata": {{"name": "svc-{i}", "namespace": "default", "resourceVersion": "{i}"}}, "spec": {{"clusterIP": "10.96.{a}.{b}", "ports": [{{"name": "http", "port": 80, "targetPort": 8080}}], "selector": {{"app": "svc-{i}"}}}}}}"#
+            ));
+            let endpoints: Vec<String> = (1..=3)
+                .map(|e| format!(r#"{{"addresses": ["10.244.{a}.{e}"], "conditions": {{"ready": true}}, "nodeName": "node-{e}"}}"#))
+                .collect();
+            items.push(format!(
+                r#"{{"addressType": "IPv4", "apiVersion": "discovery.k8s.io/v1", "endpoints": [{}], "kind": "EndpointSlice", "metadata": {{"labels": {{"kubernetes.io/service-name": "svc-{i}"}}, "name": "svc-{i}-1", "namespace": "default"}}, "ports": [{{"name": "http", "port": 8080}}]}}"#,
+                endpoints.join(", ")
+            ));
+        }
+        for item in &items {
+            // JSON is YAML: one document per object.
+            yaml.push_str("---\n");
+            yaml.push_str(item);
+            yaml.push('\n');
+        }
+        let json = format!(
+            r#"{{"apiVersion": "v1", "items": [{}], "kind": "List"}}"#,
+            items.join(",\n")
+        );
+        (json, yaml)
+    }
+
+    #[test]
+    fn many_objects_read_the_same_from_a_json_list_and_yaml_documents() {
+        let (json, yaml) = generated(500);
+        let from_json = parse(Path::new("all.json"), &json).unwrap();
+        let from_yaml = parse(Path::new("all.yaml"), &yaml).unwrap();
+        assert_eq!(from_json.len(), 1000);
+        assert!(from_json.iter().all(|d| d.object.is_ok()));
+        assert_eq!(summary(&from_json), summary(&from_yaml));
+        let Ok(ApiObject::EndpointSlice(slice)) = &from_json[999].object else {
+            panic!("not a slice")
+        };
+        assert_eq!(slice.endpoints.len(), 3);
+        assert_eq!(
+            slice.metadata.labels.as_ref().unwrap()["kubernetes.io/service-name"],
+            "svc-499"
+        );
+    }
+
+    #[test]
+    fn files_read_at_once_come_back_in_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (json, yaml) = generated(2000);
+        let files = [
+            ("small.yaml", SERVICE.to_owned()),
+            ("big.json", json),
+            ("broken.yaml", "kind: [".to_owned()),
+            ("big.yaml", yaml),
+        ];
+        let paths: Vec<PathBuf> = files
+            .iter()
+            .map(|(name, text)| {
+                let path = dir.path().join(name);
+                std::fs::write(&path, text).unwrap();
+                path
+            })
+            .collect();
+        let sized: Vec<(&Path, u64)> = paths
+            .iter()
+            .zip(&files)
+            .map(|(path, (_, text))| (path.as_path(), text.len() as u64))
+            .collect();
+        assert!(sized.iter().map(|(_, len)| len).sum::<u64>() > PARALLEL_READ_MIN_BYTES);
+        let read = read_files(&sized);
+        let counts: Vec<Option<usize>> =
+            read.iter().map(|r| r.as_ref().ok().map(Vec::len)).collect();
+        assert_eq!(counts, [Some(1), Some(4000), None, Some(4000)]);
+        assert!(
+            read[2]
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("broken.yaml")
         );
     }
 

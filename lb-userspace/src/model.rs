@@ -10,7 +10,7 @@ use std::{
     sync::Arc,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use crate::api::{EndpointSlice, Service};
 use serde::{Deserialize, Serialize};
 
 /// The label that ties an EndpointSlice to its Service.

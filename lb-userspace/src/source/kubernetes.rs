@@ -2,13 +2,15 @@
 //! as kube-proxy watches them. A relist (after a broken watch or "410 Gone") swaps the
 //! reflector's store only once the new list is complete, so a sync never sees a partial
 //! list; and the agent syncs only once both initial lists are in.
+//!
+//! The reflectors hold the lean [`api`](crate::api) types, which keep only what the model
+//! reads: every object stays in memory for as long as it exists.
 
 use std::{path::Path, time::Instant};
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
-    Api, Client, Config, ResourceExt as _,
+    Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
     runtime::{
         WatchStreamExt as _,
@@ -19,6 +21,7 @@ use kube::{
 
 use super::{Change, Changes};
 use crate::{
+    api::{EndpointSlice, Service},
     manifest::{ApiObject, Kind},
     model::{ObjectRef, SERVICE_NAME_LABEL, object_ref},
     store::{Delivered, Problems, Store},
@@ -84,7 +87,6 @@ impl Kubernetes {
             watcher::Config::default(),
         )
         .default_backoff()
-        .modify(drop_unused_metadata)
         .reflect(services_writer)
         .map(|event| event.map(|e| is_change(&e)));
         // Only slices that belong to a Service, as kube-proxy selects them.
@@ -93,7 +95,6 @@ impl Kubernetes {
             watcher::Config::default().labels(SERVICE_NAME_LABEL),
         )
         .default_backoff()
-        .modify(drop_unused_metadata)
         .reflect(slices_writer)
         .map(|event| event.map(|e| is_change(&e)));
         let mut events = Box::pin(futures::stream::select(service_events, slice_events));
@@ -155,14 +156,6 @@ impl Kubernetes {
     }
 }
 
-/// The reflectors keep every object for as long as it exists: what the model never reads
-/// goes before it is stored. Field managers and annotations (`kubectl apply` keeps a whole
-/// copy of the object in one) are often most of an object's bytes.
-fn drop_unused_metadata<K: kube::Resource>(object: &mut K) {
-    object.managed_fields_mut().clear();
-    object.annotations_mut().clear();
-}
-
 /// Whether the store changed with `event`: objects of a relist in progress are held back
 /// until its InitDone swaps them in.
 fn is_change<K>(event: &watcher::Event<K>) -> bool {
@@ -176,32 +169,71 @@ fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Obje
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ServiceModel;
+    use crate::model::{ServiceKind, ServiceModel};
 
     #[test]
-    fn what_is_dropped_before_storing_is_nothing_the_model_reads() {
-        let mut service: Service = serde_yaml::from_str(
-            r#"
-metadata:
-  name: web
-  namespace: shop
-  annotations: {kubectl.kubernetes.io/last-applied-configuration: "{}"}
-  managedFields: [{manager: kubectl, operation: Apply, apiVersion: v1}]
-spec:
-  type: LoadBalancer
-  clusterIP: 10.96.0.10
-  externalIPs: [203.0.113.7]
-  sessionAffinity: ClientIP
-  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
-status:
-  loadBalancer: {ingress: [{ip: 198.51.100.1}]}
-"#,
+    fn a_watched_object_keeps_what_the_model_and_kube_read_and_nothing_else() {
+        // As the API server sends it.
+        let service: Service = serde_json::from_str(
+            r#"{"kind": "Service", "apiVersion": "v1",
+                "metadata": {"name": "web", "namespace": "shop", "uid": "1c9e", "resourceVersion": "42",
+                  "creationTimestamp": "2026-01-01T00:00:00Z", "labels": {"app": "web"},
+                  "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"},
+                  "managedFields": [{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1"}]},
+                "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                  "externalIPs": ["203.0.113.7"], "sessionAffinity": "ClientIP", "selector": {"app": "web"},
+                  "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]},
+                "status": {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}}"#,
         )
         .unwrap();
-        let before = ServiceModel::from_api(&service).unwrap();
-        drop_unused_metadata(&mut service);
-        assert!(service.managed_fields().is_empty());
-        assert!(service.annotations().is_empty());
-        assert_eq!(ServiceModel::from_api(&service).unwrap(), before);
+        let meta = kube::Resource::meta(&service);
+        assert_eq!(meta.name.as_deref(), Some("web"));
+        assert_eq!(meta.namespace.as_deref(), Some("shop"));
+        assert_eq!(meta.uid.as_deref(), Some("1c9e"));
+        assert_eq!(meta.resource_version.as_deref(), Some("42"));
+        assert!(meta.creation_timestamp.is_some());
+        assert_eq!(meta.annotations, None);
+        assert_eq!(meta.managed_fields, None);
+        assert_eq!(
+            meta.labels,
+            Some(Default::default()),
+            "no label the agent reads"
+        );
+
+        let model = ServiceModel::from_api(&service).unwrap();
+        assert_eq!(model.id, ObjectRef::new("shop", "web"));
+        assert_eq!(
+            model.kind,
+            ServiceKind::ClusterIp(vec!["10.96.0.10".parse().unwrap()])
+        );
+        assert_eq!(model.ports[0].name, "http");
+        assert_eq!(
+            (model.ports[0].port, model.ports[0].node_port),
+            (80, Some(30080))
+        );
+        assert_eq!(
+            model.external_ips,
+            ["203.0.113.7".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            model.load_balancer_ips,
+            ["198.51.100.1".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            model.affinity_timeout_s,
+            Some(crate::model::DEFAULT_AFFINITY_TIMEOUT_S)
+        );
+    }
+
+    #[test]
+    fn the_lean_types_are_the_resources_k8s_openapi_names() {
+        use kube::Resource as _;
+        assert_eq!(Service::url_path(&(), None), "/api/v1/services");
+        assert_eq!(
+            EndpointSlice::url_path(&(), Some("shop")),
+            "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices"
+        );
+        assert_eq!(EndpointSlice::api_version(&()), "discovery.k8s.io/v1");
+        assert_eq!(Service::kind(&()), "Service");
     }
 }

@@ -156,28 +156,27 @@ impl Manifests {
             writes.retain(|_, at| now.duration_since(*at) < SETTLE);
             writes.keys().cloned().collect()
         };
-        for path in paths {
+        let changed = paths
+            .into_iter()
             // Still being written: its last objects stay until it is closed or settles.
-            if unsettled.contains(&path) {
-                continue;
-            }
-            let version = Version::of(&path);
+            .filter(|path| !unsettled.contains(path))
+            .map(|path| {
+                let version = Version::of(&path);
+                (path, version)
+            })
             // An unchanged file is not read again: one edited Service in a directory of
             // thousands costs one file, not the directory.
-            if version.is_some() && self.files.get(&path).map(|f| Some(f.version)) == Some(version)
-            {
-                continue;
-            }
-            if let Err(problem) = self.read(path, version) {
-                problems.push(problem);
-            }
-        }
+            .filter(|(path, version)| {
+                version.is_none() || self.files.get(path).map(|f| Some(f.version)) != Some(*version)
+            })
+            .collect();
+        problems.extend(self.read(changed));
         let mut delivered = self.deliver(store);
         // A file let go of an object the store needs again (a duplicate definition that
         // takes over when the first goes): read those files again and deliver once more.
         let wanted = store.take_wanted();
         if !wanted.is_empty() {
-            let rereads: Vec<PathBuf> = self
+            let rereads = self
                 .files
                 .iter()
                 .filter(|(_, file)| {
@@ -185,14 +184,9 @@ impl Manifests {
                         .iter()
                         .any(|d| wanted.contains(&(d.kind, d.id.clone())))
                 })
-                .map(|(path, _)| path.clone())
+                .map(|(path, _)| (path.clone(), Version::of(path)))
                 .collect();
-            for path in rereads {
-                let version = Version::of(&path);
-                if let Err(problem) = self.read(path, version) {
-                    problems.push(problem);
-                }
-            }
+            problems.extend(self.read(rereads));
             delivered = self.deliver(store);
             problems.extend(store.take_wanted().into_iter().map(|(kind, id)| {
                 format!(
@@ -215,40 +209,53 @@ impl Manifests {
             .is_empty()
     }
 
-    /// Reads one file; on failure its last good objects stay and the problem says so.
-    fn read(&mut self, path: PathBuf, version: Option<Version>) -> Result<(), String> {
+    /// Reads files (several at once when that pays); a file that fails keeps its last good
+    /// objects, and the problem says so.
+    fn read(&mut self, files: Vec<(PathBuf, Option<Version>)>) -> Problems {
+        let mut problems = Vec::new();
         // `kubectl get … > file` truncates before it writes: an empty file that had
         // objects is most likely half-written, so they stay until it has content again
         // (or is removed).
-        if version.is_some_and(|v| v.len == 0) && self.files.contains_key(&path) {
-            return Err(format!(
+        let (half_written, files): (Vec<_>, Vec<_>) =
+            files.into_iter().partition(|(path, version)| {
+                version.is_some_and(|v| v.len == 0) && self.files.contains_key(path)
+            });
+        problems.extend(half_written.into_iter().map(|(path, _)| {
+            format!(
                 "{}: empty; its last objects stay in effect until it has content or is removed",
                 path.display()
-            ));
-        }
-        match manifest::read_file(&path) {
-            Ok(documents) => {
-                if let Some(version) = version {
-                    self.reads += 1;
-                    let file = File {
-                        version,
-                        read: self.reads.to_string(),
-                        origin: format!("{}: ", path.display()),
-                        documents: documents.into_iter().map(Held::from).collect(),
-                    };
-                    self.files.insert(path, file);
+            )
+        }));
+        let sized: Vec<(&Path, u64)> = files
+            .iter()
+            .map(|(path, version)| (path.as_path(), version.map_or(0, |v| v.len)))
+            .collect();
+        let read = manifest::read_files(&sized);
+        for ((path, version), read) in files.into_iter().zip(read) {
+            match read {
+                Ok(documents) => {
+                    if let Some(version) = version {
+                        self.reads += 1;
+                        let file = File {
+                            version,
+                            read: self.reads.to_string(),
+                            origin: format!("{}: ", path.display()),
+                            documents: documents.into_iter().map(Held::from).collect(),
+                        };
+                        self.files.insert(path, file);
+                    }
                 }
-                Ok(())
-            }
-            Err(e) => {
-                let kept = if self.files.contains_key(&path) {
-                    "; its last good objects stay in effect"
-                } else {
-                    ""
-                };
-                Err(format!("{e}{kept}"))
+                Err(e) => {
+                    let kept = if self.files.contains_key(&path) {
+                        "; its last good objects stay in effect"
+                    } else {
+                        ""
+                    };
+                    problems.push(format!("{e}{kept}"));
+                }
             }
         }
+        problems
     }
 
     /// Delivers every file's objects, the complete set, to `store`.
