@@ -106,14 +106,14 @@ pub enum SyncError {
     #[error("reading the source: {0}")]
     Source(#[from] crate::source::SourceError),
     #[error("reading the maps back: {0}")]
-    ReadBack(#[source] datapath::DatapathError),
+    ReadBack(#[source] Box<datapath::DatapathError>),
     #[error("growing the maps to {to}: {source}")]
     Grow {
         to: Capacity,
-        source: datapath::DatapathError,
+        source: Box<datapath::DatapathError>,
     },
     #[error("writing the maps: {0}")]
-    Write(#[source] datapath::DatapathError),
+    Write(#[source] Box<datapath::DatapathError>),
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -178,7 +178,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let initial = Capacity {
         services: Capacity::INITIAL.services.min(ceiling.services),
         backends: Capacity::INITIAL.backends.min(ceiling.backends),
-        affinity_matches: Capacity::INITIAL.affinity_matches.min(ceiling.affinity_matches),
+        affinity_matches: Capacity::INITIAL
+            .affinity_matches
+            .min(ceiling.affinity_matches),
     };
     let mut datapath = datapath::load(&args.bpffs, &cgroup, initial)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
@@ -363,7 +365,8 @@ impl NodeAddresses {
                 // Several addresses change at once when an interface is configured: one
                 // read, a moment later.
                 Ok(()) => {
-                    self.read_at = Some((Instant::now(), tokio::time::Instant::now() + ADDRESS_BURST));
+                    self.read_at =
+                        Some((Instant::now(), tokio::time::Instant::now() + ADDRESS_BURST));
                 }
                 Err(e) => {
                     tracing::warn!("{e}; NodePorts stay on the node addresses they have");
@@ -480,7 +483,9 @@ impl Syncer {
                     }
                     match &not_ready {
                         None => tracing::info!(source = %source.describe(), "ready"),
-                        Some(why) => tracing::warn!(source = %source.describe(), "synced, not ready: {why}"),
+                        Some(why) => {
+                            tracing::warn!(source = %source.describe(), "synced, not ready: {why}")
+                        }
                     }
                 }
                 self.metrics.set_readiness(not_ready);
@@ -513,6 +518,7 @@ impl Syncer {
     fn sync(&mut self, source: &mut Source, changed_at: Option<Instant>) -> Result<(), SyncError> {
         let started = Instant::now();
         let mut problems = source.refresh(&mut self.store)?;
+        problems.extend(self.store.problems());
         let refreshed = started.elapsed();
         let changed = self.store.take_changed();
         let touched = self.desired.update(
@@ -529,7 +535,7 @@ impl Syncer {
             && let Err(e) = self.reload()
         {
             self.report(problems);
-            return Err(SyncError::ReadBack(e));
+            return Err(SyncError::ReadBack(Box::new(e)));
         }
         let mut scope: BTreeSet<Frontend> = if self.full {
             self.programmed
@@ -584,13 +590,20 @@ impl Syncer {
         self.report(problems);
         let planned = started.elapsed();
 
-        let capacity = self.datapath.maps.capacity().map_err(SyncError::Write)?;
+        let capacity = self
+            .datapath
+            .maps
+            .capacity()
+            .map_err(|e| SyncError::Write(Box::new(e)))?;
         if capacity.overflow(&peak).is_some() {
             let to = capacity.grown_for(&peak, &self.ceiling);
             let grow_started = Instant::now();
             self.datapath
                 .grow(to, &self.programmed)
-                .map_err(|source| SyncError::Grow { to, source })?;
+                .map_err(|source| SyncError::Grow {
+                    to,
+                    source: Box::new(source),
+                })?;
             tracing::info!(
                 from = %capacity,
                 to = %to,
@@ -601,7 +614,7 @@ impl Syncer {
         tracing::debug!(?refreshed, ?planned, "sync phases");
         if let Err(e) = self.datapath.maps.apply(&ops) {
             self.read_back = true;
-            return Err(SyncError::Write(e));
+            return Err(SyncError::Write(Box::new(e)));
         }
         self.programmed.apply(&ops);
         self.full = false;
