@@ -25,7 +25,7 @@ use crate::{
         Change, Source, kubernetes,
         manifests::{Manifests, SETTLE},
     },
-    state::{AgentPid, Snapshot, StateWriter},
+    state::{self, AgentPid, StateWriter},
     store::Store,
 };
 
@@ -221,6 +221,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         reported: BTreeSet::new(),
         node,
         state,
+        unwritten_services: BTreeSet::new(),
+        unwritten_frontends: BTreeSet::new(),
         metrics: metrics.clone(),
     };
     let mut first_done = false;
@@ -458,6 +460,9 @@ struct Syncer {
     reported: BTreeSet<String>,
     node: Node,
     state: StateWriter,
+    /// Services and frontends the model changed since the state file was last told.
+    unwritten_services: BTreeSet<ObjectRef>,
+    unwritten_frontends: BTreeSet<Frontend>,
     metrics: Arc<Metrics>,
 }
 
@@ -525,6 +530,9 @@ impl Syncer {
             changed.iter().map(|id| (id, self.store.service(id))),
             &self.node,
         );
+        // What the state file must say anew, should this sync fail before it is written.
+        self.unwritten_services.extend(changed.iter().cloned());
+        self.unwritten_frontends.extend(touched.iter().copied());
         problems.extend(self.desired.conflicts().into_iter().map(|conflict| {
             format!(
                 "Service {} claims {} which Service {} already has; ignored",
@@ -565,6 +573,7 @@ impl Syncer {
             },
             &scope,
             &self.ceiling,
+            self.full,
         );
         for frontend in &scope {
             if let Some(target) = desired.target(frontend) {
@@ -619,8 +628,12 @@ impl Syncer {
         self.programmed.apply(&ops);
         self.full = false;
         self.record(started, changed_at, changed.len(), ops.len());
-        self.state.write(Snapshot::of(
+        let services = std::mem::take(&mut self.unwritten_services);
+        let frontends = std::mem::take(&mut self.unwritten_frontends);
+        self.state.write(state::Delta::of(
             &self.desired,
+            &services,
+            frontends.iter().chain(&scope),
             self.refused
                 .iter()
                 .map(|(service, error)| (service.clone(), error.to_string()))

@@ -605,6 +605,7 @@ mod tests {
                 |f| desired.target(f).map(|t| (&t.service, &t.spec)),
                 &touched,
                 &crate::agent::DEFAULT_CEILING,
+                false,
             );
             assert!(plan.refused.is_empty());
             programmed.apply(&plan.ops);
