@@ -21,6 +21,12 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{CommandFactory as _, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc returns freed memory to the system where glibc's malloc keeps it: after the
+/// first sync of a large cluster (its manifests read, parsed and dropped) the agent's RSS
+/// is what it holds, not what it once needed.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Where the agent pins its links and maps unless told otherwise.
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 

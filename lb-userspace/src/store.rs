@@ -113,6 +113,10 @@ pub struct Store {
     repeated: BTreeMap<Origin, Vec<String>>,
     /// Services and slices with a model in effect.
     good: (usize, usize),
+    /// Objects converted into the model so far: what tests count to show that a change
+    /// costs its own objects.
+    #[cfg(test)]
+    conversions: usize,
 }
 
 impl Store {
@@ -184,6 +188,13 @@ impl Store {
             object,
         } = delivered;
         let prefix = origin.prefix();
+        #[cfg(test)]
+        {
+            let unchanged = self
+                .held_version(kind, id, origin)
+                .is_some_and(|held| !version.is_empty() && held == version);
+            self.conversions += usize::from(!unchanged);
+        }
         match kind {
             Kind::Service => {
                 let before = self.services.get(id).and_then(Entry::effective).cloned();
@@ -293,6 +304,19 @@ impl Store {
                 None => self.problems.remove(&key),
             };
         }
+    }
+
+    /// The version of `origin`'s definition of an object, if it has one.
+    #[cfg(test)]
+    fn held_version(&self, kind: Kind, id: &ObjectRef, origin: &Origin) -> Option<&str> {
+        match kind {
+            Kind::Service => self.services.get(id)?.definitions.get(origin),
+            Kind::EndpointSlice => {
+                let definition = self.slices.get(id)?.definitions.get(origin)?;
+                return Some(definition.version.as_str());
+            }
+        }
+        .map(|definition| definition.version.as_str())
     }
 
     /// Every problem the objects have now.
@@ -740,5 +764,69 @@ mod tests {
             BTreeSet::from([ObjectRef::new("default", "b")])
         );
         assert_eq!(store.counts(), (2, 1));
+    }
+
+    /// One endpoint change among a thousand Services: one object converted, one Service
+    /// recomputed, one frontend planned, a handful of map writes.
+    #[test]
+    fn an_endpoint_change_costs_its_own_service_and_nothing_more() {
+        let services: String = (0..1000)
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n---\n{}---\n",
+                    i / 250,
+                    i % 250 + 1,
+                    slice(&format!("s{i}-1"), &format!("s{i}"), &["10.244.0.1", "10.244.0.2"])
+                )
+            })
+            .collect();
+        let mut store = Store::default();
+        let mut desired = Desired::default();
+        let mut programmed = Programmed::default();
+        let mut sync = |store: &mut Store, programmed: &mut Programmed| {
+            let changed = store.take_changed();
+            let touched = desired.update(
+                changed.iter().map(|id| (id, store.service(id))),
+                &Node::default(),
+            );
+            let plan = plan::plan(
+                programmed,
+                |f| desired.target(f).map(|t| (&t.service, &t.spec)),
+                &touched,
+                &crate::agent::DEFAULT_CEILING,
+                false,
+            );
+            programmed.apply(&plan.ops);
+            (changed.len(), touched.len(), plan.ops.len())
+        };
+        // s7's slice lives in a file of its own, as an EndpointSlice a controller rewrites.
+        let s7 = |ips: &[&str]| documents(&slice("s7-1", "s7", ips));
+        let all = services.replace(
+            &format!(
+                "---\n{}",
+                slice("s7-1", "s7", &["10.244.0.1", "10.244.0.2"])
+            ),
+            "",
+        );
+        assert_ne!(all.len(), services.len());
+        update_from(&mut store, "all.yaml", &documents(&all), "1");
+        update_from(
+            &mut store,
+            "s7.yaml",
+            &s7(&["10.244.0.1", "10.244.0.2"]),
+            "2",
+        );
+        assert_eq!(store.conversions, 2000);
+        assert_eq!(
+            sync(&mut store, &mut programmed),
+            (1000, 1000, 1000 * 3 + 2)
+        );
+
+        // One endpoint of s7 goes: one object converted.
+        update_from(&mut store, "s7.yaml", &s7(&["10.244.0.1"]), "3");
+        assert_eq!(store.conversions, 2001);
+        // One Service recomputed, one frontend planned: its slot 2 goes, its master
+        // shrinks.
+        assert_eq!(sync(&mut store, &mut programmed), (1, 1, 2));
     }
 }
