@@ -713,6 +713,32 @@ impl Testbed {
             .collect())
     }
 
+    /// A client in `client` connecting to `address` back to back in the background (a
+    /// connect every `interval_ms`), bounded by `count` connects and by `for_ms`; stop it
+    /// with [`finish_probes`].
+    pub fn background_prober(
+        &self,
+        client: &Pod,
+        address: &str,
+        count: u32,
+        interval_ms: u64,
+        for_ms: u64,
+    ) -> anyhow::Result<Child> {
+        Ok(self
+            .probe_command(
+                client,
+                address,
+                count,
+                &[
+                    "--interval-ms",
+                    &interval_ms.to_string(),
+                    "--for-ms",
+                    &for_ms.to_string(),
+                ],
+            )?
+            .spawn()?)
+    }
+
     /// The `lb-probe` command in `client`, to run it in the background.
     pub fn probe_command(
         &self,
@@ -729,6 +755,23 @@ impl Testbed {
             .stdout(Stdio::piped());
         Ok(command)
     }
+}
+
+/// Stops a background prober and returns every attempt it made.
+pub fn finish_probes(mut prober: Child) -> anyhow::Result<Vec<Probe>> {
+    use std::io::Read as _;
+    drop(prober.kill());
+    let mut output = String::new();
+    prober
+        .stdout
+        .take()
+        .context("the prober's stdout is not piped")?
+        .read_to_string(&mut output)?;
+    drop(prober.wait());
+    Ok(parse_probes(&output)?
+        .into_iter()
+        .map(|timed| timed.probe)
+        .collect())
 }
 
 /// Kills every process in `cgroup` and waits (bounded) until it is empty.
