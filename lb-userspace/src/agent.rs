@@ -521,6 +521,23 @@ impl Syncer {
     /// One pass of source → model → diff → maps. Failures leave the last good state in
     /// place: the agent keeps running and tries again.
     fn sync(&mut self, source: &mut Source, changed_at: Option<Instant>) -> Result<(), SyncError> {
+        let result = self.try_sync(source, changed_at);
+        if matches!(
+            result,
+            Err(SyncError::ReadBack(_) | SyncError::Grow { .. } | SyncError::Write(_))
+        ) {
+            // The changes this sync took from the store were not written: the next plan
+            // covers every frontend, so that none of them is lost.
+            self.full = true;
+        }
+        result
+    }
+
+    fn try_sync(
+        &mut self,
+        source: &mut Source,
+        changed_at: Option<Instant>,
+    ) -> Result<(), SyncError> {
         let started = Instant::now();
         let mut problems = source.refresh(&mut self.store)?;
         problems.extend(self.store.problems());
@@ -556,10 +573,16 @@ impl Syncer {
             touched
         };
         // Services refused before are tried again: what took their room may have gone.
-        // Those that are gone from the source are no longer refused.
+        // Those that no longer own any frontend (gone from the source, or every frontend
+        // taken by another Service) are no longer refused.
         let desired = &self.desired;
-        self.refused
-            .retain(|service, _| desired.frontends_of(service).next().is_some());
+        self.refused.retain(|service, _| {
+            desired.frontends_of(service).any(|frontend| {
+                desired
+                    .target(&frontend)
+                    .is_some_and(|t| &t.service == service)
+            })
+        });
         for service in self.refused.keys() {
             scope.extend(self.desired.frontends_of(service));
         }
@@ -575,27 +598,32 @@ impl Syncer {
             &self.ceiling,
             self.full,
         );
+        let before = std::mem::take(&mut self.refused);
+        let mut still_refused = before.clone();
         for frontend in &scope {
             if let Some(target) = desired.target(frontend) {
-                self.refused.remove(&target.service);
+                still_refused.remove(&target.service);
             }
         }
-        let mut newly_refused = 0;
         for refusal in refused {
-            if self.refused.get(refusal.owner) != Some(&refusal.error) {
-                newly_refused += 1;
+            // Logged and counted once when it starts, not at every sync it lasts.
+            if before.get(refusal.owner) != Some(&refusal.error) {
+                tracing::error!(
+                    "Service {} refused: {}; what the maps held for it stays",
+                    refusal.owner,
+                    refusal.error
+                );
+                self.metrics.error(ErrorKind::Capacity);
             }
-            self.refused.insert(refusal.owner.clone(), refusal.error);
+            still_refused.insert(refusal.owner.clone(), refusal.error);
         }
-        for _ in 0..newly_refused {
-            self.metrics.error(ErrorKind::Capacity);
+        for service in before.keys().filter(|s| !still_refused.contains_key(*s)) {
+            tracing::info!("Service {service} is no longer refused");
         }
+        self.refused = still_refused;
         self.metrics
             .refused
             .set(i64::try_from(self.refused.len()).unwrap_or(i64::MAX));
-        problems.extend(self.refused.iter().map(|(service, error)| {
-            format!("Service {service} refused: {error}; what the maps held for it stays")
-        }));
         self.report(problems);
         let planned = started.elapsed();
 

@@ -303,6 +303,19 @@ impl Capacity {
         affinity_matches: 1024,
     };
 
+    /// The first map where `need` does not fit and `adds` adds entries, if any: a unit that
+    /// adds nothing to a map is never refused for that map, even if the maps already hold
+    /// more than the bound (a bound lowered since they were written).
+    pub fn overflow_adding(&self, need: &Self, adds: &Self) -> Option<GrowingMap> {
+        [
+            GrowingMap::Services,
+            GrowingMap::Backends,
+            GrowingMap::AffinityMatches,
+        ]
+        .into_iter()
+        .find(|map| adds.get(*map) > 0 && need.get(*map) > self.get(*map))
+    }
+
     /// The first map where `need` does not fit, if any.
     pub fn overflow(&self, need: &Self) -> Option<GrowingMap> {
         if need.services > self.services {
@@ -488,7 +501,7 @@ pub fn plan<'a, O: Ord + Clone>(
         let too_many = frontends.iter().find(|(_, spec)| spec.backends.len() > max);
         let adds = unit_additions(current, &frontends, &reserved);
         let need = peak.saturating_add(adds);
-        let error = match (too_many, ceiling.overflow(&need)) {
+        let error = match (too_many, ceiling.overflow_adding(&need, &adds)) {
             (Some((frontend, spec)), _) => Some(PlanError::TooManyBackends {
                 frontend: *frontend,
                 count: spec.backends.len(),

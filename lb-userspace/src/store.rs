@@ -92,8 +92,18 @@ impl<M> Default for Entry<M> {
 }
 
 impl<M> Entry<M> {
+    /// The model in effect: the first definition's that has one, so that a broken copy in
+    /// an earlier file does not take down a good definition.
     fn effective(&self) -> Option<&M> {
-        self.definitions.values().next()?.model.as_ref()
+        self.definitions.values().find_map(|d| d.model.as_ref())
+    }
+
+    /// Which definition is in effect, by position: the first with a model, else the first.
+    fn effective_index(&self) -> usize {
+        self.definitions
+            .values()
+            .position(|d| d.model.is_some())
+            .unwrap_or(0)
     }
 }
 
@@ -285,15 +295,15 @@ impl Store {
     /// The problems of an object's definitions: each one's own, and for every definition
     /// after the first, that it is not the one in effect.
     fn refresh_problems(&mut self, kind: Kind, id: &ObjectRef) {
-        let definitions: Vec<(Origin, Option<String>)> = match kind {
+        let (definitions, in_effect) = match kind {
             Kind::Service => definitions_of(self.services.get(id)),
             Kind::EndpointSlice => definitions_of(self.slices.get(id)),
         };
         for (index, (origin, problem)) in definitions.into_iter().enumerate() {
             let key = (kind, id.clone(), origin.clone());
-            let problem = if index > 0 {
+            let problem = if index != in_effect && problem.is_none() {
                 Some(format!(
-                    "{}{kind} {id}: defined more than once; the first definition is used",
+                    "{}{kind} {id}: defined more than once; another definition is in effect",
                     origin.prefix()
                 ))
             } else {
@@ -387,12 +397,14 @@ impl Store {
     }
 }
 
-fn definitions_of<M>(entry: Option<&Entry<M>>) -> Vec<(Origin, Option<String>)> {
-    entry
+/// Each definition's origin and problem, and which one is in effect.
+fn definitions_of<M>(entry: Option<&Entry<M>>) -> (Vec<(Origin, Option<String>)>, usize) {
+    let definitions = entry
         .into_iter()
         .flat_map(|entry| &entry.definitions)
         .map(|(origin, definition)| (origin.clone(), definition.problem.clone()))
-        .collect()
+        .collect();
+    (definitions, entry.map_or(0, Entry::effective_index))
 }
 
 /// Brings `origin`'s definition in `entry` to the delivered version.
@@ -694,7 +706,7 @@ mod tests {
         );
         assert_eq!(
             problems,
-            ["b.yaml: Service default/a: defined more than once; the first definition is used"]
+            ["b.yaml: Service default/a: defined more than once; another definition is in effect"]
         );
         let mut desired = Desired::default();
         assert_eq!(
@@ -828,5 +840,26 @@ mod tests {
         // One Service recomputed, one frontend planned: its slot 2 goes, its master
         // shrinks.
         assert_eq!(sync(&mut store, &mut programmed), (1, 1, 2));
+    }
+
+    #[test]
+    fn a_broken_copy_in_an_earlier_file_does_not_take_down_a_good_definition() {
+        let mut store = Store::default();
+        update_from(&mut store, "b.yaml", &documents(A), "1");
+        let mut desired = Desired::default();
+        assert_eq!(frontends(&mut store, &mut desired).len(), 1);
+        let problems = update_from(
+            &mut store,
+            "a.yaml",
+            &documents(&A.replace("port: 80", "port: 0")),
+            "2",
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("a.yaml: Service default/a: spec.ports[0].port"));
+        assert!(
+            store.take_changed().is_empty(),
+            "b.yaml's definition stays in effect"
+        );
+        assert_eq!(store.counts(), (1, 0));
     }
 }

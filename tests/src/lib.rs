@@ -715,7 +715,8 @@ impl Testbed {
 
     /// A client in `client` connecting to `address` back to back in the background (a
     /// connect every `interval_ms`), bounded by `count` connects and by `for_ms`; stop it
-    /// with [`finish_probes`].
+    /// with [`finish_probes`]. Its output is read as it comes, so that a full pipe never
+    /// stalls it.
     pub fn background_prober(
         &self,
         client: &Pod,
@@ -723,8 +724,9 @@ impl Testbed {
         count: u32,
         interval_ms: u64,
         for_ms: u64,
-    ) -> anyhow::Result<Child> {
-        Ok(self
+    ) -> anyhow::Result<Prober> {
+        use std::io::Read as _;
+        let mut child = self
             .probe_command(
                 client,
                 address,
@@ -736,7 +738,16 @@ impl Testbed {
                     &for_ms.to_string(),
                 ],
             )?
-            .spawn()?)
+            .spawn()?;
+        let mut stdout = child
+            .stdout
+            .take()
+            .context("the prober's stdout is not piped")?;
+        let output = std::thread::spawn(move || {
+            let mut output = String::new();
+            stdout.read_to_string(&mut output).map(|_| output)
+        });
+        Ok(Prober { child, output })
     }
 
     /// The `lb-probe` command in `client`, to run it in the background.
@@ -757,17 +768,20 @@ impl Testbed {
     }
 }
 
+/// A client probing in the background: see [`Testbed::background_prober`].
+pub struct Prober {
+    child: Child,
+    output: std::thread::JoinHandle<std::io::Result<String>>,
+}
+
 /// Stops a background prober and returns every attempt it made.
-pub fn finish_probes(mut prober: Child) -> anyhow::Result<Vec<Probe>> {
-    use std::io::Read as _;
-    drop(prober.kill());
-    let mut output = String::new();
-    prober
-        .stdout
-        .take()
-        .context("the prober's stdout is not piped")?
-        .read_to_string(&mut output)?;
-    drop(prober.wait());
+pub fn finish_probes(mut prober: Prober) -> anyhow::Result<Vec<Probe>> {
+    drop(prober.child.kill());
+    drop(prober.child.wait());
+    let output = prober
+        .output
+        .join()
+        .map_err(|_| anyhow::anyhow!("the prober's reader panicked"))??;
     Ok(parse_probes(&output)?
         .into_iter()
         .map(|timed| timed.probe)

@@ -6,10 +6,10 @@
     reason = "a test fails by panicking, with the error"
 )]
 
-use std::{collections::BTreeSet, ffi::OsStr, process::Child, time::Duration};
+use std::{collections::BTreeSet, ffi::OsStr, time::Duration};
 
 use lb_tests::{
-    Pod, Probe, Testbed,
+    Pod, Probe, Prober, Testbed,
     apiserver::{ApiServer, Resource},
     finish_probes, http_get, privileged, wait_for,
 };
@@ -74,14 +74,14 @@ fn hostnames(probes: &[Probe]) -> BTreeSet<String> {
 }
 
 /// A client connecting back to back in the background, bounded in count and in time.
-fn background_prober(testbed: &Testbed, client: &Pod) -> Child {
+fn background_prober(testbed: &Testbed, client: &Pod) -> Prober {
     testbed
         .background_prober(client, "10.96.0.10:80", 20_000, 5, 40_000)
         .unwrap()
 }
 
 /// Stops the prober and returns every attempt it made.
-fn finish(prober: Child) -> Vec<Probe> {
+fn finish(prober: Prober) -> Vec<Probe> {
     finish_probes(prober).unwrap()
 }
 

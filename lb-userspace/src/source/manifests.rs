@@ -83,19 +83,20 @@ impl Manifests {
                     Ok(event) => {
                         let mut writes = writes.lock().unwrap_or_else(PoisonError::into_inner);
                         match written(&event.kind) {
-                            None => return,
-                            Some(true) => {
+                            Written::Nothing => return,
+                            Written::InProgress => {
                                 for path in event.paths {
                                     writes.insert(path, now);
                                 }
                                 Change::Unsettled(now)
                             }
-                            Some(false) => {
+                            Written::Done => {
                                 for path in &event.paths {
                                     writes.remove(path);
                                 }
                                 Change::Complete(now)
                             }
+                            Written::Touched => Change::Complete(now),
                         }
                     }
                     // An event lost (queue overflow): read everything that changed.
@@ -233,18 +234,32 @@ impl Manifests {
     }
 }
 
-/// What an event says of its files: `Some(true)` while they are being written (created,
-/// modified, not closed yet), `Some(false)` when they are complete (closed after writing,
-/// renamed into or out of place, removed, their attributes changed), `None` for events
-/// that change nothing (opened, read, closed unwritten).
-fn written(kind: &EventKind) -> Option<bool> {
+/// What an event says of its files.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    /// Nothing changed (opened, read, closed unwritten).
+    Nothing,
+    /// Being written: created or modified, not closed yet.
+    InProgress,
+    /// Complete: closed after writing, renamed into or out of place, removed.
+    Done,
+    /// Its attributes changed: worth a look, but a write in progress goes on.
+    Touched,
+}
+
+fn written(kind: &EventKind) -> Written {
     match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(false),
-        EventKind::Access(_) => None,
-        EventKind::Create(CreateKind::Folder) => Some(false),
-        EventKind::Create(_) => Some(true),
-        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => Some(true),
-        _ => Some(false),
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Written::Done,
+        EventKind::Access(_) => Written::Nothing,
+        EventKind::Create(CreateKind::Folder) => Written::Touched,
+        EventKind::Create(_) => Written::InProgress,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+            Written::InProgress
+        }
+        EventKind::Modify(ModifyKind::Metadata(_)) | EventKind::Any | EventKind::Other => {
+            Written::Touched
+        }
+        _ => Written::Done,
     }
 }
 
