@@ -1,28 +1,10 @@
 //! `lb`: the agent that programs lb's socket-level load balancer, and the CLI that inspects it.
 
-mod agent;
-mod api;
-mod bpf;
-mod cli;
-mod datapath;
-mod links;
-mod manifest;
-mod metrics;
-mod model;
-mod mounts;
-mod netns;
-mod plan;
-mod source;
-mod state;
-mod store;
-
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
+use lb_userspace::{DEFAULT_BPFFS, agent, cli, datapath};
 use tracing_subscriber::EnvFilter;
-
-/// Where the agent pins its links and maps unless told otherwise.
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 
 #[derive(Debug, Parser)]
 #[command(
