@@ -178,7 +178,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let initial = Capacity {
         services: Capacity::INITIAL.services.min(ceiling.services),
         backends: Capacity::INITIAL.backends.min(ceiling.backends),
-        affinity_matches: Capacity::INITIAL.affinity_matches.min(ceiling.affinity_matches),
+        affinity_matches: Capacity::INITIAL
+            .affinity_matches
+            .min(ceiling.affinity_matches),
     };
     let mut datapath = datapath::load(&args.bpffs, &cgroup, initial)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
@@ -363,7 +365,8 @@ impl NodeAddresses {
                 // Several addresses change at once when an interface is configured: one
                 // read, a moment later.
                 Ok(()) => {
-                    self.read_at = Some((Instant::now(), tokio::time::Instant::now() + ADDRESS_BURST));
+                    self.read_at =
+                        Some((Instant::now(), tokio::time::Instant::now() + ADDRESS_BURST));
                 }
                 Err(e) => {
                     tracing::warn!("{e}; NodePorts stay on the node addresses they have");
@@ -480,7 +483,9 @@ impl Syncer {
                     }
                     match &not_ready {
                         None => tracing::info!(source = %source.describe(), "ready"),
-                        Some(why) => tracing::warn!(source = %source.describe(), "synced, not ready: {why}"),
+                        Some(why) => {
+                            tracing::warn!(source = %source.describe(), "synced, not ready: {why}")
+                        }
                     }
                 }
                 self.metrics.set_readiness(not_ready);

@@ -216,7 +216,11 @@ pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>, Bp
         let mut values = vec![V::zeroed(); chunk];
         let mut next = 0u64;
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { std::ptr::from_ref(&cursor) as u64 },
+            in_batch: if first {
+                0
+            } else {
+                std::ptr::from_ref(&cursor) as u64
+            },
             out_batch: std::ptr::from_mut(&mut next) as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,

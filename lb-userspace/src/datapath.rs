@@ -105,7 +105,10 @@ pub enum DatapathError {
         map: &'static str,
         source: crate::bpf::BpfError,
     },
-    #[error("writing {entries} entries to map {map} (capacity {capacity}): {source}{}", full_hint(source))]
+    #[error(
+        "writing {entries} entries to map {map} (capacity {capacity}): {source}{}",
+        full_hint(source)
+    )]
     Write {
         map: &'static str,
         entries: usize,
@@ -337,9 +340,7 @@ impl ServiceMaps {
 
     /// Reads the maps back into the agent's terms, a batch of entries per syscall.
     pub fn read(&self) -> Result<Snapshot, DatapathError> {
-        let read_error = |map: &'static str| {
-            move |source| DatapathError::Read { map, source }
-        };
+        let read_error = |map: &'static str| move |source| DatapathError::Read { map, source };
         let mut backends = BTreeMap::new();
         for (id, backend) in bpf::lookup_all::<BackendId, Backend>(self.backends.fd().as_fd())
             .map_err(read_error(BACKEND_MAP))?
@@ -356,9 +357,8 @@ impl ServiceMaps {
         let mut masters = BTreeMap::new();
         let mut slots = BTreeMap::new();
         let mut orphans = Vec::new();
-        for (key, value) in
-            bpf::lookup_all::<ServiceKey, ServiceValue>(self.services.fd().as_fd())
-                .map_err(read_error(SERVICE_MAP))?
+        for (key, value) in bpf::lookup_all::<ServiceKey, ServiceValue>(self.services.fd().as_fd())
+            .map_err(read_error(SERVICE_MAP))?
         {
             let Some(frontend) = frontend_of(&key) else {
                 orphans.push(key);
@@ -389,13 +389,12 @@ impl ServiceMaps {
         }
         orphans.extend(slots.into_values().map(|(key, _)| key));
 
-        let affinity_matches = bpf::lookup_all::<AffinityMatchKey, u32>(
-            self.affinity_matches.fd().as_fd(),
-        )
-        .map_err(read_error(AFFINITY_MATCH_MAP))?
-        .into_iter()
-        .map(|(key, _)| key)
-        .collect();
+        let affinity_matches =
+            bpf::lookup_all::<AffinityMatchKey, u32>(self.affinity_matches.fd().as_fd())
+                .map_err(read_error(AFFINITY_MATCH_MAP))?
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
         Ok(Snapshot {
             programmed: Programmed::new(frontends, backends, affinity_matches),
             orphans,
@@ -527,8 +526,8 @@ impl ServiceMaps {
             ops.push(MapOp::PutMaster(*frontend, programmed.clone()));
         }
         self.apply_run(OpClass::PutBackend, &ops[..programmed.backends.len()])?;
-        let (matches, services) = ops[programmed.backends.len()..]
-            .split_at(programmed.affinity_matches.len());
+        let (matches, services) =
+            ops[programmed.backends.len()..].split_at(programmed.affinity_matches.len());
         self.apply_run(OpClass::PutMatch, matches)?;
         self.apply_run(OpClass::PutService, services)
     }
@@ -723,7 +722,11 @@ impl Datapath {
     /// Until the last link switches, some hooks run the old programs on the old maps and
     /// some the new on the new, which hold the same; nothing is written meanwhile. On
     /// failure, the links already switched go back and the old generation stays.
-    pub fn grow(&mut self, capacity: Capacity, programmed: &Programmed) -> Result<(), DatapathError> {
+    pub fn grow(
+        &mut self,
+        capacity: Capacity,
+        programmed: &Programmed,
+    ) -> Result<(), DatapathError> {
         remove_next_pins(&self.pin_dir)?;
         let result = self.grow_into(capacity, programmed);
         if result.is_err() {
@@ -733,7 +736,11 @@ impl Datapath {
         result
     }
 
-    fn grow_into(&mut self, capacity: Capacity, programmed: &Programmed) -> Result<(), DatapathError> {
+    fn grow_into(
+        &mut self,
+        capacity: Capacity,
+        programmed: &Programmed,
+    ) -> Result<(), DatapathError> {
         let mut ebpf = load_object(&self.pin_dir, capacity, true)?;
         let maps = ServiceMaps::take(&mut ebpf)?;
         maps.fill(programmed)?;
@@ -747,31 +754,37 @@ impl Datapath {
             })?;
             links.push((name, path, link));
         }
-        let program_fd = |ebpf: &Ebpf, name: &'static str| -> Result<std::os::fd::OwnedFd, DatapathError> {
-            let program: &CgroupSockAddr = ebpf
-                .program(name)
-                .ok_or(DatapathError::Missing(name))?
-                .try_into()
-                .map_err(|source| DatapathError::Program { program: name, source })?;
-            program
-                .fd()
-                .and_then(|fd| fd.as_fd().try_clone_to_owned().map_err(Into::into))
-                .map_err(|source| DatapathError::Program { program: name, source })
-        };
+        let program_fd =
+            |ebpf: &Ebpf, name: &'static str| -> Result<std::os::fd::OwnedFd, DatapathError> {
+                let program: &CgroupSockAddr = ebpf
+                    .program(name)
+                    .ok_or(DatapathError::Missing(name))?
+                    .try_into()
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        source,
+                    })?;
+                program
+                    .fd()
+                    .and_then(|fd| fd.as_fd().try_clone_to_owned().map_err(Into::into))
+                    .map_err(|source| DatapathError::Program {
+                        program: name,
+                        source,
+                    })
+            };
         for (switched, (name, path, link)) in links.iter().enumerate() {
             let new = program_fd(&ebpf, name)?;
             if let Err(source) = bpf::update_link(link.as_fd(), &new) {
                 // Back to the old programs, which still have the old maps.
                 for (name, path, link) in &links[..switched] {
-                    let restored = program_fd(&self.ebpf, name)
-                        .and_then(|old| {
-                            bpf::update_link(link.as_fd(), &old).map_err(|source| {
-                                DatapathError::Relink {
-                                    path: path.clone(),
-                                    source,
-                                }
-                            })
-                        });
+                    let restored = program_fd(&self.ebpf, name).and_then(|old| {
+                        bpf::update_link(link.as_fd(), &old).map_err(|source| {
+                            DatapathError::Relink {
+                                path: path.clone(),
+                                source,
+                            }
+                        })
+                    });
                     if let Err(e) = restored {
                         tracing::error!("switching {name} back to the old maps: {e}");
                     }
@@ -819,11 +832,9 @@ fn replace_pinned_link(path: &Path, link: FdLink) -> Result<(), DatapathError> {
 pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
     let mut removed = Vec::new();
     let links = PROGRAMS.iter().map(|name| link_pin(name));
-    let next_generation = GROWING_MAPS.iter().map(|map| {
-        next_pin(Path::new(""), map)
-            .to_string_lossy()
-            .into_owned()
-    });
+    let next_generation = GROWING_MAPS
+        .iter()
+        .map(|map| next_pin(Path::new(""), map).to_string_lossy().into_owned());
     for pin in links
         .chain(MAPS.iter().map(|m| (*m).to_owned()))
         .chain(next_generation)

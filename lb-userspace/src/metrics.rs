@@ -147,7 +147,10 @@ impl Metrics {
 
     /// Ready (`None`), or not and why: the maps do not hold what the source says.
     pub fn set_readiness(&self, not_ready: Option<String>) {
-        *self.not_ready.lock().unwrap_or_else(PoisonError::into_inner) = not_ready;
+        *self
+            .not_ready
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = not_ready;
     }
 
     /// Entries of a map the agent writes, as it knows them after a sync (counting them in
@@ -229,7 +232,10 @@ pub async fn serve(
                     .clone();
                 match not_ready {
                     None => (StatusCode::OK, "ready\n".to_owned()),
-                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                    Some(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: {why}\n"),
+                    ),
                 }
             }),
         )

@@ -455,7 +455,10 @@ pub fn plan<'a, O: Ord + Clone>(
         if let Some((owner, spec)) = desired(frontend) {
             let live = owners.entry(owner.clone()).or_insert(false);
             *live |= current.frontends.contains_key(frontend);
-            units.entry((false, owner)).or_default().push((*frontend, spec));
+            units
+                .entry((false, owner))
+                .or_default()
+                .push((*frontend, spec));
         }
     }
     let units: BTreeMap<(bool, O), Vec<(Frontend, &FrontendSpec)>> = units
@@ -710,9 +713,11 @@ fn unit_additions(
                 }
             }
         }
-        new_backends.extend(spec.backends.iter().filter(|addr| {
-            !current.backend_ids.contains_key(addr) && !reserved.contains(addr)
-        }));
+        new_backends.extend(
+            spec.backends
+                .iter()
+                .filter(|addr| !current.backend_ids.contains_key(addr) && !reserved.contains(addr)),
+        );
     }
     adds.backends = count(new_backends.len());
     adds
@@ -749,7 +754,12 @@ mod tests {
             ops,
             mut refused,
             peak,
-        } = plan(current, |f| desired.get(f).map(|s| (*f, s)), &scope, &unbounded);
+        } = plan(
+            current,
+            |f| desired.get(f).map(|s| (*f, s)),
+            &scope,
+            &unbounded,
+        );
         if let Some(refusal) = refused.pop() {
             return Err(refusal.error);
         }
@@ -1127,7 +1137,10 @@ mod tests {
         ));
         let mut next = Programmed::default();
         next.apply(&plan.ops);
-        assert_eq!(next.frontends.keys().copied().collect::<Vec<_>>(), [frontend(3)]);
+        assert_eq!(
+            next.frontends.keys().copied().collect::<Vec<_>>(),
+            [frontend(3)]
+        );
         assert_eq!(next.usage().services, 3);
         assert_eq!(plan.peak.services, 3);
     }

@@ -5,8 +5,8 @@
 //! is removed by [`Testbed`]'s `Drop`, also when a test fails.
 
 pub mod apiserver;
-pub mod generate;
 pub mod demo;
+pub mod generate;
 
 use std::{
     fs::File,

@@ -7,13 +7,7 @@
     reason = "a test fails by panicking, with the error"
 )]
 
-use std::{
-    collections::BTreeSet,
-    io::Read as _,
-    net::Ipv4Addr,
-    process::Child,
-    time::Duration,
-};
+use std::{collections::BTreeSet, io::Read as _, net::Ipv4Addr, process::Child, time::Duration};
 
 use lb_tests::{
     Pod, Probe, Testbed,
@@ -142,7 +136,11 @@ fn growing_from_ten_to_fifty_thousand_services_loses_no_connect() {
         probes.len(),
         &failed[..failed.len().min(5)]
     );
-    assert!(probes.len() > 50, "too few connects to tell: {}", probes.len());
+    assert!(
+        probes.len() > 50,
+        "too few connects to tell: {}",
+        probes.len()
+    );
     assert_eq!(answered_by_the_pods(&probes).len(), 3);
     let grown = capacity(&testbed, lb_common::SERVICE_MAP);
     // 50k Services of 3 endpoints are 200k service entries.
@@ -238,7 +236,10 @@ fn at_an_upper_bound_services_that_fit_answer_the_others_are_refused_and_changes
     );
     let status = testbed.lb(&["status"]).unwrap();
     assert!(status.contains("REFUSED SERVICE"), "{status}");
-    assert!(testbed.agent_output().contains("refused"), "the log names them");
+    assert!(
+        testbed.agent_output().contains("refused"),
+        "the log names them"
+    );
     let metrics = http_get(port, "/metrics").unwrap().1;
     assert!(metrics.contains("lb_services_refused 5"), "{metrics}");
     let refused_vip = vip(&all[12]);

@@ -103,7 +103,10 @@ pub fn run(args: StatusArgs) -> Result<(), CliError> {
             .to_owned(),
         programs,
         maps: datapath::occupancy(&args.pins.bpffs)?,
-        refused: state.as_ref().map(|s| s.refused.clone()).unwrap_or_default(),
+        refused: state
+            .as_ref()
+            .map(|s| s.refused.clone())
+            .unwrap_or_default(),
     };
     emit(args.format.output, &status, |wide| {
         let mut summary = table(["AGENT", "LAST SYNC", "NODE", "LAYOUT"]);

@@ -301,9 +301,7 @@ fn written(kind: &EventKind) -> Option<bool> {
         EventKind::Access(_) => None,
         EventKind::Create(CreateKind::Folder) => Some(false),
         EventKind::Create(_) => Some(true),
-        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
-            Some(true)
-        }
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => Some(true),
         _ => Some(false),
     }
 }
