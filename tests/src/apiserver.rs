@@ -189,6 +189,35 @@ impl ApiServer {
         Ok(())
     }
 
+    /// Creates or replaces many objects at once, under one lock: the bulk load of a large
+    /// cluster (100k Services and their slices) before a client lists it. Their history is
+    /// compacted, as [`ApiServer::compact`] does, so that it holds no copy of them: a watch
+    /// from before the load gets 410 Gone and relists.
+    pub fn apply_many(&self, objects: impl IntoIterator<Item = Value>) -> anyhow::Result<()> {
+        let mut state = self.shared.lock();
+        for mut object in objects {
+            let resource = Resource::of(&object)?;
+            let key = key_of(&object)?;
+            state.resource_version += 1;
+            let rv = state.resource_version;
+            object["metadata"]["resourceVersion"] = json!(rv.to_string());
+            if object["metadata"]["namespace"].is_null() {
+                object["metadata"]["namespace"] = json!("default");
+            }
+            state
+                .objects
+                .entry(resource)
+                .or_default()
+                .insert(key, object);
+        }
+        state.compacted_below = state.resource_version + 1;
+        state.history.clear();
+        state.watch_generation += 1;
+        drop(state);
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
     pub fn delete(&self, resource: Resource, namespace: &str, name: &str) -> anyhow::Result<()> {
         let mut state = self.shared.lock();
         let key = (namespace.to_owned(), name.to_owned());
@@ -420,8 +449,9 @@ fn watch(
             // Broken mid-stream: no terminating chunk, the connection just ends.
             return Ok(());
         }
-        let events: Vec<Value> = state
-            .history
+        // The history is in resourceVersion order: only what follows `sent` is read.
+        let newer = state.history.partition_point(|(rv, ..)| *rv <= sent);
+        let events: Vec<Value> = state.history[newer..]
             .iter()
             .filter(|(rv, r, _, object)| *rv > sent && *r == resource && selected(object, selector))
             .map(|(_, _, kind, object)| json!({"type": kind, "object": object}))
