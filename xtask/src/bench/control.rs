@@ -108,6 +108,9 @@ pub struct Settings {
 /// How long one change may take to reach the maps before the run fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the agent must have been without a sync before the first change.
+const QUIET: Duration = Duration::from_millis(500);
+
 const MANIFEST_FILES: [&str; 3] = ["services.yaml", "services.json", "under-test.yaml"];
 
 /// The agent over `services` from `source`: its first sync, then the endpoint changes.
@@ -197,6 +200,17 @@ fn run(
     let sync_s = started.elapsed().as_secs_f64();
     let (rss_mib, peak_rss_mib) = memory_mib(pid)?;
     let port = testbed.metrics_port()?;
+
+    // Syncs that follow the first one at once (a reflector's initial events, delivered after
+    // the first sync read them) are not a change of ours: the first change waits for quiet.
+    let quiet_since = Instant::now();
+    let mut last_sync = quiet_since;
+    while last_sync.elapsed() < QUIET && quiet_since.elapsed() < CHANGE_TIMEOUT {
+        if log.lines()?.iter().any(|line| line.contains(": synced ")) {
+            last_sync = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 
     let mut latencies = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     let mut coalesced = 0;
