@@ -103,6 +103,8 @@ pub struct Settings {
     /// Endpoint changes to make, and the time they may take together.
     pub changes: u32,
     pub window: Duration,
+    /// Where each run's agent log is kept, as `agent-{source}-{services}.log`.
+    pub out: std::path::PathBuf,
 }
 
 /// How long one change may take to reach the maps before the run fails.
@@ -125,6 +127,12 @@ pub fn measure(
         .then(ApiServer::start)
         .transpose()?;
     let result = run(testbed, source, api.as_ref(), services, settings);
+    drop(std::fs::write(
+        settings
+            .out
+            .join(format!("agent-{}-{}.log", source.name(), services.len())),
+        testbed.agent_output(),
+    ));
     let stopped = testbed.stop_agent();
     let unloaded = testbed.lb(&["unload"]);
     for name in MANIFEST_FILES {

@@ -155,6 +155,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.setup_budget_s
                 .unwrap_or(if args.quick { 60 } else { 300 }),
         );
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::workspace_root().join("target/lb-bench"));
     let plan = Plan {
         sizes: args.sizes.clone().unwrap_or_else(|| {
             if args.quick {
@@ -168,10 +172,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         connects: if args.quick { 200 } else { 2000 },
         rounds: if args.quick { 2 } else { 10 },
         rate_ms: if args.quick { 300 } else { 2000 },
-        out: args
-            .out
-            .clone()
-            .unwrap_or_else(|| crate::workspace_root().join("target/lb-bench")),
+        out: out.clone(),
         sources: args.sources.clone().unwrap_or_else(|| Source::ALL.to_vec()),
         control: control::Settings {
             budget,
@@ -180,6 +181,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
                 .unwrap_or(if args.quick { 50 } else { 1000 })
                 .max(1),
             window: Duration::from_secs(if args.quick { 20 } else { 120 }),
+            out: out.clone(),
         },
     };
     ensure!(
