@@ -8,7 +8,9 @@
 //! - `endpoint_change`: one EndpointSlice rewritten (3 endpoints, then 2, then 3, …) on top
 //!   of a full state: the store update with every object (only the changed one has a new
 //!   version), the model of the Services it touched, the plan of their frontends, and the
-//!   plan recorded as written — what the agent does per change, less the map writes.
+//!   plan recorded as written — what the agent does per change, less the map writes;
+//!   `store_unchanged` is its part that does not depend on the change: the store update
+//!   with every object, none of them new.
 //!
 //! `cargo bench -p lb-userspace --bench sync` runs 1k, 10k and 100k Services
 //! (`LB_BENCH_SIZES=1000,5000` for others); as a test (`cargo test --benches`) each bench
@@ -187,6 +189,19 @@ fn plan_full(bencher: Bencher, n: u32) {
     });
 }
 
+/// The part of `endpoint_change` every sync pays whatever changed: the store update with
+/// every object, none of them new.
+#[divan::bench(args = sizes(), sample_count = 100, sample_size = 1)]
+fn store_unchanged(bencher: Bencher, n: u32) {
+    let objects = Objects::new(n);
+    let (mut store, _) = model(&objects, &node());
+    bencher.bench_local(|| {
+        store.update(objects.delivered());
+        let changed = store.take_changed();
+        assert!(changed.is_empty());
+    });
+}
+
 #[divan::bench(args = sizes(), sample_count = 100, sample_size = 1)]
 fn endpoint_change(bencher: Bencher, n: u32) {
     let mut objects = Objects::new(n);
@@ -203,9 +218,10 @@ fn endpoint_change(bencher: Bencher, n: u32) {
     // versions are made beforehand: a source parses an object before the sync sees it.
     let under_test = n - 1;
     let index = objects.0.len() - 1;
+    // Change 1 takes an endpoint away, change 2 brings it back, …
     let variants = [
-        slice(under_test, ENDPOINTS - 1, ""),
         slice(under_test, ENDPOINTS, ""),
+        slice(under_test, ENDPOINTS - 1, ""),
     ];
     let mut changes = 0_usize;
     bencher.bench_local(|| {
