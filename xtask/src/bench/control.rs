@@ -110,7 +110,8 @@ pub struct Settings {
 /// How long one change may take to reach the maps before the run fails.
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How long the agent must have been without a sync before the first change.
+/// How long the agent must have been without a sync before the first change, at least:
+/// and twice its longest sync so far.
 const QUIET: Duration = Duration::from_millis(500);
 
 const MANIFEST_FILES: [&str; 3] = ["services.yaml", "services.json", "under-test.yaml"];
@@ -190,8 +191,11 @@ fn run(
     let started = Instant::now();
     let pid = testbed.spawn_agent(&args)?;
     let mut log = LogTail::open(&testbed.agent_log_path())?;
+    let mut longest_sync = Duration::ZERO;
     loop {
-        if log.lines()?.iter().any(|line| line.contains(": ready")) {
+        let lines = log.lines()?;
+        longest_sync = longest_sync.max(longest(&lines));
+        if lines.iter().any(|line| line.contains(": ready")) {
             break;
         }
         if !testbed.agent_running() {
@@ -211,11 +215,17 @@ fn run(
 
     // Syncs that follow the first one at once (a reflector's initial events, delivered after
     // the first sync read them) are not a change of ours: the first change waits for quiet.
+    // A sync that takes longer than the quiet wait logs only when it ends: the wait is
+    // twice the longest sync so far.
     let quiet_since = Instant::now();
     let mut last_sync = quiet_since;
-    while last_sync.elapsed() < QUIET && quiet_since.elapsed() < CHANGE_TIMEOUT {
-        if log.lines()?.iter().any(|line| line.contains(": synced ")) {
+    while last_sync.elapsed() < QUIET.max(longest_sync * 2)
+        && quiet_since.elapsed() < CHANGE_TIMEOUT
+    {
+        let lines = log.lines()?;
+        if lines.iter().any(|line| line.contains(": synced ")) {
             last_sync = Instant::now();
+            longest_sync = longest_sync.max(longest(&lines));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -279,6 +289,20 @@ fn run(
         peak_rss_mib: Some(peak_rss_mib),
         skipped: None,
     })
+}
+
+/// The longest of the syncs these log lines report (`synced … elapsed_us=N`).
+fn longest(lines: &[String]) -> Duration {
+    lines
+        .iter()
+        .filter(|line| line.contains(": synced "))
+        .filter_map(|line| {
+            let (_, after) = line.split_once("elapsed_us=")?;
+            after.split_whitespace().next()?.parse().ok()
+        })
+        .map(Duration::from_micros)
+        .max()
+        .unwrap_or_default()
 }
 
 /// VmRSS and VmHWM (the peak so far) of a process, in MiB.
