@@ -1,24 +1,9 @@
 //! `lb`: the agent that programs lb's socket-level load balancer, and the CLI that inspects it.
 
-mod agent;
-mod api;
-mod bpf;
-mod cli;
-mod datapath;
-mod links;
-mod manifest;
-mod metrics;
-mod model;
-mod mounts;
-mod netns;
-mod plan;
-mod source;
-mod state;
-mod store;
-
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
+use lb_userspace::{DEFAULT_BPFFS, agent, cli, datapath};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc returns freed memory to the system where glibc's malloc keeps it: after the
@@ -26,9 +11,6 @@ use tracing_subscriber::EnvFilter;
 /// is what it holds, not what it once needed.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Where the agent pins its links and maps unless told otherwise.
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/lb";
 
 #[derive(Debug, Parser)]
 #[command(

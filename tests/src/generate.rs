@@ -64,69 +64,88 @@ pub fn manifests(services: &[BenchService]) -> String {
 /// fields `kubectl get -A -o json` prints (uid, resourceVersion, creationTimestamp, selector,
 /// conditions, …), so that a reader pays for what a real list holds.
 pub fn list_json(services: &[BenchService]) -> String {
-    let mut items = Vec::with_capacity(services.len() * 2);
-    for (i, service) in services.iter().enumerate() {
-        let target = target_port(service);
-        items.push(serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {
-                "name": service.name,
-                "namespace": "default",
-                "uid": format!("00000000-0000-4000-8000-{:012}", 2 * i),
-                "resourceVersion": (1000 + 2 * i).to_string(),
-                "creationTimestamp": "2026-01-01T00:00:00Z",
-                "labels": {"app": service.name},
-            },
-            "spec": {
-                "clusterIP": service.vip.to_string(),
-                "clusterIPs": [service.vip.to_string()],
-                "internalTrafficPolicy": "Cluster",
-                "ipFamilies": ["IPv4"],
-                "ipFamilyPolicy": "SingleStack",
-                "ports": [{"port": service.port, "protocol": "TCP", "targetPort": target}],
-                "selector": {"app": service.name},
-                "sessionAffinity": "None",
-                "type": "ClusterIP",
-            },
-            "status": {"loadBalancer": {}},
-        }));
-        let endpoints: Vec<serde_json::Value> = service
-            .endpoints
-            .iter()
-            .map(|(ip, _)| {
-                serde_json::json!({
-                    "addresses": [ip.to_string()],
-                    "conditions": {"ready": true, "serving": true, "terminating": false},
-                    "nodeName": "node-1",
-                })
-            })
-            .collect();
-        items.push(serde_json::json!({
-            "apiVersion": "discovery.k8s.io/v1",
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": format!("{}-1", service.name),
-                "namespace": "default",
-                "uid": format!("00000000-0000-4000-8000-{:012}", 2 * i + 1),
-                "resourceVersion": (1001 + 2 * i).to_string(),
-                "creationTimestamp": "2026-01-01T00:00:00Z",
-                "generateName": format!("{}-", service.name),
-                "labels": {
-                    "kubernetes.io/service-name": service.name,
-                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
-                },
-            },
-            "addressType": "IPv4",
-            "endpoints": endpoints,
-            "ports": [{"name": "", "port": target, "protocol": "TCP"}],
-        }));
-    }
     let list = serde_json::json!({
         "apiVersion": "v1",
         "kind": "List",
-        "items": items,
+        "items": objects(services),
         "metadata": {"resourceVersion": ""},
     });
     serde_json::to_string_pretty(&list).unwrap_or_default()
+}
+
+/// The items of [`list_json`]: each Service, then its EndpointSlice, as an API server
+/// holds them.
+pub fn objects(services: &[BenchService]) -> Vec<serde_json::Value> {
+    let mut items = Vec::with_capacity(services.len() * 2);
+    for (i, service) in services.iter().enumerate() {
+        items.push(service_object(service, i));
+        items.push(slice_object(service, i));
+    }
+    items
+}
+
+/// Service `service` as `kubectl get -o json` prints it; `index` numbers its uid and
+/// resourceVersion.
+pub fn service_object(service: &BenchService, index: usize) -> serde_json::Value {
+    let target = target_port(service);
+    serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service.name,
+            "namespace": "default",
+            "uid": format!("00000000-0000-4000-8000-{:012}", 2 * index),
+            "resourceVersion": (1000 + 2 * index).to_string(),
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "labels": {"app": service.name},
+        },
+        "spec": {
+            "clusterIP": service.vip.to_string(),
+            "clusterIPs": [service.vip.to_string()],
+            "internalTrafficPolicy": "Cluster",
+            "ipFamilies": ["IPv4"],
+            "ipFamilyPolicy": "SingleStack",
+            "ports": [{"port": service.port, "protocol": "TCP", "targetPort": target}],
+            "selector": {"app": service.name},
+            "sessionAffinity": "None",
+            "type": "ClusterIP",
+        },
+        "status": {"loadBalancer": {}},
+    })
+}
+
+/// The one EndpointSlice of `service` (`{name}-1`), with its endpoints, as `kubectl get -o
+/// json` prints it.
+pub fn slice_object(service: &BenchService, index: usize) -> serde_json::Value {
+    let target = target_port(service);
+    let endpoints: Vec<serde_json::Value> = service
+        .endpoints
+        .iter()
+        .map(|(ip, _)| {
+            serde_json::json!({
+                "addresses": [ip.to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": "node-1",
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("{}-1", service.name),
+            "namespace": "default",
+            "uid": format!("00000000-0000-4000-8000-{:012}", 2 * index + 1),
+            "resourceVersion": (1001 + 2 * index).to_string(),
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "generateName": format!("{}-", service.name),
+            "labels": {
+                "kubernetes.io/service-name": service.name,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+            },
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "", "port": target, "protocol": "TCP"}],
+    })
 }

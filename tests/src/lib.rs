@@ -441,6 +441,11 @@ impl Testbed {
         self.workdir.join("agent.log")
     }
 
+    /// The file the agent logs to, for readers that follow it as it grows.
+    pub fn agent_log_path(&self) -> PathBuf {
+        self.agent_log()
+    }
+
     /// The agent's log so far.
     pub fn agent_output(&self) -> String {
         std::fs::read_to_string(self.agent_log()).unwrap_or_default()

@@ -1,4 +1,5 @@
-//! `cargo xtask bench --quick` as a smoke test: every peer produces figures at every size.
+//! `cargo xtask bench --quick` as a smoke test: every peer produces figures at every size,
+//! and so does lb's control plane from every source.
 //! Numbers are never judged here; `cargo xtask bench` measures, tests do not.
 
 use std::process::Command;
@@ -21,7 +22,37 @@ fn quick_bench_gives_every_peer_figures_at_every_size() {
     let svg = std::fs::read_to_string(out.join("p50.svg")).unwrap();
     drop(std::fs::remove_dir_all(&out));
 
-    let results = results.as_array().unwrap();
+    let control_plane = results["control_plane"].as_array().unwrap();
+    for source in ["yaml", "list-json", "kubernetes"] {
+        for services in [1, 100] {
+            let m = control_plane
+                .iter()
+                .find(|m| m["source"] == source && m["services"] == services)
+                .unwrap_or_else(|| panic!("no {source} at {services}: {control_plane:?}"));
+            assert!(
+                m["skipped"].is_null(),
+                "{source} at {services} skipped: {m}"
+            );
+            for figure in [
+                "sync_s",
+                "change_p50_ms",
+                "change_p99_ms",
+                "rss_mib",
+                "peak_rss_mib",
+            ] {
+                assert!(
+                    m[figure].as_f64().is_some(),
+                    "{source} at {services}: no {figure}: {m}"
+                );
+            }
+            assert!(
+                m["changes"].as_u64() > Some(0),
+                "{source} at {services}: {m}"
+            );
+        }
+        assert!(table.contains(source), "{table}");
+    }
+    let results = results["peers"].as_array().unwrap();
     let peers = [
         "direct",
         "lb",

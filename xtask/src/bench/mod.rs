@@ -1,11 +1,16 @@
 //! `cargo xtask bench`: lb against a direct connect and kube-proxy's iptables (nft and
 //! legacy) and nftables layouts, on one private node, at 1 to 100k Services.
 //!
+//! For lb it also measures the control plane per source (`control`): the full sync from
+//! YAML manifests, a `kind: List` JSON file and the Kubernetes API, endpoint changes one by
+//! one, and the agent's memory.
+//!
 //! Everything runs inside network namespaces and a cgroup the harness creates, with no route
 //! out; each setup is bounded by a time budget (a peer over budget is reported as skipped
 //! with the time it reached), each client run by a count and a window.
 
 pub mod client;
+pub mod control;
 mod plot;
 pub mod rules;
 
@@ -23,7 +28,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lb_tests::{Pod, Testbed, binary, http_get, wait_for};
 use serde::Serialize;
 
-use self::client::ClientResult;
+use self::{
+    client::ClientResult,
+    control::{ControlPlane, Source},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -71,6 +79,14 @@ pub struct BenchArgs {
     /// Peers to run [default: all].
     #[arg(long, value_delimiter = ',', value_enum)]
     peers: Option<Vec<Peer>>,
+    /// Sources whose control plane is measured when lb runs: full sync, endpoint changes,
+    /// memory [default: all].
+    #[arg(long, value_delimiter = ',', value_enum)]
+    sources: Option<Vec<Source>>,
+    /// Endpoint changes per source and size, one at a time, within 120 s [default: 1000;
+    /// with --quick 50, within 20 s].
+    #[arg(long)]
+    changes: Option<u32>,
     /// Seconds a peer's setup may take at one size before it is reported as skipped.
     #[arg(long)]
     setup_budget_s: Option<u64>,
@@ -116,6 +132,17 @@ struct Plan {
     rounds: u32,
     rate_ms: u64,
     out: PathBuf,
+    sources: Vec<Source>,
+    control: control::Settings,
+}
+
+/// What results.json holds.
+#[derive(Debug, Serialize)]
+pub struct Results {
+    /// Every peer at every size: connects, and the setup.
+    pub peers: Vec<Measurement>,
+    /// lb's control plane per source and size.
+    pub control_plane: Vec<ControlPlane>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -123,6 +150,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         nix::unistd::geteuid().is_root(),
         "the benchmark builds network namespaces and loads BPF programs: run it as root"
     );
+    let budget =
+        Duration::from_secs(
+            args.setup_budget_s
+                .unwrap_or(if args.quick { 60 } else { 300 }),
+        );
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| crate::workspace_root().join("target/lb-bench"));
     let plan = Plan {
         sizes: args.sizes.clone().unwrap_or_else(|| {
             if args.quick {
@@ -132,18 +168,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         }),
         peers: args.peers.clone().unwrap_or_else(|| Peer::ALL.to_vec()),
-        budget: Duration::from_secs(args.setup_budget_s.unwrap_or(if args.quick {
-            60
-        } else {
-            300
-        })),
+        budget,
         connects: if args.quick { 200 } else { 2000 },
         rounds: if args.quick { 2 } else { 10 },
         rate_ms: if args.quick { 300 } else { 2000 },
-        out: args
-            .out
-            .clone()
-            .unwrap_or_else(|| crate::workspace_root().join("target/lb-bench")),
+        out: out.clone(),
+        sources: args.sources.clone().unwrap_or_else(|| Source::ALL.to_vec()),
+        control: control::Settings {
+            budget,
+            changes: args
+                .changes
+                .unwrap_or(if args.quick { 50 } else { 1000 })
+                .max(1),
+            window: Duration::from_secs(if args.quick { 20 } else { 120 }),
+            out: out.clone(),
+        },
     };
     ensure!(
         !plan.sizes.is_empty() && !plan.peers.is_empty(),
@@ -154,11 +193,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let (mut testbed, pods, _) = Testbed::with_backends(3, 8888)?;
     let endpoints: Vec<(Ipv4Addr, u16)> = pods.iter().map(|p| (p.ip, 8888)).collect();
     let _stats = BpfStats::enable()?;
-    let progress = ProgressBar::new(u64::try_from(plan.sizes.len() * plan.peers.len())?);
+    let sources: &[Source] = if plan.peers.contains(&Peer::Lb) {
+        &plan.sources
+    } else {
+        &[]
+    };
+    let progress = ProgressBar::new(u64::try_from(
+        plan.sizes.len() * (plan.peers.len() + sources.len()),
+    )?);
     progress.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} {msg} [{elapsed}]",
     )?);
     let mut results = Vec::new();
+    let mut control_plane: Vec<ControlPlane> = Vec::new();
     for &size in &plan.sizes {
         let services = rules::services(size, &endpoints);
         for &peer in &plan.peers {
@@ -196,14 +243,48 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             results.push(measurement);
             progress.inc(1);
         }
+        for &source in sources {
+            progress.set_message(format!(
+                "lb's control plane from {} at {size} Services",
+                source.name()
+            ));
+            let over_budget = control_plane.iter().find(|m| {
+                m.source == source.name()
+                    && m.services < size
+                    && m.skipped
+                        .as_deref()
+                        .is_some_and(|s| s.starts_with(OVER_BUDGET))
+            });
+            let measured = match over_budget {
+                Some(earlier) => ControlPlane::skipped(
+                    source,
+                    size,
+                    format!("over budget at {} Services already", earlier.services),
+                ),
+                None => control::measure(&mut testbed, source, &services, &plan.control)
+                    .unwrap_or_else(|e| ControlPlane::skipped(source, size, format!("{e:#}"))),
+            };
+            control_plane.push(measured);
+            progress.inc(1);
+        }
     }
     progress.finish_and_clear();
 
     println!("{}", table(&results));
+    if !control_plane.is_empty() {
+        println!(
+            "\nlb's control plane per source\n{}",
+            control_table(&control_plane)
+        );
+    }
     let json = plan.out.join("results.json");
-    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
     let svg = plan.out.join("p50.svg");
     plot::p50_svg(&results, &svg)?;
+    let results = Results {
+        peers: results,
+        control_plane,
+    };
+    std::fs::write(&json, serde_json::to_string_pretty(&results)?)?;
     println!("\nwrote {} and {}", json.display(), svg.display());
     Ok(())
 }
@@ -691,6 +772,43 @@ fn table(results: &[Measurement]) -> Table {
                 .clone()
                 .map(|s| format!("skipped: {s}"))
                 .unwrap_or_default(),
+        ]);
+    }
+    table
+}
+
+fn control_table(results: &[ControlPlane]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header([
+        "SOURCE",
+        "SERVICES",
+        "SYNC s",
+        "CHANGE P50 ms",
+        "CHANGE P99 ms",
+        "CHANGES",
+        "RSS MiB",
+        "PEAK MiB",
+        "NOTE",
+    ]);
+    let f = |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    for m in results {
+        let note = match &m.skipped {
+            Some(why) => format!("skipped: {why}"),
+            None if m.changes < m.changes_planned => {
+                format!("time bound: {} of {} changes", m.changes, m.changes_planned)
+            }
+            None => String::new(),
+        };
+        table.add_row([
+            m.source.clone(),
+            m.services.to_string(),
+            f(m.sync_s, 2),
+            f(m.change_p50_ms, 2),
+            f(m.change_p99_ms, 2),
+            m.changes.to_string(),
+            f(m.rss_mib, 1),
+            f(m.peak_rss_mib, 1),
+            note,
         ]);
     }
     table

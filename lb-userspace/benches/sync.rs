@@ -1,0 +1,284 @@
+//! The agent's sync path on the host, with no kernel and no source: N ClusterIP Services
+//! with one EndpointSlice of 3 endpoints each (pods of their own), as a source delivers them.
+//!
+//! - `model`: a full sync's model: [`Store::update`] with every object, then
+//!   [`Desired::update`] of every Service it reports changed.
+//! - `plan_full`: [`plan::plan`] of every frontend from an empty [`Programmed`] (the maps
+//!   of a fresh node).
+//! - `endpoint_change`: one EndpointSlice rewritten (3 endpoints, then 2, then 3, …) on top
+//!   of a full state: the store update with every object (only the changed one has a new
+//!   version), the model of the Services it touched, the plan of their frontends, and the
+//!   plan recorded as written — what the agent does per change, less the map writes;
+//!   `store_unchanged` is its part that does not depend on the change: the store update
+//!   with every object, none of them new.
+//!
+//! `cargo bench -p lb-userspace --bench sync` runs 1k, 10k and 100k Services
+//! (`LB_BENCH_SIZES=1000,5000` for others); as a test (`cargo test --benches`) each bench
+//! runs once at 1k only.
+
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
+
+use divan::Bencher;
+use lb_userspace::{
+    agent::DEFAULT_CEILING,
+    api,
+    manifest::{ApiObject, Kind},
+    model::{Desired, Node, ObjectRef},
+    plan::{self, Programmed},
+    store::{Delivered, Origin, Store},
+};
+use serde::Deserialize as _;
+
+fn main() {
+    divan::main();
+}
+
+/// The sizes to run: 1k, 10k and 100k Services when benchmarking, 1k as a test.
+fn sizes() -> Vec<u32> {
+    if let Some(sizes) = std::env::var("LB_BENCH_SIZES").ok().and_then(|s| {
+        s.split(',')
+            .map(|n| n.trim().parse().ok())
+            .collect::<Option<Vec<u32>>>()
+    }) {
+        return sizes;
+    }
+    if std::env::args().any(|arg| arg == "--bench") {
+        vec![1_000, 10_000, 100_000]
+    } else {
+        vec![1_000]
+    }
+}
+
+const ENDPOINTS: u32 = 3;
+
+/// Endpoint `e` of Service `i`: a pod address of its own.
+fn pod_ip(i: u32, e: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + e)
+}
+
+fn service(i: u32) -> ApiObject {
+    let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
+    let value = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": format!("svc-{i}"), "namespace": "default",
+                     "resourceVersion": format!("s{i}")},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": vip.to_string(),
+            "clusterIPs": [vip.to_string()],
+            "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}],
+        },
+    });
+    ApiObject::Service(Arc::new(
+        api::Service::deserialize(value).unwrap_or_default(),
+    ))
+}
+
+fn slice(i: u32, endpoints: u32, version: &str) -> ApiObject {
+    let endpoints: Vec<serde_json::Value> = (0..endpoints)
+        .map(|e| {
+            serde_json::json!({
+                "addresses": [pod_ip(i, e).to_string()],
+                "conditions": {"ready": true, "serving": true, "terminating": false},
+                "nodeName": "node-1",
+            })
+        })
+        .collect();
+    let value = serde_json::json!({
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": format!("svc-{i}-1"),
+            "namespace": "default",
+            "resourceVersion": version,
+            "labels": {"kubernetes.io/service-name": format!("svc-{i}")},
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
+    });
+    ApiObject::EndpointSlice(Arc::new(
+        api::EndpointSlice::deserialize(value).unwrap_or_default(),
+    ))
+}
+
+/// Every object of the source, as a reflector holds them: kind, identity, version, object.
+struct Objects(Vec<(Kind, ObjectRef, String, ApiObject)>);
+
+impl Objects {
+    fn new(n: u32) -> Self {
+        let mut objects = Vec::with_capacity(2 * n as usize);
+        for i in 0..n {
+            objects.push((
+                Kind::Service,
+                ObjectRef::new("default", format!("svc-{i}")),
+                format!("s{i}"),
+                service(i),
+            ));
+            let version = format!("e{i}");
+            objects.push((
+                Kind::EndpointSlice,
+                ObjectRef::new("default", format!("svc-{i}-1")),
+                version.clone(),
+                slice(i, ENDPOINTS, &version),
+            ));
+        }
+        Self(objects)
+    }
+
+    /// The objects of one kind, as a list of the API delivers them.
+    fn delivered(&self, kind: Kind) -> impl Iterator<Item = Delivered<'_>> {
+        self.0
+            .iter()
+            .filter(move |(of, ..)| *of == kind)
+            .map(|(kind, id, version, object)| Delivered {
+                kind: *kind,
+                id,
+                version,
+                object: Ok(object),
+            })
+    }
+
+    /// Both lists, as after the agent's first list of each kind.
+    fn relist(&self, store: &mut Store) {
+        for kind in [Kind::Service, Kind::EndpointSlice] {
+            store.replace(&Origin::api(kind), self.delivered(kind));
+        }
+    }
+}
+
+fn node() -> Node {
+    Node {
+        name: "node-1".into(),
+        ips: vec![Ipv4Addr::new(192, 168, 0, 1)],
+    }
+}
+
+/// The model of a full sync: every object into a fresh store, every Service into the
+/// desired state.
+fn model(objects: &Objects, node: &Node) -> (Store, Desired) {
+    let mut store = Store::default();
+    objects.relist(&mut store);
+    debug_assert!(store.problems().is_empty(), "{:?}", store.problems());
+    let changed = store.take_changed();
+    let mut desired = Desired::default();
+    desired.update(changed.iter().map(|id| (id, store.service(id))), node);
+    (store, desired)
+}
+
+fn plan_all(desired: &Desired, programmed: &Programmed) -> plan::Plan<ObjectRef> {
+    let scope: BTreeSet<_> = desired.frontends().map(|(frontend, _)| *frontend).collect();
+    plan::plan(
+        programmed,
+        |frontend| {
+            desired
+                .target(frontend)
+                .map(|target| (target.service.clone(), &target.spec))
+        },
+        &scope,
+        &DEFAULT_CEILING,
+        false,
+    )
+}
+
+#[divan::bench(args = sizes(), sample_count = 10, sample_size = 1)]
+fn model_full(bencher: Bencher, n: u32) {
+    let objects = Objects::new(n);
+    let node = node();
+    bencher.bench_local(|| model(&objects, &node));
+}
+
+#[divan::bench(args = sizes(), sample_count = 10, sample_size = 1)]
+fn plan_full(bencher: Bencher, n: u32) {
+    let (_, desired) = model(&Objects::new(n), &node());
+    let empty = Programmed::default();
+    bencher.bench_local(|| {
+        let plan = plan_all(&desired, &empty);
+        debug_assert!(plan.refused.is_empty());
+        plan
+    });
+}
+
+/// A relist that finds nothing changed (after a broken watch): every object looked at,
+/// none converted. Incremental syncs do not pay this: they apply watch events.
+#[divan::bench(args = sizes(), sample_count = 100, sample_size = 1)]
+fn store_relist_unchanged(bencher: Bencher, n: u32) {
+    let objects = Objects::new(n);
+    let (mut store, _) = model(&objects, &node());
+    bencher.bench_local(|| {
+        objects.relist(&mut store);
+        let changed = store.take_changed();
+        assert!(changed.is_empty());
+    });
+}
+
+#[divan::bench(args = sizes(), sample_count = 100, sample_size = 1)]
+fn endpoint_change(bencher: Bencher, n: u32) {
+    let mut objects = Objects::new(n);
+    let node = node();
+    let (mut store, mut desired) = model(&objects, &node);
+    let mut programmed = Programmed::default();
+    programmed.apply(&plan_all(&desired, &programmed).ops);
+    assert_eq!(
+        programmed.frontends.len(),
+        n as usize,
+        "a full plan programs every frontend"
+    );
+    // The Service under test is the last one; its slice is the last object. Its two
+    // versions are made beforehand: a source parses an object before the sync sees it.
+    let under_test = n - 1;
+    let index = objects.0.len() - 1;
+    // Change 1 takes an endpoint away, change 2 brings it back, …
+    let variants = [
+        slice(under_test, ENDPOINTS, ""),
+        slice(under_test, ENDPOINTS - 1, ""),
+    ];
+    let mut changes = 0_usize;
+    bencher.bench_local(|| {
+        changes += 1;
+        objects.0[index].3 = variants[changes % 2].clone();
+        objects.0[index].2 = format!("c{changes}");
+
+        // The watch event of the changed slice, as the Kubernetes source applies it.
+        let (kind, id, version, object) = &objects.0[index];
+        store.put(
+            &Origin::api(*kind),
+            Delivered {
+                kind: *kind,
+                id,
+                version,
+                object: Ok(object),
+            },
+        );
+        let changed = store.take_changed();
+        let touched = desired.update(changed.iter().map(|id| (id, store.service(id))), &node);
+        let plan = plan::plan(
+            &programmed,
+            |frontend| {
+                desired
+                    .target(frontend)
+                    .map(|target| (target.service.clone(), &target.spec))
+            },
+            &touched,
+            &DEFAULT_CEILING,
+            false,
+        );
+        programmed.apply(&plan.ops);
+        plan.ops.len()
+    });
+    // Every change reached the plan: the frontend has the endpoints of the last variant.
+    if changes > 0 {
+        let id = ObjectRef::new("default", format!("svc-{under_test}"));
+        let backends = desired
+            .frontends_of(&id)
+            .next()
+            .map(|frontend| programmed.backends_of(&frontend).len());
+        let want = if changes % 2 == 1 {
+            ENDPOINTS - 1
+        } else {
+            ENDPOINTS
+        };
+        assert_eq!(backends, Some(want as usize));
+    }
+}
