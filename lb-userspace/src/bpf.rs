@@ -16,6 +16,7 @@ use bytemuck::Pod;
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -291,4 +292,44 @@ pub fn update_link(link: BorrowedFd<'_>, program: impl AsFd) -> Result<(), BpfEr
         source,
     })?;
     Ok(())
+}
+
+/// `struct { ... } info` of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `struct bpf_link_info` up to the cgroup member of its union: what aya's `LinkInfo`
+/// leaves out.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CgroupLinkInfo {
+    pub type_: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    _pad: u32,
+    pub cgroup_id: u64,
+    /// `enum bpf_attach_type`.
+    pub attach_type: u32,
+    _rest: [u32; 9],
+}
+
+/// What the kernel says of the cgroup link `link`.
+pub fn cgroup_link_info(link: BorrowedFd<'_>) -> Result<CgroupLinkInfo, BpfError> {
+    let mut info = CgroupLinkInfo::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd_of(link),
+        info_len: u32::try_from(std::mem::size_of::<CgroupLinkInfo>()).unwrap_or(u32::MAX),
+        info: std::ptr::from_mut(&mut info) as u64,
+    };
+    // SAFETY: the info layout; the kernel writes at most `info_len` bytes into `info`.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.map_err(|source| BpfError::Syscall {
+        command: "BPF_OBJ_GET_INFO_BY_FD",
+        source,
+    })?;
+    Ok(info)
 }

@@ -64,6 +64,27 @@ pub struct ServiceEntry {
     pub why: Option<String>,
 }
 
+impl ServiceEntry {
+    /// A Service with no frontend in the maps, of `kind`, and why.
+    fn not_in_datapath(service: &str, kind: &str, why: String) -> Self {
+        Self {
+            service: Some(service.to_owned()),
+            port_name: None,
+            kind: Some(kind.to_owned()),
+            address: None,
+            port: None,
+            protocol: None,
+            backends: Vec::new(),
+            excluded: Vec::new(),
+            affinity_timeout_s: 0,
+            traffic_policy: None,
+            host_netns_only: false,
+            in_datapath: false,
+            why: Some(why),
+        }
+    }
+}
+
 pub fn entries(maps: &ServiceMaps, state: Option<&State>) -> Result<Vec<ServiceEntry>, CliError> {
     let programmed = maps.read()?.programmed;
     let names: BTreeMap<_, _> = state
@@ -131,21 +152,11 @@ pub fn entries(maps: &ServiceMaps, state: Option<&State>) -> Result<Vec<ServiceE
             Some(other) => other,
             None => "",
         };
-        entries.push(ServiceEntry {
-            service: Some(unserved.service.clone()),
-            port_name: None,
-            kind: Some(kind.to_owned()),
-            address: None,
-            port: None,
-            protocol: None,
-            backends: Vec::new(),
-            excluded: Vec::new(),
-            affinity_timeout_s: 0,
-            traffic_policy: None,
-            host_netns_only: false,
-            in_datapath: false,
-            why: Some(unserved.why.clone()),
-        });
+        entries.push(ServiceEntry::not_in_datapath(
+            &unserved.service,
+            kind,
+            unserved.why.clone(),
+        ));
     }
     // Refused Services: a note on the frontends the maps still hold for them, or an entry
     // of their own when the maps hold none.
@@ -160,21 +171,11 @@ pub fn entries(maps: &ServiceMaps, state: Option<&State>) -> Result<Vec<ServiceE
             held = true;
         }
         if !held {
-            entries.push(ServiceEntry {
-                service: Some(refused.service.clone()),
-                port_name: None,
-                kind: Some("Refused".to_owned()),
-                address: None,
-                port: None,
-                protocol: None,
-                backends: Vec::new(),
-                excluded: Vec::new(),
-                affinity_timeout_s: 0,
-                traffic_policy: None,
-                host_netns_only: false,
-                in_datapath: false,
-                why: Some(why),
-            });
+            entries.push(ServiceEntry::not_in_datapath(
+                &refused.service,
+                "Refused",
+                why,
+            ));
         }
     }
     entries.sort_by(|a, b| {
