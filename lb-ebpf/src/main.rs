@@ -133,8 +133,8 @@ mod datapath {
                 };
                 // LRU: a full map evicts the oldest socket's entry rather than failing.
                 let _ = REVNAT.insert(
-                    &RevNatKey::new(cookie, backend.address, backend.port),
-                    &reverse,
+                    RevNatKey::new(cookie, backend.address, backend.port),
+                    reverse,
                     0,
                 );
                 count(translated);
@@ -195,7 +195,7 @@ mod datapath {
             };
             // SAFETY: a helper with no arguments.
             let now = unsafe { bpf_ktime_get_ns() };
-            let held = (unsafe { AFFINITY.get(&key) }).copied().filter(|entry| {
+            let held = (unsafe { AFFINITY.get(key) }).copied().filter(|entry| {
                 affinity_holds(entry.last_used_ns, now, master.affinity_timeout_s)
                     && still_a_backend(entry.backend_id, master.frontend_id)
             });
@@ -215,12 +215,12 @@ mod datapath {
                 backend_id: id,
                 _pad: 0,
             };
-            let _ = AFFINITY.insert(&key, &entry, 0);
+            let _ = AFFINITY.insert(key, entry, 0);
             id
         };
 
         // SAFETY: as above.
-        match (unsafe { BACKENDS.get(&backend_id) }).copied() {
+        match (unsafe { BACKENDS.get(backend_id) }).copied() {
             Some(backend) => Choice::Backend {
                 backend,
                 affinity_hit,
@@ -234,7 +234,7 @@ mod datapath {
         // SAFETY: a helper with no arguments.
         let slot = backend_slot(count, unsafe { bpf_get_prandom_u32() })?;
         // SAFETY: as in `choose`.
-        (unsafe { SERVICES.get(&frontend.with_slot(slot)) }).map(|slot| slot.backend_id)
+        (unsafe { SERVICES.get(frontend.with_slot(slot)) }).map(|slot| slot.backend_id)
     }
 
     /// The backend of an unconnected UDP socket's earlier datagrams to this frontend while
@@ -252,7 +252,7 @@ mod datapath {
             _pad: 0,
         };
         // SAFETY: plain data copied out at once.
-        let held = (unsafe { UDP_SOCKETS.get(&key) })
+        let held = (unsafe { UDP_SOCKETS.get(key) })
             .copied()
             .filter(|id| still_a_backend(*id, master.frontend_id));
         if held.is_some() {
@@ -260,14 +260,14 @@ mod datapath {
         }
         let id = random_backend(frontend, master.count)?;
         // LRU: a full map evicts the least recently used socket's entry.
-        let _ = UDP_SOCKETS.insert(&key, &id, 0);
+        let _ = UDP_SOCKETS.insert(key, id, 0);
         Some(id)
     }
 
     #[inline(always)]
     fn still_a_backend(backend_id: u32, frontend_id: u32) -> bool {
         AFFINITY_MATCH
-            .get_ptr(&AffinityMatchKey {
+            .get_ptr(AffinityMatchKey {
                 backend_id,
                 frontend_id,
             })
@@ -290,7 +290,7 @@ mod datapath {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
         let key = RevNatKey::new(cookie, sock_addr.user_ip4, sock_addr.user_port as u16);
         // SAFETY: plain data copied out at once.
-        if let Some(frontend) = (unsafe { REVNAT.get(&key) }).copied() {
+        if let Some(frontend) = (unsafe { REVNAT.get(key) }).copied() {
             sock_addr.user_ip4 = frontend.address;
             sock_addr.user_port = u32::from(frontend.port);
             count(reason);

@@ -25,7 +25,7 @@ use crate::{
         Change, Source, kubernetes,
         manifests::{Manifests, SETTLE},
     },
-    state::{AgentPid, Snapshot, StateWriter},
+    state::{self, AgentPid, StateWriter},
     store::Store,
 };
 
@@ -106,14 +106,14 @@ pub enum SyncError {
     #[error("reading the source: {0}")]
     Source(#[from] crate::source::SourceError),
     #[error("reading the maps back: {0}")]
-    ReadBack(#[source] datapath::DatapathError),
+    ReadBack(#[source] Box<datapath::DatapathError>),
     #[error("growing the maps to {to}: {source}")]
     Grow {
         to: Capacity,
-        source: datapath::DatapathError,
+        source: Box<datapath::DatapathError>,
     },
     #[error("writing the maps: {0}")]
-    Write(#[source] datapath::DatapathError),
+    Write(#[source] Box<datapath::DatapathError>),
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -221,6 +221,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         reported: BTreeSet::new(),
         node,
         state,
+        unwritten_services: BTreeSet::new(),
+        unwritten_frontends: BTreeSet::new(),
         metrics: metrics.clone(),
     };
     let mut first_done = false;
@@ -458,6 +460,9 @@ struct Syncer {
     reported: BTreeSet<String>,
     node: Node,
     state: StateWriter,
+    /// Services and frontends the model changed since the state file was last told.
+    unwritten_services: BTreeSet<ObjectRef>,
+    unwritten_frontends: BTreeSet<Frontend>,
     metrics: Arc<Metrics>,
 }
 
@@ -516,14 +521,35 @@ impl Syncer {
     /// One pass of source → model → diff → maps. Failures leave the last good state in
     /// place: the agent keeps running and tries again.
     fn sync(&mut self, source: &mut Source, changed_at: Option<Instant>) -> Result<(), SyncError> {
+        let result = self.try_sync(source, changed_at);
+        if matches!(
+            result,
+            Err(SyncError::ReadBack(_) | SyncError::Grow { .. } | SyncError::Write(_))
+        ) {
+            // The changes this sync took from the store were not written: the next plan
+            // covers every frontend, so that none of them is lost.
+            self.full = true;
+        }
+        result
+    }
+
+    fn try_sync(
+        &mut self,
+        source: &mut Source,
+        changed_at: Option<Instant>,
+    ) -> Result<(), SyncError> {
         let started = Instant::now();
         let mut problems = source.refresh(&mut self.store)?;
+        problems.extend(self.store.problems());
         let refreshed = started.elapsed();
         let changed = self.store.take_changed();
         let touched = self.desired.update(
             changed.iter().map(|id| (id, self.store.service(id))),
             &self.node,
         );
+        // What the state file must say anew, should this sync fail before it is written.
+        self.unwritten_services.extend(changed.iter().cloned());
+        self.unwritten_frontends.extend(touched.iter().copied());
         problems.extend(self.desired.conflicts().into_iter().map(|conflict| {
             format!(
                 "Service {} claims {} which Service {} already has; ignored",
@@ -534,7 +560,7 @@ impl Syncer {
             && let Err(e) = self.reload()
         {
             self.report(problems);
-            return Err(SyncError::ReadBack(e));
+            return Err(SyncError::ReadBack(Box::new(e)));
         }
         let mut scope: BTreeSet<Frontend> = if self.full {
             self.programmed
@@ -547,10 +573,16 @@ impl Syncer {
             touched
         };
         // Services refused before are tried again: what took their room may have gone.
-        // Those that are gone from the source are no longer refused.
+        // Those that no longer own any frontend (gone from the source, or every frontend
+        // taken by another Service) are no longer refused.
         let desired = &self.desired;
-        self.refused
-            .retain(|service, _| desired.frontends_of(service).next().is_some());
+        self.refused.retain(|service, _| {
+            desired.frontends_of(service).any(|frontend| {
+                desired
+                    .target(&frontend)
+                    .is_some_and(|t| &t.service == service)
+            })
+        });
         for service in self.refused.keys() {
             scope.extend(self.desired.frontends_of(service));
         }
@@ -564,38 +596,51 @@ impl Syncer {
             },
             &scope,
             &self.ceiling,
+            self.full,
         );
+        let before = std::mem::take(&mut self.refused);
+        let mut still_refused = before.clone();
         for frontend in &scope {
             if let Some(target) = desired.target(frontend) {
-                self.refused.remove(&target.service);
+                still_refused.remove(&target.service);
             }
         }
-        let mut newly_refused = 0;
         for refusal in refused {
-            if self.refused.get(refusal.owner) != Some(&refusal.error) {
-                newly_refused += 1;
+            // Logged and counted once when it starts, not at every sync it lasts.
+            if before.get(refusal.owner) != Some(&refusal.error) {
+                tracing::error!(
+                    "Service {} refused: {}; what the maps held for it stays",
+                    refusal.owner,
+                    refusal.error
+                );
+                self.metrics.error(ErrorKind::Capacity);
             }
-            self.refused.insert(refusal.owner.clone(), refusal.error);
+            still_refused.insert(refusal.owner.clone(), refusal.error);
         }
-        for _ in 0..newly_refused {
-            self.metrics.error(ErrorKind::Capacity);
+        for service in before.keys().filter(|s| !still_refused.contains_key(*s)) {
+            tracing::info!("Service {service} is no longer refused");
         }
+        self.refused = still_refused;
         self.metrics
             .refused
             .set(i64::try_from(self.refused.len()).unwrap_or(i64::MAX));
-        problems.extend(self.refused.iter().map(|(service, error)| {
-            format!("Service {service} refused: {error}; what the maps held for it stays")
-        }));
         self.report(problems);
         let planned = started.elapsed();
 
-        let capacity = self.datapath.maps.capacity().map_err(SyncError::Write)?;
+        let capacity = self
+            .datapath
+            .maps
+            .capacity()
+            .map_err(|e| SyncError::Write(Box::new(e)))?;
         if capacity.overflow(&peak).is_some() {
             let to = capacity.grown_for(&peak, &self.ceiling);
             let grow_started = Instant::now();
             self.datapath
                 .grow(to, &self.programmed)
-                .map_err(|source| SyncError::Grow { to, source })?;
+                .map_err(|source| SyncError::Grow {
+                    to,
+                    source: Box::new(source),
+                })?;
             tracing::info!(
                 from = %capacity,
                 to = %to,
@@ -606,13 +651,17 @@ impl Syncer {
         tracing::debug!(?refreshed, ?planned, "sync phases");
         if let Err(e) = self.datapath.maps.apply(&ops) {
             self.read_back = true;
-            return Err(SyncError::Write(e));
+            return Err(SyncError::Write(Box::new(e)));
         }
         self.programmed.apply(&ops);
         self.full = false;
         self.record(started, changed_at, changed.len(), ops.len());
-        self.state.write(Snapshot::of(
+        let services = std::mem::take(&mut self.unwritten_services);
+        let frontends = std::mem::take(&mut self.unwritten_frontends);
+        self.state.write(state::Delta::of(
             &self.desired,
+            &services,
+            frontends.iter().chain(&scope),
             self.refused
                 .iter()
                 .map(|(service, error)| (service.clone(), error.to_string()))

@@ -208,13 +208,13 @@ pub fn delete_one<K: Pod>(map: BorrowedFd<'_>, key: &K) -> Result<(), BpfError> 
 pub fn lookup_all<K: Pod, V: Pod>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>, BpfError> {
     let mut out = Vec::new();
     let mut chunk = BATCH;
-    // The cursor is opaque to user space (a bucket index for hash maps), u64 is enough.
-    let mut cursor = 0u64;
+    // The cursor is opaque to user space: a u32 bucket index for hash maps.
+    let mut cursor = 0u32;
     let mut first = true;
     loop {
         let mut keys = vec![K::zeroed(); chunk];
         let mut values = vec![V::zeroed(); chunk];
-        let mut next = 0u64;
+        let mut next = 0u32;
         let mut attr = BatchAttr {
             in_batch: if first {
                 0

@@ -100,6 +100,14 @@ pub enum DatapathError {
     Map { map: &'static str, source: MapError },
     #[error("{0} is not a hash map: pinned by another build of lb? run `lb unload`")]
     NotAHashMap(&'static str),
+    #[error(
+        "map {map} has {found:?} byte keys and values, this lb {expected:?}: pinned by another build of lb? run `lb unload`"
+    )]
+    Layout {
+        map: &'static str,
+        expected: (usize, usize),
+        found: (usize, usize),
+    },
     #[error("reading map {map}: {source}")]
     Read {
         map: &'static str,
@@ -119,12 +127,6 @@ pub enum DatapathError {
     Relink {
         path: PathBuf,
         source: crate::bpf::BpfError,
-    },
-    #[error("moving the pin {from} to {to}: {source}")]
-    Repin {
-        from: PathBuf,
-        to: PathBuf,
-        source: std::io::Error,
     },
     #[error("removing the pin {path}: {source}")]
     Unpin {
@@ -244,11 +246,23 @@ pub struct Snapshot {
     pub orphans: Vec<ServiceKey>,
 }
 
-fn hash_map(map: Map, name: &'static str) -> Result<MapData, DatapathError> {
-    match map {
-        Map::HashMap(data) => Ok(data),
-        _ => Err(DatapathError::NotAHashMap(name)),
+/// The hash map `name`, checked to have `K` keys and `V` values: the batched syscalls
+/// size their buffers by these types, and the kernel fills them by the map's own sizes.
+fn hash_map<K, V>(map: Map, name: &'static str) -> Result<MapData, DatapathError> {
+    let Map::HashMap(data) = map else {
+        return Err(DatapathError::NotAHashMap(name));
+    };
+    let info = data.info().map_err(map_error(name))?;
+    let expected = (size_of::<K>(), size_of::<V>());
+    let found = (info.key_size() as usize, info.value_size() as usize);
+    if expected != found {
+        return Err(DatapathError::Layout {
+            map: name,
+            expected,
+            found,
+        });
     }
+    Ok(data)
 }
 
 /// Which map a run of [`MapOp`]s goes to, and whether it writes or deletes: consecutive ops
@@ -303,9 +317,12 @@ impl ServiceMaps {
         mut get: impl FnMut(&'static str) -> Result<Map, DatapathError>,
     ) -> Result<Self, DatapathError> {
         Ok(Self {
-            services: hash_map(get(SERVICE_MAP)?, SERVICE_MAP)?,
-            backends: hash_map(get(BACKEND_MAP)?, BACKEND_MAP)?,
-            affinity_matches: hash_map(get(AFFINITY_MATCH_MAP)?, AFFINITY_MATCH_MAP)?,
+            services: hash_map::<ServiceKey, ServiceValue>(get(SERVICE_MAP)?, SERVICE_MAP)?,
+            backends: hash_map::<BackendId, Backend>(get(BACKEND_MAP)?, BACKEND_MAP)?,
+            affinity_matches: hash_map::<AffinityMatchKey, u32>(
+                get(AFFINITY_MATCH_MAP)?,
+                AFFINITY_MATCH_MAP,
+            )?,
             config: get(CONFIG_MAP)?.try_into().map_err(map_error(CONFIG_MAP))?,
             stats: get(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
         })
@@ -772,21 +789,23 @@ impl Datapath {
                         source,
                     })
             };
-        for (switched, (name, path, link)) in links.iter().enumerate() {
+        // Every fd is in hand before the first link switches: from there on, only a link
+        // update can fail, and then the switched ones go back.
+        let mut switches = Vec::new();
+        for (name, path, link) in links {
             let new = program_fd(&ebpf, name)?;
-            if let Err(source) = bpf::update_link(link.as_fd(), &new) {
+            let old = program_fd(&self.ebpf, name)?;
+            switches.push((name, path, link, new, old));
+        }
+        for (switched, (_, path, link, new, _)) in switches.iter().enumerate() {
+            if let Err(source) = bpf::update_link(link.as_fd(), new) {
                 // Back to the old programs, which still have the old maps.
-                for (name, path, link) in &links[..switched] {
-                    let restored = program_fd(&self.ebpf, name).and_then(|old| {
-                        bpf::update_link(link.as_fd(), &old).map_err(|source| {
-                            DatapathError::Relink {
-                                path: path.clone(),
-                                source,
-                            }
-                        })
-                    });
-                    if let Err(e) = restored {
-                        tracing::error!("switching {name} back to the old maps: {e}");
+                for (name, path, link, _, old) in &switches[..switched] {
+                    if let Err(e) = bpf::update_link(link.as_fd(), old) {
+                        tracing::error!(
+                            "switching {name} ({}) back to the old maps: {e}",
+                            path.display()
+                        );
                     }
                 }
                 return Err(DatapathError::Relink {
@@ -795,18 +814,21 @@ impl Datapath {
                 });
             }
         }
-        // Every hook runs the new programs: the new maps take the pins, and the old ones go
-        // when the old programs (held by `self.ebpf`) are dropped.
+        // Every hook runs the new programs on the new maps: from here on they are the
+        // datapath, whatever happens to the pins. The old maps go with the old programs.
+        drop(std::mem::replace(&mut self.ebpf, ebpf));
+        self.maps = maps;
         for map in GROWING_MAPS {
             let (from, to) = (next_pin(&self.pin_dir, map), self.pin_dir.join(map));
-            std::fs::rename(&from, &to).map_err(|source| DatapathError::Repin {
-                from: from.clone(),
-                to: to.clone(),
-                source,
-            })?;
+            if let Err(source) = std::fs::rename(&from, &to) {
+                // Only `lb`, which reads the pins, is affected: it would read the old maps.
+                tracing::error!(
+                    "moving the pin {} to {}: {source}; `lb` commands read stale maps until the agent restarts",
+                    from.display(),
+                    to.display()
+                );
+            }
         }
-        self.ebpf = ebpf;
-        self.maps = maps;
         Ok(())
     }
 }

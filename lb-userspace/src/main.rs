@@ -6,6 +6,12 @@ use clap::{CommandFactory as _, Parser, Subcommand};
 use lb_userspace::{DEFAULT_BPFFS, agent, cli, datapath};
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc returns freed memory to the system where glibc's malloc keeps it: after the
+/// first sync of a large cluster (its manifests read, parsed and dropped) the agent's RSS
+/// is what it holds, not what it once needed.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "lb",

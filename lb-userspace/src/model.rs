@@ -590,6 +590,9 @@ pub struct Desired {
     claims: BTreeMap<Frontend, BTreeMap<Claim, Arc<FrontendTarget>>>,
     /// The frontends each Service claims, to withdraw them when it changes.
     claimed_by: BTreeMap<ObjectRef, Vec<Frontend>>,
+    /// Frontends claimed by more than one Service, kept as claims change so that finding
+    /// conflicts costs what there are, not a walk over every claim.
+    contested: BTreeSet<Frontend>,
     pub not_in_datapath: BTreeMap<ObjectRef, NotInDatapath>,
 }
 
@@ -639,6 +642,19 @@ impl Desired {
                 }
             }
         }
+        for frontend in &touched {
+            let contested = self.claims.get(frontend).is_some_and(|claims| {
+                let mut services = claims.keys().map(|(_, service, _)| service);
+                services
+                    .next()
+                    .is_some_and(|first| services.any(|other| other != first))
+            });
+            if contested {
+                self.contested.insert(*frontend);
+            } else {
+                self.contested.remove(frontend);
+            }
+        }
         touched
     }
 
@@ -661,9 +677,9 @@ impl Desired {
 
     /// Frontends claimed by more than one Service: who keeps each, and who is ignored.
     pub fn conflicts(&self) -> Vec<Conflict> {
-        self.claims
+        self.contested
             .iter()
-            .filter(|(_, claims)| claims.len() > 1)
+            .filter_map(|frontend| Some((frontend, self.claims.get(frontend)?)))
             .flat_map(|(frontend, claims)| {
                 let mut services = claims.keys().map(|(_, service, _)| service);
                 let kept = services.next();

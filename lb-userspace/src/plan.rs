@@ -303,6 +303,19 @@ impl Capacity {
         affinity_matches: 1024,
     };
 
+    /// The first map where `need` does not fit and `adds` adds entries, if any: a unit that
+    /// adds nothing to a map is never refused for that map, even if the maps already hold
+    /// more than the bound (a bound lowered since they were written).
+    pub fn overflow_adding(&self, need: &Self, adds: &Self) -> Option<GrowingMap> {
+        [
+            GrowingMap::Services,
+            GrowingMap::Backends,
+            GrowingMap::AffinityMatches,
+        ]
+        .into_iter()
+        .find(|map| adds.get(*map) > 0 && need.get(*map) > self.get(*map))
+    }
+
     /// The first map where `need` does not fit, if any.
     pub fn overflow(&self, need: &Self) -> Option<GrowingMap> {
         if need.services > self.services {
@@ -440,11 +453,16 @@ fn free_ids<'a>(
 /// `ceiling` are refused, whole, and keep what the maps hold for them; owners the maps
 /// already serve are admitted before new ones, so a newcomer never pushes out a live
 /// Service.
+///
+/// With `sweep_leftovers` (after the maps were read back) the plan also removes what an
+/// interrupted plan left that nothing references, which takes a walk over all backends
+/// and affinity matches; without, its work is proportional to `scope`.
 pub fn plan<'a, O: Ord + Clone>(
     current: &Programmed,
     desired: impl Fn(&Frontend) -> Option<(O, &'a FrontendSpec)>,
     scope: &BTreeSet<Frontend>,
     ceiling: &Capacity,
+    sweep_leftovers: bool,
 ) -> Plan<O> {
     let max = usize::from(u16::MAX);
     let mut refused = Vec::new();
@@ -483,7 +501,7 @@ pub fn plan<'a, O: Ord + Clone>(
         let too_many = frontends.iter().find(|(_, spec)| spec.backends.len() > max);
         let adds = unit_additions(current, &frontends, &reserved);
         let need = peak.saturating_add(adds);
-        let error = match (too_many, ceiling.overflow(&need)) {
+        let error = match (too_many, ceiling.overflow_adding(&need, &adds)) {
             (Some((frontend, spec)), _) => Some(PlanError::TooManyBackends {
                 frontend: *frontend,
                 count: spec.backends.len(),
@@ -645,14 +663,18 @@ pub fn plan<'a, O: Ord + Clone>(
         .flat_map(|old| current.matches_of(old.id))
         .filter(|key| !next_matches.contains(key))
         .collect();
-    // And the matches of frontend ids no frontend has (new frontends never get those).
-    stale_matches.extend(
-        current
-            .matches_by_frontend
-            .keys()
-            .filter(|id| !current.frontend_ids.contains(id))
-            .flat_map(|id| current.matches_of(*id)),
-    );
+    // And the matches of frontend ids no frontend has (new frontends never get those):
+    // only an agent stopped mid-plan leaves such, so only a plan after reading the maps
+    // back looks (it walks them all).
+    if sweep_leftovers {
+        stale_matches.extend(
+            current
+                .matches_by_frontend
+                .keys()
+                .filter(|id| !current.frontend_ids.contains(id))
+                .flat_map(|id| current.matches_of(*id)),
+        );
+    }
     ops.extend(
         stale_matches
             .into_iter()
@@ -667,12 +689,14 @@ pub fn plan<'a, O: Ord + Clone>(
         })
         .map(|(id, _)| *id)
         .collect();
-    unreferenced.extend(
-        current
-            .backends
-            .keys()
-            .filter(|id| current.refs(**id) == 0 && !ref_changes.contains_key(id)),
-    );
+    if sweep_leftovers {
+        unreferenced.extend(
+            current
+                .backends
+                .keys()
+                .filter(|id| current.refs(**id) == 0 && !ref_changes.contains_key(id)),
+        );
+    }
     ops.extend(unreferenced.into_iter().map(MapOp::DeleteBackend));
     Plan { ops, refused, peak }
 }
@@ -759,6 +783,7 @@ mod tests {
             |f| desired.get(f).map(|s| (*f, s)),
             &scope,
             &unbounded,
+            true,
         );
         if let Some(refusal) = refused.pop() {
             return Err(refusal.error);
@@ -1124,7 +1149,13 @@ mod tests {
             backends: 100,
             affinity_matches: 100,
         };
-        let plan = plan(&Programmed::default(), owned_by(&desired), &scope, &ceiling);
+        let plan = plan(
+            &Programmed::default(),
+            owned_by(&desired),
+            &scope,
+            &ceiling,
+            false,
+        );
         assert_eq!(plan.refused.len(), 1);
         assert_eq!(plan.refused[0].owner, "a");
         assert!(matches!(
@@ -1155,7 +1186,13 @@ mod tests {
         // "z" is live with 4 entries; "a" (first by name) arrives wanting 3 more.
         let live = BTreeMap::from([(frontend(1), ("z", backends(1..4)))]);
         let scope: BTreeSet<Frontend> = live.keys().copied().collect();
-        let first = plan(&Programmed::default(), owned_by(&live), &scope, &ceiling);
+        let first = plan(
+            &Programmed::default(),
+            owned_by(&live),
+            &scope,
+            &ceiling,
+            false,
+        );
         let mut current = Programmed::default();
         current.apply(&first.ops);
         let desired = BTreeMap::from([
@@ -1163,7 +1200,7 @@ mod tests {
             (frontend(2), ("a", backends(1..3))),
         ]);
         let scope: BTreeSet<Frontend> = desired.keys().copied().collect();
-        let plan = plan(&current, owned_by(&desired), &scope, &ceiling);
+        let plan = plan(&current, owned_by(&desired), &scope, &ceiling, false);
         // z grows by one slot (5 entries) and fits; a would make 8 and is refused.
         assert_eq!(plan.refused.len(), 1);
         assert_eq!(plan.refused[0].owner, "a");
@@ -1181,7 +1218,13 @@ mod tests {
         };
         let before = BTreeMap::from([(frontend(1), ("a", backends(1..4)))]);
         let scope: BTreeSet<Frontend> = before.keys().copied().collect();
-        let first = plan(&Programmed::default(), owned_by(&before), &scope, &ceiling);
+        let first = plan(
+            &Programmed::default(),
+            owned_by(&before),
+            &scope,
+            &ceiling,
+            false,
+        );
         let mut current = Programmed::default();
         current.apply(&first.ops);
         // "a" goes, "b" comes with as much: it fits because a's entries go first.
@@ -1189,7 +1232,7 @@ mod tests {
         let scope: BTreeSet<Frontend> = [frontend(1), frontend(2)].into();
         // The backends of a go only at the end, so the backend map peaks at 6 — over the
         // bound of 3: refused on backends, not on service entries.
-        let plan = plan(&current, owned_by(&after), &scope, &ceiling);
+        let plan = plan(&current, owned_by(&after), &scope, &ceiling, false);
         assert!(
             matches!(
                 plan.refused[..],
@@ -1209,7 +1252,7 @@ mod tests {
             backends: 6,
             ..ceiling
         };
-        let plan = super::plan(&current, owned_by(&after), &scope, &ceiling);
+        let plan = super::plan(&current, owned_by(&after), &scope, &ceiling, false);
         assert!(plan.refused.is_empty(), "{:?}", plan.refused);
         assert_eq!(plan.peak.services, 4);
         assert_eq!(plan.peak.backends, 6);

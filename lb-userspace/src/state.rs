@@ -3,6 +3,7 @@
 //! while the agent is stopped.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, PoisonError, mpsc},
 };
@@ -63,43 +64,79 @@ pub struct Unserved {
     pub why: String,
 }
 
-/// What a state file is made of, taken on the sync path: the targets are shared, not
-/// copied, so taking it costs little even with 100k frontends.
-pub struct Snapshot {
-    frontends: Vec<(Frontend, Arc<FrontendTarget>)>,
-    not_in_datapath: Vec<(ObjectRef, NotInDatapath)>,
+/// What one sync changed in what a state file says, taken on the sync path at the cost
+/// of the change: the targets are shared, not copied. The writer's thread keeps the whole
+/// and writes it.
+#[derive(Default)]
+pub struct Delta {
+    /// Frontends whose target changed: the target in effect now, `None` if it has none.
+    frontends: Vec<(Frontend, Option<Arc<FrontendTarget>>)>,
+    /// Services whose reason for being out of the datapath may have changed.
+    not_in_datapath: Vec<(ObjectRef, Option<NotInDatapath>)>,
+    /// Every Service refused now (there are few).
     refused: Vec<(ObjectRef, String)>,
-    synced_at_ms: u64,
 }
 
-impl Snapshot {
-    pub fn of(desired: &Desired, refused: Vec<(ObjectRef, String)>) -> Self {
-        let synced_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+impl Delta {
+    /// What `services` and `frontends` are now in `desired`, and the Services refused.
+    pub fn of<'a>(
+        desired: &Desired,
+        services: impl IntoIterator<Item = &'a ObjectRef>,
+        frontends: impl IntoIterator<Item = &'a Frontend>,
+        refused: Vec<(ObjectRef, String)>,
+    ) -> Self {
         Self {
-            frontends: desired
-                .frontends()
-                .map(|(frontend, target)| (*frontend, target.clone()))
+            frontends: frontends
+                .into_iter()
+                .map(|frontend| (*frontend, desired.target(frontend).cloned()))
                 .collect(),
-            not_in_datapath: desired
-                .not_in_datapath
-                .iter()
-                .map(|(service, why)| (service.clone(), why.clone()))
+            not_in_datapath: services
+                .into_iter()
+                .map(|service| {
+                    (
+                        service.clone(),
+                        desired.not_in_datapath.get(service).cloned(),
+                    )
+                })
                 .collect(),
             refused,
-            synced_at_ms,
         }
     }
 }
 
+/// The writer thread's copy of what the state file says.
+#[derive(Default)]
+struct Names {
+    frontends: BTreeMap<Frontend, Arc<FrontendTarget>>,
+    not_in_datapath: BTreeMap<ObjectRef, NotInDatapath>,
+    refused: Vec<(ObjectRef, String)>,
+}
+
+impl Names {
+    fn apply(&mut self, delta: Delta) {
+        for (frontend, target) in delta.frontends {
+            match target {
+                Some(target) => self.frontends.insert(frontend, target),
+                None => self.frontends.remove(&frontend),
+            };
+        }
+        for (service, why) in delta.not_in_datapath {
+            match why {
+                Some(why) => self.not_in_datapath.insert(service, why),
+                None => self.not_in_datapath.remove(&service),
+            };
+        }
+        self.refused = delta.refused;
+    }
+}
+
 impl State {
-    pub fn of(snapshot: &Snapshot, cgroup: &Path, node: &str) -> Self {
+    fn of(names: &Names, synced_at_ms: u64, cgroup: &Path, node: &str) -> Self {
         Self {
-            synced_at_ms: snapshot.synced_at_ms,
+            synced_at_ms,
             cgroup: cgroup.into(),
             node: node.into(),
-            frontends: snapshot
+            frontends: names
                 .frontends
                 .iter()
                 .map(|(frontend, target)| FrontendNames {
@@ -110,7 +147,7 @@ impl State {
                     endpoints: target.endpoints.clone(),
                 })
                 .collect(),
-            not_in_datapath: snapshot
+            not_in_datapath: names
                 .not_in_datapath
                 .iter()
                 .map(|(service, why)| Unserved {
@@ -118,7 +155,7 @@ impl State {
                     why: why.to_string(),
                 })
                 .collect(),
-            refused: snapshot
+            refused: names
                 .refused
                 .iter()
                 .map(|(service, why)| Unserved {
@@ -170,14 +207,21 @@ impl State {
 }
 
 /// Writes state files on a thread of its own, so that a sync does not wait for 100k
-/// frontends to be serialized: it hands over a [`Snapshot`] and goes on. When snapshots
-/// come faster than files are written, only the newest is written.
+/// frontends to be serialized: it hands over a [`Delta`] and goes on. The thread applies
+/// every delta in order to its own copy, and when they come faster than files are
+/// written, writes once for all that came meanwhile.
 pub struct StateWriter {
-    snapshots: Option<mpsc::Sender<(u64, Snapshot)>>,
+    deltas: Option<mpsc::Sender<(u64, Delta)>>,
     thread: Option<std::thread::JoinHandle<()>>,
     sent: u64,
-    /// The last snapshot written (or given up on), by its number.
+    /// The last delta written (or given up on), by its number.
     done: Arc<(Mutex<u64>, Condvar)>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl StateWriter {
@@ -187,18 +231,20 @@ impl StateWriter {
         node: String,
         on_error: impl Fn(&StateError) + Send + 'static,
     ) -> std::io::Result<Self> {
-        let (snapshots, received) = mpsc::channel::<(u64, Snapshot)>();
+        let (deltas, received) = mpsc::channel::<(u64, Delta)>();
         let done = Arc::new((Mutex::new(0), Condvar::new()));
         let written = done.clone();
         let thread = std::thread::Builder::new()
             .name("lb-state".into())
             .spawn(move || {
-                while let Ok(mut latest) = received.recv() {
-                    while let Ok(newer) = received.try_recv() {
-                        latest = newer;
+                let mut names = Names::default();
+                while let Ok((mut number, delta)) = received.recv() {
+                    names.apply(delta);
+                    while let Ok((newer, delta)) = received.try_recv() {
+                        names.apply(delta);
+                        number = newer;
                     }
-                    let (number, snapshot) = latest;
-                    if let Err(e) = State::of(&snapshot, &cgroup, &node).write(&dir) {
+                    if let Err(e) = State::of(&names, now_ms(), &cgroup, &node).write(&dir) {
                         on_error(&e);
                     }
                     let (last, changed) = &*written;
@@ -207,18 +253,18 @@ impl StateWriter {
                 }
             })?;
         Ok(Self {
-            snapshots: Some(snapshots),
+            deltas: Some(deltas),
             thread: Some(thread),
             sent: 0,
             done,
         })
     }
 
-    pub fn write(&mut self, snapshot: Snapshot) {
-        if let Some(snapshots) = &self.snapshots {
+    pub fn write(&mut self, delta: Delta) {
+        if let Some(deltas) = &self.deltas {
             self.sent += 1;
             // The thread ends only when this sender is dropped.
-            drop(snapshots.send((self.sent, snapshot)));
+            drop(deltas.send((self.sent, delta)));
         }
     }
 
@@ -245,7 +291,7 @@ impl StateWriter {
 impl Drop for StateWriter {
     /// Waits for the last snapshot to be written, so a stopped agent leaves its last state.
     fn drop(&mut self) {
-        self.snapshots = None;
+        self.deltas = None;
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {

@@ -1,170 +1,341 @@
-//! The last good version of every object, whatever the source: an object that turns
-//! invalid keeps its last good version, an object that is gone is removed.
+//! The last good version of every object, whatever the source, kept up to date by deltas:
+//! a source says what one of its origins (a manifest file, the API) now defines, or no
+//! longer defines, and only those objects are looked at. An object that turns invalid
+//! keeps its last good version; an object no origin defines any more is gone.
 //!
 //! Objects are converted into the model only when their version changes, and the store
 //! remembers which Services that touched, so that a sync recomputes those Services only:
 //! one endpoint change among 100k Services costs one Service, not 100k.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use crate::{
     manifest::{ApiObject, Kind},
     model::{ObjectRef, ServiceModel, SliceModel},
 };
 
-/// One object as a source delivers it: its identity, its version, and the object or why it
-/// is unusable (the reason names where it came from, the object and the field).
+/// Where definitions come from: a manifest file, or the API (one origin per kind, so that
+/// a relist of one kind replaces only that kind). When several origins define one object,
+/// the first by this order is in effect: for files, the first by name.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    name: Arc<str>,
+    /// A file: problems of its objects start with its name.
+    file: bool,
+}
+
+impl Origin {
+    /// The Kubernetes API's objects of one kind.
+    pub fn api(kind: Kind) -> Self {
+        Self {
+            name: Arc::from(kind.as_str()),
+            file: false,
+        }
+    }
+
+    /// A manifest file, named as problems should name it.
+    pub fn file(path: &std::path::Path) -> Self {
+        Self {
+            name: Arc::from(path.display().to_string()),
+            file: true,
+        }
+    }
+
+    /// What problems of its objects start with: `"path: "`, or nothing for the API, whose
+    /// objects are named by their namespace/name.
+    fn prefix(&self) -> String {
+        if self.file {
+            format!("{}: ", self.name)
+        } else {
+            String::new()
+        }
+    }
+}
+
+/// One object as an origin defines it: its identity, its version, and the object or why
+/// it is unusable (the reason names the origin, the object and the field).
 pub struct Delivered<'a> {
     pub kind: Kind,
     pub id: &'a ObjectRef,
     /// Changes whenever the object does: its `resourceVersion`, or the read of its file.
     /// An empty version is taken as a change every time.
     pub version: &'a str,
-    /// `None`: the source let go of the object once the store held this version of it, to
-    /// save memory. Should the store need it again, it asks ([`Store::take_wanted`]).
-    pub object: Option<Result<&'a ApiObject, String>>,
-    /// Where the object came from, to prefix model errors with (`"file: "`, or empty).
-    pub origin: &'a str,
+    pub object: Result<&'a ApiObject, String>,
 }
 
-/// Problems of one update, each naming the object and field. What they concern keeps its
-/// last good state.
+/// Problems, each naming the object and field. What they concern keeps its last good
+/// state.
 pub type Problems = Vec<String>;
 
-struct Entry<M> {
+struct Definition<M> {
     version: String,
-    /// The last good model; `None` while the object has never been valid.
+    /// The last good model of this definition; `None` while it has never been valid.
     model: Option<M>,
     /// What is wrong with the current version, or what is not used of it.
     problem: Option<String>,
-    /// The update that last delivered the object: the others have it no more.
-    seen: u64,
+}
+
+/// Every definition of one object; the first (by origin) is in effect.
+struct Entry<M> {
+    definitions: BTreeMap<Origin, Definition<M>>,
+}
+
+impl<M> Default for Entry<M> {
+    fn default() -> Self {
+        Self {
+            definitions: BTreeMap::new(),
+        }
+    }
+}
+
+impl<M> Entry<M> {
+    /// The model in effect: the first definition's that has one, so that a broken copy in
+    /// an earlier file does not take down a good definition.
+    fn effective(&self) -> Option<&M> {
+        self.definitions.values().find_map(|d| d.model.as_ref())
+    }
+
+    /// Which definition is in effect, by position: the first with a model, else the first.
+    fn effective_index(&self) -> usize {
+        self.definitions
+            .values()
+            .position(|d| d.model.is_some())
+            .unwrap_or(0)
+    }
 }
 
 #[derive(Default)]
 pub struct Store {
     services: BTreeMap<ObjectRef, Entry<ServiceModel>>,
     slices: BTreeMap<ObjectRef, Entry<SliceModel>>,
+    /// What each origin defines, so that a re-read file or a relist replaces it.
+    by_origin: BTreeMap<Origin, BTreeSet<(Kind, ObjectRef)>>,
     /// The slices each Service owns through their label.
     slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
     /// Services whose frontends may differ since the last [`Store::take_changed`].
     changed: BTreeSet<ObjectRef>,
-    /// Objects delivered without the object when it was needed.
-    wanted: BTreeSet<(Kind, ObjectRef)>,
-    /// Objects the last update delivered more than once.
-    defined_twice: BTreeSet<(Kind, ObjectRef)>,
-    updates: u64,
-}
-
-/// What a delivery did to an entry's model.
-enum Outcome<M> {
-    Unchanged,
-    /// The model changed from this one (`None`: the object had no model before).
-    Changed(Option<M>),
-    /// The object is needed but was not delivered: the entry keeps its last state.
-    Wanted,
+    /// Problems of objects (their definitions), kept as the objects change.
+    problems: BTreeMap<(Kind, ObjectRef, Origin), String>,
+    /// Objects an origin defined more than once in its last replacement.
+    repeated: BTreeMap<Origin, Vec<String>>,
+    /// Services and slices with a model in effect.
+    good: (usize, usize),
+    /// Objects converted into the model so far: what tests count to show that a change
+    /// costs its own objects.
+    #[cfg(test)]
+    conversions: usize,
 }
 
 impl Store {
-    /// Brings the store in line with `objects`, the complete set of a source: what is not
-    /// among them is gone. Only objects whose version changed are converted again.
-    pub fn update<'a>(&mut self, objects: impl IntoIterator<Item = Delivered<'a>>) -> Problems {
-        self.updates += 1;
-        let update = self.updates;
-        self.defined_twice.clear();
-        let mut problems = Vec::new();
+    /// `origin` now defines exactly `objects` (a file read again, a relist): what it
+    /// defined before and does not any more is gone. Only objects whose version changed
+    /// are converted again.
+    pub fn replace<'a>(
+        &mut self,
+        origin: &Origin,
+        objects: impl IntoIterator<Item = Delivered<'a>>,
+    ) {
+        let before = self.by_origin.remove(origin).unwrap_or_default();
+        let mut now = BTreeSet::new();
+        let mut repeated = Vec::new();
         for delivered in objects {
-            let id = delivered.id;
-            let delivered_kind = delivered.kind;
-            let outcome = match delivered.kind {
-                Kind::Service => {
-                    deliver(
-                        &mut self.services,
-                        delivered,
-                        update,
-                        |object| match object {
-                            ApiObject::Service(service) => ServiceModel::from_api(service)
-                                .map(|model| (model, None))
-                                .map_err(|e| e.to_string()),
-                            ApiObject::EndpointSlice(_) => Err("not a Service".into()),
-                        },
-                    )
-                    .map(|outcome| match outcome {
-                        Outcome::Changed(_) => {
-                            self.changed.insert(id.clone());
-                        }
-                        Outcome::Wanted => {
-                            self.wanted.insert((Kind::Service, id.clone()));
-                        }
-                        Outcome::Unchanged => {}
-                    })
-                }
-                Kind::EndpointSlice => {
-                    deliver(&mut self.slices, delivered, update, |object| match object {
-                        ApiObject::EndpointSlice(slice) => SliceModel::from_api(slice)
-                            .map(|model| {
-                                // Kept (it is valid) but unused until the IPv6 programs exist.
-                                let note = (!model.ipv4).then(|| {
-                                    format!(
-                                        "EndpointSlice {}: addressType: {} is not served yet; skipped",
-                                        model.id, slice.address_type
-                                    )
-                                });
-                                (model, note)
-                            })
-                            .map_err(|e| e.to_string()),
-                        ApiObject::Service(_) => Err("not an EndpointSlice".into()),
-                    })
-                    .map(|outcome| match outcome {
-                        Outcome::Changed(old) => {
-                            let new = self.slices.get(id).and_then(|e| e.model.as_ref());
-                            let new_service = new.and_then(|m| m.service.clone());
-                            self.reindex_slice(id, old.and_then(|m| m.service), new_service);
-                        }
-                        Outcome::Wanted => {
-                            self.wanted.insert((Kind::EndpointSlice, id.clone()));
-                        }
-                        Outcome::Unchanged => {}
-                    })
-                }
-            };
-            if let Err(duplicate) = outcome {
-                self.defined_twice.insert((delivered_kind, id.clone()));
-                problems.push(duplicate);
+            let key = (delivered.kind, delivered.id.clone());
+            if now.contains(&key) {
+                repeated.push(format!(
+                    "{}{} {}: defined more than once; the first definition is used",
+                    origin.prefix(),
+                    delivered.kind,
+                    delivered.id
+                ));
+                continue;
             }
+            self.put_definition(origin, delivered);
+            now.insert(key);
         }
-        self.sweep(update);
-        problems.extend(
-            self.services
-                .values()
-                .filter_map(|e| e.problem.clone())
-                .chain(self.slices.values().filter_map(|e| e.problem.clone())),
-        );
-        problems
+        for (kind, id) in before.difference(&now) {
+            self.remove_definition(origin, *kind, id);
+        }
+        if repeated.is_empty() {
+            self.repeated.remove(origin);
+        } else {
+            self.repeated.insert(origin.clone(), repeated);
+        }
+        if !now.is_empty() {
+            self.by_origin.insert(origin.clone(), now);
+        }
     }
 
-    /// Drops what the last update did not deliver.
-    fn sweep(&mut self, update: u64) {
-        let mut gone_services = Vec::new();
-        self.services.retain(|id, entry| {
-            let keep = entry.seen == update;
-            if !keep && entry.model.is_some() {
-                gone_services.push(id.clone());
-            }
-            keep
-        });
-        self.changed.extend(gone_services);
-        let mut gone_slices = Vec::new();
-        self.slices.retain(|id, entry| {
-            let keep = entry.seen == update;
-            if !keep {
-                gone_slices.push((id.clone(), entry.model.take().and_then(|m| m.service)));
-            }
-            keep
-        });
-        for (id, service) in gone_slices {
-            self.reindex_slice(&id, service, None);
+    /// `origin` now defines this object (a watch event).
+    pub fn put(&mut self, origin: &Origin, delivered: Delivered<'_>) {
+        self.by_origin
+            .entry(origin.clone())
+            .or_default()
+            .insert((delivered.kind, delivered.id.clone()));
+        self.put_definition(origin, delivered);
+    }
+
+    /// `origin` no longer defines this object (a watch event).
+    pub fn remove(&mut self, origin: &Origin, kind: Kind, id: &ObjectRef) {
+        if let Some(defined) = self.by_origin.get_mut(origin) {
+            defined.remove(&(kind, id.clone()));
         }
+        self.remove_definition(origin, kind, id);
+    }
+
+    /// `origin` defines nothing any more (a removed file).
+    pub fn remove_origin(&mut self, origin: &Origin) {
+        self.replace(origin, std::iter::empty());
+    }
+
+    fn put_definition(&mut self, origin: &Origin, delivered: Delivered<'_>) {
+        let Delivered {
+            kind,
+            id,
+            version,
+            object,
+        } = delivered;
+        let prefix = origin.prefix();
+        #[cfg(test)]
+        {
+            let unchanged = self
+                .held_version(kind, id, origin)
+                .is_some_and(|held| !version.is_empty() && held == version);
+            self.conversions += usize::from(!unchanged);
+        }
+        match kind {
+            Kind::Service => {
+                let before = self.services.get(id).and_then(Entry::effective).cloned();
+                let entry = self.services.entry(id.clone()).or_default();
+                define(entry, origin, version, object, |object| match object {
+                    ApiObject::Service(service) => ServiceModel::from_api(service)
+                        .map(|model| (model, None))
+                        .map_err(|e| format!("{prefix}{e}")),
+                    ApiObject::EndpointSlice(_) => Err(format!("{prefix}not a Service")),
+                });
+                self.after_service_change(id, before);
+            }
+            Kind::EndpointSlice => {
+                let before = self.slices.get(id).and_then(Entry::effective).cloned();
+                let entry = self.slices.entry(id.clone()).or_default();
+                define(entry, origin, version, object, |object| {
+                    match object {
+                    ApiObject::EndpointSlice(slice) => SliceModel::from_api(slice)
+                        .map(|model| {
+                            // Kept (it is valid) but unused until the IPv6 programs exist.
+                            let note = (!model.ipv4).then(|| {
+                                format!(
+                                    "{prefix}EndpointSlice {}: addressType: {} is not served yet; skipped",
+                                    model.id, slice.address_type
+                                )
+                            });
+                            (model, note)
+                        })
+                        .map_err(|e| format!("{prefix}{e}")),
+                    ApiObject::Service(_) => Err(format!("{prefix}not an EndpointSlice")),
+                }
+                });
+                self.after_slice_change(id, before);
+            }
+        }
+        self.refresh_problems(kind, id);
+    }
+
+    fn remove_definition(&mut self, origin: &Origin, kind: Kind, id: &ObjectRef) {
+        match kind {
+            Kind::Service => {
+                let Some(entry) = self.services.get_mut(id) else {
+                    return;
+                };
+                let before = entry.effective().cloned();
+                entry.definitions.remove(origin);
+                if entry.definitions.is_empty() {
+                    self.services.remove(id);
+                }
+                self.after_service_change(id, before);
+            }
+            Kind::EndpointSlice => {
+                let Some(entry) = self.slices.get_mut(id) else {
+                    return;
+                };
+                let before = entry.effective().cloned();
+                entry.definitions.remove(origin);
+                if entry.definitions.is_empty() {
+                    self.slices.remove(id);
+                }
+                self.after_slice_change(id, before);
+            }
+        }
+        self.problems.remove(&(kind, id.clone(), origin.clone()));
+        self.refresh_problems(kind, id);
+    }
+
+    fn after_service_change(&mut self, id: &ObjectRef, before: Option<ServiceModel>) {
+        let after = self.services.get(id).and_then(Entry::effective);
+        if before.as_ref() != after {
+            let (services, _) = &mut self.good;
+            *services = *services + usize::from(after.is_some()) - usize::from(before.is_some());
+            self.changed.insert(id.clone());
+        }
+    }
+
+    fn after_slice_change(&mut self, id: &ObjectRef, before: Option<SliceModel>) {
+        let after = self.slices.get(id).and_then(Entry::effective);
+        if before.as_ref() == after {
+            return;
+        }
+        let (_, slices) = &mut self.good;
+        *slices = *slices + usize::from(after.is_some()) - usize::from(before.is_some());
+        let new_service = after.and_then(|m| m.service.clone());
+        self.reindex_slice(id, before.and_then(|m| m.service), new_service);
+    }
+
+    /// The problems of an object's definitions: each one's own, and for every definition
+    /// after the first, that it is not the one in effect.
+    fn refresh_problems(&mut self, kind: Kind, id: &ObjectRef) {
+        let (definitions, in_effect) = match kind {
+            Kind::Service => definitions_of(self.services.get(id)),
+            Kind::EndpointSlice => definitions_of(self.slices.get(id)),
+        };
+        for (index, (origin, problem)) in definitions.into_iter().enumerate() {
+            let key = (kind, id.clone(), origin.clone());
+            let problem = if index != in_effect && problem.is_none() {
+                Some(format!(
+                    "{}{kind} {id}: defined more than once; another definition is in effect",
+                    origin.prefix()
+                ))
+            } else {
+                problem
+            };
+            match problem {
+                Some(problem) => self.problems.insert(key, problem),
+                None => self.problems.remove(&key),
+            };
+        }
+    }
+
+    /// The version of `origin`'s definition of an object, if it has one.
+    #[cfg(test)]
+    fn held_version(&self, kind: Kind, id: &ObjectRef, origin: &Origin) -> Option<&str> {
+        match kind {
+            Kind::Service => self.services.get(id)?.definitions.get(origin),
+            Kind::EndpointSlice => {
+                let definition = self.slices.get(id)?.definitions.get(origin)?;
+                return Some(definition.version.as_str());
+            }
+        }
+        .map(|definition| definition.version.as_str())
+    }
+
+    /// Every problem the objects have now.
+    pub fn problems(&self) -> Problems {
+        self.problems
+            .values()
+            .chain(self.repeated.values().flatten())
+            .cloned()
+            .collect()
     }
 
     /// Moves slice `id` from one Service's slices to another's, marking both changed.
@@ -187,32 +358,11 @@ impl Store {
         }
     }
 
-    /// The objects the last update needed but was delivered without: the source should
-    /// deliver them again, with the object.
-    pub fn take_wanted(&mut self) -> BTreeSet<(Kind, ObjectRef)> {
-        std::mem::take(&mut self.wanted)
-    }
-
-    /// Whether the store holds `version` of an object: a source may then let go of it.
-    pub fn holds(&self, kind: Kind, id: &ObjectRef, version: &str) -> bool {
-        let version_of = |entry: Option<&String>| entry.is_some_and(|v| v == version);
-        !version.is_empty()
-            && match kind {
-                Kind::Service => version_of(self.services.get(id).map(|e| &e.version)),
-                Kind::EndpointSlice => version_of(self.slices.get(id).map(|e| &e.version)),
-            }
-    }
-
-    /// Whether the last update delivered the object more than once.
-    pub fn defined_twice(&self, kind: Kind, id: &ObjectRef) -> bool {
-        !self.defined_twice.is_empty() && self.defined_twice.contains(&(kind, id.clone()))
-    }
-
     /// Marks the Services with a NodePort changed, for their frontends follow the node's
     /// addresses.
     pub fn node_addresses_changed(&mut self) {
         let with_node_ports = self.services.iter().filter_map(|(id, entry)| {
-            let service = entry.model.as_ref()?;
+            let service = entry.effective()?;
             service
                 .ports
                 .iter()
@@ -230,103 +380,69 @@ impl Store {
 
     /// A Service and its slices, if it has a good version.
     pub fn service(&self, id: &ObjectRef) -> Option<(&ServiceModel, Vec<&SliceModel>)> {
-        let service = self.services.get(id)?.model.as_ref()?;
+        let service = self.services.get(id)?.effective()?;
         let slices = self
             .slices_by_service
             .get(id)
             .into_iter()
             .flatten()
-            .filter_map(|slice| self.slices.get(slice)?.model.as_ref())
+            .filter_map(|slice| self.slices.get(slice)?.effective())
             .collect();
         Some((service, slices))
     }
 
     /// Services and EndpointSlices with a good version.
     pub fn counts(&self) -> (usize, usize) {
-        let good = |models: &mut dyn Iterator<Item = bool>| models.filter(|good| *good).count();
-        (
-            good(&mut self.services.values().map(|e| e.model.is_some())),
-            good(&mut self.slices.values().map(|e| e.model.is_some())),
-        )
+        self.good
     }
 }
 
-/// Brings `entries[delivered.id]` to the delivered version. `Err` is a duplicate: the
-/// first delivery of an object in an update wins.
-fn deliver<M: PartialEq>(
-    entries: &mut BTreeMap<ObjectRef, Entry<M>>,
-    delivered: Delivered<'_>,
-    update: u64,
+/// Each definition's origin and problem, and which one is in effect.
+fn definitions_of<M>(entry: Option<&Entry<M>>) -> (Vec<(Origin, Option<String>)>, usize) {
+    let definitions = entry
+        .into_iter()
+        .flat_map(|entry| &entry.definitions)
+        .map(|(origin, definition)| (origin.clone(), definition.problem.clone()))
+        .collect();
+    (definitions, entry.map_or(0, Entry::effective_index))
+}
+
+/// Brings `origin`'s definition in `entry` to the delivered version.
+fn define<M: PartialEq>(
+    entry: &mut Entry<M>,
+    origin: &Origin,
+    version: &str,
+    object: Result<&ApiObject, String>,
     convert: impl FnOnce(&ApiObject) -> Result<(M, Option<String>), String>,
-) -> Result<Outcome<M>, String> {
-    let Delivered {
-        kind,
-        id,
-        version,
-        object,
-        origin,
-    } = delivered;
-    // Errors of the object as read already name their origin; the model's do not.
-    let converted = |object: Result<&ApiObject, String>| match object {
-        Ok(object) => convert(object)
-            .map(|(model, note)| (model, note.map(|note| format!("{origin}{note}"))))
-            .map_err(|problem| format!("{origin}{problem}")),
-        Err(problem) => Err(problem),
-    };
-    let Some(entry) = entries.get_mut(id) else {
-        let Some(object) = object else {
-            return Ok(Outcome::Wanted);
-        };
-        let (model, problem) = match converted(object) {
-            Ok((model, note)) => (Some(model), note),
-            Err(problem) => (None, Some(problem)),
-        };
-        let outcome = if model.is_some() {
-            Outcome::Changed(None)
-        } else {
-            Outcome::Unchanged
-        };
-        entries.insert(
-            id.clone(),
-            Entry {
-                version: version.to_owned(),
-                model,
-                problem,
-                seen: update,
-            },
-        );
-        return Ok(outcome);
-    };
-    if entry.seen == update {
-        return Err(format!(
-            "{origin}{kind} {id}: defined more than once; the first definition is used"
-        ));
+) {
+    if let Some(definition) = entry.definitions.get(origin)
+        && !version.is_empty()
+        && definition.version == version
+    {
+        return;
     }
-    entry.seen = update;
-    if !version.is_empty() && entry.version == version {
-        return Ok(Outcome::Unchanged);
-    }
-    let Some(object) = object else {
-        return Ok(Outcome::Wanted);
-    };
-    entry.version = version.to_owned();
-    match converted(object) {
+    let converted = object.and_then(convert);
+    let definition = entry
+        .definitions
+        .entry(origin.clone())
+        .or_insert_with(|| Definition {
+            version: String::new(),
+            model: None,
+            problem: None,
+        });
+    definition.version = version.to_owned();
+    match converted {
         Ok((model, note)) => {
-            entry.problem = note;
-            if entry.model.as_ref() == Some(&model) {
-                Ok(Outcome::Unchanged)
-            } else {
-                Ok(Outcome::Changed(entry.model.replace(model)))
-            }
+            definition.problem = note;
+            definition.model = Some(model);
         }
         Err(problem) => {
-            let kept = if entry.model.is_some() {
+            let kept = if definition.model.is_some() {
                 "; its last good version stays in effect"
             } else {
                 ""
             };
-            entry.problem = Some(format!("{problem}{kept}"));
-            Ok(Outcome::Unchanged)
+            definition.problem = Some(format!("{problem}{kept}"));
         }
     }
 }
@@ -348,13 +464,26 @@ mod tests {
 
     /// Delivers `documents` as m.yaml's, at `version`.
     fn update_at(store: &mut Store, documents: &[Document], version: &str) -> Problems {
-        store.update(documents.iter().map(|d| Delivered {
-            kind: d.kind,
-            id: &d.id,
-            version,
-            object: Some(d.object.as_ref().map_err(ToString::to_string)),
-            origin: "m.yaml: ",
-        }))
+        update_from(store, "m.yaml", documents, version)
+    }
+
+    /// Delivers `documents` as `file`'s, at `version`.
+    fn update_from(
+        store: &mut Store,
+        file: &str,
+        documents: &[Document],
+        version: &str,
+    ) -> Problems {
+        store.replace(
+            &Origin::file(Path::new(file)),
+            documents.iter().map(|d| Delivered {
+                kind: d.kind,
+                id: &d.id,
+                version,
+                object: d.object.as_ref().map_err(ToString::to_string),
+            }),
+        );
+        store.problems()
     }
 
     /// Delivers `documents` as changed, whatever they hold.
@@ -512,6 +641,7 @@ mod tests {
                 |f| desired.target(f).map(|t| (&t.service, &t.spec)),
                 &touched,
                 &crate::agent::DEFAULT_CEILING,
+                false,
             );
             assert!(plan.refused.is_empty());
             programmed.apply(&plan.ops);
@@ -562,5 +692,174 @@ mod tests {
         );
         let frontends = frontends(&mut store, &mut Desired::default());
         assert_eq!(frontends[0].address.to_string(), "10.96.0.10");
+    }
+
+    #[test]
+    fn a_second_definition_in_another_file_takes_over_when_the_first_goes() {
+        let mut store = Store::default();
+        update_from(&mut store, "a.yaml", &documents(A), "1");
+        let problems = update_from(
+            &mut store,
+            "b.yaml",
+            &documents(&A.replace("10.96.0.10", "10.96.0.99")),
+            "2",
+        );
+        assert_eq!(
+            problems,
+            ["b.yaml: Service default/a: defined more than once; another definition is in effect"]
+        );
+        let mut desired = Desired::default();
+        assert_eq!(
+            frontends(&mut store, &mut desired)[0].address.to_string(),
+            "10.96.0.10"
+        );
+        // a.yaml goes: b.yaml's definition, which the store kept, is in effect at once.
+        store.remove_origin(&Origin::file(Path::new("a.yaml")));
+        assert!(store.problems().is_empty());
+        assert_eq!(
+            frontends(&mut store, &mut desired)[0].address.to_string(),
+            "10.96.0.99"
+        );
+        assert_eq!(store.counts(), (1, 0));
+    }
+
+    #[test]
+    fn a_watch_event_touches_only_its_object() {
+        let api = Origin::api(Kind::EndpointSlice);
+        let mut store = Store::default();
+        let yaml = format!(
+            "{A}---\n{B}---\n{}---\n{}",
+            slice("a-1", "a", &["10.244.0.1"]),
+            slice("b-1", "b", &["10.244.0.2"])
+        );
+        let docs = documents(&yaml);
+        store.replace(
+            &Origin::api(Kind::Service),
+            docs.iter()
+                .filter(|d| d.kind == Kind::Service)
+                .map(|d| Delivered {
+                    kind: d.kind,
+                    id: &d.id,
+                    version: "1",
+                    object: d.object.as_ref().map_err(ToString::to_string),
+                }),
+        );
+        store.replace(
+            &api,
+            docs.iter()
+                .filter(|d| d.kind == Kind::EndpointSlice)
+                .map(|d| Delivered {
+                    kind: d.kind,
+                    id: &d.id,
+                    version: "1",
+                    object: d.object.as_ref().map_err(ToString::to_string),
+                }),
+        );
+        assert_eq!(store.take_changed().len(), 2);
+        let moved = documents(&slice("a-1", "a", &["10.244.0.9"]));
+        store.put(
+            &api,
+            Delivered {
+                kind: Kind::EndpointSlice,
+                id: &moved[0].id,
+                version: "2",
+                object: moved[0].object.as_ref().map_err(ToString::to_string),
+            },
+        );
+        assert_eq!(
+            store.take_changed(),
+            BTreeSet::from([ObjectRef::new("default", "a")])
+        );
+        store.remove(&api, Kind::EndpointSlice, &ObjectRef::new("default", "b-1"));
+        assert_eq!(
+            store.take_changed(),
+            BTreeSet::from([ObjectRef::new("default", "b")])
+        );
+        assert_eq!(store.counts(), (2, 1));
+    }
+
+    /// One endpoint change among a thousand Services: one object converted, one Service
+    /// recomputed, one frontend planned, a handful of map writes.
+    #[test]
+    fn an_endpoint_change_costs_its_own_service_and_nothing_more() {
+        let services: String = (0..1000)
+            .map(|i| {
+                format!(
+                    "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n---\n{}---\n",
+                    i / 250,
+                    i % 250 + 1,
+                    slice(&format!("s{i}-1"), &format!("s{i}"), &["10.244.0.1", "10.244.0.2"])
+                )
+            })
+            .collect();
+        let mut store = Store::default();
+        let mut desired = Desired::default();
+        let mut programmed = Programmed::default();
+        let mut sync = |store: &mut Store, programmed: &mut Programmed| {
+            let changed = store.take_changed();
+            let touched = desired.update(
+                changed.iter().map(|id| (id, store.service(id))),
+                &Node::default(),
+            );
+            let plan = plan::plan(
+                programmed,
+                |f| desired.target(f).map(|t| (&t.service, &t.spec)),
+                &touched,
+                &crate::agent::DEFAULT_CEILING,
+                false,
+            );
+            programmed.apply(&plan.ops);
+            (changed.len(), touched.len(), plan.ops.len())
+        };
+        // s7's slice lives in a file of its own, as an EndpointSlice a controller rewrites.
+        let s7 = |ips: &[&str]| documents(&slice("s7-1", "s7", ips));
+        let all = services.replace(
+            &format!(
+                "---\n{}",
+                slice("s7-1", "s7", &["10.244.0.1", "10.244.0.2"])
+            ),
+            "",
+        );
+        assert_ne!(all.len(), services.len());
+        update_from(&mut store, "all.yaml", &documents(&all), "1");
+        update_from(
+            &mut store,
+            "s7.yaml",
+            &s7(&["10.244.0.1", "10.244.0.2"]),
+            "2",
+        );
+        assert_eq!(store.conversions, 2000);
+        assert_eq!(
+            sync(&mut store, &mut programmed),
+            (1000, 1000, 1000 * 3 + 2)
+        );
+
+        // One endpoint of s7 goes: one object converted.
+        update_from(&mut store, "s7.yaml", &s7(&["10.244.0.1"]), "3");
+        assert_eq!(store.conversions, 2001);
+        // One Service recomputed, one frontend planned: its slot 2 goes, its master
+        // shrinks.
+        assert_eq!(sync(&mut store, &mut programmed), (1, 1, 2));
+    }
+
+    #[test]
+    fn a_broken_copy_in_an_earlier_file_does_not_take_down_a_good_definition() {
+        let mut store = Store::default();
+        update_from(&mut store, "b.yaml", &documents(A), "1");
+        let mut desired = Desired::default();
+        assert_eq!(frontends(&mut store, &mut desired).len(), 1);
+        let problems = update_from(
+            &mut store,
+            "a.yaml",
+            &documents(&A.replace("port: 80", "port: 0")),
+            "2",
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].starts_with("a.yaml: Service default/a: spec.ports[0].port"));
+        assert!(
+            store.take_changed().is_empty(),
+            "b.yaml's definition stays in effect"
+        );
+        assert_eq!(store.counts(), (1, 0));
     }
 }

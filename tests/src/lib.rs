@@ -718,6 +718,43 @@ impl Testbed {
             .collect())
     }
 
+    /// A client in `client` connecting to `address` back to back in the background (a
+    /// connect every `interval_ms`), bounded by `count` connects and by `for_ms`; stop it
+    /// with [`finish_probes`]. Its output is read as it comes, so that a full pipe never
+    /// stalls it.
+    pub fn background_prober(
+        &self,
+        client: &Pod,
+        address: &str,
+        count: u32,
+        interval_ms: u64,
+        for_ms: u64,
+    ) -> anyhow::Result<Prober> {
+        use std::io::Read as _;
+        let mut child = self
+            .probe_command(
+                client,
+                address,
+                count,
+                &[
+                    "--interval-ms",
+                    &interval_ms.to_string(),
+                    "--for-ms",
+                    &for_ms.to_string(),
+                ],
+            )?
+            .spawn()?;
+        let mut stdout = child
+            .stdout
+            .take()
+            .context("the prober's stdout is not piped")?;
+        let output = std::thread::spawn(move || {
+            let mut output = String::new();
+            stdout.read_to_string(&mut output).map(|_| output)
+        });
+        Ok(Prober { child, output })
+    }
+
     /// The `lb-probe` command in `client`, to run it in the background.
     pub fn probe_command(
         &self,
@@ -734,6 +771,26 @@ impl Testbed {
             .stdout(Stdio::piped());
         Ok(command)
     }
+}
+
+/// A client probing in the background: see [`Testbed::background_prober`].
+pub struct Prober {
+    child: Child,
+    output: std::thread::JoinHandle<std::io::Result<String>>,
+}
+
+/// Stops a background prober and returns every attempt it made.
+pub fn finish_probes(mut prober: Prober) -> anyhow::Result<Vec<Probe>> {
+    drop(prober.child.kill());
+    drop(prober.child.wait());
+    let output = prober
+        .output
+        .join()
+        .map_err(|_| anyhow::anyhow!("the prober's reader panicked"))??;
+    Ok(parse_probes(&output)?
+        .into_iter()
+        .map(|timed| timed.probe)
+        .collect())
 }
 
 /// Kills every process in `cgroup` and waits (bounded) until it is empty.

@@ -6,12 +6,12 @@
     reason = "a test fails by panicking, with the error"
 )]
 
-use std::{collections::BTreeSet, ffi::OsStr, io::Read as _, process::Child, time::Duration};
+use std::{collections::BTreeSet, ffi::OsStr, time::Duration};
 
 use lb_tests::{
-    Pod, Probe, Testbed,
+    Pod, Probe, Prober, Testbed,
     apiserver::{ApiServer, Resource},
-    http_get, parse_probes, privileged, wait_for,
+    finish_probes, http_get, privileged, wait_for,
 };
 
 fn service(ips: &[&str]) -> String {
@@ -74,35 +74,15 @@ fn hostnames(probes: &[Probe]) -> BTreeSet<String> {
 }
 
 /// A client connecting back to back in the background, bounded in count and in time.
-fn background_prober(testbed: &Testbed, client: &Pod) -> Child {
+fn background_prober(testbed: &Testbed, client: &Pod) -> Prober {
     testbed
-        .probe_command(
-            client,
-            "10.96.0.10:80",
-            20_000,
-            &["--interval-ms", "5", "--for-ms", "40000"],
-        )
-        .unwrap()
-        .spawn()
+        .background_prober(client, "10.96.0.10:80", 20_000, 5, 40_000)
         .unwrap()
 }
 
 /// Stops the prober and returns every attempt it made.
-fn finish(mut prober: Child) -> Vec<Probe> {
-    drop(prober.kill());
-    let mut output = String::new();
-    prober
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut output)
-        .unwrap();
-    drop(prober.wait());
-    parse_probes(&output)
-        .unwrap()
-        .into_iter()
-        .map(|p| p.probe)
-        .collect()
+fn finish(prober: Prober) -> Vec<Probe> {
+    finish_probes(prober).unwrap()
 }
 
 fn assert_no_failures(probes: &[Probe]) {

@@ -1,30 +1,28 @@
-//! The Kubernetes API: reflectors on v1 Services and discovery.k8s.io/v1 EndpointSlices,
-//! as kube-proxy watches them. A relist (after a broken watch or "410 Gone") swaps the
-//! reflector's store only once the new list is complete, so a sync never sees a partial
-//! list; and the agent syncs only once both initial lists are in.
+//! The Kubernetes API: watches on v1 Services and discovery.k8s.io/v1 EndpointSlices, as
+//! kube-proxy watches them, applied to the store event by event (kube-rs `watcher`, not a
+//! reflector: the store's models are the only copy). A relist (after a broken watch or
+//! "410 Gone") replaces a kind's objects only once the new list is complete, so a sync
+//! never sees a partial list; and the agent syncs only once both initial lists are in.
 //!
-//! The reflectors hold the lean [`api`](crate::api) types, which keep only what the model
-//! reads: every object stays in memory for as long as it exists.
+//! The watches read the lean [`api`](crate::api) types, which keep only what the model
+//! reads.
 
-use std::{path::Path, time::Instant};
+use std::{path::Path, sync::Arc, time::Instant};
 
 use futures::StreamExt as _;
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store as Reflected},
-        watcher,
-    },
+    runtime::{WatchStreamExt as _, watcher},
 };
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Change, Changes};
 use crate::{
     api::{EndpointSlice, Service},
     manifest::{ApiObject, Kind},
     model::{ObjectRef, SERVICE_NAME_LABEL, object_ref},
-    store::{Delivered, Problems, Store},
+    store::{Delivered, Origin, Problems, Store},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -64,15 +62,27 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError
     Ok(Client::try_from(config)?)
 }
 
+/// What a watch saw, in order, for the next sync to apply.
+enum Event {
+    Put(Kind, ApiObject),
+    Remove(Kind, ObjectRef),
+    /// A complete list (the first, or after a broken watch or "410 Gone"): what it does not
+    /// hold is gone.
+    Relisted(Kind, Vec<ApiObject>),
+}
+
+/// The watches: their events wait in a queue for the next sync, which applies each to the
+/// store. Nothing else of the objects is kept: the store holds their models.
 pub struct Kubernetes {
-    services: Reflected<Service>,
-    slices: Reflected<EndpointSlice>,
-    task: tokio::task::JoinHandle<()>,
+    events: mpsc::UnboundedReceiver<Event>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Kubernetes {
     fn drop(&mut self) {
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -80,86 +90,137 @@ impl Kubernetes {
     /// Starts both watches and returns once both initial lists are in; every later change
     /// is sent to `changes`. Watch errors are logged and retried with backoff.
     pub async fn start(client: Client, changes: Changes) -> Result<Self, KubernetesError> {
-        let (services, services_writer) = reflector::store();
-        let (slices, slices_writer) = reflector::store();
-        let service_events = watcher(
+        let (queue, events) = mpsc::unbounded_channel();
+        let (services_listed, services_ready) = oneshot::channel();
+        let (slices_listed, slices_ready) = oneshot::channel();
+        let services = watcher(
             Api::<Service>::all(client.clone()),
             watcher::Config::default(),
         )
-        .default_backoff()
-        .reflect(services_writer)
-        .map(|event| event.map(|e| is_change(&e)));
+        .default_backoff();
         // Only slices that belong to a Service, as kube-proxy selects them.
-        let slice_events = watcher(
+        let slices = watcher(
             Api::<EndpointSlice>::all(client),
             watcher::Config::default().labels(SERVICE_NAME_LABEL),
         )
-        .default_backoff()
-        .reflect(slices_writer)
-        .map(|event| event.map(|e| is_change(&e)));
-        let mut events = Box::pin(futures::stream::select(service_events, slice_events));
-        let task = tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                match event {
-                    // Changes inside a relist wait for its InitDone, which swaps the store.
-                    Ok(true) => drop(changes.send(Change::Complete(Instant::now()))),
-                    Ok(false) => {}
-                    Err(e) => tracing::warn!("watch: {e}; retrying with backoff"),
-                }
-            }
-        });
+        .default_backoff();
+        let tasks = vec![
+            tokio::spawn(follow(
+                Kind::Service,
+                services,
+                |service| ApiObject::Service(Arc::new(service)),
+                queue.clone(),
+                changes.clone(),
+                services_listed,
+            )),
+            tokio::spawn(follow(
+                Kind::EndpointSlice,
+                slices,
+                |slice| ApiObject::EndpointSlice(Arc::new(slice)),
+                queue,
+                changes,
+                slices_listed,
+            )),
+        ];
         tracing::info!("waiting for the initial lists of Services and EndpointSlices");
-        services
-            .wait_until_ready()
+        services_ready
             .await
             .map_err(|_| KubernetesError::WriterDropped)?;
-        slices
-            .wait_until_ready()
+        slices_ready
             .await
             .map_err(|_| KubernetesError::WriterDropped)?;
-        Ok(Self {
-            services,
-            slices,
-            task,
-        })
+        Ok(Self { events, tasks })
     }
 
-    /// Puts the reflectors' current objects into `store`; only those whose
+    /// Applies the events seen since the last call to `store`; only objects whose
     /// `resourceVersion` changed are converted again.
     pub fn refresh(&mut self, store: &mut Store) -> Problems {
-        let objects: Vec<(Kind, ObjectRef, ApiObject)> = self
-            .services
-            .state()
-            .into_iter()
-            .map(|s| (Kind::Service, ApiObject::Service(s)))
-            .chain(
-                self.slices
-                    .state()
-                    .into_iter()
-                    .map(|s| (Kind::EndpointSlice, ApiObject::EndpointSlice(s))),
-            )
-            .map(|(kind, object)| (kind, id(object.metadata()), object))
-            .collect();
-        store.update(objects.iter().map(|(kind, id, object)| {
-            Delivered {
-                kind: *kind,
-                id,
-                version: object
-                    .metadata()
-                    .resource_version
-                    .as_deref()
-                    .unwrap_or_default(),
-                object: Some(Ok(object)),
-                origin: "",
+        let version = |object: &ApiObject| {
+            object
+                .metadata()
+                .resource_version
+                .clone()
+                .unwrap_or_default()
+        };
+        while let Ok(event) = self.events.try_recv() {
+            match event {
+                Event::Put(kind, object) => {
+                    let (id, version) = (id(object.metadata()), version(&object));
+                    store.put(
+                        &Origin::api(kind),
+                        Delivered {
+                            kind,
+                            id: &id,
+                            version: &version,
+                            object: Ok(&object),
+                        },
+                    );
+                }
+                Event::Remove(kind, id) => store.remove(&Origin::api(kind), kind, &id),
+                Event::Relisted(kind, objects) => {
+                    let named: Vec<(ObjectRef, String, &ApiObject)> = objects
+                        .iter()
+                        .map(|object| (id(object.metadata()), version(object), object))
+                        .collect();
+                    store.replace(
+                        &Origin::api(kind),
+                        named.iter().map(|(id, version, object)| Delivered {
+                            kind,
+                            id,
+                            version,
+                            object: Ok(*object),
+                        }),
+                    );
+                }
             }
-        }))
+        }
+        Vec::new()
     }
 }
 
-/// Whether the store changed with `event`: objects of a relist in progress are held back
-/// until its InitDone swaps them in.
-fn is_change<K>(event: &watcher::Event<K>) -> bool {
-    !matches!(event, watcher::Event::Init | watcher::Event::InitApply(_))
+/// Forwards one watch's events to the queue, holding a relist's objects back until its
+/// InitDone so that a sync never sees a partial list; `listed` fires at the first InitDone.
+async fn follow<K>(
+    kind: Kind,
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    wrap: fn(K) -> ApiObject,
+    queue: mpsc::UnboundedSender<Event>,
+    changes: Changes,
+    listed: oneshot::Sender<()>,
+) {
+    let mut events = std::pin::pin!(events);
+    let mut listed = Some(listed);
+    let mut relist: Option<Vec<ApiObject>> = None;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(watcher::Event::Init) => {
+                relist = Some(Vec::new());
+                continue;
+            }
+            Ok(watcher::Event::InitApply(object)) => {
+                relist.get_or_insert_default().push(wrap(object));
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => {
+                Event::Relisted(kind, relist.take().unwrap_or_default())
+            }
+            Ok(watcher::Event::Apply(object)) => Event::Put(kind, wrap(object)),
+            Ok(watcher::Event::Delete(object)) => Event::Remove(kind, id(wrap(object).metadata())),
+            Err(e) => {
+                tracing::warn!("watch of {kind}s: {e}; retrying with backoff");
+                continue;
+            }
+        };
+        // The receivers are gone only while shutting down.
+        if queue.send(event).is_err() {
+            return;
+        }
+        if let Some(listed) = listed.take() {
+            // Fails only if `start` stopped waiting, which it does not.
+            listed.send(()).ok();
+        }
+        drop(changes.send(Change::Complete(Instant::now())));
+    }
 }
 
 fn id(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectRef {

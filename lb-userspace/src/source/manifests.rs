@@ -2,7 +2,7 @@
 //! good objects; a file that is gone takes its objects with it.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
@@ -15,9 +15,8 @@ use notify::{
 
 use super::{Change, Changes, SourceError};
 use crate::{
-    manifest::{self, ApiObject, Document, Kind, ManifestError},
-    model::ObjectRef,
-    store::{Delivered, Problems, Store},
+    manifest::{self, ManifestError},
+    store::{Delivered, Origin, Problems, Store},
 };
 
 /// How long a file must go without a write before it is read while still open: a writer
@@ -31,8 +30,11 @@ type Unsettled = Arc<Mutex<BTreeMap<PathBuf, Instant>>>;
 pub struct Manifests {
     dir: PathBuf,
     unsettled: Unsettled,
-    /// Last readable contents of each manifest.
+    /// The manifests read so far, as they were when read. Their objects live in the
+    /// store, each file an origin of its own; nothing parsed is kept here.
     files: BTreeMap<PathBuf, File>,
+    /// What is wrong with a file as a whole (it does not parse, it is empty), while it is.
+    file_problems: BTreeMap<PathBuf, String>,
     /// Files read so far: each read gets its own number, the version of its objects.
     reads: u64,
     _watcher: notify::RecommendedWatcher,
@@ -41,29 +43,7 @@ pub struct Manifests {
 struct File {
     /// The file as it was when read.
     version: Version,
-    /// The version of the objects read from it.
-    read: String,
-    /// `"path: "`, what model errors of its objects start with.
-    origin: String,
-    documents: Vec<Held>,
-}
-
-/// One document of a file; the object goes once the store has it (see
-/// [`Manifests::let_go`]).
-struct Held {
-    kind: Kind,
-    id: ObjectRef,
-    object: Option<Result<ApiObject, ManifestError>>,
-}
-
-impl From<Document> for Held {
-    fn from(document: Document) -> Self {
-        Self {
-            kind: document.kind,
-            id: document.id,
-            object: Some(document.object),
-        }
-    }
+    origin: Origin,
 }
 
 /// What tells a file that changed from one that did not, without reading it: editors and
@@ -103,19 +83,20 @@ impl Manifests {
                     Ok(event) => {
                         let mut writes = writes.lock().unwrap_or_else(PoisonError::into_inner);
                         match written(&event.kind) {
-                            None => return,
-                            Some(true) => {
+                            Written::Nothing => return,
+                            Written::InProgress => {
                                 for path in event.paths {
                                     writes.insert(path, now);
                                 }
                                 Change::Unsettled(now)
                             }
-                            Some(false) => {
+                            Written::Done => {
                                 for path in &event.paths {
                                     writes.remove(path);
                                 }
                                 Change::Complete(now)
                             }
+                            Written::Touched => Change::Complete(now),
                         }
                     }
                     // An event lost (queue overflow): read everything that changed.
@@ -132,6 +113,7 @@ impl Manifests {
             dir: dir.into(),
             unsettled,
             files: BTreeMap::new(),
+            file_problems: BTreeMap::new(),
             reads: 0,
             _watcher: watcher,
         })
@@ -141,11 +123,23 @@ impl Manifests {
         &self.dir
     }
 
-    /// Re-reads the directory into `store`.
+    /// Brings `store` in line with the directory: the files that changed replace their
+    /// objects, the files that are gone take theirs with them. Returns the problems of the
+    /// files as a whole.
     pub fn refresh(&mut self, store: &mut Store) -> Result<Problems, ManifestError> {
-        let paths = manifest::list(&self.dir)?;
-        let mut problems = Vec::new();
-        self.files.retain(|path, _| paths.contains(path));
+        let paths: BTreeSet<PathBuf> = manifest::list(&self.dir)?.into_iter().collect();
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|path| !paths.contains(*path))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(file) = self.files.remove(&path) {
+                store.remove_origin(&file.origin);
+            }
+        }
+        self.file_problems.retain(|path, _| paths.contains(path));
         let now = Instant::now();
         let unsettled: Vec<PathBuf> = {
             let mut writes = self
@@ -170,33 +164,8 @@ impl Manifests {
                 version.is_none() || self.files.get(path).map(|f| Some(f.version)) != Some(*version)
             })
             .collect();
-        problems.extend(self.read(changed));
-        let mut delivered = self.deliver(store);
-        // A file let go of an object the store needs again (a duplicate definition that
-        // takes over when the first goes): read those files again and deliver once more.
-        let wanted = store.take_wanted();
-        if !wanted.is_empty() {
-            let rereads = self
-                .files
-                .iter()
-                .filter(|(_, file)| {
-                    file.documents
-                        .iter()
-                        .any(|d| wanted.contains(&(d.kind, d.id.clone())))
-                })
-                .map(|(path, _)| (path.clone(), Version::of(path)))
-                .collect();
-            problems.extend(self.read(rereads));
-            delivered = self.deliver(store);
-            problems.extend(store.take_wanted().into_iter().map(|(kind, id)| {
-                format!(
-                    "{kind} {id}: its remaining definition could not be read again; the one from a removed file stays in effect until it can be"
-                )
-            }));
-        }
-        problems.extend(delivered);
-        self.let_go(store);
-        Ok(problems)
+        self.read(changed, store);
+        Ok(self.file_problems.values().cloned().collect())
     }
 
     /// Whether files are being written.
@@ -209,10 +178,9 @@ impl Manifests {
             .is_empty()
     }
 
-    /// Reads files (several at once when that pays); a file that fails keeps its last good
-    /// objects, and the problem says so.
-    fn read(&mut self, files: Vec<(PathBuf, Option<Version>)>) -> Problems {
-        let mut problems = Vec::new();
+    /// Reads files (several at once when that pays) into `store`; a file that fails keeps
+    /// its last good objects, and the problem says so.
+    fn read(&mut self, files: Vec<(PathBuf, Option<Version>)>, store: &mut Store) {
         // `kubectl get … > file` truncates before it writes: an empty file that had
         // objects is most likely half-written, so they stay until it has content again
         // (or is removed).
@@ -220,12 +188,13 @@ impl Manifests {
             files.into_iter().partition(|(path, version)| {
                 version.is_some_and(|v| v.len == 0) && self.files.contains_key(path)
             });
-        problems.extend(half_written.into_iter().map(|(path, _)| {
-            format!(
+        for (path, _) in half_written {
+            let problem = format!(
                 "{}: empty; its last objects stay in effect until it has content or is removed",
                 path.display()
-            )
-        }));
+            );
+            self.file_problems.insert(path, problem);
+        }
         let sized: Vec<(&Path, u64)> = files
             .iter()
             .map(|(path, version)| (path.as_path(), version.map_or(0, |v| v.len)))
@@ -234,16 +203,23 @@ impl Manifests {
         for ((path, version), read) in files.into_iter().zip(read) {
             match read {
                 Ok(documents) => {
-                    if let Some(version) = version {
-                        self.reads += 1;
-                        let file = File {
-                            version,
-                            read: self.reads.to_string(),
-                            origin: format!("{}: ", path.display()),
-                            documents: documents.into_iter().map(Held::from).collect(),
-                        };
-                        self.files.insert(path, file);
-                    }
+                    // A file that vanished between the listing and the read is not kept:
+                    // the next refresh sees it gone.
+                    let Some(version) = version else { continue };
+                    self.reads += 1;
+                    let read = self.reads.to_string();
+                    let origin = Origin::file(&path);
+                    store.replace(
+                        &origin,
+                        documents.iter().map(|document| Delivered {
+                            kind: document.kind,
+                            id: &document.id,
+                            version: &read,
+                            object: document.object.as_ref().map_err(ToString::to_string),
+                        }),
+                    );
+                    self.file_problems.remove(&path);
+                    self.files.insert(path, File { version, origin });
                 }
                 Err(e) => {
                     let kept = if self.files.contains_key(&path) {
@@ -251,58 +227,39 @@ impl Manifests {
                     } else {
                         ""
                     };
-                    problems.push(format!("{e}{kept}"));
-                }
-            }
-        }
-        problems
-    }
-
-    /// Delivers every file's objects, the complete set, to `store`.
-    fn deliver(&self, store: &mut Store) -> Problems {
-        store.update(self.files.values().flat_map(|file| {
-            file.documents.iter().map(move |document| Delivered {
-                kind: document.kind,
-                id: &document.id,
-                version: &file.read,
-                object: document
-                    .object
-                    .as_ref()
-                    .map(|object| object.as_ref().map_err(ToString::to_string)),
-                origin: &file.origin,
-            })
-        }))
-    }
-
-    /// Drops the parsed objects whose version the store holds: at 100k Services they would
-    /// weigh hundreds of MiB, and an unchanged version is never converted again. Objects
-    /// defined more than once stay, so that one can take over from another without a read.
-    fn let_go(&mut self, store: &Store) {
-        for file in self.files.values_mut() {
-            for document in &mut file.documents {
-                if matches!(document.object, Some(Ok(_)))
-                    && store.holds(document.kind, &document.id, &file.read)
-                    && !store.defined_twice(document.kind, &document.id)
-                {
-                    document.object = None;
+                    self.file_problems.insert(path, format!("{e}{kept}"));
                 }
             }
         }
     }
 }
 
-/// What an event says of its files: `Some(true)` while they are being written (created,
-/// modified, not closed yet), `Some(false)` when they are complete (closed after writing,
-/// renamed into or out of place, removed, their attributes changed), `None` for events
-/// that change nothing (opened, read, closed unwritten).
-fn written(kind: &EventKind) -> Option<bool> {
+/// What an event says of its files.
+#[derive(Debug, PartialEq, Eq)]
+enum Written {
+    /// Nothing changed (opened, read, closed unwritten).
+    Nothing,
+    /// Being written: created or modified, not closed yet.
+    InProgress,
+    /// Complete: closed after writing, renamed into or out of place, removed.
+    Done,
+    /// Its attributes changed: worth a look, but a write in progress goes on.
+    Touched,
+}
+
+fn written(kind: &EventKind) -> Written {
     match kind {
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Some(false),
-        EventKind::Access(_) => None,
-        EventKind::Create(CreateKind::Folder) => Some(false),
-        EventKind::Create(_) => Some(true),
-        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => Some(true),
-        _ => Some(false),
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Written::Done,
+        EventKind::Access(_) => Written::Nothing,
+        EventKind::Create(CreateKind::Folder) => Written::Touched,
+        EventKind::Create(_) => Written::InProgress,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+            Written::InProgress
+        }
+        EventKind::Modify(ModifyKind::Metadata(_)) | EventKind::Any | EventKind::Other => {
+            Written::Touched
+        }
+        _ => Written::Done,
     }
 }
 
@@ -353,7 +310,8 @@ mod tests {
             while self.manifests.unsettled() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let problems = self.manifests.refresh(&mut self.store).unwrap();
+            let mut problems = self.manifests.refresh(&mut self.store).unwrap();
+            problems.extend(self.store.problems());
             let changed = self.store.take_changed();
             self.desired.update(
                 changed.iter().map(|id| (id, self.store.service(id))),
@@ -369,45 +327,50 @@ mod tests {
     }
 
     #[test]
-    fn objects_let_go_of_come_back_when_a_duplicate_takes_over() {
+    fn a_duplicate_takes_over_without_a_read_when_the_first_file_goes() {
         let mut fixture = Fixture::new();
         fixture.write("a.yaml", &service("10.96.0.10"));
         fixture.write("b.yaml", &service("10.96.0.99"));
-        assert_eq!(fixture.refresh().0, ["10.96.0.10"]);
-        // Defined twice: both objects are kept, so b's takes over without a read.
-        fixture.remove("a.yaml");
-        assert_eq!(fixture.refresh().0, ["10.96.0.99"]);
-
-        // b's object was let go once it alone defined the Service; a's comes back and wins,
-        // then goes again: b's is read again.
-        fixture.write("a.yaml", &service("10.96.0.10"));
-        assert_eq!(fixture.refresh().0, ["10.96.0.10"]);
-        fixture.remove("a.yaml");
-        assert_eq!(fixture.refresh().0, ["10.96.0.99"]);
-    }
-
-    #[test]
-    fn a_definition_that_cannot_be_read_again_leaves_the_last_one_in_effect() {
-        let mut fixture = Fixture::new();
-        fixture.write("b.yaml", &service("10.96.0.99"));
-        fixture.refresh();
-        fixture.write("a.yaml", &service("10.96.0.10"));
-        fixture.refresh();
-
-        // a goes while b is half-written (`kubectl get > b.yaml` truncates first).
-        fixture.remove("a.yaml");
-        fixture.write("b.yaml", "");
         let (frontends, problems) = fixture.refresh();
         assert_eq!(frontends, ["10.96.0.10"]);
         assert!(
-            problems.iter().any(|p| p
-                .contains("Service default/web: its remaining definition could not be read again")),
+            problems
+                .iter()
+                .any(|p| p.contains("b.yaml: Service default/web: defined more than once")),
+            "{problems:?}"
+        );
+        fixture.remove("a.yaml");
+        let (frontends, problems) = fixture.refresh();
+        assert_eq!(frontends, ["10.96.0.99"]);
+        assert!(problems.is_empty(), "{problems:?}");
+        fixture.write("a.yaml", &service("10.96.0.10"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.10"]);
+    }
+
+    #[test]
+    fn a_half_written_duplicate_still_takes_over_with_its_last_good_objects() {
+        let mut fixture = Fixture::new();
+        fixture.write("b.yaml", &service("10.96.0.99"));
+        fixture.refresh();
+        fixture.write("a.yaml", &service("10.96.0.10"));
+        fixture.refresh();
+
+        // a goes while b is half-written (`kubectl get > b.yaml` truncates first): b's last
+        // good objects, which the store holds, are in effect.
+        fixture.remove("a.yaml");
+        fixture.write("b.yaml", "");
+        let (frontends, problems) = fixture.refresh();
+        assert_eq!(frontends, ["10.96.0.99"]);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("b.yaml: empty; its last objects stay")),
             "{problems:?}"
         );
 
-        fixture.write("b.yaml", &service("10.96.0.99"));
+        fixture.write("b.yaml", &service("10.96.0.98"));
         let (frontends, problems) = fixture.refresh();
-        assert_eq!(frontends, ["10.96.0.99"]);
+        assert_eq!(frontends, ["10.96.0.98"]);
         assert!(problems.is_empty(), "{problems:?}");
     }
 }
