@@ -1,16 +1,16 @@
 //! The agent's sync path on the host, with no kernel and no source: N ClusterIP Services
 //! with one EndpointSlice of 3 endpoints each (pods of their own), as a source delivers them.
 //!
-//! - `model`: a full sync's model: [`Store::update`] with every object, then
-//!   [`Desired::update`] of every Service it reports changed.
+//! - `model_full`: a full sync's model: both lists into a fresh [`Store`]
+//!   ([`Store::replace`]), then [`Desired::update`] of every Service it reports changed.
 //! - `plan_full`: [`plan::plan`] of every frontend from an empty [`Programmed`] (the maps
 //!   of a fresh node).
 //! - `endpoint_change`: one EndpointSlice rewritten (3 endpoints, then 2, then 3, …) on top
-//!   of a full state: the store update with every object (only the changed one has a new
-//!   version), the model of the Services it touched, the plan of their frontends, and the
-//!   plan recorded as written — what the agent does per change, less the map writes;
-//!   `store_unchanged` is its part that does not depend on the change: the store update
-//!   with every object, none of them new.
+//!   of a full state: its watch event into the store ([`Store::put`]), the model of the
+//!   Services it touched, the plan of their frontends, and the plan recorded as written —
+//!   what the agent does per change, less the map writes.
+//! - `store_relist_unchanged`: a relist that finds nothing changed (after a broken watch):
+//!   every object looked at, none converted.
 //!
 //! `cargo bench -p lb-userspace --bench sync` runs 1k, 10k and 100k Services
 //! (`LB_BENCH_SIZES=1000,5000` for others); as a test (`cargo test --benches`) each bench

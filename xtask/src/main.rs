@@ -84,6 +84,18 @@ fn run(task: Task) -> anyhow::Result<()> {
                 // What is measured is what a node runs: the agent, the probes and the
                 // benchmark's own client built with optimizations.
                 build(true)?;
+                // The benchmark's own process is measured too (it hosts the API server
+                // of the `kubernetes` source): the optimized one runs it.
+                let release = bin_dir(true).join("xtask");
+                if std::env::current_exe()?.canonicalize()? != release.canonicalize()? {
+                    let status = Command::new(&release)
+                        .args(std::env::args_os().skip(1))
+                        .arg("--no-build")
+                        .status()
+                        .with_context(|| format!("running {}", release.display()))?;
+                    ensure!(status.success(), "{} failed: {status}", release.display());
+                    return Ok(());
+                }
                 lb_tests::use_binaries_from(bin_dir(true));
             }
             bench::run(args)
