@@ -29,6 +29,10 @@ use lb_userspace::{
 };
 use serde::Deserialize as _;
 
+/// The agent's allocator, so that the figures are the agent's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     divan::main();
 }

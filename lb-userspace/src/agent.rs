@@ -221,7 +221,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         reported: BTreeSet::new(),
         node,
         state,
-        unwritten_services: BTreeSet::new(),
+        unwritten_services: Default::default(),
         unwritten_frontends: BTreeSet::new(),
         metrics: metrics.clone(),
     };
@@ -461,7 +461,7 @@ struct Syncer {
     node: Node,
     state: StateWriter,
     /// Services and frontends the model changed since the state file was last told.
-    unwritten_services: BTreeSet<ObjectRef>,
+    unwritten_services: crate::hash::Set<ObjectRef>,
     unwritten_frontends: BTreeSet<Frontend>,
     metrics: Arc<Metrics>,
 }

@@ -10,6 +10,7 @@ pub mod api;
 pub mod bpf;
 pub mod cli;
 pub mod datapath;
+pub mod hash;
 pub mod links;
 pub mod manifest;
 pub mod metrics;

@@ -10,31 +10,117 @@ use std::{
     sync::Arc,
 };
 
-use crate::api::{EndpointSlice, Service};
+use crate::{
+    api::{EndpointSlice, Service},
+    hash::Map,
+};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// `namespace/name` of an API object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+/// `namespace/name` of an API object: one shared allocation per name, so that the store,
+/// the model, the plan and the state file's writer all index by it for the price of a
+/// pointer (the store interns each name once: every copy points at one `Arc`).
+#[derive(Clone)]
 pub struct ObjectRef {
-    pub namespace: String,
-    pub name: String,
+    /// `namespace/name`.
+    text: Arc<str>,
+    /// Where the namespace ends in `text`.
+    namespace_len: u32,
+    /// The hash of `text`, computed once: names are looked up in several indexes per
+    /// event.
+    hash: u64,
 }
 
 impl ObjectRef {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
+        let (namespace, name) = (namespace.as_ref(), name.as_ref());
+        let mut text = String::with_capacity(namespace.len() + 1 + name.len());
+        text.push_str(namespace);
+        text.push('/');
+        text.push_str(name);
+        let hash = std::hash::BuildHasher::hash_one(&foldhash::fast::FixedState::default(), &text);
         Self {
-            namespace: namespace.into(),
-            name: name.into(),
+            text: Arc::from(text),
+            namespace_len: u32::try_from(namespace.len()).unwrap_or(u32::MAX),
+            hash,
         }
+    }
+
+    fn split(&self) -> usize {
+        usize::try_from(self.namespace_len)
+            .unwrap_or(usize::MAX)
+            .min(self.text.len())
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.text.get(..self.split()).unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.text.get(self.split() + 1..).unwrap_or_default()
+    }
+
+    /// Whether both are the same interned name: what the store hands out for one name.
+    pub fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.text, &other.text)
+    }
+}
+
+impl PartialEq for ObjectRef {
+    fn eq(&self, other: &Self) -> bool {
+        self.same(other)
+            || (self.hash == other.hash
+                && self.namespace_len == other.namespace_len
+                && self.text == other.text)
+    }
+}
+
+impl Eq for ObjectRef {}
+
+impl std::hash::Hash for ObjectRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for ObjectRef {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ObjectRef {
+    /// By namespace, then name.
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if self.same(other) {
+            return std::cmp::Ordering::Equal;
+        }
+        (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
+    }
+}
+
+impl fmt::Debug for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", &*self.text)
     }
 }
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        f.write_str(&self.text)
+    }
+}
+
+impl Serialize for ObjectRef {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut s = serializer.serialize_struct("ObjectRef", 2)?;
+        s.serialize_field("namespace", self.namespace())?;
+        s.serialize_field("name", self.name())?;
+        s.end()
     }
 }
 
@@ -157,7 +243,8 @@ pub struct EndpointModel {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
-    pub node_name: Option<String>,
+    /// Shared: a cluster has few nodes and many endpoints on each.
+    pub node_name: Option<Arc<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -407,7 +494,7 @@ impl SliceModel {
             .as_ref()
             .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
             .filter(|name| !name.is_empty())
-            .map(|name| ObjectRef::new(id.namespace.clone(), name.clone()));
+            .map(|name| ObjectRef::new(id.namespace(), name));
         let ipv4 = slice.address_type == "IPv4";
 
         let mut ports = Vec::new();
@@ -447,7 +534,11 @@ impl SliceModel {
                     ready,
                     serving,
                     terminating,
-                    node_name: endpoint.node_name.clone().filter(|n| !n.is_empty()),
+                    node_name: endpoint
+                        .node_name
+                        .as_deref()
+                        .filter(|n| !n.is_empty())
+                        .map(Arc::from),
                 });
             }
         }
@@ -510,11 +601,53 @@ pub enum FrontendKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendTarget {
     pub service: ObjectRef,
-    pub port_name: String,
+    pub port_name: Arc<str>,
     pub kind: FrontendKind,
     pub spec: FrontendSpec,
-    /// Every endpoint of the Service port, used or not, and why not.
-    pub endpoints: Vec<EndpointState>,
+    /// Every endpoint of the Service port, used or not: shared by the frontends of the
+    /// port. Why one is not a backend is worked out when asked ([`Self::endpoint_states`]).
+    pub endpoints: Arc<[Endpoint]>,
+}
+
+/// One endpoint of a Service port, once across its slices.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub backend: BackendAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node_name: Option<Arc<str>>,
+}
+
+impl FrontendTarget {
+    /// Every endpoint as the agent judged it for this frontend on node `node`: a backend,
+    /// or why not.
+    pub fn endpoint_states(&self, node: &str) -> Vec<EndpointState> {
+        let local_only = self.spec.flags & lb_common::FLAG_NODE_LOCAL != 0;
+        self.endpoints
+            .iter()
+            .map(|e| EndpointState {
+                address: e.backend.address,
+                port: e.backend.port,
+                ready: e.ready,
+                serving: e.serving,
+                terminating: e.terminating,
+                node_name: e.node_name.as_deref().map(str::to_owned),
+                excluded: if self.spec.backends.contains(&e.backend) {
+                    None
+                } else if local_only && e.node_name.as_deref() != Some(node) {
+                    Some(format!(
+                        "on node {}, not {node} (internalTrafficPolicy: Local)",
+                        e.node_name.as_deref().unwrap_or("<unset>"),
+                    ))
+                } else if e.serving && e.terminating {
+                    Some("terminating: used only while no endpoint is ready".into())
+                } else {
+                    Some("not ready".into())
+                },
+            })
+            .collect()
+    }
 }
 
 /// One endpoint of a frontend as the agent judged it; `excluded` says why it is not a
@@ -586,10 +719,11 @@ type Claim = (FrontendKind, ObjectRef, usize);
 /// the Services it touched.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
-    /// Every claim on every frontend; the first one is in effect.
-    claims: BTreeMap<Frontend, BTreeMap<Claim, Arc<FrontendTarget>>>,
+    /// Every claim on every frontend, in precedence order; the first one is in effect.
+    /// Almost every frontend has one claim: it is kept inline.
+    claims: BTreeMap<Frontend, SmallVec<[(Claim, Arc<FrontendTarget>); 1]>>,
     /// The frontends each Service claims, to withdraw them when it changes.
-    claimed_by: BTreeMap<ObjectRef, Vec<Frontend>>,
+    claimed_by: Map<ObjectRef, SmallVec<[Frontend; 1]>>,
     /// Frontends claimed by more than one Service, kept as claims change so that finding
     /// conflicts costs what there are, not a walk over every claim.
     contested: BTreeSet<Frontend>,
@@ -613,7 +747,7 @@ impl Desired {
         for (id, current) in changed {
             for frontend in self.claimed_by.remove(id).unwrap_or_default() {
                 if let Some(claims) = self.claims.get_mut(&frontend) {
-                    claims.retain(|(_, service, _), _| service != id);
+                    claims.retain(|((_, service, _), _)| service != id);
                     if claims.is_empty() {
                         self.claims.remove(&frontend);
                     }
@@ -626,12 +760,12 @@ impl Desired {
             };
             match claims_of(service, &slices, node) {
                 Ok(claims) => {
-                    let mut frontends = Vec::with_capacity(claims.len());
+                    let mut frontends = SmallVec::with_capacity(claims.len());
                     for (seq, (frontend, target)) in claims.into_iter().enumerate() {
-                        self.claims
-                            .entry(frontend)
-                            .or_default()
-                            .insert((target.kind, id.clone(), seq), Arc::new(target));
+                        let claim = (target.kind, id.clone(), seq);
+                        let claims = self.claims.entry(frontend).or_default();
+                        let at = claims.partition_point(|(other, _)| *other < claim);
+                        claims.insert(at, (claim, Arc::new(target)));
                         frontends.push(frontend);
                         touched.insert(frontend);
                     }
@@ -644,7 +778,7 @@ impl Desired {
         }
         for frontend in &touched {
             let contested = self.claims.get(frontend).is_some_and(|claims| {
-                let mut services = claims.keys().map(|(_, service, _)| service);
+                let mut services = claims.iter().map(|((_, service, _), _)| service);
                 services
                     .next()
                     .is_some_and(|first| services.any(|other| other != first))
@@ -665,14 +799,14 @@ impl Desired {
 
     /// The target in effect for `frontend`.
     pub fn target(&self, frontend: &Frontend) -> Option<&Arc<FrontendTarget>> {
-        self.claims.get(frontend)?.values().next()
+        self.claims.get(frontend)?.first().map(|(_, target)| target)
     }
 
     /// Every frontend with the target in effect, in order.
     pub fn frontends(&self) -> impl Iterator<Item = (&Frontend, &Arc<FrontendTarget>)> {
         self.claims
             .iter()
-            .filter_map(|(frontend, claims)| Some((frontend, claims.values().next()?)))
+            .filter_map(|(frontend, claims)| Some((frontend, &claims.first()?.1)))
     }
 
     /// Frontends claimed by more than one Service: who keeps each, and who is ignored.
@@ -681,7 +815,7 @@ impl Desired {
             .iter()
             .filter_map(|frontend| Some((frontend, self.claims.get(frontend)?)))
             .flat_map(|(frontend, claims)| {
-                let mut services = claims.keys().map(|(_, service, _)| service);
+                let mut services = claims.iter().map(|((_, service, _), _)| service);
                 let kept = services.next();
                 services
                     .filter(move |service| Some(*service) != kept)
@@ -792,43 +926,28 @@ fn claims_of(
             .copied()
             .collect();
         let node_local = usable(&local);
-        let states = |chosen: &BTreeSet<BackendAddr>, local_only: bool| -> Vec<EndpointState> {
-            endpoints
-                .iter()
-                .map(|(addr, e)| EndpointState {
-                    address: addr.address,
-                    port: addr.port,
-                    ready: e.ready,
-                    serving: e.serving,
-                    terminating: e.terminating,
-                    node_name: e.node_name.clone(),
-                    excluded: if chosen.contains(addr) {
-                        None
-                    } else if local_only && !on_this_node(e) {
-                        Some(format!(
-                            "on node {}, not {} (internalTrafficPolicy: Local)",
-                            e.node_name.as_deref().unwrap_or("<unset>"),
-                            node.name
-                        ))
-                    } else if e.serving && e.terminating {
-                        Some("terminating: used only while no endpoint is ready".into())
-                    } else {
-                        Some("not ready".into())
-                    },
-                })
-                .collect()
-        };
+        let shared: Arc<[Endpoint]> = endpoints
+            .iter()
+            .map(|(backend, e)| Endpoint {
+                backend: *backend,
+                ready: e.ready,
+                serving: e.serving,
+                terminating: e.terminating,
+                node_name: e.node_name.clone(),
+            })
+            .collect();
+        let port_name: Arc<str> = Arc::from(port.name.as_str());
 
         let target = |kind, backends: &BTreeSet<BackendAddr>, flags| FrontendTarget {
             service: service.id.clone(),
-            port_name: port.name.clone(),
+            port_name: port_name.clone(),
             kind,
             spec: FrontendSpec {
                 backends: backends.clone(),
                 flags,
                 affinity_timeout_s,
             },
-            endpoints: states(backends, flags & lb_common::FLAG_NODE_LOCAL != 0),
+            endpoints: shared.clone(),
         };
         let frontend = |address, port_number| Frontend {
             address,
@@ -993,7 +1112,7 @@ ports:
             .target(&fe([10, 96, 0, 10], 80, Protocol::Tcp))
             .unwrap();
         assert_eq!(target.service, ObjectRef::new("default", "web"));
-        assert_eq!(target.port_name, "http");
+        assert_eq!(&*target.port_name, "http");
         assert_eq!(target.kind, FrontendKind::ClusterIP);
     }
 
@@ -1026,9 +1145,9 @@ ports: [{{port: 80}}]
         let why: Vec<Option<String>> = ready
             .target(&frontend)
             .unwrap()
-            .endpoints
-            .iter()
-            .map(|e| e.excluded.clone())
+            .endpoint_states("node-1")
+            .into_iter()
+            .map(|e| e.excluded)
             .collect();
         assert_eq!(
             why,
@@ -1115,9 +1234,9 @@ ports: [{{port: 80}}]
         let why: Vec<Option<String>> = elsewhere
             .target(&frontend)
             .unwrap()
-            .endpoints
-            .iter()
-            .map(|e| e.excluded.clone())
+            .endpoint_states("node-1")
+            .into_iter()
+            .map(|e| e.excluded)
             .collect();
         assert_eq!(
             why,

@@ -15,8 +15,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lb_common::AffinityMatchKey;
+use smallvec::SmallVec;
 
-use crate::model::{BackendAddr, Frontend, FrontendSpec, Protocol};
+use crate::{
+    hash::Map,
+    model::{BackendAddr, Frontend, FrontendSpec, Protocol},
+};
 
 /// Backend ids are map keys; 0 is never used so that a zeroed value is never a valid id.
 pub type BackendId = u32;
@@ -457,7 +461,7 @@ fn free_ids<'a>(
 /// With `sweep_leftovers` (after the maps were read back) the plan also removes what an
 /// interrupted plan left that nothing references, which takes a walk over all backends
 /// and affinity matches; without, its work is proportional to `scope`.
-pub fn plan<'a, O: Ord + Clone>(
+pub fn plan<'a, O: Eq + std::hash::Hash + Clone>(
     current: &Programmed,
     desired: impl Fn(&Frontend) -> Option<(O, &'a FrontendSpec)>,
     scope: &BTreeSet<Frontend>,
@@ -466,23 +470,31 @@ pub fn plan<'a, O: Ord + Clone>(
 ) -> Plan<O> {
     let max = usize::from(u16::MAX);
     let mut refused = Vec::new();
-    // Units in admission order: those with frontends in the maps first, then by owner.
-    let mut units: BTreeMap<(bool, O), Vec<(Frontend, &FrontendSpec)>> = BTreeMap::new();
-    let mut owners: BTreeMap<O, bool> = BTreeMap::new();
+    // Units in admission order: those with frontends in the maps first, then in the order
+    // of their first frontend (deterministic, and found without comparing owners).
+    let mut units: Vec<Unit<'a, O>> = Vec::new();
+    let mut unit_of: Map<O, usize> = Map::default();
     for frontend in scope {
         if let Some((owner, spec)) = desired(frontend) {
-            let live = owners.entry(owner.clone()).or_insert(false);
-            *live |= current.frontends.contains_key(frontend);
-            units
-                .entry((false, owner))
-                .or_default()
-                .push((*frontend, spec));
+            let index = match unit_of.entry(owner) {
+                std::collections::hash_map::Entry::Occupied(entry) => *entry.get(),
+                std::collections::hash_map::Entry::Vacant(entry) => {
+                    units.push(Unit {
+                        owner: entry.key().clone(),
+                        live: false,
+                        frontends: SmallVec::new(),
+                    });
+                    *entry.insert(units.len() - 1)
+                }
+            };
+            if let Some(unit) = units.get_mut(index) {
+                unit.live |= current.frontends.contains_key(frontend);
+                unit.frontends.push((*frontend, spec));
+            }
         }
     }
-    let units: BTreeMap<(bool, O), Vec<(Frontend, &FrontendSpec)>> = units
-        .into_iter()
-        .map(|((_, owner), frontends)| ((!owners[&owner], owner), frontends))
-        .collect();
+    drop(unit_of);
+    units.sort_by_key(|unit| !unit.live);
 
     // What the maps hold at the peak of the plan: now, less the removed frontends (their
     // entries go first), plus what admitted units add (surplus entries go only at the end).
@@ -497,7 +509,10 @@ pub fn plan<'a, O: Ord + Clone>(
     let mut reserved: BTreeSet<BackendAddr> = BTreeSet::new();
     let mut wanted: Vec<(Frontend, &FrontendSpec)> = Vec::new();
     let mut refused_frontends: BTreeSet<Frontend> = BTreeSet::new();
-    for ((_, owner), frontends) in units {
+    for Unit {
+        owner, frontends, ..
+    } in units
+    {
         let too_many = frontends.iter().find(|(_, spec)| spec.backends.len() > max);
         let adds = unit_additions(current, &frontends, &reserved);
         let need = peak.saturating_add(adds);
@@ -699,6 +714,14 @@ pub fn plan<'a, O: Ord + Clone>(
     }
     ops.extend(unreferenced.into_iter().map(MapOp::DeleteBackend));
     Plan { ops, refused, peak }
+}
+
+/// The frontends of one owner, which a plan writes together or not at all.
+struct Unit<'a, O> {
+    owner: O,
+    /// Whether the maps hold any of its frontends already.
+    live: bool,
+    frontends: SmallVec<[(Frontend, &'a FrontendSpec); 1]>,
 }
 
 /// The entries a unit's frontends add to the maps, at the peak of the plan: new frontends
@@ -1183,7 +1206,7 @@ mod tests {
             backends: 100,
             affinity_matches: 100,
         };
-        // "z" is live with 4 entries; "a" (first by name) arrives wanting 3 more.
+        // "z" is live with 4 entries; "a" (on the first frontend) arrives wanting 3 more.
         let live = BTreeMap::from([(frontend(1), ("z", backends(1..4)))]);
         let scope: BTreeSet<Frontend> = live.keys().copied().collect();
         let first = plan(

@@ -1,6 +1,11 @@
 //! What the maps cannot say — which Service and port a frontend belongs to, and the Services
 //! that have no frontend — written by the agent after each sync for the CLI to read, also
 //! while the agent is stopped.
+//!
+//! The state is split in shards, each a file of its own, so that a sync rewrites only the
+//! shards it changed: one endpoint change among 100k Services writes a few hundred
+//! frontends, not all of them. Each file is replaced atomically; a reader that reads while
+//! the agent writes may see one shard of the next sync with the others of the last.
 
 use std::{
     collections::BTreeMap,
@@ -8,7 +13,7 @@ use std::{
     sync::{Arc, Condvar, Mutex, PoisonError, mpsc},
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::model::{
     Desired, EndpointState, Frontend, FrontendKind, FrontendTarget, NotInDatapath, ObjectRef,
@@ -17,7 +22,11 @@ use crate::model::{
 /// Default directory of the state file.
 pub const DEFAULT_STATE_DIR: &str = "/run/lb";
 const FILE: &str = "services.json";
+/// The directory of the shards, beside [`FILE`].
+const SHARD_DIR: &str = "services.d";
 const PID_FILE: &str = "agent.pid";
+/// Shards of the state: a few hundred frontends each at 100k Services.
+const SHARDS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -38,12 +47,23 @@ pub struct State {
     pub cgroup: PathBuf,
     /// The node name the agent applies traffic policies for.
     pub node: String,
+    /// Every frontend, in order (read from the shards).
+    #[serde(default)]
     pub frontends: Vec<FrontendNames>,
+    /// In order of the Services (read from the shards).
+    #[serde(default)]
     pub not_in_datapath: Vec<Unserved>,
     /// Services the agent refused to write (a map would pass its upper bound, …): the maps
     /// keep what they held for them, if anything.
     #[serde(default)]
     pub refused: Vec<Unserved>,
+}
+
+/// One shard of the state: the frontends and Services that hash to it.
+#[derive(Default, Deserialize)]
+struct ShardFile {
+    frontends: Vec<FrontendNames>,
+    not_in_datapath: Vec<Unserved>,
 }
 
 /// The names behind one frontend, and every endpoint it was built from.
@@ -104,58 +124,174 @@ impl Delta {
     }
 }
 
-/// The writer thread's copy of what the state file says.
+/// Which shard a frontend is in: stable across agents, which rewrite each other's shards.
+fn shard_of_frontend(frontend: &Frontend) -> usize {
+    let key = (u64::from(u32::from(frontend.address)) << 24)
+        | (u64::from(frontend.port) << 8)
+        | u64::from(frontend.protocol.number());
+    shard_of(key)
+}
+
+/// Which shard a Service's entry is in (FNV-1a of its name).
+fn shard_of_service(service: &ObjectRef) -> usize {
+    let hash = service
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+    shard_of(hash)
+}
+
+fn shard_of(key: u64) -> usize {
+    // Fibonacci hashing: the top bits of the product spread neighbouring keys.
+    let spread = key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56;
+    usize::try_from(spread).unwrap_or(0) % SHARDS
+}
+
+/// One shard as the writer holds it.
 #[derive(Default)]
-struct Names {
+struct Shard {
     frontends: BTreeMap<Frontend, Arc<FrontendTarget>>,
     not_in_datapath: BTreeMap<ObjectRef, NotInDatapath>,
-    refused: Vec<(ObjectRef, String)>,
+    /// Changed since it was last written.
+    dirty: bool,
 }
 
-impl Names {
-    fn apply(&mut self, delta: Delta) {
-        for (frontend, target) in delta.frontends {
-            match target {
-                Some(target) => self.frontends.insert(frontend, target),
-                None => self.frontends.remove(&frontend),
-            };
-        }
-        for (service, why) in delta.not_in_datapath {
-            match why {
-                Some(why) => self.not_in_datapath.insert(service, why),
-                None => self.not_in_datapath.remove(&service),
-            };
-        }
-        self.refused = delta.refused;
-    }
+/// A shard as its file says it, serialized straight from the writer's copy: the endpoint
+/// states are worked out as they are written, never kept.
+struct ShardView<'a> {
+    shard: &'a Shard,
+    node: &'a str,
 }
 
-impl State {
-    fn of(names: &Names, synced_at_ms: u64, cgroup: &Path, node: &str) -> Self {
-        Self {
-            synced_at_ms,
-            cgroup: cgroup.into(),
-            node: node.into(),
-            frontends: names
+impl Serialize for ShardView<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let frontends = FromIter(|| {
+            self.shard
                 .frontends
                 .iter()
-                .map(|(frontend, target)| FrontendNames {
-                    frontend: *frontend,
-                    kind: target.kind,
-                    service: target.service.to_string(),
-                    port_name: target.port_name.clone(),
-                    endpoints: target.endpoints.clone(),
-                })
-                .collect(),
-            not_in_datapath: names
+                .map(|(frontend, target)| names_of(frontend, target, self.node))
+        });
+        let not_in_datapath = FromIter(|| {
+            self.shard
                 .not_in_datapath
                 .iter()
                 .map(|(service, why)| Unserved {
                     service: service.to_string(),
                     why: why.to_string(),
                 })
-                .collect(),
-            refused: names
+        });
+        let mut s = serializer.serialize_struct("ShardFile", 2)?;
+        s.serialize_field("frontends", &frontends)?;
+        s.serialize_field("not_in_datapath", &not_in_datapath)?;
+        s.end()
+    }
+}
+
+/// A sequence serialized from what a function iterates, element by element.
+struct FromIter<F>(F);
+
+impl<F, I> Serialize for FromIter<F>
+where
+    F: Fn() -> I,
+    I: Iterator,
+    I::Item: Serialize,
+{
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq((self.0)())
+    }
+}
+
+fn names_of(frontend: &Frontend, target: &FrontendTarget, node: &str) -> FrontendNames {
+    FrontendNames {
+        frontend: *frontend,
+        kind: target.kind,
+        service: target.service.to_string(),
+        port_name: target.port_name.to_string(),
+        endpoints: target.endpoint_states(node),
+    }
+}
+
+/// The writer thread's copy of what the state says.
+struct Names {
+    shards: Vec<Shard>,
+    refused: Vec<(ObjectRef, String)>,
+    /// No shard was written yet: all are, so that none keeps what an earlier agent wrote.
+    first: bool,
+}
+
+impl Default for Names {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Shard::default()).collect(),
+            refused: Vec::new(),
+            first: true,
+        }
+    }
+}
+
+impl Names {
+    fn apply(&mut self, delta: Delta) {
+        for (frontend, target) in delta.frontends {
+            let Some(shard) = self.shards.get_mut(shard_of_frontend(&frontend)) else {
+                continue;
+            };
+            let changed = match target {
+                Some(target) => shard
+                    .frontends
+                    .insert(frontend, target.clone())
+                    .is_none_or(|old| *old != *target),
+                None => shard.frontends.remove(&frontend).is_some(),
+            };
+            shard.dirty |= changed;
+        }
+        for (service, why) in delta.not_in_datapath {
+            let Some(shard) = self.shards.get_mut(shard_of_service(&service)) else {
+                continue;
+            };
+            let changed = match why {
+                Some(why) => shard
+                    .not_in_datapath
+                    .insert(service, why.clone())
+                    .is_none_or(|old| old != why),
+                None => shard.not_in_datapath.remove(&service).is_some(),
+            };
+            shard.dirty |= changed;
+        }
+        self.refused = delta.refused;
+    }
+
+    /// Writes the shards that changed, then the head file.
+    fn write(
+        &mut self,
+        dir: &Path,
+        synced_at_ms: u64,
+        cgroup: &Path,
+        node: &str,
+    ) -> Result<(), StateError> {
+        let shard_dir = dir.join(SHARD_DIR);
+        std::fs::create_dir_all(&shard_dir).map_err(|source| StateError::Write {
+            path: shard_dir.clone(),
+            source,
+        })?;
+        for (index, shard) in self.shards.iter_mut().enumerate() {
+            if !(shard.dirty || self.first) {
+                continue;
+            }
+            let view = ShardView { shard, node };
+            write_atomically(&shard_dir.join(shard_file(index)), &view)?;
+            shard.dirty = false;
+        }
+        self.first = false;
+        let head = State {
+            synced_at_ms,
+            cgroup: cgroup.into(),
+            node: node.into(),
+            frontends: Vec::new(),
+            not_in_datapath: Vec::new(),
+            refused: self
                 .refused
                 .iter()
                 .map(|(service, why)| Unserved {
@@ -163,46 +299,81 @@ impl State {
                     why: why.clone(),
                 })
                 .collect(),
-        }
-    }
-
-    /// Replaces the state file atomically, so a reader never sees half of it.
-    pub fn write(&self, dir: &Path) -> Result<(), StateError> {
-        let path = dir.join(FILE);
-        let error = |source| StateError::Write {
-            path: path.clone(),
-            source,
         };
-        std::fs::create_dir_all(dir).map_err(error)?;
-        let temp = dir.join(format!(".{FILE}.tmp"));
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(error)?);
-        serde_json::to_writer(&mut file, self)
-            .map_err(std::io::Error::other)
-            .map_err(error)?;
-        std::io::Write::flush(&mut file).map_err(error)?;
-        drop(file);
-        std::fs::rename(&temp, &path).map_err(error)
+        head.write(dir)
     }
+}
 
-    /// The state file in `dir`, or `None` if no agent wrote one there.
-    pub fn read(dir: &Path) -> Result<Option<Self>, StateError> {
-        let path = dir.join(FILE);
-        let text = match std::fs::read(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => {
-                return Err(StateError::Read {
-                    path,
-                    reason: e.to_string(),
-                });
-            }
-        };
-        serde_json::from_slice(&text)
-            .map(Some)
-            .map_err(|e| StateError::Read {
-                path,
+fn shard_file(index: usize) -> String {
+    format!("{index:03}.json")
+}
+
+/// Replaces `path` with `value` as JSON atomically, so a reader never sees half of it.
+fn write_atomically(path: &Path, value: &impl Serialize) -> Result<(), StateError> {
+    let error = |source| StateError::Write {
+        path: path.into(),
+        source,
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let temp = path.with_file_name(format!(".{name}.tmp"));
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(error)?);
+    serde_json::to_writer(&mut file, value)
+        .map_err(std::io::Error::other)
+        .map_err(error)?;
+    std::io::Write::flush(&mut file).map_err(error)?;
+    drop(file);
+    std::fs::rename(&temp, path).map_err(error)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(StateError::Read {
+                path: path.into(),
                 reason: e.to_string(),
-            })
+            });
+        }
+    };
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| StateError::Read {
+            path: path.into(),
+            reason: e.to_string(),
+        })
+}
+
+impl State {
+    /// Replaces the head file (what is not in shards) atomically.
+    pub fn write(&self, dir: &Path) -> Result<(), StateError> {
+        std::fs::create_dir_all(dir).map_err(|source| StateError::Write {
+            path: dir.into(),
+            source,
+        })?;
+        write_atomically(&dir.join(FILE), self)
+    }
+
+    /// The state in `dir` with every shard, or `None` if no agent wrote one there.
+    pub fn read(dir: &Path) -> Result<Option<Self>, StateError> {
+        let Some(mut state) = read_json::<State>(&dir.join(FILE))? else {
+            return Ok(None);
+        };
+        let shard_dir = dir.join(SHARD_DIR);
+        for index in 0..SHARDS {
+            if let Some(shard) = read_json::<ShardFile>(&shard_dir.join(shard_file(index)))? {
+                state.frontends.extend(shard.frontends);
+                state.not_in_datapath.extend(shard.not_in_datapath);
+            }
+        }
+        state.frontends.sort_by_key(|names| names.frontend);
+        state
+            .not_in_datapath
+            .sort_by(|a, b| a.service.cmp(&b.service));
+        Ok(Some(state))
     }
 }
 
@@ -244,7 +415,7 @@ impl StateWriter {
                         names.apply(delta);
                         number = newer;
                     }
-                    if let Err(e) = State::of(&names, now_ms(), &cgroup, &node).write(&dir) {
+                    if let Err(e) = names.write(&dir, now_ms(), &cgroup, &node) {
                         on_error(&e);
                     }
                     let (last, changed) = &*written;

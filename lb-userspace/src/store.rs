@@ -7,12 +7,12 @@
 //! remembers which Services that touched, so that a sync recomputes those Services only:
 //! one endpoint change among 100k Services costs one Service, not 100k.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-};
+use std::sync::Arc;
+
+use smallvec::SmallVec;
 
 use crate::{
+    hash::{Map, Set},
     manifest::{ApiObject, Kind},
     model::{ObjectRef, ServiceModel, SliceModel},
 };
@@ -71,22 +71,25 @@ pub struct Delivered<'a> {
 pub type Problems = Vec<String>;
 
 struct Definition<M> {
-    version: String,
+    version: Box<str>,
     /// The last good model of this definition; `None` while it has never been valid.
-    model: Option<M>,
+    /// Shared, so that what was in effect before a change is kept for the price of a
+    /// pointer while the change is looked at.
+    model: Option<Arc<M>>,
     /// What is wrong with the current version, or what is not used of it.
     problem: Option<String>,
 }
 
-/// Every definition of one object; the first (by origin) is in effect.
+/// Every definition of one object, by origin; the first is in effect. Almost every object
+/// has one definition: it is kept inline.
 struct Entry<M> {
-    definitions: BTreeMap<Origin, Definition<M>>,
+    definitions: SmallVec<[(Origin, Definition<M>); 1]>,
 }
 
 impl<M> Default for Entry<M> {
     fn default() -> Self {
         Self {
-            definitions: BTreeMap::new(),
+            definitions: SmallVec::new(),
         }
     }
 }
@@ -94,33 +97,83 @@ impl<M> Default for Entry<M> {
 impl<M> Entry<M> {
     /// The model in effect: the first definition's that has one, so that a broken copy in
     /// an earlier file does not take down a good definition.
-    fn effective(&self) -> Option<&M> {
-        self.definitions.values().find_map(|d| d.model.as_ref())
+    fn effective(&self) -> Option<&Arc<M>> {
+        self.definitions.iter().find_map(|(_, d)| d.model.as_ref())
     }
 
     /// Which definition is in effect, by position: the first with a model, else the first.
     fn effective_index(&self) -> usize {
         self.definitions
-            .values()
-            .position(|d| d.model.is_some())
+            .iter()
+            .position(|(_, d)| d.model.is_some())
             .unwrap_or(0)
+    }
+
+    fn get(&self, origin: &Origin) -> Option<&Definition<M>> {
+        let index = self
+            .definitions
+            .binary_search_by(|(o, _)| o.cmp(origin))
+            .ok()?;
+        self.definitions.get(index).map(|(_, d)| d)
+    }
+
+    /// `origin`'s definition, made empty if there was none.
+    fn get_or_insert(&mut self, origin: &Origin) -> &mut Definition<M> {
+        let index = match self.definitions.binary_search_by(|(o, _)| o.cmp(origin)) {
+            Ok(index) => index,
+            Err(index) => {
+                self.definitions.insert(
+                    index,
+                    (
+                        origin.clone(),
+                        Definition {
+                            version: Box::default(),
+                            model: None,
+                            problem: None,
+                        },
+                    ),
+                );
+                index
+            }
+        };
+        &mut self.definitions[index].1
+    }
+
+    fn remove(&mut self, origin: &Origin) {
+        if let Ok(index) = self.definitions.binary_search_by(|(o, _)| o.cmp(origin)) {
+            self.definitions.remove(index);
+        }
+    }
+}
+
+/// Whether two models in effect differ: the same `Arc` is the same model.
+fn differ<M: PartialEq>(before: Option<&Arc<M>>, after: Option<&Arc<M>>) -> bool {
+    match (before, after) {
+        (None, None) => false,
+        (Some(before), Some(after)) => !Arc::ptr_eq(before, after) && before != after,
+        _ => true,
     }
 }
 
 #[derive(Default)]
 pub struct Store {
-    services: BTreeMap<ObjectRef, Entry<ServiceModel>>,
-    slices: BTreeMap<ObjectRef, Entry<SliceModel>>,
+    services: Map<ObjectRef, Entry<ServiceModel>>,
+    slices: Map<ObjectRef, Entry<SliceModel>>,
+    /// Every name the store holds, once: the models, indexes and everything downstream
+    /// share these.
+    names: Set<ObjectRef>,
+    /// Node names of endpoints, once each: a cluster has few nodes and many endpoints.
+    nodes: Set<Arc<str>>,
     /// What each origin defines, so that a re-read file or a relist replaces it.
-    by_origin: BTreeMap<Origin, BTreeSet<(Kind, ObjectRef)>>,
-    /// The slices each Service owns through their label.
-    slices_by_service: BTreeMap<ObjectRef, BTreeSet<ObjectRef>>,
+    by_origin: Map<Origin, Set<(Kind, ObjectRef)>>,
+    /// The slices each Service owns through their label; usually one.
+    slices_by_service: Map<ObjectRef, SmallVec<[ObjectRef; 1]>>,
     /// Services whose frontends may differ since the last [`Store::take_changed`].
-    changed: BTreeSet<ObjectRef>,
+    changed: Set<ObjectRef>,
     /// Problems of objects (their definitions), kept as the objects change.
-    problems: BTreeMap<(Kind, ObjectRef, Origin), String>,
+    problems: std::collections::BTreeMap<(Kind, ObjectRef, Origin), String>,
     /// Objects an origin defined more than once in its last replacement.
-    repeated: BTreeMap<Origin, Vec<String>>,
+    repeated: Map<Origin, Vec<String>>,
     /// Services and slices with a model in effect.
     good: (usize, usize),
     /// Objects converted into the model so far: what tests count to show that a change
@@ -138,11 +191,12 @@ impl Store {
         origin: &Origin,
         objects: impl IntoIterator<Item = Delivered<'a>>,
     ) {
-        let before = self.by_origin.remove(origin).unwrap_or_default();
-        let mut now = BTreeSet::new();
+        let mut before = self.by_origin.remove(origin).unwrap_or_default();
+        let mut now = Set::default();
         let mut repeated = Vec::new();
         for delivered in objects {
-            let key = (delivered.kind, delivered.id.clone());
+            let id = self.intern(delivered.id);
+            let key = (delivered.kind, id);
             if now.contains(&key) {
                 repeated.push(format!(
                     "{}{} {}: defined more than once; the first definition is used",
@@ -152,11 +206,12 @@ impl Store {
                 ));
                 continue;
             }
+            before.remove(&key);
             self.put_definition(origin, delivered);
             now.insert(key);
         }
-        for (kind, id) in before.difference(&now) {
-            self.remove_definition(origin, *kind, id);
+        for (kind, id) in before {
+            self.remove_definition(origin, kind, &id);
         }
         if repeated.is_empty() {
             self.repeated.remove(origin);
@@ -166,14 +221,16 @@ impl Store {
         if !now.is_empty() {
             self.by_origin.insert(origin.clone(), now);
         }
+        self.forget_unused_names();
     }
 
     /// `origin` now defines this object (a watch event).
     pub fn put(&mut self, origin: &Origin, delivered: Delivered<'_>) {
+        let id = self.intern(delivered.id);
         self.by_origin
             .entry(origin.clone())
             .or_default()
-            .insert((delivered.kind, delivered.id.clone()));
+            .insert((delivered.kind, id));
         self.put_definition(origin, delivered);
     }
 
@@ -183,11 +240,34 @@ impl Store {
             defined.remove(&(kind, id.clone()));
         }
         self.remove_definition(origin, kind, id);
+        self.forget_unused_names();
     }
 
     /// `origin` defines nothing any more (a removed file).
     pub fn remove_origin(&mut self, origin: &Origin) {
         self.replace(origin, std::iter::empty());
+    }
+
+    /// The store's copy of a name, made one if it has none.
+    fn intern(&mut self, id: &ObjectRef) -> ObjectRef {
+        if let Some(interned) = self.names.get(id) {
+            return interned.clone();
+        }
+        self.names.insert(id.clone());
+        id.clone()
+    }
+
+    /// Drops the names nothing holds any more, once they are as many as those in use:
+    /// each name is looked at about once for every time it was added.
+    fn forget_unused_names(&mut self) {
+        let in_use = self.services.len() + self.slices.len() + self.slices_by_service.len();
+        if self.names.len() > 2 * in_use + 1024 {
+            self.names.retain(|name| {
+                self.services.contains_key(name)
+                    || self.slices.contains_key(name)
+                    || self.slices_by_service.contains_key(name)
+            });
+        }
     }
 
     fn put_definition(&mut self, origin: &Origin, delivered: Delivered<'_>) {
@@ -197,33 +277,46 @@ impl Store {
             version,
             object,
         } = delivered;
+        let id = self.intern(id);
         let prefix = origin.prefix();
         #[cfg(test)]
         {
             let unchanged = self
-                .held_version(kind, id, origin)
+                .held_version(kind, &id, origin)
                 .is_some_and(|held| !version.is_empty() && held == version);
             self.conversions += usize::from(!unchanged);
         }
         match kind {
             Kind::Service => {
-                let before = self.services.get(id).and_then(Entry::effective).cloned();
                 let entry = self.services.entry(id.clone()).or_default();
+                let before = entry.effective().cloned();
+                let names = &mut self.names;
                 define(entry, origin, version, object, |object| match object {
                     ApiObject::Service(service) => ServiceModel::from_api(service)
-                        .map(|model| (model, None))
+                        .map(|mut model| {
+                            model.id = intern_in(names, &model.id);
+                            (model, None)
+                        })
                         .map_err(|e| format!("{prefix}{e}")),
                     ApiObject::EndpointSlice(_) => Err(format!("{prefix}not a Service")),
                 });
-                self.after_service_change(id, before);
+                self.after_service_change(&id, before);
             }
             Kind::EndpointSlice => {
-                let before = self.slices.get(id).and_then(Entry::effective).cloned();
                 let entry = self.slices.entry(id.clone()).or_default();
+                let before = entry.effective().cloned();
+                let (names, nodes) = (&mut self.names, &mut self.nodes);
                 define(entry, origin, version, object, |object| {
                     match object {
                     ApiObject::EndpointSlice(slice) => SliceModel::from_api(slice)
-                        .map(|model| {
+                        .map(|mut model| {
+                            model.id = intern_in(names, &model.id);
+                            model.service = model.service.as_ref().map(|s| intern_in(names, s));
+                            for endpoint in &mut model.endpoints {
+                                if let Some(node) = &mut endpoint.node_name {
+                                    *node = intern_in(nodes, node);
+                                }
+                            }
                             // Kept (it is valid) but unused until the IPv6 programs exist.
                             let note = (!model.ipv4).then(|| {
                                 format!(
@@ -237,10 +330,10 @@ impl Store {
                     ApiObject::Service(_) => Err(format!("{prefix}not an EndpointSlice")),
                 }
                 });
-                self.after_slice_change(id, before);
+                self.after_slice_change(&id, before);
             }
         }
-        self.refresh_problems(kind, id);
+        self.refresh_problems(kind, &id);
     }
 
     fn remove_definition(&mut self, origin: &Origin, kind: Kind, id: &ObjectRef) {
@@ -250,7 +343,7 @@ impl Store {
                     return;
                 };
                 let before = entry.effective().cloned();
-                entry.definitions.remove(origin);
+                entry.remove(origin);
                 if entry.definitions.is_empty() {
                     self.services.remove(id);
                 }
@@ -261,7 +354,7 @@ impl Store {
                     return;
                 };
                 let before = entry.effective().cloned();
-                entry.definitions.remove(origin);
+                entry.remove(origin);
                 if entry.definitions.is_empty() {
                     self.slices.remove(id);
                 }
@@ -272,24 +365,24 @@ impl Store {
         self.refresh_problems(kind, id);
     }
 
-    fn after_service_change(&mut self, id: &ObjectRef, before: Option<ServiceModel>) {
+    fn after_service_change(&mut self, id: &ObjectRef, before: Option<Arc<ServiceModel>>) {
         let after = self.services.get(id).and_then(Entry::effective);
-        if before.as_ref() != after {
+        if differ(before.as_ref(), after) {
             let (services, _) = &mut self.good;
             *services = *services + usize::from(after.is_some()) - usize::from(before.is_some());
             self.changed.insert(id.clone());
         }
     }
 
-    fn after_slice_change(&mut self, id: &ObjectRef, before: Option<SliceModel>) {
+    fn after_slice_change(&mut self, id: &ObjectRef, before: Option<Arc<SliceModel>>) {
         let after = self.slices.get(id).and_then(Entry::effective);
-        if before.as_ref() == after {
+        if !differ(before.as_ref(), after) {
             return;
         }
         let (_, slices) = &mut self.good;
         *slices = *slices + usize::from(after.is_some()) - usize::from(before.is_some());
         let new_service = after.and_then(|m| m.service.clone());
-        self.reindex_slice(id, before.and_then(|m| m.service), new_service);
+        self.reindex_slice(id, before.and_then(|m| m.service.clone()), new_service);
     }
 
     /// The problems of an object's definitions: each one's own, and for every definition
@@ -300,7 +393,6 @@ impl Store {
             Kind::EndpointSlice => definitions_of(self.slices.get(id)),
         };
         for (index, (origin, problem)) in definitions.into_iter().enumerate() {
-            let key = (kind, id.clone(), origin.clone());
             let problem = if index != in_effect && problem.is_none() {
                 Some(format!(
                     "{}{kind} {id}: defined more than once; another definition is in effect",
@@ -310,9 +402,15 @@ impl Store {
                 problem
             };
             match problem {
-                Some(problem) => self.problems.insert(key, problem),
-                None => self.problems.remove(&key),
-            };
+                Some(problem) => {
+                    self.problems.insert((kind, id.clone(), origin), problem);
+                }
+                // Most objects have no problem: nothing to allocate for them.
+                None if !self.problems.is_empty() => {
+                    self.problems.remove(&(kind, id.clone(), origin));
+                }
+                None => {}
+            }
         }
     }
 
@@ -320,20 +418,22 @@ impl Store {
     #[cfg(test)]
     fn held_version(&self, kind: Kind, id: &ObjectRef, origin: &Origin) -> Option<&str> {
         match kind {
-            Kind::Service => self.services.get(id)?.definitions.get(origin),
+            Kind::Service => self.services.get(id)?.get(origin),
             Kind::EndpointSlice => {
-                let definition = self.slices.get(id)?.definitions.get(origin)?;
-                return Some(definition.version.as_str());
+                let definition = self.slices.get(id)?.get(origin)?;
+                return Some(&definition.version);
             }
         }
-        .map(|definition| definition.version.as_str())
+        .map(|definition| &*definition.version)
     }
 
     /// Every problem the objects have now.
     pub fn problems(&self) -> Problems {
+        let mut repeated: Vec<_> = self.repeated.iter().collect();
+        repeated.sort_unstable_by(|a, b| a.0.cmp(b.0));
         self.problems
             .values()
-            .chain(self.repeated.values().flatten())
+            .chain(repeated.into_iter().flat_map(|(_, problems)| problems))
             .cloned()
             .collect()
     }
@@ -342,7 +442,7 @@ impl Store {
     fn reindex_slice(&mut self, id: &ObjectRef, old: Option<ObjectRef>, new: Option<ObjectRef>) {
         if let Some(old) = old {
             if let Some(slices) = self.slices_by_service.get_mut(&old) {
-                slices.remove(id);
+                slices.retain(|slice| slice != id);
                 if slices.is_empty() {
                     self.slices_by_service.remove(&old);
                 }
@@ -350,10 +450,10 @@ impl Store {
             self.changed.insert(old);
         }
         if let Some(new) = new {
-            self.slices_by_service
-                .entry(new.clone())
-                .or_default()
-                .insert(id.clone());
+            let slices = self.slices_by_service.entry(new.clone()).or_default();
+            if !slices.contains(id) {
+                slices.push(id.clone());
+            }
             self.changed.insert(new);
         }
     }
@@ -373,9 +473,9 @@ impl Store {
     }
 
     /// The Services changed since the last call: added, modified, removed, or whose
-    /// slices were.
-    pub fn take_changed(&mut self) -> BTreeSet<ObjectRef> {
-        std::mem::take(&mut self.changed)
+    /// slices were; in no particular order.
+    pub fn take_changed(&mut self) -> Vec<ObjectRef> {
+        std::mem::take(&mut self.changed).into_iter().collect()
     }
 
     /// A Service and its slices, if it has a good version.
@@ -386,7 +486,7 @@ impl Store {
             .get(id)
             .into_iter()
             .flatten()
-            .filter_map(|slice| self.slices.get(slice)?.effective())
+            .filter_map(|slice| self.slices.get(slice)?.effective().map(|m| &**m))
             .collect();
         Some((service, slices))
     }
@@ -397,8 +497,16 @@ impl Store {
     }
 }
 
+fn intern_in<T: Clone + Eq + std::hash::Hash>(names: &mut Set<T>, id: &T) -> T {
+    if let Some(interned) = names.get(id) {
+        return interned.clone();
+    }
+    names.insert(id.clone());
+    id.clone()
+}
+
 /// Each definition's origin and problem, and which one is in effect.
-fn definitions_of<M>(entry: Option<&Entry<M>>) -> (Vec<(Origin, Option<String>)>, usize) {
+fn definitions_of<M>(entry: Option<&Entry<M>>) -> (SmallVec<[(Origin, Option<String>); 1]>, usize) {
     let definitions = entry
         .into_iter()
         .flat_map(|entry| &entry.definitions)
@@ -415,26 +523,22 @@ fn define<M: PartialEq>(
     object: Result<&ApiObject, String>,
     convert: impl FnOnce(&ApiObject) -> Result<(M, Option<String>), String>,
 ) {
-    if let Some(definition) = entry.definitions.get(origin)
+    if let Some(definition) = entry.get(origin)
         && !version.is_empty()
-        && definition.version == version
+        && &*definition.version == version
     {
         return;
     }
     let converted = object.and_then(convert);
-    let definition = entry
-        .definitions
-        .entry(origin.clone())
-        .or_insert_with(|| Definition {
-            version: String::new(),
-            model: None,
-            problem: None,
-        });
-    definition.version = version.to_owned();
+    let definition = entry.get_or_insert(origin);
+    definition.version = version.into();
     match converted {
         Ok((model, note)) => {
             definition.problem = note;
-            definition.model = Some(model);
+            // An unchanged model keeps its `Arc`: what holds it sees no change.
+            if definition.model.as_deref() != Some(&model) {
+                definition.model = Some(Arc::new(model));
+            }
         }
         Err(problem) => {
             let kept = if definition.model.is_some() {
@@ -449,7 +553,7 @@ fn define<M: PartialEq>(
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::{collections::BTreeSet, path::Path};
 
     use super::*;
     use crate::{
@@ -766,15 +870,9 @@ mod tests {
                 object: moved[0].object.as_ref().map_err(ToString::to_string),
             },
         );
-        assert_eq!(
-            store.take_changed(),
-            BTreeSet::from([ObjectRef::new("default", "a")])
-        );
+        assert_eq!(store.take_changed(), [ObjectRef::new("default", "a")]);
         store.remove(&api, Kind::EndpointSlice, &ObjectRef::new("default", "b-1"));
-        assert_eq!(
-            store.take_changed(),
-            BTreeSet::from([ObjectRef::new("default", "b")])
-        );
+        assert_eq!(store.take_changed(), [ObjectRef::new("default", "b")]);
         assert_eq!(store.counts(), (2, 1));
     }
 
