@@ -9,6 +9,8 @@
 //!   of a full state: its watch event into the store ([`Store::put`]), the model of the
 //!   Services it touched, the plan of their frontends, and the plan recorded as written —
 //!   what the agent does per change, less the map writes.
+//! - `parse_list_json`: one `kind: List` JSON file of all the objects (as `kubectl get
+//!   -A -o json` prints it) parsed into objects, as the manifest source reads it.
 //! - `store_relist_unchanged`: a relist that finds nothing changed (after a broken watch):
 //!   every object looked at, none converted.
 //!
@@ -61,8 +63,14 @@ fn pod_ip(i: u32, e: u32) -> Ipv4Addr {
 }
 
 fn service(i: u32) -> ApiObject {
+    ApiObject::Service(Arc::new(
+        api::Service::deserialize(service_json(i)).unwrap_or_default(),
+    ))
+}
+
+fn service_json(i: u32) -> serde_json::Value {
     let vip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 0)) + i + 1);
-    let value = serde_json::json!({
+    serde_json::json!({
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": format!("svc-{i}"), "namespace": "default",
@@ -73,13 +81,16 @@ fn service(i: u32) -> ApiObject {
             "clusterIPs": [vip.to_string()],
             "ports": [{"port": 80, "protocol": "TCP", "targetPort": 8080}],
         },
-    });
-    ApiObject::Service(Arc::new(
-        api::Service::deserialize(value).unwrap_or_default(),
-    ))
+    })
 }
 
 fn slice(i: u32, endpoints: u32, version: &str) -> ApiObject {
+    ApiObject::EndpointSlice(Arc::new(
+        api::EndpointSlice::deserialize(slice_json(i, endpoints, version)).unwrap_or_default(),
+    ))
+}
+
+fn slice_json(i: u32, endpoints: u32, version: &str) -> serde_json::Value {
     let endpoints: Vec<serde_json::Value> = (0..endpoints)
         .map(|e| {
             serde_json::json!({
@@ -89,7 +100,7 @@ fn slice(i: u32, endpoints: u32, version: &str) -> ApiObject {
             })
         })
         .collect();
-    let value = serde_json::json!({
+    serde_json::json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
@@ -101,10 +112,7 @@ fn slice(i: u32, endpoints: u32, version: &str) -> ApiObject {
         "addressType": "IPv4",
         "endpoints": endpoints,
         "ports": [{"name": "", "port": 8080, "protocol": "TCP"}],
-    });
-    ApiObject::EndpointSlice(Arc::new(
-        api::EndpointSlice::deserialize(value).unwrap_or_default(),
-    ))
+    })
 }
 
 /// Every object of the source, as a reflector holds them: kind, identity, version, object.
@@ -152,6 +160,20 @@ impl Objects {
     }
 }
 
+/// The objects as one `kind: List` JSON document, as `kubectl get -A -o json` writes it.
+fn list_json(n: u32) -> String {
+    let items: Vec<serde_json::Value> = (0..n)
+        .flat_map(|i| [service_json(i), slice_json(i, ENDPOINTS, &format!("e{i}"))])
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": items,
+        "metadata": {"resourceVersion": ""},
+    }))
+    .unwrap_or_default()
+}
+
 fn node() -> Node {
     Node {
         name: "node-1".into(),
@@ -184,6 +206,19 @@ fn plan_all(desired: &Desired, programmed: &Programmed) -> plan::Plan<ObjectRef>
         &DEFAULT_CEILING,
         false,
     )
+}
+
+/// A full sync's read of one `kind: List` JSON file: the text parsed into objects, and
+/// those into a fresh store (what the manifest source does with a file it reads).
+#[divan::bench(args = sizes(), sample_count = 10, sample_size = 1)]
+fn parse_list_json(bencher: Bencher, n: u32) {
+    let text = list_json(n);
+    let path = std::path::Path::new("services.json");
+    bencher.bench_local(|| {
+        let documents = lb_userspace::manifest::parse(path, &text).unwrap_or_default();
+        debug_assert_eq!(documents.len(), 2 * n as usize);
+        documents
+    });
 }
 
 #[divan::bench(args = sizes(), sample_count = 10, sample_size = 1)]

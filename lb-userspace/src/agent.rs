@@ -481,11 +481,6 @@ impl Syncer {
                 let not_ready = self.refusal_summary();
                 if !*first_done {
                     *first_done = true;
-                    if !self.state.flush(Duration::from_secs(30)) {
-                        tracing::warn!(
-                            "the state file is still being written; `lb services` may lag"
-                        );
-                    }
                     match &not_ready {
                         None => tracing::info!(source = %source.describe(), "ready"),
                         Some(why) => {

@@ -715,13 +715,16 @@ pub struct Node {
 /// then the first Service by name, then the Service's first claim.
 type Claim = (FrontendKind, ObjectRef, usize);
 
+/// The claims on one frontend with their targets, in precedence order.
+type Claims = SmallVec<[(Claim, Arc<FrontendTarget>); 1]>;
+
 /// The state the datapath should have, kept per Service so that a change recomputes only
 /// the Services it touched.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Every claim on every frontend, in precedence order; the first one is in effect.
     /// Almost every frontend has one claim: it is kept inline.
-    claims: BTreeMap<Frontend, SmallVec<[(Claim, Arc<FrontendTarget>); 1]>>,
+    claims: BTreeMap<Frontend, Claims>,
     /// The frontends each Service claims, to withdraw them when it changes.
     claimed_by: Map<ObjectRef, SmallVec<[Frontend; 1]>>,
     /// Frontends claimed by more than one Service, kept as claims change so that finding

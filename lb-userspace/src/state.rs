@@ -10,7 +10,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{Arc, Condvar, Mutex, PoisonError, mpsc},
+    sync::{Arc, mpsc},
 };
 
 use serde::{Deserialize, Serialize, Serializer};
@@ -377,16 +377,14 @@ impl State {
     }
 }
 
-/// Writes state files on a thread of its own, so that a sync does not wait for 100k
-/// frontends to be serialized: it hands over a [`Delta`] and goes on. The thread applies
-/// every delta in order to its own copy, and when they come faster than files are
-/// written, writes once for all that came meanwhile.
+/// Writes state files on a thread of its own, so that a sync does not wait for frontends
+/// to be serialized: it hands over a [`Delta`] and goes on. The thread applies every delta
+/// in order to its own copy, and when they come faster than files are written, writes
+/// once for all that came meanwhile. It logs "state file written" once, after its first
+/// write: from then on the CLI sees what the agent programmed.
 pub struct StateWriter {
-    deltas: Option<mpsc::Sender<(u64, Delta)>>,
+    deltas: Option<mpsc::Sender<Delta>>,
     thread: Option<std::thread::JoinHandle<()>>,
-    sent: u64,
-    /// The last delta written (or given up on), by its number.
-    done: Arc<(Mutex<u64>, Condvar)>,
 }
 
 fn now_ms() -> u64 {
@@ -402,60 +400,40 @@ impl StateWriter {
         node: String,
         on_error: impl Fn(&StateError) + Send + 'static,
     ) -> std::io::Result<Self> {
-        let (deltas, received) = mpsc::channel::<(u64, Delta)>();
-        let done = Arc::new((Mutex::new(0), Condvar::new()));
-        let written = done.clone();
+        let (deltas, received) = mpsc::channel::<Delta>();
         let thread = std::thread::Builder::new()
             .name("lb-state".into())
             .spawn(move || {
                 let mut names = Names::default();
-                while let Ok((mut number, delta)) = received.recv() {
+                while let Ok(delta) = received.recv() {
+                    let started = std::time::Instant::now();
                     names.apply(delta);
-                    while let Ok((newer, delta)) = received.try_recv() {
+                    while let Ok(delta) = received.try_recv() {
                         names.apply(delta);
-                        number = newer;
                     }
-                    if let Err(e) = names.write(&dir, now_ms(), &cgroup, &node) {
-                        on_error(&e);
+                    let first = names.first;
+                    match names.write(&dir, now_ms(), &cgroup, &node) {
+                        Ok(()) if first => tracing::info!(
+                            dir = %dir.display(),
+                            elapsed_ms = started.elapsed().as_millis(),
+                            "state file written"
+                        ),
+                        Ok(()) => {}
+                        Err(e) => on_error(&e),
                     }
-                    let (last, changed) = &*written;
-                    *last.lock().unwrap_or_else(PoisonError::into_inner) = number;
-                    changed.notify_all();
                 }
             })?;
         Ok(Self {
             deltas: Some(deltas),
             thread: Some(thread),
-            sent: 0,
-            done,
         })
     }
 
     pub fn write(&mut self, delta: Delta) {
         if let Some(deltas) = &self.deltas {
-            self.sent += 1;
             // The thread ends only when this sender is dropped.
-            drop(deltas.send((self.sent, delta)));
+            drop(deltas.send(delta));
         }
-    }
-
-    /// Waits until every snapshot handed over so far is in the file, or `deadline` passed;
-    /// false in the latter case.
-    pub fn flush(&self, deadline: std::time::Duration) -> bool {
-        let until = std::time::Instant::now() + deadline;
-        let (last, changed) = &*self.done;
-        let mut written = last.lock().unwrap_or_else(PoisonError::into_inner);
-        while *written < self.sent && self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
-            let left = until.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            written = changed
-                .wait_timeout(written, left.min(std::time::Duration::from_millis(100)))
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-        true
     }
 }
 

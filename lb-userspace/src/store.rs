@@ -505,8 +505,11 @@ fn intern_in<T: Clone + Eq + std::hash::Hash>(names: &mut Set<T>, id: &T) -> T {
     id.clone()
 }
 
+/// Each definition's origin and its problem, if any.
+type OriginProblems = SmallVec<[(Origin, Option<String>); 1]>;
+
 /// Each definition's origin and problem, and which one is in effect.
-fn definitions_of<M>(entry: Option<&Entry<M>>) -> (SmallVec<[(Origin, Option<String>); 1]>, usize) {
+fn definitions_of<M>(entry: Option<&Entry<M>>) -> (OriginProblems, usize) {
     let definitions = entry
         .into_iter()
         .flat_map(|entry| &entry.definitions)

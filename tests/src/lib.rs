@@ -504,7 +504,8 @@ impl Testbed {
         Ok(pid)
     }
 
-    /// Waits until the agent says it is ready (its first sync is done).
+    /// Waits until the agent says it is ready (its first sync is done) and has written
+    /// its state file (which the CLI reads).
     pub fn wait_agent_ready(&mut self) -> anyhow::Result<()> {
         wait_for("the agent to be ready", Duration::from_secs(20), || {
             if let Some(agent) = self.agent.as_mut()
@@ -512,7 +513,8 @@ impl Testbed {
             {
                 bail!("lb agent exited ({status}):\n{}", self.agent_output());
             }
-            Ok(self.agent_output().contains(" ready").then_some(()))
+            let output = self.agent_output();
+            Ok((output.contains(" ready") && output.contains("state file written")).then_some(()))
         })
     }
 
