@@ -487,3 +487,117 @@ pub fn running_agent(dir: &Path) -> Option<u32> {
     let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
     (args.get(1) == Some(&b"agent".as_slice())).then_some(pid)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{os::unix::fs::MetadataExt as _, path::Path};
+
+    use super::*;
+    use crate::{
+        manifest::{self, ApiObject},
+        model::{self, Node, ServiceModel, SliceModel},
+    };
+
+    fn desired_of(yaml: &str) -> Desired {
+        let mut services = Vec::new();
+        let mut slices = Vec::new();
+        for document in manifest::parse(Path::new("t.yaml"), yaml).unwrap() {
+            match document.object.unwrap() {
+                ApiObject::Service(s) => services.push(ServiceModel::from_api(&s).unwrap()),
+                ApiObject::EndpointSlice(s) => slices.push(SliceModel::from_api(&s).unwrap()),
+            }
+        }
+        let node = Node {
+            name: "node-1".into(),
+            ips: Vec::new(),
+        };
+        model::desired(&services, &slices, &node)
+    }
+
+    fn services(n: usize, ready: bool) -> String {
+        (0..n)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{clusterIP: 10.96.{}.{}, ports: [{{port: 80}}]}}\n\
+                     ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s{i}-1, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+                     addressType: IPv4\nendpoints: [{{addresses: [10.244.0.1], conditions: {{ready: {ready}}}}}]\nports: [{{port: 8080}}]\n",
+                    i / 250,
+                    i % 250 + 1
+                )
+            })
+            .chain(std::iter::once(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {name: db}\nspec: {clusterIP: None}\n".to_owned(),
+            ))
+            .collect()
+    }
+
+    fn everything(desired: &Desired) -> Delta {
+        let frontends: Vec<Frontend> = desired.frontends().map(|(f, _)| *f).collect();
+        let services: Vec<ObjectRef> = desired.not_in_datapath.keys().cloned().collect();
+        Delta::of(desired, &services, &frontends, Vec::new())
+    }
+
+    /// Each shard file's inode: a rewritten shard is a new file renamed into place.
+    fn inodes(dir: &Path) -> Vec<u64> {
+        (0..SHARDS)
+            .map(|i| {
+                std::fs::metadata(dir.join(SHARD_DIR).join(shard_file(i)))
+                    .unwrap()
+                    .ino()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_shards_read_back_as_one_state_and_a_change_rewrites_only_its_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroup = Path::new("/sys/fs/cgroup/test");
+        let desired = desired_of(&services(1000, true));
+        let mut names = Names::default();
+        names.apply(everything(&desired));
+        names.write(dir.path(), 1, cgroup, "node-1").unwrap();
+
+        let state = State::read(dir.path()).unwrap().unwrap();
+        assert_eq!(state.frontends.len(), 1000);
+        assert!(state.frontends.is_sorted_by_key(|f| f.frontend));
+        assert_eq!(state.frontends[0].service, "default/s0");
+        assert_eq!(state.frontends[0].endpoints.len(), 1);
+        assert_eq!(state.frontends[0].endpoints[0].excluded, None);
+        assert_eq!(state.not_in_datapath.len(), 1);
+        assert_eq!(state.not_in_datapath[0].service, "default/db");
+        assert_eq!(state.node, "node-1");
+
+        // One Service's endpoint turns not ready: one shard is written again.
+        let before = inodes(dir.path());
+        let changed = desired_of(&services(1000, true).replacen("ready: true", "ready: false", 1));
+        let frontend = *changed.frontends().next().unwrap().0;
+        names.apply(Delta::of(&changed, [], [&frontend], Vec::new()));
+        names.write(dir.path(), 2, cgroup, "node-1").unwrap();
+        let after = inodes(dir.path());
+        let rewritten = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        assert_eq!(rewritten, 1);
+        let state = State::read(dir.path()).unwrap().unwrap();
+        assert_eq!(state.synced_at_ms, 2);
+        let names = state
+            .frontends
+            .iter()
+            .find(|n| n.frontend == frontend)
+            .unwrap();
+        assert_eq!(names.endpoints[0].excluded.as_deref(), Some("not ready"));
+    }
+
+    #[test]
+    fn a_new_agent_rewrites_every_shard_so_none_keeps_an_earlier_agents_frontends() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroup = Path::new("/sys/fs/cgroup/test");
+        let mut earlier = Names::default();
+        earlier.apply(everything(&desired_of(&services(300, true))));
+        earlier.write(dir.path(), 1, cgroup, "node-1").unwrap();
+
+        let mut later = Names::default();
+        later.apply(everything(&desired_of(&services(2, true))));
+        later.write(dir.path(), 2, cgroup, "node-1").unwrap();
+        let state = State::read(dir.path()).unwrap().unwrap();
+        assert_eq!(state.frontends.len(), 2);
+    }
+}
