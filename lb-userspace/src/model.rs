@@ -877,6 +877,21 @@ pub fn desired<'a>(
     out
 }
 
+/// Services and slices from YAML, as the agent reads them; tests' shorthand.
+#[cfg(test)]
+pub(crate) fn load(yaml: &str) -> (Vec<ServiceModel>, Vec<SliceModel>) {
+    use crate::manifest::{self, ApiObject};
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for document in manifest::parse(std::path::Path::new("t.yaml"), yaml).unwrap() {
+        match document.object.unwrap() {
+            ApiObject::Service(s) => services.push(ServiceModel::from_api(&s).unwrap()),
+            ApiObject::EndpointSlice(s) => slices.push(SliceModel::from_api(&s).unwrap()),
+        }
+    }
+    (services, slices)
+}
+
 /// The frontends one Service claims, each with its target, or why it has none.
 ///
 /// A Service port is served by the EndpointSlice ports of the same name and protocol (the
@@ -1009,19 +1024,6 @@ mod tests {
 
     use super::*;
     use crate::manifest::{self, ApiObject};
-
-    /// Services and slices from YAML, as the agent reads them.
-    fn load(yaml: &str) -> (Vec<ServiceModel>, Vec<SliceModel>) {
-        let mut services = Vec::new();
-        let mut slices = Vec::new();
-        for document in manifest::parse(Path::new("t.yaml"), yaml).unwrap() {
-            match document.object.unwrap() {
-                ApiObject::Service(s) => services.push(ServiceModel::from_api(&s).unwrap()),
-                ApiObject::EndpointSlice(s) => slices.push(SliceModel::from_api(&s).unwrap()),
-            }
-        }
-        (services, slices)
-    }
 
     fn node() -> Node {
         Node {

@@ -493,20 +493,10 @@ mod tests {
     use std::{os::unix::fs::MetadataExt as _, path::Path};
 
     use super::*;
-    use crate::{
-        manifest::{self, ApiObject},
-        model::{self, Node, ServiceModel, SliceModel},
-    };
+    use crate::model::{self, Node};
 
     fn desired_of(yaml: &str) -> Desired {
-        let mut services = Vec::new();
-        let mut slices = Vec::new();
-        for document in manifest::parse(Path::new("t.yaml"), yaml).unwrap() {
-            match document.object.unwrap() {
-                ApiObject::Service(s) => services.push(ServiceModel::from_api(&s).unwrap()),
-                ApiObject::EndpointSlice(s) => slices.push(SliceModel::from_api(&s).unwrap()),
-            }
-        }
+        let (services, slices) = model::load(yaml);
         let node = Node {
             name: "node-1".into(),
             ips: Vec::new(),
