@@ -63,6 +63,11 @@ impl ObjectRef {
         self.text.get(self.split() + 1..).unwrap_or_default()
     }
 
+    /// `namespace/name`.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
     /// Whether both are the same interned name: what the store hands out for one name.
     pub fn same(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.text, &other.text)

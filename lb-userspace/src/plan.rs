@@ -482,22 +482,20 @@ pub fn plan<'a, O: Eq + std::hash::Hash + Clone>(
             gone.push(*frontend);
             continue;
         };
-        {
-            let index = match unit_of.entry(owner) {
-                std::collections::hash_map::Entry::Occupied(entry) => *entry.get(),
-                std::collections::hash_map::Entry::Vacant(entry) => {
-                    units.push(Unit {
-                        owner: entry.key().clone(),
-                        live: false,
-                        frontends: SmallVec::new(),
-                    });
-                    *entry.insert(units.len() - 1)
-                }
-            };
-            if let Some(unit) = units.get_mut(index) {
-                unit.live |= current.frontends.contains_key(frontend);
-                unit.frontends.push((*frontend, spec));
+        let index = match unit_of.entry(owner) {
+            std::collections::hash_map::Entry::Occupied(entry) => *entry.get(),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                units.push(Unit {
+                    owner: entry.key().clone(),
+                    live: false,
+                    frontends: SmallVec::new(),
+                });
+                *entry.insert(units.len() - 1)
             }
+        };
+        if let Some(unit) = units.get_mut(index) {
+            unit.live |= current.frontends.contains_key(frontend);
+            unit.frontends.push((*frontend, spec));
         }
     }
     drop(unit_of);

@@ -135,7 +135,7 @@ fn shard_of_frontend(frontend: &Frontend) -> usize {
 /// Which shard a Service's entry is in (FNV-1a of its name).
 fn shard_of_service(service: &ObjectRef) -> usize {
     let hash = service
-        .to_string()
+        .as_str()
         .bytes()
         .fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
@@ -263,7 +263,7 @@ impl Names {
         self.refused = delta.refused;
     }
 
-    /// Writes the shards that changed, then the head file.
+    /// Writes the shards that changed, then the head file (what is not in shards).
     fn write(
         &mut self,
         dir: &Path,
@@ -300,7 +300,7 @@ impl Names {
                 })
                 .collect(),
         };
-        head.write(dir)
+        write_atomically(&dir.join(FILE), &head)
     }
 }
 
@@ -348,15 +348,6 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, S
 }
 
 impl State {
-    /// Replaces the head file (what is not in shards) atomically.
-    pub fn write(&self, dir: &Path) -> Result<(), StateError> {
-        std::fs::create_dir_all(dir).map_err(|source| StateError::Write {
-            path: dir.into(),
-            source,
-        })?;
-        write_atomically(&dir.join(FILE), self)
-    }
-
     /// The state in `dir` with every shard, or `None` if no agent wrote one there.
     pub fn read(dir: &Path) -> Result<Option<Self>, StateError> {
         let Some(mut state) = read_json::<State>(&dir.join(FILE))? else {

@@ -207,7 +207,7 @@ impl Store {
                 continue;
             }
             before.remove(&key);
-            self.put_definition(origin, delivered);
+            self.put_definition(origin, key.1.clone(), delivered);
             now.insert(key);
         }
         for (kind, id) in before {
@@ -230,8 +230,8 @@ impl Store {
         self.by_origin
             .entry(origin.clone())
             .or_default()
-            .insert((delivered.kind, id));
-        self.put_definition(origin, delivered);
+            .insert((delivered.kind, id.clone()));
+        self.put_definition(origin, id, delivered);
     }
 
     /// `origin` no longer defines this object (a watch event).
@@ -250,11 +250,7 @@ impl Store {
 
     /// The store's copy of a name, made one if it has none.
     fn intern(&mut self, id: &ObjectRef) -> ObjectRef {
-        if let Some(interned) = self.names.get(id) {
-            return interned.clone();
-        }
-        self.names.insert(id.clone());
-        id.clone()
+        intern_in(&mut self.names, id)
     }
 
     /// Drops the names nothing holds any more, once they are as many as those in use:
@@ -270,14 +266,15 @@ impl Store {
         }
     }
 
-    fn put_definition(&mut self, origin: &Origin, delivered: Delivered<'_>) {
+    /// Brings `origin`'s definition of the delivered object, named `id` as interned, to
+    /// the delivered version.
+    fn put_definition(&mut self, origin: &Origin, id: ObjectRef, delivered: Delivered<'_>) {
         let Delivered {
             kind,
-            id,
             version,
             object,
+            ..
         } = delivered;
-        let id = self.intern(id);
         let prefix = origin.prefix();
         #[cfg(test)]
         {
@@ -497,6 +494,7 @@ impl Store {
     }
 }
 
+/// `names`' copy of `id`, made one if it has none.
 fn intern_in<T: Clone + Eq + std::hash::Hash>(names: &mut Set<T>, id: &T) -> T {
     if let Some(interned) = names.get(id) {
         return interned.clone();
