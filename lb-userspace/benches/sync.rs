@@ -1,31 +1,34 @@
 //! The agent's sync path on the host, with no kernel and no source: N ClusterIP Services
 //! with one EndpointSlice of 3 endpoints each (pods of their own), as a source delivers them.
 //!
-//! - `model_full`: a full sync's model: both lists into a fresh [`Store`]
-//!   ([`Store::replace`]), then [`Desired::update`] of every Service it reports changed.
+//! - `model_full`: a full sync's model: both lists converted into models (what the
+//!   sources do on their own threads) and into a fresh [`Store`] ([`Store::replace`]),
+//!   then [`Desired::update`] of every Service it reports changed.
 //! - `plan_full`: [`plan::plan`] of every frontend from an empty [`Programmed`] (the maps
 //!   of a fresh node).
 //! - `endpoint_change`: one EndpointSlice rewritten (3 endpoints, then 2, then 3, …) on top
 //!   of a full state: its watch event into the store ([`Store::put`]), the model of the
 //!   Services it touched, the plan of their frontends, and the plan recorded as written —
 //!   what the agent does per change, less the map writes.
+//! - `full_sync_list_json`: all of the above from one `kind: List` JSON file on disk.
 //! - `parse_list_json`: one `kind: List` JSON file of all the objects (as `kubectl get
 //!   -A -o json` prints it) parsed into objects, as the manifest source reads it.
 //! - `store_relist_unchanged`: a relist that finds nothing changed (after a broken watch):
-//!   every object looked at, none converted.
+//!   every object converted (as the watch does where it receives them) and looked at by
+//!   the store, none taken.
 //!
 //! `cargo bench -p lb-userspace --bench sync` runs 1k, 10k and 100k Services
 //! (`LB_BENCH_SIZES=1000,5000` for others); as a test (`cargo test --benches`) each bench
 //! runs once at 1k only.
 
-use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
+use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use divan::Bencher;
 use lb_userspace::{
     agent::DEFAULT_CEILING,
     api,
-    manifest::{ApiObject, Kind},
-    model::{Desired, Node, ObjectRef},
+    manifest::Kind,
+    model::{Desired, Node, ObjectModel, ObjectRef, ServiceModel, SliceModel},
     plan::{self, Programmed},
     store::{Delivered, Origin, Store},
 };
@@ -62,10 +65,26 @@ fn pod_ip(i: u32, e: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 0)) + i * ENDPOINTS + e)
 }
 
+/// An object as a source reads it, before it converts it into the model.
+#[derive(Clone)]
+enum ApiObject {
+    Service(api::Service),
+    EndpointSlice(api::EndpointSlice),
+}
+
+impl ApiObject {
+    /// What the source delivers: the object's model (converted on the source's thread).
+    fn model(&self) -> Result<ObjectModel, String> {
+        match self {
+            Self::Service(service) => ServiceModel::from_api(service).map(ObjectModel::Service),
+            Self::EndpointSlice(slice) => SliceModel::from_api(slice).map(ObjectModel::Slice),
+        }
+        .map_err(|e| e.to_string())
+    }
+}
+
 fn service(i: u32) -> ApiObject {
-    ApiObject::Service(Arc::new(
-        api::Service::deserialize(service_json(i)).unwrap_or_default(),
-    ))
+    ApiObject::Service(api::Service::deserialize(service_json(i)).unwrap_or_default())
 }
 
 fn service_json(i: u32) -> serde_json::Value {
@@ -85,9 +104,9 @@ fn service_json(i: u32) -> serde_json::Value {
 }
 
 fn slice(i: u32, endpoints: u32, version: &str) -> ApiObject {
-    ApiObject::EndpointSlice(Arc::new(
+    ApiObject::EndpointSlice(
         api::EndpointSlice::deserialize(slice_json(i, endpoints, version)).unwrap_or_default(),
-    ))
+    )
 }
 
 fn slice_json(i: u32, endpoints: u32, version: &str) -> serde_json::Value {
@@ -146,9 +165,9 @@ impl Objects {
             .filter(move |(of, ..)| *of == kind)
             .map(|(kind, id, version, object)| Delivered {
                 kind: *kind,
-                id,
+                id: id.clone(),
                 version,
-                object: Ok(object),
+                object: object.model(),
             })
     }
 
@@ -221,6 +240,40 @@ fn parse_list_json(bencher: Bencher, n: u32) {
     });
 }
 
+/// A full sync's host side from one `kind: List` JSON file: the file read and parsed into
+/// models, those into a fresh store, the model of every Service, and the plan of every
+/// frontend from empty maps — what the agent does before it writes the maps.
+#[divan::bench(args = sizes(), sample_count = 5, sample_size = 1)]
+fn full_sync_list_json(bencher: Bencher, n: u32) {
+    let Ok(dir) = tempfile::tempdir() else {
+        return;
+    };
+    let path = dir.path().join("services.json");
+    if std::fs::write(&path, list_json(n)).is_err() {
+        return;
+    }
+    let node = node();
+    bencher.bench_local(|| {
+        let documents = lb_userspace::manifest::read_file(&path).unwrap_or_default();
+        let mut store = Store::default();
+        store.replace(
+            &Origin::file(&path),
+            documents.into_iter().map(|document| Delivered {
+                kind: document.kind,
+                id: document.id,
+                version: "1",
+                object: document.object.map_err(|e| e.to_string()),
+            }),
+        );
+        let changed = store.take_changed();
+        let mut desired = Desired::default();
+        desired.update(changed.iter().map(|id| (id, store.service(id))), &node);
+        let plan = plan_all(&desired, &Programmed::default());
+        debug_assert_eq!(plan.ops.len(), 7 * n as usize);
+        (store, desired, plan)
+    });
+}
+
 #[divan::bench(args = sizes(), sample_count = 10, sample_size = 1)]
 fn model_full(bencher: Bencher, n: u32) {
     let objects = Objects::new(n);
@@ -239,8 +292,8 @@ fn plan_full(bencher: Bencher, n: u32) {
     });
 }
 
-/// A relist that finds nothing changed (after a broken watch): every object looked at,
-/// none converted. Incremental syncs do not pay this: they apply watch events.
+/// A relist that finds nothing changed (after a broken watch): every object converted,
+/// none taken. Incremental syncs do not pay this: they apply watch events.
 #[divan::bench(args = sizes(), sample_count = 100, sample_size = 1)]
 fn store_relist_unchanged(bencher: Bencher, n: u32) {
     let objects = Objects::new(n);
@@ -285,9 +338,9 @@ fn endpoint_change(bencher: Bencher, n: u32) {
             &Origin::api(*kind),
             Delivered {
                 kind: *kind,
-                id,
+                id: id.clone(),
                 version,
-                object: Ok(object),
+                object: object.model(),
             },
         );
         let changed = store.take_changed();

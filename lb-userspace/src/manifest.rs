@@ -5,8 +5,9 @@
 //! whole application. Errors name the file, the object and the field.
 //!
 //! A file is read *streamed* first: each object is typed into the lean [`api`] types while
-//! the parser reads it, and the items of a `kind: List` are handled one by one, so that
-//! nothing but the objects the agent keeps is allocated. A parser cannot resume in the
+//! the parser reads it and converted into its model at once (on the parsing thread, so that
+//! no API object outlives its parsing), and the items of a `kind: List` are handled one by
+//! one, so that nothing but the models the agent keeps is allocated. A parser cannot resume in the
 //! middle of an object, so streaming gives up at the first thing it does not expect (a
 //! field of the wrong type, a document without `kind`, …), and the file is read again
 //! *buffered*: each object — one document or one List item, never a whole List — is read
@@ -16,37 +17,27 @@
 //!
 //! JSON (`*.json`, or text that starts with `{`) is read with serde_json, several times
 //! faster than a YAML parser; what is not valid JSON is read as YAML.
+//!
+//! A big file is read on every core: one thread finds the items of a List (which costs a
+//! fraction of typing them) and hands them on in batches, and multi-document YAML is cut
+//! at its document markers into runs of documents, one per thread. Whenever a part fails
+//! the whole file is read as above, so the parts never change a result or an error.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{
     Deserialize, Deserializer,
     de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, SeqAccess, Visitor},
 };
 use serde_json::Value;
 
-use crate::{api, model::ObjectRef};
-
-/// A Service or EndpointSlice, read from a manifest or shared with a reflector's store.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ApiObject {
-    Service(Arc<api::Service>),
-    EndpointSlice(Arc<api::EndpointSlice>),
-}
-
-impl ApiObject {
-    pub fn metadata(&self) -> &ObjectMeta {
-        match self {
-            Self::Service(service) => &service.metadata,
-            Self::EndpointSlice(slice) => &slice.metadata,
-        }
-    }
-}
+use crate::{
+    api,
+    model::{ObjectError, ObjectModel, ObjectRef, ServiceModel, SliceModel},
+};
 
 /// The kinds the agent reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -70,12 +61,12 @@ impl fmt::Display for Kind {
     }
 }
 
-/// One object of a file: its identity, and the object or why it could not be read.
+/// One object of a file: its identity, and its model or why it could not be read.
 #[derive(Debug)]
 pub struct Document {
     pub kind: Kind,
     pub id: ObjectRef,
-    pub object: Result<ApiObject, ManifestError>,
+    pub object: Result<ObjectModel, ManifestError>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +84,8 @@ pub enum ManifestError {
         index: usize,
         reason: String,
     },
+    #[error("{path}: {source}")]
+    Object { path: PathBuf, source: ObjectError },
     #[error("{path}: {kind} {object}: {field}: {reason}")]
     Field {
         path: PathBuf,
@@ -224,6 +217,198 @@ fn looks_like_json(path: &Path, text: &str) -> bool {
     has_extension(path, "json") || text.trim_start().starts_with('{')
 }
 
+/// Below this many bytes a file is parsed on one thread: more would cost more than they
+/// save.
+const PARALLEL_PARSE_MIN_BYTES: usize = 1 << 20;
+
+/// How many threads to parse `text` on.
+fn parse_threads(text: &str) -> usize {
+    if text.len() < PARALLEL_PARSE_MIN_BYTES {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// `parse` applied to each part on a thread of its own, the results in the parts' order;
+/// `None` if any part gives `None`.
+fn parse_parts<P: Sync>(
+    parts: &[P],
+    parse: impl Fn(&P) -> Option<Vec<Document>> + Sync,
+) -> Option<Vec<Document>> {
+    let parse = &parse;
+    let parsed: Vec<Option<Vec<Document>>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = parts
+            .iter()
+            .map(|part| scope.spawn(move || parse(part)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|thread| {
+                thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    let mut documents = Vec::with_capacity(parsed.iter().flatten().map(Vec::len).sum());
+    for part in parsed {
+        documents.extend(part?);
+    }
+    Some(documents)
+}
+
+/// Splits multi-document YAML into `parts` runs of whole documents of about equal size,
+/// at document markers (`---` at the start of a line, which YAML allows nowhere else).
+/// One part when the text has directives (`%YAML`), which apply to the documents after
+/// them.
+fn yaml_parts(text: &str, parts: usize) -> Vec<&str> {
+    if parts < 2 || text.starts_with('%') || text.contains("\n%") {
+        return vec![text];
+    }
+    let mut out = Vec::with_capacity(parts);
+    let mut start = 0;
+    for part in 1..parts {
+        let target = (text.len() * part / parts).max(start);
+        let Some(marker) = next_document_marker(text, target) else {
+            break;
+        };
+        if marker > start {
+            out.push(&text[start..marker]);
+            start = marker;
+        }
+    }
+    out.push(&text[start..]);
+    out
+}
+
+/// Where the first document marker line at or after byte `from` starts.
+fn next_document_marker(text: &str, from: usize) -> Option<usize> {
+    let mut at = from;
+    while let Some(found) = text.get(at..)?.find("\n---") {
+        let line = at + found + 1;
+        // `---` ends the line or is followed by a blank: `----` or `---x` is content.
+        if matches!(
+            text.as_bytes().get(line + 3),
+            None | Some(b'\n' | b'\r' | b' ' | b'\t')
+        ) {
+            return Some(line);
+        }
+        at = line;
+    }
+    None
+}
+
+/// List items handed to another thread at a time.
+const ITEMS_PER_BATCH: usize = 256;
+
+/// The items of a List, unparsed, handed on in batches as they are found. Reads `true`
+/// when the document is a List with items.
+struct ListBatches<'f, F> {
+    dispatch: &'f mut F,
+}
+
+impl<'de, F: FnMut(Vec<&'de str>)> DeserializeSeed<'de> for ListBatches<'_, F> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de, F: FnMut(Vec<&'de str>)> Visitor<'de> for ListBatches<'_, F> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a List")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        let mut kind = None;
+        let mut items = false;
+        while let Some(field) = map.next_key::<ObjectField>()? {
+            match field {
+                ObjectField::Kind => kind = Some(map.next_value::<TypeName>()?),
+                ObjectField::Items if !items => {
+                    items = map.next_value_seed(ItemBatches {
+                        dispatch: &mut *self.dispatch,
+                    })?;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(items && kind == Some(TypeName::List))
+    }
+}
+
+/// A List's `items`, unparsed, in batches; `false` if it is not a sequence.
+struct ItemBatches<'f, F> {
+    dispatch: &'f mut F,
+}
+
+impl<'de, F: FnMut(Vec<&'de str>)> DeserializeSeed<'de> for ItemBatches<'_, F> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, F: FnMut(Vec<&'de str>)> Visitor<'de> for ItemBatches<'_, F> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the items of a List")
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<bool, S::Error> {
+        let mut batch = Vec::with_capacity(ITEMS_PER_BATCH);
+        while let Some(item) = seq.next_element::<&'de serde_json::value::RawValue>()? {
+            batch.push(item.get());
+            if batch.len() == ITEMS_PER_BATCH {
+                (self.dispatch)(std::mem::replace(
+                    &mut batch,
+                    Vec::with_capacity(ITEMS_PER_BATCH),
+                ));
+            }
+        }
+        if !batch.is_empty() {
+            (self.dispatch)(batch);
+        }
+        Ok(true)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+}
+
 /// Reads the text of one file.
 struct Reader<'a> {
     path: &'a Path,
@@ -238,18 +423,103 @@ impl Reader<'_> {
     }
 
     fn yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
-        match streamed_yaml(text) {
+        let streamed = match yaml_parts(text, parse_threads(text)).as_slice() {
+            [whole] => self.streamed_yaml(whole),
+            // A part that fails may fail only because it is a part: the whole decides.
+            parts => parse_parts(parts, |part| self.streamed_yaml(part))
+                .or_else(|| self.streamed_yaml(text)),
+        };
+        match streamed {
             Some(documents) => Ok(documents),
             None => self.buffered_yaml(text),
         }
     }
 
     fn json(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
-        match streamed_json(text) {
+        let threads = parse_threads(text);
+        if threads > 1
+            && let Some(documents) = self.streamed_json_list(text, threads)
+        {
+            return Ok(documents);
+        }
+        match self.streamed_json(text) {
             Ok(documents) => Ok(documents),
             Err(e) if e.is_syntax() || e.is_eof() => Err(self.syntax(e.to_string())),
             Err(_) => self.buffered_json(text),
         }
+    }
+
+    /// A `kind: List` streamed on `threads` threads: this one finds the items (which is
+    /// several times faster than typing them) and hands them on in batches to the others,
+    /// typing a batch itself when they are all busy. `None` if the text is not a List or
+    /// an item has to be read buffered: the reading of the whole decides then.
+    fn streamed_json_list<'t>(&self, text: &'t str, threads: usize) -> Option<Vec<Document>> {
+        type Parsed = Vec<(usize, Option<Vec<Document>>)>;
+        let (batches, queue) = std::sync::mpsc::sync_channel::<(usize, Vec<&'t str>)>(threads);
+        let queue = std::sync::Mutex::new(queue);
+        let (is_list, mut parsed) = std::thread::scope(|scope| {
+            let workers: Vec<_> = (1..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let mut parsed = Parsed::new();
+                        loop {
+                            let next = queue
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .recv();
+                            let Ok((index, items)) = next else {
+                                return parsed;
+                            };
+                            parsed.push((index, self.streamed_json_items(&items)));
+                        }
+                    })
+                })
+                .collect();
+            let mut parsed = Parsed::new();
+            let mut next = 0;
+            let mut dispatch = |items: Vec<&'t str>| {
+                let index = next;
+                next += 1;
+                match batches.try_send((index, items)) {
+                    Ok(()) => {}
+                    Err(
+                        std::sync::mpsc::TrySendError::Full((index, items))
+                        | std::sync::mpsc::TrySendError::Disconnected((index, items)),
+                    ) => parsed.push((index, self.streamed_json_items(&items))),
+                }
+            };
+            let mut deserializer = serde_json::Deserializer::from_str(text);
+            let is_list = ListBatches {
+                dispatch: &mut dispatch,
+            }
+            .deserialize(&mut deserializer)
+            .and_then(|is_list| deserializer.end().map(|()| is_list))
+            .unwrap_or(false);
+            drop(batches);
+            for worker in workers {
+                parsed.extend(
+                    worker
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                );
+            }
+            (is_list, parsed)
+        });
+        if !is_list {
+            return None;
+        }
+        parsed.sort_unstable_by_key(|(index, _)| *index);
+        let mut documents = Vec::with_capacity(
+            parsed
+                .iter()
+                .filter_map(|(_, batch)| batch.as_ref())
+                .map(Vec::len)
+                .sum(),
+        );
+        for (_, batch) in parsed {
+            documents.extend(batch?);
+        }
+        Some(documents)
     }
 
     fn buffered_yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
@@ -294,35 +564,81 @@ impl Reader<'_> {
             reason: reason.into(),
         })
     }
-}
 
-/// Every document streamed; `None` if one has to be read buffered (which also tells a
-/// syntax error from others: YAML errors do not say which they are).
-fn streamed_yaml(text: &str) -> Option<Vec<Document>> {
-    let mut documents = Vec::new();
-    serde_yaml::Deserializer::from_str(text)
-        .try_for_each(|document| {
-            StreamedObject {
-                documents: &mut documents,
-                list_item: false,
-            }
-            .deserialize(document)
-        })
-        .ok()?;
-    Some(documents)
-}
-
-/// The value streamed; a data error means it has to be read buffered.
-fn streamed_json(text: &str) -> Result<Vec<Document>, serde_json::Error> {
-    let mut documents = Vec::new();
-    let mut deserializer = serde_json::Deserializer::from_str(text);
-    StreamedObject {
-        documents: &mut documents,
-        list_item: false,
+    /// Every document streamed; `None` if one has to be read buffered (which also tells a
+    /// syntax error from others: YAML errors do not say which they are).
+    fn streamed_yaml(&self, text: &str) -> Option<Vec<Document>> {
+        let mut documents = Vec::new();
+        serde_yaml::Deserializer::from_str(text)
+            .try_for_each(|document| {
+                StreamedObject {
+                    path: self.path,
+                    documents: &mut documents,
+                    list_item: false,
+                }
+                .deserialize(document)
+            })
+            .ok()?;
+        Some(documents)
     }
-    .deserialize(&mut deserializer)?;
-    deserializer.end()?;
-    Ok(documents)
+
+    /// The value streamed; a data error means it has to be read buffered.
+    fn streamed_json(&self, text: &str) -> Result<Vec<Document>, serde_json::Error> {
+        let mut documents = Vec::new();
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        StreamedObject {
+            path: self.path,
+            documents: &mut documents,
+            list_item: false,
+        }
+        .deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        Ok(documents)
+    }
+
+    /// Items of a List, each streamed; `None` if one has to be read buffered.
+    fn streamed_json_items(&self, items: &[&str]) -> Option<Vec<Document>> {
+        let mut documents = Vec::with_capacity(items.len());
+        for item in items {
+            let mut deserializer = serde_json::Deserializer::from_str(item);
+            StreamedObject {
+                path: self.path,
+                documents: &mut documents,
+                list_item: true,
+            }
+            .deserialize(&mut deserializer)
+            .ok()?;
+        }
+        Some(documents)
+    }
+}
+
+/// A typed Service's document: its model, or why it has none.
+fn service_document(path: &Path, id: ObjectRef, service: &api::Service) -> Document {
+    Document {
+        kind: Kind::Service,
+        id,
+        object: ServiceModel::from_api(service)
+            .map(ObjectModel::Service)
+            .map_err(|source| ManifestError::Object {
+                path: path.to_owned(),
+                source,
+            }),
+    }
+}
+
+/// A typed EndpointSlice's document: its model, or why it has none.
+fn slice_document(path: &Path, id: ObjectRef, slice: &api::EndpointSlice) -> Document {
+    Document {
+        kind: Kind::EndpointSlice,
+        id,
+        object: SliceModel::from_api(slice)
+            .map(ObjectModel::Slice)
+            .map_err(|source| ManifestError::Object {
+                path: path.to_owned(),
+                source,
+            }),
+    }
 }
 
 /// The object's namespace and name, as kubectl applies them: no namespace is `default`.
@@ -422,6 +738,7 @@ impl TypeSoFar {
 /// Streams one document or List item into `documents`, typed as it is read. Fails on
 /// whatever a buffered read has to explain.
 struct StreamedObject<'a> {
+    path: &'a Path,
     documents: &'a mut Vec<Document>,
     /// Lists are unpacked at the top of a document only.
     list_item: bool,
@@ -478,7 +795,7 @@ impl<'de> Visitor<'de> for StreamedObject<'_> {
                 }
                 ObjectField::Ports if type_name.may_be_slice() => ports = map.next_value()?,
                 ObjectField::Items if !self.list_item && type_name.may_be_list() => {
-                    items = Some(map.next_value_seed(StreamedItems)?);
+                    items = Some(map.next_value_seed(StreamedItems { path: self.path })?);
                 }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
@@ -494,25 +811,25 @@ impl<'de> Visitor<'de> for StreamedObject<'_> {
                 self.documents.extend(items);
                 return Ok(());
             }
-            (Some(TypeName::CoreV1), Some(TypeName::Service)) => Document {
-                kind: Kind::Service,
-                id: id(),
-                object: Ok(ApiObject::Service(Arc::new(api::Service {
+            (Some(TypeName::CoreV1), Some(TypeName::Service)) => service_document(
+                self.path,
+                id(),
+                &api::Service {
                     metadata,
                     spec,
                     status,
-                }))),
-            },
-            (Some(TypeName::DiscoveryV1), Some(TypeName::EndpointSlice)) => Document {
-                kind: Kind::EndpointSlice,
-                id: id(),
-                object: Ok(ApiObject::EndpointSlice(Arc::new(api::EndpointSlice {
+                },
+            ),
+            (Some(TypeName::DiscoveryV1), Some(TypeName::EndpointSlice)) => slice_document(
+                self.path,
+                id(),
+                &api::EndpointSlice {
                     metadata,
                     address_type: address_type.unwrap_or_default(),
                     endpoints: endpoints.unwrap_or_default(),
                     ports,
-                }))),
-            },
+                },
+            ),
             _ => return Ok(()),
         };
         self.documents.push(document);
@@ -521,9 +838,11 @@ impl<'de> Visitor<'de> for StreamedObject<'_> {
 }
 
 /// The items of a List, streamed one by one.
-struct StreamedItems;
+struct StreamedItems<'a> {
+    path: &'a Path,
+}
 
-impl<'de> DeserializeSeed<'de> for StreamedItems {
+impl<'de> DeserializeSeed<'de> for StreamedItems<'_> {
     type Value = Vec<Document>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<Document>, D::Error> {
@@ -531,7 +850,7 @@ impl<'de> DeserializeSeed<'de> for StreamedItems {
     }
 }
 
-impl<'de> Visitor<'de> for StreamedItems {
+impl<'de> Visitor<'de> for StreamedItems<'_> {
     type Value = Vec<Document>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -542,6 +861,7 @@ impl<'de> Visitor<'de> for StreamedItems {
         let mut documents = Vec::new();
         while items
             .next_element_seed(StreamedObject {
+                path: self.path,
                 documents: &mut documents,
                 list_item: true,
             })?
@@ -721,20 +1041,27 @@ fn buffered_object(path: &Path, value: Value) -> Option<Document> {
     let metadata = value.get("metadata");
     let field = |name: &str| metadata.and_then(|m| m.get(name)).and_then(Value::as_str);
     let id = object_id(field("namespace"), field("name"));
-    let object = match kind {
-        Kind::Service => typed::<api::Service>(value).map(|s| ApiObject::Service(Arc::new(s))),
-        Kind::EndpointSlice => {
-            typed::<api::EndpointSlice>(value).map(|s| ApiObject::EndpointSlice(Arc::new(s)))
-        }
-    }
-    .map_err(|(field, reason)| ManifestError::Field {
-        path: path.to_owned(),
+    let field_error = |(field, reason)| Document {
         kind,
-        object: id.clone(),
-        field,
-        reason,
-    });
-    Some(Document { kind, id, object })
+        id: id.clone(),
+        object: Err(ManifestError::Field {
+            path: path.to_owned(),
+            kind,
+            object: id.clone(),
+            field,
+            reason,
+        }),
+    };
+    Some(match kind {
+        Kind::Service => match typed::<api::Service>(value) {
+            Ok(service) => service_document(path, id, &service),
+            Err(e) => field_error(e),
+        },
+        Kind::EndpointSlice => match typed::<api::EndpointSlice>(value) {
+            Ok(slice) => slice_document(path, id, &slice),
+            Err(e) => field_error(e),
+        },
+    })
 }
 
 /// Deserializes with the path of the offending field, e.g. `spec.ports[0].port`.
@@ -828,7 +1155,7 @@ spec:
     }
 
     /// What a reading gave, comparable.
-    fn summary(documents: &[Document]) -> Vec<(Kind, String, Result<ApiObject, String>)> {
+    fn summary(documents: &[Document]) -> Vec<(Kind, String, Result<ObjectModel, String>)> {
         documents
             .iter()
             .map(|d| {
@@ -873,8 +1200,9 @@ spec:
     #[test]
     fn streamed_and_buffered_readings_agree() {
         let json = Path::new("list.json");
-        let streamed = streamed_json(KUBECTL_LIST).unwrap();
-        let buffered = Reader { path: json }.buffered_json(KUBECTL_LIST).unwrap();
+        let reader = Reader { path: json };
+        let streamed = reader.streamed_json(KUBECTL_LIST).unwrap();
+        let buffered = reader.buffered_json(KUBECTL_LIST).unwrap();
         assert_eq!(summary(&streamed), summary(&buffered));
         assert_eq!(
             summary(&streamed)
@@ -887,8 +1215,8 @@ spec:
         let yaml = format!(
             "{SERVICE}---\n# a comment only\n---\nkind: EndpointSlice\naddressType: IPv4\nendpoints: [{{addresses: [10.244.0.1]}}]\napiVersion: discovery.k8s.io/v1\nmetadata: {{name: httpenv-1, labels: {{kubernetes.io/service-name: httpenv}}}}\n---\napiVersion: v1\nitems:\n- {SERVICE_FLOW}\nkind: List\n"
         );
-        let streamed = streamed_yaml(&yaml).unwrap();
-        let buffered = Reader { path: json }.buffered_yaml(&yaml).unwrap();
+        let streamed = reader.streamed_yaml(&yaml).unwrap();
+        let buffered = reader.buffered_yaml(&yaml).unwrap();
         assert_eq!(summary(&streamed), summary(&buffered));
         assert_eq!(streamed.len(), 3);
     }
@@ -993,14 +1321,66 @@ spec:
         assert_eq!(from_json.len(), 1000);
         assert!(from_json.iter().all(|d| d.object.is_ok()));
         assert_eq!(summary(&from_json), summary(&from_yaml));
-        let Ok(ApiObject::EndpointSlice(slice)) = &from_json[999].object else {
+        let Ok(ObjectModel::Slice(slice)) = &from_json[999].object else {
             panic!("not a slice")
         };
         assert_eq!(slice.endpoints.len(), 3);
-        assert_eq!(
-            slice.metadata.labels.as_ref().unwrap()["kubernetes.io/service-name"],
-            "svc-499"
+        assert_eq!(slice.service, Some(ObjectRef::new("default", "svc-499")));
+    }
+
+    #[test]
+    fn a_big_file_read_in_parts_reads_as_it_does_whole() {
+        let (json, yaml) = generated(3000);
+        assert!(json.len() > PARALLEL_PARSE_MIN_BYTES && yaml.len() > PARALLEL_PARSE_MIN_BYTES);
+        let reader = Reader {
+            path: Path::new("all.json"),
+        };
+        let whole_json = reader.streamed_json(&json).unwrap();
+        let whole_yaml = reader.streamed_yaml(&yaml).unwrap();
+        assert_eq!(whole_json.len(), 6000);
+        assert_eq!(summary(&reader.json(&json).unwrap()), summary(&whole_json));
+        assert_eq!(summary(&reader.yaml(&yaml).unwrap()), summary(&whole_yaml));
+
+        // One bad object in the middle: the parts give up and the whole file is read as
+        // before, that object's error named and the others read.
+        let bad = |text: &str| {
+            let at = text.find(r#""name": "svc-1499""#).unwrap();
+            let (before, after) = text.split_at(at);
+            let after = after.replacen(r#""port": 80,"#, r#""port": "eighty","#, 1);
+            format!("{before}{after}")
+        };
+        for (read, name) in [
+            (reader.json(&bad(&json)).unwrap(), "json"),
+            (reader.yaml(&bad(&yaml)).unwrap(), "yaml"),
+        ] {
+            let errors: Vec<String> = read
+                .iter()
+                .filter_map(|d| d.object.as_ref().err().map(ToString::to_string))
+                .collect();
+            assert_eq!(read.len(), 6000, "{name}");
+            assert_eq!(
+                errors,
+                [
+                    "all.json: Service default/svc-1499: spec.ports[0].port: invalid type: string \"eighty\", expected i32"
+                ],
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn yaml_is_split_only_at_document_markers() {
+        let text = "a: 1\n---\nb: |\n  ---\n----\n---x: 2\n--- \nc: 3\n---\n";
+        let parts = yaml_parts(text, 4);
+        assert_eq!(parts.concat(), text);
+        assert!(
+            parts[1..]
+                .iter()
+                .all(|part| part.starts_with("---\n") || part.starts_with("--- \n")),
+            "{parts:?}"
         );
+        assert_eq!(yaml_parts("%YAML 1.2\n---\na: 1\n---\nb: 2\n", 2).len(), 1);
+        assert_eq!(yaml_parts("a: 1\n", 2), ["a: 1\n"]);
     }
 
     #[test]

@@ -257,10 +257,48 @@ pub struct SliceModel {
     pub id: ObjectRef,
     /// The Service named by [`SERVICE_NAME_LABEL`]; `None` for a slice that belongs to none.
     pub service: Option<ObjectRef>,
-    /// `addressType: IPv4`. Other address types are kept but contribute no backends.
-    pub ipv4: bool,
+    /// Only IPv4 slices contribute backends; the others are kept, unused.
+    pub address_type: AddressType,
     pub ports: Vec<SlicePort>,
     pub endpoints: Vec<EndpointModel>,
+}
+
+/// An EndpointSlice's `addressType`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AddressType {
+    Ipv4,
+    Ipv6,
+    Fqdn,
+    /// Not one the API defines, kept as written.
+    Other(Box<str>),
+}
+
+impl AddressType {
+    fn from_api(value: &str) -> Self {
+        match value {
+            "IPv4" => Self::Ipv4,
+            "IPv6" => Self::Ipv6,
+            "FQDN" => Self::Fqdn,
+            other => Self::Other(other.into()),
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Ipv4 => "IPv4",
+            Self::Ipv6 => "IPv6",
+            Self::Fqdn => "FQDN",
+            Self::Other(other) => other,
+        }
+    }
+}
+
+/// A Service or EndpointSlice converted into the model: what sources deliver to the store,
+/// converted where they read it (on their own threads), so that no API object is kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectModel {
+    Service(ServiceModel),
+    Slice(SliceModel),
 }
 
 fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
@@ -500,7 +538,7 @@ impl SliceModel {
             .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
             .filter(|name| !name.is_empty())
             .map(|name| ObjectRef::new(id.namespace(), name));
-        let ipv4 = slice.address_type == "IPv4";
+        let address_type = AddressType::from_api(&slice.address_type);
 
         let mut ports = Vec::new();
         for (i, port) in slice.ports.iter().flatten().enumerate() {
@@ -516,7 +554,7 @@ impl SliceModel {
         }
 
         let mut endpoints = Vec::new();
-        if ipv4 {
+        if address_type == AddressType::Ipv4 {
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
                 // Addresses of one endpoint are fungible; kube-proxy uses the first.
                 let Some(address) = endpoint.addresses.first() else {
@@ -550,7 +588,7 @@ impl SliceModel {
         Ok(Self {
             id,
             service,
-            ipv4,
+            address_type,
             ports,
             endpoints,
         })
@@ -885,13 +923,12 @@ pub fn desired<'a>(
 /// Services and slices from YAML, as the agent reads them; tests' shorthand.
 #[cfg(test)]
 pub(crate) fn load(yaml: &str) -> (Vec<ServiceModel>, Vec<SliceModel>) {
-    use crate::manifest::{self, ApiObject};
     let mut services = Vec::new();
     let mut slices = Vec::new();
-    for document in manifest::parse(std::path::Path::new("t.yaml"), yaml).unwrap() {
+    for document in crate::manifest::parse(std::path::Path::new("t.yaml"), yaml).unwrap() {
         match document.object.unwrap() {
-            ApiObject::Service(s) => services.push(ServiceModel::from_api(&s).unwrap()),
-            ApiObject::EndpointSlice(s) => slices.push(SliceModel::from_api(&s).unwrap()),
+            ObjectModel::Service(s) => services.push(s),
+            ObjectModel::Slice(s) => slices.push(s),
         }
     }
     (services, slices)
@@ -921,7 +958,10 @@ fn claims_of(
     for port in &service.ports {
         // Every endpoint of this port once; a duplicate counts as ready if any copy is.
         let mut endpoints: BTreeMap<BackendAddr, &EndpointModel> = BTreeMap::new();
-        for slice in slices.iter().filter(|slice| slice.ipv4) {
+        for slice in slices
+            .iter()
+            .filter(|slice| slice.address_type == AddressType::Ipv4)
+        {
             let Some(target) = slice
                 .ports
                 .iter()
@@ -1028,7 +1068,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::manifest::{self, ApiObject};
+    use crate::manifest::{self, ManifestError};
 
     fn node() -> Node {
         Node {
@@ -1344,10 +1384,10 @@ spec: {clusterIP: 10.96.0.11, externalIPs: [10.96.0.10], ports: [{port: 80}]}
             let document = manifest::parse(Path::new("t.yaml"), &yaml)
                 .unwrap()
                 .remove(0);
-            let Ok(ApiObject::Service(service)) = document.object else {
-                panic!("not a service")
+            let Err(ManifestError::Object { source, .. }) = document.object else {
+                panic!("not a conversion error: {:?}", document.object)
             };
-            ServiceModel::from_api(&service).unwrap_err().to_string()
+            source.to_string()
         };
         assert_eq!(
             error("{clusterIP: 10.96.0.10, ports: [{port: 80, protocol: ICMP}]}"),

@@ -13,8 +13,8 @@ use smallvec::SmallVec;
 
 use crate::{
     hash::{Map, Set},
-    manifest::{ApiObject, Kind},
-    model::{ObjectRef, ServiceModel, SliceModel},
+    manifest::Kind,
+    model::{AddressType, ObjectModel, ObjectRef, ServiceModel, SliceModel},
 };
 
 /// Where definitions come from: a manifest file, or the API (one origin per kind, so that
@@ -55,15 +55,16 @@ impl Origin {
     }
 }
 
-/// One object as an origin defines it: its identity, its version, and the object or why
-/// it is unusable (the reason names the origin, the object and the field).
+/// One object as an origin defines it: its identity, its version, and its model (the
+/// source converts what it reads) or why it is unusable (the reason names the origin, the
+/// object and the field).
 pub struct Delivered<'a> {
     pub kind: Kind,
-    pub id: &'a ObjectRef,
+    pub id: ObjectRef,
     /// Changes whenever the object does: its `resourceVersion`, or the read of its file.
     /// An empty version is taken as a change every time.
     pub version: &'a str,
-    pub object: Result<&'a ApiObject, String>,
+    pub object: Result<ObjectModel, String>,
 }
 
 /// Problems, each naming the object and field. What they concern keeps its last good
@@ -195,7 +196,7 @@ impl Store {
         let mut now = Set::default();
         let mut repeated = Vec::new();
         for delivered in objects {
-            let id = self.intern(delivered.id);
+            let id = self.intern(&delivered.id);
             let key = (delivered.kind, id);
             if now.contains(&key) {
                 repeated.push(format!(
@@ -226,7 +227,7 @@ impl Store {
 
     /// `origin` now defines this object (a watch event).
     pub fn put(&mut self, origin: &Origin, delivered: Delivered<'_>) {
-        let id = self.intern(delivered.id);
+        let id = self.intern(&delivered.id);
         self.by_origin
             .entry(origin.clone())
             .or_default()
@@ -275,7 +276,6 @@ impl Store {
             object,
             ..
         } = delivered;
-        let prefix = origin.prefix();
         #[cfg(test)]
         {
             let unchanged = self
@@ -285,47 +285,47 @@ impl Store {
         }
         match kind {
             Kind::Service => {
+                let object = object.and_then(|object| match object {
+                    ObjectModel::Service(service) => Ok(service),
+                    ObjectModel::Slice(_) => Err(format!("{}not a Service", origin.prefix())),
+                });
                 let entry = self.services.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
                 let names = &mut self.names;
-                define(entry, origin, version, object, |object| match object {
-                    ApiObject::Service(service) => ServiceModel::from_api(service)
-                        .map(|mut model| {
-                            model.id = intern_in(names, &model.id);
-                            (model, None)
-                        })
-                        .map_err(|e| format!("{prefix}{e}")),
-                    ApiObject::EndpointSlice(_) => Err(format!("{prefix}not a Service")),
+                define(entry, origin, version, object, |mut model| {
+                    model.id = intern_in(names, &model.id);
+                    (model, None)
                 });
                 self.after_service_change(&id, before);
             }
             Kind::EndpointSlice => {
+                let object = object.and_then(|object| match object {
+                    ObjectModel::Slice(slice) => Ok(slice),
+                    ObjectModel::Service(_) => {
+                        Err(format!("{}not an EndpointSlice", origin.prefix()))
+                    }
+                });
                 let entry = self.slices.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
                 let (names, nodes) = (&mut self.names, &mut self.nodes);
-                define(entry, origin, version, object, |object| {
-                    match object {
-                    ApiObject::EndpointSlice(slice) => SliceModel::from_api(slice)
-                        .map(|mut model| {
-                            model.id = intern_in(names, &model.id);
-                            model.service = model.service.as_ref().map(|s| intern_in(names, s));
-                            for endpoint in &mut model.endpoints {
-                                if let Some(node) = &mut endpoint.node_name {
-                                    *node = intern_in(nodes, node);
-                                }
-                            }
-                            // Kept (it is valid) but unused until the IPv6 programs exist.
-                            let note = (!model.ipv4).then(|| {
-                                format!(
-                                    "{prefix}EndpointSlice {}: addressType: {} is not served yet; skipped",
-                                    model.id, slice.address_type
-                                )
-                            });
-                            (model, note)
-                        })
-                        .map_err(|e| format!("{prefix}{e}")),
-                    ApiObject::Service(_) => Err(format!("{prefix}not an EndpointSlice")),
-                }
+                define(entry, origin, version, object, |mut model| {
+                    model.id = intern_in(names, &model.id);
+                    model.service = model.service.as_ref().map(|s| intern_in(names, s));
+                    for endpoint in &mut model.endpoints {
+                        if let Some(node) = &mut endpoint.node_name {
+                            *node = intern_in(nodes, node);
+                        }
+                    }
+                    // Kept (it is valid) but unused until the IPv6 programs exist.
+                    let note = (model.address_type != AddressType::Ipv4).then(|| {
+                        format!(
+                            "{}EndpointSlice {}: addressType: {} is not served yet; skipped",
+                            origin.prefix(),
+                            model.id,
+                            model.address_type.as_str()
+                        )
+                    });
+                    (model, note)
                 });
                 self.after_slice_change(&id, before);
             }
@@ -516,13 +516,14 @@ fn definitions_of<M>(entry: Option<&Entry<M>>) -> (OriginProblems, usize) {
     (definitions, entry.map_or(0, Entry::effective_index))
 }
 
-/// Brings `origin`'s definition in `entry` to the delivered version.
+/// Brings `origin`'s definition in `entry` to the delivered version: `finish` makes the
+/// delivered model the store's own (its names interned) and says what is not used of it.
 fn define<M: PartialEq>(
     entry: &mut Entry<M>,
     origin: &Origin,
     version: &str,
-    object: Result<&ApiObject, String>,
-    convert: impl FnOnce(&ApiObject) -> Result<(M, Option<String>), String>,
+    object: Result<M, String>,
+    finish: impl FnOnce(M) -> (M, Option<String>),
 ) {
     if let Some(definition) = entry.get(origin)
         && !version.is_empty()
@@ -530,7 +531,7 @@ fn define<M: PartialEq>(
     {
         return;
     }
-    let converted = object.and_then(convert);
+    let converted = object.map(finish);
     let definition = entry.get_or_insert(origin);
     definition.version = version.into();
     match converted {
@@ -583,9 +584,9 @@ mod tests {
             &Origin::file(Path::new(file)),
             documents.iter().map(|d| Delivered {
                 kind: d.kind,
-                id: &d.id,
+                id: d.id.clone(),
                 version,
-                object: d.object.as_ref().map_err(ToString::to_string),
+                object: d.object.as_ref().cloned().map_err(ToString::to_string),
             }),
         );
         store.problems()
@@ -844,9 +845,9 @@ mod tests {
                 .filter(|d| d.kind == Kind::Service)
                 .map(|d| Delivered {
                     kind: d.kind,
-                    id: &d.id,
+                    id: d.id.clone(),
                     version: "1",
-                    object: d.object.as_ref().map_err(ToString::to_string),
+                    object: d.object.as_ref().cloned().map_err(ToString::to_string),
                 }),
         );
         store.replace(
@@ -855,9 +856,9 @@ mod tests {
                 .filter(|d| d.kind == Kind::EndpointSlice)
                 .map(|d| Delivered {
                     kind: d.kind,
-                    id: &d.id,
+                    id: d.id.clone(),
                     version: "1",
-                    object: d.object.as_ref().map_err(ToString::to_string),
+                    object: d.object.as_ref().cloned().map_err(ToString::to_string),
                 }),
         );
         assert_eq!(store.take_changed().len(), 2);
@@ -866,9 +867,13 @@ mod tests {
             &api,
             Delivered {
                 kind: Kind::EndpointSlice,
-                id: &moved[0].id,
+                id: moved[0].id.clone(),
                 version: "2",
-                object: moved[0].object.as_ref().map_err(ToString::to_string),
+                object: moved[0]
+                    .object
+                    .as_ref()
+                    .cloned()
+                    .map_err(ToString::to_string),
             },
         );
         assert_eq!(store.take_changed(), [ObjectRef::new("default", "a")]);
@@ -950,7 +955,7 @@ mod tests {
         let problems = update_from(
             &mut store,
             "a.yaml",
-            &documents(&A.replace("port: 80", "port: 0")),
+            &manifest::parse(Path::new("a.yaml"), &A.replace("port: 80", "port: 0")).unwrap(),
             "2",
         );
         assert_eq!(problems.len(), 1, "{problems:?}");

@@ -7,7 +7,7 @@
 //! The watches read the lean [`api`](crate::api) types, which keep only what the model
 //! reads.
 
-use std::{path::Path, sync::Arc, time::Instant};
+use std::{path::Path, time::Instant};
 
 use futures::StreamExt as _;
 use kube::{
@@ -20,8 +20,11 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Change, Changes};
 use crate::{
     api::{EndpointSlice, Service},
-    manifest::{ApiObject, Kind},
-    model::{ObjectRef, SERVICE_NAME_LABEL, object_ref},
+    manifest::Kind,
+    model::{
+        ObjectError, ObjectModel, ObjectRef, SERVICE_NAME_LABEL, ServiceModel, SliceModel,
+        object_ref,
+    },
     store::{Delivered, Origin, Problems, Store},
 };
 
@@ -62,13 +65,35 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError
     Ok(Client::try_from(config)?)
 }
 
+/// An object as a watch delivered it, converted into the model where it was received.
+struct Received {
+    id: ObjectRef,
+    /// Its `resourceVersion`.
+    version: String,
+    object: Result<ObjectModel, String>,
+}
+
+impl Received {
+    fn of<K: kube::Resource>(
+        object: &K,
+        convert: fn(&K) -> Result<ObjectModel, ObjectError>,
+    ) -> Self {
+        let meta = object.meta();
+        Self {
+            id: id(meta),
+            version: meta.resource_version.clone().unwrap_or_default(),
+            object: convert(object).map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// What a watch saw, in order, for the next sync to apply.
 enum Event {
-    Put(Kind, ApiObject),
+    Put(Kind, Received),
     Remove(Kind, ObjectRef),
     /// A complete list (the first, or after a broken watch or "410 Gone"): what it does not
     /// hold is gone.
-    Relisted(Kind, Vec<ApiObject>),
+    Relisted(Kind, Vec<Received>),
 }
 
 /// The watches: their events wait in a queue for the next sync, which applies each to the
@@ -108,7 +133,7 @@ impl Kubernetes {
             tokio::spawn(follow(
                 Kind::Service,
                 services,
-                |service| ApiObject::Service(Arc::new(service)),
+                |service| ServiceModel::from_api(service).map(ObjectModel::Service),
                 queue.clone(),
                 changes.clone(),
                 services_listed,
@@ -116,7 +141,7 @@ impl Kubernetes {
             tokio::spawn(follow(
                 Kind::EndpointSlice,
                 slices,
-                |slice| ApiObject::EndpointSlice(Arc::new(slice)),
+                |slice| SliceModel::from_api(slice).map(ObjectModel::Slice),
                 queue,
                 changes,
                 slices_listed,
@@ -133,43 +158,36 @@ impl Kubernetes {
     }
 
     /// Applies the events seen since the last call to `store`; only objects whose
-    /// `resourceVersion` changed are converted again.
+    /// `resourceVersion` changed are taken again.
     pub fn refresh(&mut self, store: &mut Store) -> Problems {
-        let version = |object: &ApiObject| {
-            object
-                .metadata()
-                .resource_version
-                .clone()
-                .unwrap_or_default()
-        };
         while let Ok(event) = self.events.try_recv() {
             match event {
-                Event::Put(kind, object) => {
-                    let (id, version) = (id(object.metadata()), version(&object));
-                    store.put(
-                        &Origin::api(kind),
-                        Delivered {
-                            kind,
-                            id: &id,
-                            version: &version,
-                            object: Ok(&object),
-                        },
-                    );
-                }
+                Event::Put(kind, received) => store.put(
+                    &Origin::api(kind),
+                    Delivered {
+                        kind,
+                        id: received.id,
+                        version: &received.version,
+                        object: received.object,
+                    },
+                ),
                 Event::Remove(kind, id) => store.remove(&Origin::api(kind), kind, &id),
                 Event::Relisted(kind, objects) => {
-                    let named: Vec<(ObjectRef, String, &ApiObject)> = objects
-                        .iter()
-                        .map(|object| (id(object.metadata()), version(object), object))
-                        .collect();
+                    let (heads, objects): (Vec<(ObjectRef, String)>, Vec<_>) = objects
+                        .into_iter()
+                        .map(|received| ((received.id, received.version), received.object))
+                        .unzip();
                     store.replace(
                         &Origin::api(kind),
-                        named.iter().map(|(id, version, object)| Delivered {
-                            kind,
-                            id,
-                            version,
-                            object: Ok(*object),
-                        }),
+                        heads
+                            .iter()
+                            .zip(objects)
+                            .map(|((id, version), object)| Delivered {
+                                kind,
+                                id: id.clone(),
+                                version,
+                                object,
+                            }),
                     );
                 }
             }
@@ -180,17 +198,17 @@ impl Kubernetes {
 
 /// Forwards one watch's events to the queue, holding a relist's objects back until its
 /// InitDone so that a sync never sees a partial list; `listed` fires at the first InitDone.
-async fn follow<K>(
+async fn follow<K: kube::Resource>(
     kind: Kind,
     events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
-    wrap: fn(K) -> ApiObject,
+    convert: fn(&K) -> Result<ObjectModel, ObjectError>,
     queue: mpsc::UnboundedSender<Event>,
     changes: Changes,
     listed: oneshot::Sender<()>,
 ) {
     let mut events = std::pin::pin!(events);
     let mut listed = Some(listed);
-    let mut relist: Option<Vec<ApiObject>> = None;
+    let mut relist: Option<Vec<Received>> = None;
     while let Some(event) = events.next().await {
         let event = match event {
             Ok(watcher::Event::Init) => {
@@ -198,14 +216,16 @@ async fn follow<K>(
                 continue;
             }
             Ok(watcher::Event::InitApply(object)) => {
-                relist.get_or_insert_default().push(wrap(object));
+                relist
+                    .get_or_insert_default()
+                    .push(Received::of(&object, convert));
                 continue;
             }
             Ok(watcher::Event::InitDone) => {
                 Event::Relisted(kind, relist.take().unwrap_or_default())
             }
-            Ok(watcher::Event::Apply(object)) => Event::Put(kind, wrap(object)),
-            Ok(watcher::Event::Delete(object)) => Event::Remove(kind, id(wrap(object).metadata())),
+            Ok(watcher::Event::Apply(object)) => Event::Put(kind, Received::of(&object, convert)),
+            Ok(watcher::Event::Delete(object)) => Event::Remove(kind, id(object.meta())),
             Err(e) => {
                 tracing::warn!("watch of {kind}s: {e}; retrying with backoff");
                 continue;

@@ -211,11 +211,11 @@ impl Manifests {
                     let origin = Origin::file(&path);
                     store.replace(
                         &origin,
-                        documents.iter().map(|document| Delivered {
+                        documents.into_iter().map(|document| Delivered {
                             kind: document.kind,
-                            id: &document.id,
+                            id: document.id,
                             version: &read,
-                            object: document.object.as_ref().map_err(ToString::to_string),
+                            object: document.object.map_err(|e| e.to_string()),
                         }),
                     );
                     self.file_problems.remove(&path);
