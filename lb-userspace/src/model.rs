@@ -706,10 +706,47 @@ pub struct EndpointState {
     pub excluded: Option<String>,
 }
 
+/// A frontend's backends, sorted and each once. Services have a few backends as a rule:
+/// up to four are kept inline, without an allocation.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backends(SmallVec<[BackendAddr; 4]>);
+
+impl Backends {
+    pub fn contains(&self, backend: &BackendAddr) -> bool {
+        self.0.binary_search(backend).is_ok()
+    }
+}
+
+impl std::ops::Deref for Backends {
+    type Target = [BackendAddr];
+
+    fn deref(&self) -> &[BackendAddr] {
+        &self.0
+    }
+}
+
+impl FromIterator<BackendAddr> for Backends {
+    fn from_iter<I: IntoIterator<Item = BackendAddr>>(backends: I) -> Self {
+        let mut backends: SmallVec<[BackendAddr; 4]> = backends.into_iter().collect();
+        backends.sort_unstable();
+        backends.dedup();
+        Self(backends)
+    }
+}
+
+impl<'a> IntoIterator for &'a Backends {
+    type Item = &'a BackendAddr;
+    type IntoIter = std::slice::Iter<'a, BackendAddr>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// What the maps hold for a frontend.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FrontendSpec {
-    pub backends: BTreeSet<BackendAddr>,
+    pub backends: Backends,
     /// `lb_common::FLAG_*`.
     pub flags: u16,
     /// Session affinity timeout; 0 for none.
@@ -789,8 +826,10 @@ impl Desired {
         >,
         node: &Node,
     ) -> BTreeSet<Frontend> {
+        let changed: Vec<_> = changed.into_iter().collect();
+        let computed = claims_of_each(&changed, node);
         let mut touched = BTreeSet::new();
-        for (id, current) in changed {
+        for ((id, _), computed) in changed.into_iter().zip(computed) {
             for frontend in self.claimed_by.remove(id).unwrap_or_default() {
                 if let Some(claims) = self.claims.get_mut(&frontend) {
                     claims.retain(|((_, service, _), _)| service != id);
@@ -801,10 +840,10 @@ impl Desired {
                 touched.insert(frontend);
             }
             self.not_in_datapath.remove(id);
-            let Some((service, slices)) = current else {
+            let Some(computed) = computed else {
                 continue;
             };
-            match claims_of(service, &slices, node) {
+            match computed {
                 Ok(claims) => {
                     let mut frontends = SmallVec::with_capacity(claims.len());
                     for (seq, (frontend, target)) in claims.into_iter().enumerate() {
@@ -877,15 +916,66 @@ impl Desired {
     }
 }
 
+/// Below this many Services, [`claims_of_each`] computes them on one thread: more would
+/// cost more than they save.
+const PARALLEL_CLAIMS_MIN: usize = 4096;
+
+/// What [`claims_of`] gives for each of the `changed` Services (`None` for one that is
+/// gone), in their order; on every core when they are many (a full sync), since each
+/// Service's claims depend on nothing but its own objects.
+#[expect(
+    clippy::type_complexity,
+    reason = "the Services as Desired::update receives them, and what each claims"
+)]
+fn claims_of_each(
+    changed: &[(&ObjectRef, Option<(&ServiceModel, Vec<&SliceModel>)>)],
+    node: &Node,
+) -> Vec<Option<Result<Vec<(Frontend, FrontendTarget)>, NotInDatapath>>> {
+    let compute = |part: &[(&ObjectRef, Option<(&ServiceModel, Vec<&SliceModel>)>)]| {
+        part.iter()
+            .map(|(_, current)| {
+                current
+                    .as_ref()
+                    .map(|(service, slices)| claims_of(service, slices, node))
+            })
+            .collect::<Vec<_>>()
+    };
+    let threads = if changed.len() < PARALLEL_CLAIMS_MIN {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    };
+    if threads < 2 {
+        return compute(changed);
+    }
+    let compute = &compute;
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = changed
+            .chunks(changed.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || compute(part)))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|part| {
+                part.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
 /// The endpoints kube-proxy would use: the ready ones; if none is ready, the ones that are
 /// serving and terminating (so a rolling update's last pods keep answering).
-fn usable(endpoints: &[(BackendAddr, &EndpointModel)]) -> BTreeSet<BackendAddr> {
-    let pick = |wanted: fn(&EndpointModel) -> bool| -> BTreeSet<BackendAddr> {
-        endpoints
-            .iter()
-            .filter(|(_, e)| wanted(e))
-            .map(|(addr, _)| *addr)
-            .collect()
+fn usable(endpoints: &[(BackendAddr, &EndpointModel)]) -> Backends {
+    // `endpoints` are sorted and unique: so are the picks.
+    let pick = |wanted: fn(&EndpointModel) -> bool| {
+        Backends(
+            endpoints
+                .iter()
+                .filter(|(_, e)| wanted(e))
+                .map(|(addr, _)| *addr)
+                .collect(),
+        )
     };
     let ready = pick(|e| e.ready);
     if ready.is_empty() {
@@ -957,7 +1047,7 @@ fn claims_of(
     let mut out = Vec::new();
     for port in &service.ports {
         // Every endpoint of this port once; a duplicate counts as ready if any copy is.
-        let mut endpoints: BTreeMap<BackendAddr, &EndpointModel> = BTreeMap::new();
+        let mut endpoints: Vec<(BackendAddr, &EndpointModel)> = Vec::new();
         for slice in slices
             .iter()
             .filter(|slice| slice.address_type == AddressType::Ipv4)
@@ -974,13 +1064,13 @@ fn claims_of(
                     address: endpoint.address,
                     port: target.port,
                 };
-                let entry = endpoints.entry(addr).or_insert(endpoint);
-                if endpoint.ready && !entry.ready {
-                    *entry = endpoint;
-                }
+                endpoints.push((addr, endpoint));
             }
         }
-        let endpoints: Vec<(BackendAddr, &EndpointModel)> = endpoints.into_iter().collect();
+        // By address, each once: the first ready copy, else the first copy (the sort is
+        // stable).
+        endpoints.sort_by_key(|(addr, endpoint)| (*addr, !endpoint.ready));
+        endpoints.dedup_by_key(|(addr, _)| *addr);
         let cluster_wide = usable(&endpoints);
         let on_this_node = |e: &EndpointModel| e.node_name.as_deref() == Some(node.name.as_str());
         let local: Vec<(BackendAddr, &EndpointModel)> = endpoints
@@ -1001,7 +1091,7 @@ fn claims_of(
             .collect();
         let port_name: Arc<str> = Arc::from(port.name.as_str());
 
-        let target = |kind, backends: &BTreeSet<BackendAddr>, flags| FrontendTarget {
+        let target = |kind, backends: &Backends, flags| FrontendTarget {
             service: service.id.clone(),
             port_name: port_name.clone(),
             kind,

@@ -18,7 +18,7 @@ use lb_common::AffinityMatchKey;
 use smallvec::SmallVec;
 
 use crate::{
-    hash::Map,
+    hash::{Map, Set},
     model::{BackendAddr, Frontend, FrontendSpec, Protocol},
 };
 
@@ -511,9 +511,9 @@ pub fn plan<'a, O: Eq + std::hash::Hash + Clone>(
         }
     }
     let mut peak = current.usage().saturating_sub(removed);
-    let mut reserved: BTreeSet<BackendAddr> = BTreeSet::new();
+    let mut reserved: Set<BackendAddr> = Set::default();
     let mut wanted: Vec<(Frontend, &FrontendSpec)> = Vec::new();
-    let mut refused_frontends: BTreeSet<Frontend> = BTreeSet::new();
+    let mut refused_frontends: Set<Frontend> = Set::default();
     for Unit {
         owner, frontends, ..
     } in units
@@ -561,12 +561,12 @@ pub fn plan<'a, O: Eq + std::hash::Hash + Clone>(
         .collect();
     let mut ops = Vec::new();
     // Slot references each backend gains (+) or loses (-) with this plan.
-    let mut ref_changes: BTreeMap<BackendId, isize> = BTreeMap::new();
+    let mut ref_changes: Map<BackendId, isize> = Map::default();
 
     // 0. Removed frontends go first, master before slots and affinity matches: that frees
     // room in full maps for what the rest of the plan adds, and once the master is gone no
     // connect looks at the rest.
-    let mut removed_ids = BTreeSet::new();
+    let mut removed_ids: Set<FrontendId> = Set::default();
     for frontend in &gone {
         if let Some(old) = current.frontends.get(frontend) {
             ops.push(MapOp::DeleteMaster(*frontend));
@@ -580,7 +580,7 @@ pub fn plan<'a, O: Eq + std::hash::Hash + Clone>(
     }
 
     // 1. Backends: known ones keep their ids, new ones get free ids.
-    let mut new_backends: BTreeMap<BackendAddr, BackendId> = BTreeMap::new();
+    let mut new_backends: Map<BackendAddr, BackendId> = Map::default();
     // An id a slot still names is in use even if its backend entry is missing.
     let mut backend_ids = free_ids(
         |id| current.backends.contains_key(id) || current.backend_refs.contains_key(id),
@@ -736,10 +736,12 @@ struct Unit<'a, O> {
 fn unit_additions(
     current: &Programmed,
     frontends: &[(Frontend, &FrontendSpec)],
-    reserved: &BTreeSet<BackendAddr>,
+    reserved: &Set<BackendAddr>,
 ) -> Capacity {
     let mut adds = Capacity::default();
-    let mut new_backends: BTreeSet<&BackendAddr> = BTreeSet::new();
+    // A frontend's backends are unique: only several frontends need a set to count them.
+    let mut new_backends: Set<&BackendAddr> = Set::default();
+    let mut new_backends_of_one = 0;
     for (frontend, spec) in frontends {
         let needs_matches = spec.affinity_timeout_s != 0 || frontend.protocol == Protocol::Udp;
         match current.frontends.get(frontend) {
@@ -765,13 +767,17 @@ fn unit_additions(
                 }
             }
         }
-        new_backends.extend(
-            spec.backends
-                .iter()
-                .filter(|addr| !current.backend_ids.contains_key(addr) && !reserved.contains(addr)),
-        );
+        let new = spec
+            .backends
+            .iter()
+            .filter(|addr| !current.backend_ids.contains_key(addr) && !reserved.contains(addr));
+        if frontends.len() == 1 {
+            new_backends_of_one = new.count();
+        } else {
+            new_backends.extend(new);
+        }
     }
-    adds.backends = count(new_backends.len());
+    adds.backends = count(new_backends.len() + new_backends_of_one);
     adds
 }
 
@@ -917,10 +923,10 @@ mod tests {
         for op in &ops {
             maps.apply(op);
             for (f, spec) in desired {
-                let new = &spec.backends;
+                let new: BTreeSet<_> = spec.backends.iter().copied().collect();
                 let old: BTreeSet<_> = current.backends_of(f).into_iter().collect();
                 if let Some(seen) = maps.reachable(f) {
-                    let either: BTreeSet<_> = old.union(new).copied().collect();
+                    let either: BTreeSet<_> = old.union(&new).copied().collect();
                     assert!(
                         seen.is_subset(&either),
                         "after {op:?}: {f} reaches {seen:?}, outside old {old:?} and new {new:?}"
@@ -932,7 +938,10 @@ mod tests {
             }
         }
         for (f, spec) in desired {
-            assert_eq!(maps.reachable(f).as_ref(), Some(&spec.backends));
+            assert_eq!(
+                maps.reachable(f),
+                Some(spec.backends.iter().copied().collect())
+            );
         }
         assert_eq!(maps.matches, next.affinity_matches);
         (next, ops.len())

@@ -197,8 +197,8 @@ impl Store {
         let mut repeated = Vec::new();
         for delivered in objects {
             let id = self.intern(&delivered.id);
-            let key = (delivered.kind, id);
-            if now.contains(&key) {
+            let key = (delivered.kind, id.clone());
+            if !now.insert(key) {
                 repeated.push(format!(
                     "{}{} {}: defined more than once; the first definition is used",
                     origin.prefix(),
@@ -207,9 +207,10 @@ impl Store {
                 ));
                 continue;
             }
-            before.remove(&key);
-            self.put_definition(origin, key.1.clone(), delivered);
-            now.insert(key);
+            if !before.is_empty() {
+                before.remove(&(delivered.kind, id.clone()));
+            }
+            self.put_definition(origin, id, delivered);
         }
         for (kind, id) in before {
             self.remove_definition(origin, kind, &id);
@@ -291,9 +292,10 @@ impl Store {
                 });
                 let entry = self.services.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
-                let names = &mut self.names;
                 define(entry, origin, version, object, |mut model| {
-                    model.id = intern_in(names, &model.id);
+                    // The model names the object as the source does: the interned name.
+                    debug_assert_eq!(model.id, id);
+                    model.id = id.clone();
                     (model, None)
                 });
                 self.after_service_change(&id, before);
@@ -309,7 +311,8 @@ impl Store {
                 let before = entry.effective().cloned();
                 let (names, nodes) = (&mut self.names, &mut self.nodes);
                 define(entry, origin, version, object, |mut model| {
-                    model.id = intern_in(names, &model.id);
+                    debug_assert_eq!(model.id, id);
+                    model.id = id.clone();
                     model.service = model.service.as_ref().map(|s| intern_in(names, s));
                     for endpoint in &mut model.endpoints {
                         if let Some(node) = &mut endpoint.node_name {
