@@ -1,4 +1,4 @@
-//! Builds lb-ebpf for the BPF target so `src/datapath.rs` can embed the object.
+//! Builds lb-ebpf for the BPF target so `src/maps/mod.rs` can embed the object.
 use std::path::Path;
 
 use anyhow::{Context as _, anyhow};

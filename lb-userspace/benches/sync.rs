@@ -21,16 +21,15 @@
 //! (`LB_BENCH_SIZES=1000,5000` for others); as a test (`cargo test --benches`) each bench
 //! runs once at 1k only.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::Ipv4Addr, sync::Arc};
 
 use divan::Bencher;
 use lb_userspace::{
     agent::DEFAULT_CEILING,
-    api,
-    manifest::Kind,
-    model::{Desired, Node, ObjectModel, ObjectRef, ServiceModel, SliceModel},
+    model::{Desired, Kind, Node, ObjectModel, ObjectRef, ServiceModel, SliceModel},
     plan::{self, Programmed},
-    store::{Delivered, Origin, Store},
+    source::api,
+    store::{Delivered, Origin, Store, Unusable},
 };
 use serde::Deserialize as _;
 
@@ -74,12 +73,12 @@ enum ApiObject {
 
 impl ApiObject {
     /// What the source delivers: the object's model (converted on the source's thread).
-    fn model(&self) -> Result<ObjectModel, String> {
+    fn model(&self) -> Result<ObjectModel, Unusable> {
         match self {
             Self::Service(service) => ServiceModel::from_api(service).map(ObjectModel::Service),
             Self::EndpointSlice(slice) => SliceModel::from_api(slice).map(ObjectModel::Slice),
         }
-        .map_err(|e| e.to_string())
+        .map_err(|e| Arc::new(e) as Unusable)
     }
 }
 
@@ -234,7 +233,7 @@ fn parse_list_json(bencher: Bencher, n: u32) {
     let text = list_json(n);
     let path = std::path::Path::new("services.json");
     bencher.bench_local(|| {
-        let documents = lb_userspace::manifest::parse(path, &text).unwrap_or_default();
+        let documents = lb_userspace::source::parse::parse(path, &text).unwrap_or_default();
         debug_assert_eq!(documents.len(), 2 * n as usize);
         documents
     });
@@ -254,7 +253,7 @@ fn full_sync_list_json(bencher: Bencher, n: u32) {
     }
     let node = node();
     bencher.bench_local(|| {
-        let documents = lb_userspace::manifest::read_file(&path).unwrap_or_default();
+        let documents = lb_userspace::source::parse::read_file(&path).unwrap_or_default();
         let mut store = Store::default();
         store.replace(
             &Origin::file(&path),
@@ -262,7 +261,7 @@ fn full_sync_list_json(bencher: Bencher, n: u32) {
                 kind: document.kind,
                 id: document.id,
                 version: "1",
-                object: document.object.map_err(|e| e.to_string()),
+                object: document.object.map_err(|e| Arc::new(e) as Unusable),
             }),
         );
         let changed = store.take_changed();

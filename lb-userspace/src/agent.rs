@@ -16,10 +16,10 @@ use tokio::{
 };
 
 use crate::{
-    datapath,
+    maps::{self as datapath, mounts},
     metrics::{self, ErrorKind, Metrics},
     model::{Desired, Frontend, Node, ObjectRef},
-    mounts, netns,
+    netns,
     plan::{self, Capacity, PlanError, Programmed},
     source::{
         Change, Source, kubernetes,
@@ -534,8 +534,13 @@ impl Syncer {
         changed_at: Option<Instant>,
     ) -> Result<(), SyncError> {
         let started = Instant::now();
-        let mut problems = source.refresh(&mut self.store)?;
-        problems.extend(self.store.problems());
+        // Rendered here, where they are logged: the store and the sources keep them typed.
+        let mut problems: Vec<String> = source
+            .refresh(&mut self.store)?
+            .iter()
+            .chain(&self.store.problems())
+            .map(ToString::to_string)
+            .collect();
         let refreshed = started.elapsed();
         let changed = self.store.take_changed();
         let touched = self.desired.update(
@@ -545,12 +550,7 @@ impl Syncer {
         // What the state file must say anew, should this sync fail before it is written.
         self.unwritten_services.extend(changed.iter().cloned());
         self.unwritten_frontends.extend(touched.iter().copied());
-        problems.extend(self.desired.conflicts().into_iter().map(|conflict| {
-            format!(
-                "Service {} claims {} which Service {} already has; ignored",
-                conflict.ignored, conflict.frontend, conflict.kept
-            )
-        }));
+        problems.extend(self.desired.conflicts().iter().map(ToString::to_string));
         if self.read_back
             && let Err(e) = self.reload()
         {

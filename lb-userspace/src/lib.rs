@@ -1,21 +1,25 @@
-//! lb's agent and CLI as a library: source → store → model → plan → maps, and the
-//! read-only commands. The `lb` binary (main.rs) parses the command line and calls in here;
-//! the benchmarks (`benches/`) drive the sync path without a kernel.
+//! lb's agent and CLI as a library, its modules in data-flow order:
+//!
+//! - [`source`]: where objects come from (a manifest directory, the Kubernetes API), each
+//!   read and converted into its model where it is read;
+//! - [`store`]: the last good version of every object, kept by deltas, with its problems;
+//! - [`model`]: the frontends each Service claims and what they lead to;
+//! - [`plan`]: the map writes that bring the maps from what they hold to what is desired;
+//! - [`maps`]: the BPF maps and programs themselves.
+//!
+//! [`agent`] drives them; nothing flows back up. [`cli`] holds the read-only commands. The
+//! `lb` binary (main.rs) parses the command line and calls in here; the benchmarks
+//! (`benches/`) drive the sync path without a kernel.
 
 // Its sync errors carry the datapath's error whole; clippy weighs them only now that the
 // module is public.
 #[allow(clippy::result_large_err)]
 pub mod agent;
-pub mod api;
-pub mod bpf;
 pub mod cli;
-pub mod datapath;
 pub mod hash;
-pub mod links;
-pub mod manifest;
+pub mod maps;
 pub mod metrics;
 pub mod model;
-pub mod mounts;
 pub mod netns;
 pub mod plan;
 pub mod source;

@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
-use lb_userspace::{DEFAULT_BPFFS, agent, cli, datapath};
+use lb_userspace::{DEFAULT_BPFFS, agent, cli, maps};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc returns freed memory to the system where glibc's malloc keeps it: after the
@@ -96,7 +96,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Unload(args) => {
-            for path in datapath::unload(&args.bpffs)? {
+            for path in maps::unload(&args.bpffs)? {
                 println!("removed {}", path.display());
             }
             Ok(())

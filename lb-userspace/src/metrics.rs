@@ -14,7 +14,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::datapath;
+use crate::maps;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
@@ -164,8 +164,8 @@ impl Metrics {
     /// The exposition text. Capacities are read at scrape time; the maps the kernel fills
     /// are counted by a walk at most every [`WALK_EVERY`].
     fn render(&self) -> Result<String, std::fmt::Error> {
-        for map in datapath::MAPS {
-            match datapath::map_capacity(&self.bpffs, map) {
+        for map in maps::MAPS {
+            match maps::map_capacity(&self.bpffs, map) {
                 Ok(capacity) => {
                     self.map_capacity
                         .get_or_create(&MapLabels { map: map.into() })
@@ -190,8 +190,8 @@ impl Metrics {
             due
         };
         if walk {
-            for map in datapath::KERNEL_FILLED_MAPS {
-                match datapath::map_occupancy(&self.bpffs, map) {
+            for map in maps::KERNEL_FILLED_MAPS {
+                match maps::map_occupancy(&self.bpffs, map) {
                     Ok(occupancy) => self.set_map_entries(
                         map,
                         usize::try_from(occupancy.entries).unwrap_or(usize::MAX),

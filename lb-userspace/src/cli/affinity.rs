@@ -7,7 +7,7 @@ use lb_common::{AffinityMatchKey, affinity_holds};
 use serde::Serialize;
 
 use super::{CliError, Format, Pins, emit, open, state, table};
-use crate::datapath;
+use crate::maps;
 
 #[derive(Debug, clap::Args)]
 pub struct AffinityArgs {
@@ -46,7 +46,7 @@ pub fn run(args: AffinityArgs) -> Result<(), CliError> {
         .map(|(frontend, p)| (p.id, (frontend, p)))
         .collect();
     let now_ns = monotonic_ns();
-    let mut rows: Vec<AffinityRow> = datapath::affinity_entries(&args.pins.bpffs)?
+    let mut rows: Vec<AffinityRow> = maps::affinity_entries(&args.pins.bpffs)?
         .into_iter()
         .map(|(key, value)| {
             let frontend = by_id.get(&key.frontend_id);

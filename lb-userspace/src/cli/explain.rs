@@ -21,24 +21,24 @@ pub struct ExplainArgs {
     pub pins: Pins,
 }
 
-fn parse_destination(text: &str) -> Result<Frontend, String> {
+/// Why `lb explain`'s destination is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum DestinationError {
+    #[error(transparent)]
+    Protocol(#[from] crate::model::Invalid),
+    #[error("{0:?} is not an IPv4 ADDRESS:PORT")]
+    Address(String),
+}
+
+fn parse_destination(text: &str) -> Result<Frontend, DestinationError> {
     let (address, protocol) = match text.rsplit_once('/') {
         Some((address, protocol)) => (address, protocol.to_ascii_uppercase()),
         None => (text, "TCP".to_owned()),
     };
-    let protocol = match protocol.as_str() {
-        "TCP" => Protocol::Tcp,
-        "UDP" => Protocol::Udp,
-        "SCTP" => Protocol::Sctp,
-        other => {
-            return Err(format!(
-                "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
-            ));
-        }
-    };
+    let protocol = Protocol::from_api(Some(&protocol))?;
     let address: SocketAddrV4 = address
         .parse()
-        .map_err(|_| format!("{address:?} is not an IPv4 ADDRESS:PORT"))?;
+        .map_err(|_| DestinationError::Address(address.to_owned()))?;
     Ok(Frontend {
         address: *address.ip(),
         port: address.port(),
@@ -303,11 +303,13 @@ mod tests {
         assert!(
             parse_destination("10.96.0.10")
                 .unwrap_err()
+                .to_string()
                 .contains("not an IPv4 ADDRESS:PORT")
         );
         assert!(
             parse_destination("10.96.0.10:80/ICMP")
                 .unwrap_err()
+                .to_string()
                 .contains("unknown protocol")
         );
     }

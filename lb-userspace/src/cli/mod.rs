@@ -14,8 +14,7 @@ use comfy_table::{Table, presets::NOTHING};
 use serde::Serialize;
 
 use crate::{
-    datapath::{DatapathError, ServiceMaps},
-    mounts,
+    maps::{DatapathError, ServiceMaps, mounts},
     state::{self, State},
 };
 

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::{CliError, Format, Pins, emit, open, state, table};
 use crate::{
-    datapath::ServiceMaps,
+    maps::ServiceMaps,
     model::{EndpointState, Protocol},
     state::State,
 };

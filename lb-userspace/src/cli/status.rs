@@ -7,8 +7,7 @@ use serde::Serialize;
 
 use super::{CliError, Format, Pins, emit, open, state, table};
 use crate::{
-    datapath::{self, Occupancy},
-    links, mounts,
+    maps::{self as datapath, Occupancy, links, mounts},
     state::running_agent,
 };
 

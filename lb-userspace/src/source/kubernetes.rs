@@ -4,10 +4,10 @@
 //! "410 Gone") replaces a kind's objects only once the new list is complete, so a sync
 //! never sees a partial list; and the agent syncs only once both initial lists are in.
 //!
-//! The watches read the lean [`api`](crate::api) types, which keep only what the model
+//! The watches read the lean [`api`](crate::source::api) types, which keep only what the model
 //! reads.
 
-use std::{path::Path, time::Instant};
+use std::{path::Path, sync::Arc, time::Instant};
 
 use futures::StreamExt as _;
 use kube::{
@@ -19,13 +19,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{Change, Changes};
 use crate::{
-    api::{EndpointSlice, Service},
-    manifest::Kind,
     model::{
-        ObjectError, ObjectModel, ObjectRef, SERVICE_NAME_LABEL, ServiceModel, SliceModel,
+        Kind, ObjectError, ObjectModel, ObjectRef, SERVICE_NAME_LABEL, ServiceModel, SliceModel,
         object_ref,
     },
-    store::{Delivered, Origin, Problems, Store},
+    source::api::{EndpointSlice, Service},
+    store::{Delivered, Origin, Problems, Store, Unusable},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +69,7 @@ struct Received {
     id: ObjectRef,
     /// Its `resourceVersion`.
     version: String,
-    object: Result<ObjectModel, String>,
+    object: Result<ObjectModel, Unusable>,
 }
 
 impl Received {
@@ -82,7 +81,7 @@ impl Received {
         Self {
             id: id(meta),
             version: meta.resource_version.clone().unwrap_or_default(),
-            object: convert(object).map_err(|e| e.to_string()),
+            object: convert(object).map_err(|e| Arc::new(e) as Unusable),
         }
     }
 }

@@ -15,8 +15,8 @@ use notify::{
 
 use super::{Change, Changes, SourceError};
 use crate::{
-    manifest::{self, ManifestError},
-    store::{Delivered, Origin, Problems, Store},
+    source::parse::{self as manifest, ManifestError},
+    store::{Delivered, Origin, Problem, Problems, Store, Unusable},
 };
 
 /// How long a file must go without a write before it is read while still open: a writer
@@ -34,7 +34,7 @@ pub struct Manifests {
     /// store, each file an origin of its own; nothing parsed is kept here.
     files: BTreeMap<PathBuf, File>,
     /// What is wrong with a file as a whole (it does not parse, it is empty), while it is.
-    file_problems: BTreeMap<PathBuf, String>,
+    file_problems: BTreeMap<PathBuf, Problem>,
     /// Files read so far: each read gets its own number, the version of its objects.
     reads: u64,
     _watcher: notify::RecommendedWatcher,
@@ -189,11 +189,9 @@ impl Manifests {
                 version.is_some_and(|v| v.len == 0) && self.files.contains_key(path)
             });
         for (path, _) in half_written {
-            let problem = format!(
-                "{}: empty; its last objects stay in effect until it has content or is removed",
-                path.display()
-            );
-            self.file_problems.insert(path, problem);
+            let error = Arc::new(ManifestError::Empty { path: path.clone() });
+            self.file_problems
+                .insert(path, Problem::Origin { error, kept: false });
         }
         let sized: Vec<(&Path, u64)> = files
             .iter()
@@ -215,19 +213,18 @@ impl Manifests {
                             kind: document.kind,
                             id: document.id,
                             version: &read,
-                            object: document.object.map_err(|e| e.to_string()),
+                            object: document.object.map_err(|e| Arc::new(e) as Unusable),
                         }),
                     );
                     self.file_problems.remove(&path);
                     self.files.insert(path, File { version, origin });
                 }
                 Err(e) => {
-                    let kept = if self.files.contains_key(&path) {
-                        "; its last good objects stay in effect"
-                    } else {
-                        ""
+                    let problem = Problem::Origin {
+                        error: Arc::new(e),
+                        kept: self.files.contains_key(&path),
                     };
-                    self.file_problems.insert(path, format!("{e}{kept}"));
+                    self.file_problems.insert(path, problem);
                 }
             }
         }
@@ -334,9 +331,9 @@ mod tests {
         let (frontends, problems) = fixture.refresh();
         assert_eq!(frontends, ["10.96.0.10"]);
         assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("b.yaml: Service default/web: defined more than once")),
+            problems.iter().any(|p| p
+                .to_string()
+                .contains("b.yaml: Service default/web: defined more than once")),
             "{problems:?}"
         );
         fixture.remove("a.yaml");
@@ -362,9 +359,9 @@ mod tests {
         let (frontends, problems) = fixture.refresh();
         assert_eq!(frontends, ["10.96.0.99"]);
         assert!(
-            problems
-                .iter()
-                .any(|p| p.contains("b.yaml: empty; its last objects stay")),
+            problems.iter().any(|p| p
+                .to_string()
+                .contains("b.yaml: empty; its last objects stay")),
             "{problems:?}"
         );
 

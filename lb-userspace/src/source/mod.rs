@@ -2,8 +2,10 @@
 //! API. Either way the agent gets a complete snapshot per sync and a signal when something
 //! changed.
 
+pub mod api;
 pub mod kubernetes;
 pub mod manifests;
+pub mod parse;
 
 use std::time::Instant;
 
@@ -34,7 +36,7 @@ pub enum Source {
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error(transparent)]
-    Manifests(#[from] Box<crate::manifest::ManifestError>),
+    Manifests(#[from] Box<crate::source::parse::ManifestError>),
     #[error("watching {path}: {source}")]
     Watch {
         path: std::path::PathBuf,

@@ -2,6 +2,10 @@
 //! maps. Everything is pinned under one bpffs directory so the datapath outlives the agent
 //! (connects keep being translated while it restarts) and the CLI can read it.
 
+pub mod bpf;
+pub mod links;
+pub mod mounts;
+
 use std::{
     collections::BTreeMap,
     fs::File,
@@ -24,10 +28,9 @@ use lb_common::{
     UDP_SOCKET_MAP, ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
 };
 
+use self::mounts::MountError;
 use crate::{
-    bpf,
     model::{BackendAddr, Frontend, Protocol},
-    mounts::{self, MountError},
     plan::{BackendId, Capacity, MapOp, Programmed, ProgrammedFrontend},
 };
 
@@ -111,7 +114,7 @@ pub enum DatapathError {
     #[error("reading map {map}: {source}")]
     Read {
         map: &'static str,
-        source: crate::bpf::BpfError,
+        source: crate::maps::bpf::BpfError,
     },
     #[error(
         "writing {entries} entries to map {map} (capacity {capacity}): {source}{}",
@@ -121,12 +124,12 @@ pub enum DatapathError {
         map: &'static str,
         entries: usize,
         capacity: u32,
-        source: crate::bpf::BpfError,
+        source: crate::maps::bpf::BpfError,
     },
     #[error("switching the link {path} to the new programs: {source}")]
     Relink {
         path: PathBuf,
-        source: crate::bpf::BpfError,
+        source: crate::maps::bpf::BpfError,
     },
     #[error("removing the pin {path}: {source}")]
     Unpin {
@@ -136,7 +139,7 @@ pub enum DatapathError {
 }
 
 /// What to do about a write the kernel refused because the map is full.
-fn full_hint(source: &crate::bpf::BpfError) -> &'static str {
+fn full_hint(source: &crate::maps::bpf::BpfError) -> &'static str {
     match source.errno() {
         Some(libc::E2BIG | libc::ENOSPC) => {
             " (the map is full: the agent grows its maps up to the --*-max-entries bounds)"
@@ -229,7 +232,7 @@ pub fn affinity_entries(
 }
 
 /// The pinned maps the agent writes and the CLI reads. The three that grow with the
-/// cluster are raw [`MapData`]: they are read and written through [`crate::bpf`]'s batched
+/// cluster are raw [`MapData`]: they are read and written through [`crate::maps::bpf`]'s batched
 /// syscalls.
 pub struct ServiceMaps {
     services: MapData,

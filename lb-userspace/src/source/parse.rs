@@ -35,31 +35,9 @@ use serde::{
 use serde_json::Value;
 
 use crate::{
-    api,
-    model::{ObjectError, ObjectModel, ObjectRef, ServiceModel, SliceModel},
+    model::{Kind, ObjectError, ObjectModel, ObjectRef, ServiceModel, SliceModel},
+    source::api,
 };
-
-/// The kinds the agent reads.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    Service,
-    EndpointSlice,
-}
-
-impl Kind {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Service => "Service",
-            Self::EndpointSlice => "EndpointSlice",
-        }
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// One object of a file: its identity, and its model or why it could not be read.
 #[derive(Debug)]
@@ -82,10 +60,17 @@ pub enum ManifestError {
     Document {
         path: PathBuf,
         index: usize,
-        reason: String,
+        reason: &'static str,
     },
     #[error("{path}: {source}")]
-    Object { path: PathBuf, source: ObjectError },
+    Object {
+        path: PathBuf,
+        source: Box<ObjectError>,
+    },
+    /// `kubectl get … > file` truncates before it writes: an empty file that had objects is
+    /// most likely half-written.
+    #[error("{path}: empty; its last objects stay in effect until it has content or is removed")]
+    Empty { path: PathBuf },
     #[error("{path}: {kind} {object}: {field}: {reason}")]
     Field {
         path: PathBuf,
@@ -561,7 +546,7 @@ impl Reader<'_> {
         Err(ManifestError::Document {
             path: self.path.to_owned(),
             index,
-            reason: reason.into(),
+            reason,
         })
     }
 
@@ -622,7 +607,7 @@ fn service_document(path: &Path, id: ObjectRef, service: &api::Service) -> Docum
             .map(ObjectModel::Service)
             .map_err(|source| ManifestError::Object {
                 path: path.to_owned(),
-                source,
+                source: Box::new(source),
             }),
     }
 }
@@ -636,7 +621,7 @@ fn slice_document(path: &Path, id: ObjectRef, slice: &api::EndpointSlice) -> Doc
             .map(ObjectModel::Slice)
             .map_err(|source| ManifestError::Object {
                 path: path.to_owned(),
-                source,
+                source: Box::new(source),
             }),
     }
 }

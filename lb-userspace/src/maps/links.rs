@@ -8,7 +8,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::bpf::{self, BpfError};
+use crate::maps::bpf::{self, BpfError};
 
 /// A cgroup link as the kernel describes it.
 #[derive(Clone, Debug, PartialEq, Eq)]

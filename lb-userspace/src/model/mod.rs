@@ -11,8 +11,8 @@ use std::{
 };
 
 use crate::{
-    api::{EndpointSlice, Service},
     hash::Map,
+    source::api::{EndpointSlice, Service},
 };
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
@@ -135,8 +135,39 @@ impl Serialize for ObjectRef {
 pub struct ObjectError {
     pub kind: &'static str,
     pub object: ObjectRef,
+    /// Its path in the object, e.g. `spec.ports[0].port`.
     pub field: String,
-    pub reason: String,
+    pub reason: Invalid,
+}
+
+/// Why a field's value cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("missing")]
+    Missing,
+    #[error("empty")]
+    Empty,
+    #[error("{0} is not a port (1-65535)")]
+    NotAPort(i32),
+    #[error("{0:?} is not an IP address")]
+    NotAnIp(String),
+    #[error("{0:?} is not an IPv4 address")]
+    NotAnIpv4(String),
+    #[error("unknown protocol {0:?} (expected TCP, UDP or SCTP)")]
+    UnknownProtocol(String),
+    #[error("unknown type {0:?}")]
+    UnknownType(String),
+    #[error("unknown value {value:?} (expected {expected})")]
+    UnknownValue {
+        value: String,
+        expected: &'static str,
+    },
+    #[error("{0} is not within 1-{MAX_AFFINITY_TIMEOUT_S}")]
+    TimeoutOutOfRange(i32),
+    #[error("missing for type ExternalName")]
+    NoExternalName,
+    #[error("not set: a Service must carry the clusterIP the API server allocated")]
+    NoClusterIp,
 }
 
 /// Transport protocol of a Service port, as the API spells it.
@@ -150,14 +181,12 @@ pub enum Protocol {
 
 impl Protocol {
     /// Parses the API's `protocol` field; absent means TCP, as in the API.
-    fn from_api(value: Option<&str>) -> Result<Self, String> {
+    pub fn from_api(value: Option<&str>) -> Result<Self, Invalid> {
         match value.unwrap_or("TCP") {
             "TCP" => Ok(Self::Tcp),
             "UDP" => Ok(Self::Udp),
             "SCTP" => Ok(Self::Sctp),
-            other => Err(format!(
-                "unknown protocol {other:?} (expected TCP, UDP or SCTP)"
-            )),
+            other => Err(Invalid::UnknownProtocol(other.to_owned())),
         }
     }
 
@@ -293,6 +322,28 @@ impl AddressType {
     }
 }
 
+/// The kinds the agent reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A Service or EndpointSlice converted into the model: what sources deliver to the store,
 /// converted where they read it (on their own threads), so that no API object is kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -318,19 +369,19 @@ pub fn object_ref(
 }
 
 /// An IPv4 address; `None` for an IPv6 one (IPv6 frontends come with the connect6 programs).
-fn ipv4_or_skip(ip: &str) -> Result<Option<Ipv4Addr>, String> {
+fn ipv4_or_skip(ip: &str) -> Result<Option<Ipv4Addr>, Invalid> {
     match ip.parse::<IpAddr>() {
         Ok(IpAddr::V4(ip)) => Ok(Some(ip)),
         Ok(IpAddr::V6(_)) => Ok(None),
-        Err(_) => Err(format!("{ip:?} is not an IP address")),
+        Err(_) => Err(Invalid::NotAnIp(ip.to_owned())),
     }
 }
 
-fn port_number(value: i32) -> Result<u16, String> {
+fn port_number(value: i32) -> Result<u16, Invalid> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{value} is not a port (1-65535)"))
+        .ok_or(Invalid::NotAPort(value))
 }
 
 impl ServiceModel {
@@ -339,9 +390,9 @@ impl ServiceModel {
             kind: "Service",
             object: ObjectRef::new(namespace_of(&service.metadata), "<unnamed>"),
             field: "metadata.name".into(),
-            reason: "missing".into(),
+            reason: Invalid::Missing,
         })?;
-        let error = |field: String, reason: String| ObjectError {
+        let error = |field: String, reason: Invalid| ObjectError {
             kind: "Service",
             object: id.clone(),
             field,
@@ -350,7 +401,7 @@ impl ServiceModel {
         let spec = service
             .spec
             .as_ref()
-            .ok_or_else(|| error("spec".into(), "missing".into()))?;
+            .ok_or_else(|| error("spec".into(), Invalid::Missing))?;
 
         let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
         if !matches!(
@@ -359,7 +410,7 @@ impl ServiceModel {
         ) {
             return Err(error(
                 "spec.type".into(),
-                format!("unknown type {service_type:?}"),
+                Invalid::UnknownType(service_type.to_owned()),
             ));
         }
         let mut ports = Vec::new();
@@ -427,7 +478,7 @@ impl ServiceModel {
                         .ok_or_else(|| {
                             error(
                                 "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
-                                format!("{t} is not within 1-{MAX_AFFINITY_TIMEOUT_S}"),
+                                Invalid::TimeoutOutOfRange(t),
                             )
                         })?,
                 })
@@ -435,7 +486,10 @@ impl ServiceModel {
             Some(other) => {
                 return Err(error(
                     "spec.sessionAffinity".into(),
-                    format!("unknown value {other:?} (expected None or ClientIP)"),
+                    Invalid::UnknownValue {
+                        value: other.to_owned(),
+                        expected: "None or ClientIP",
+                    },
                 ));
             }
         };
@@ -445,7 +499,10 @@ impl ServiceModel {
             Some(other) => {
                 return Err(error(
                     "spec.internalTrafficPolicy".into(),
-                    format!("unknown value {other:?} (expected Cluster or Local)"),
+                    Invalid::UnknownValue {
+                        value: other.to_owned(),
+                        expected: "Cluster or Local",
+                    },
                 ));
             }
         };
@@ -455,12 +512,7 @@ impl ServiceModel {
                 .external_name
                 .clone()
                 .filter(|n| !n.is_empty())
-                .ok_or_else(|| {
-                    error(
-                        "spec.externalName".into(),
-                        "missing for type ExternalName".into(),
-                    )
-                })?;
+                .ok_or_else(|| error("spec.externalName".into(), Invalid::NoExternalName))?;
             ServiceKind::ExternalName(name)
         } else {
             Self::cluster_ips(spec.cluster_ip.as_deref(), spec.cluster_ips.as_deref())
@@ -480,7 +532,7 @@ impl ServiceModel {
     fn cluster_ips(
         cluster_ip: Option<&str>,
         cluster_ips: Option<&[String]>,
-    ) -> Result<ServiceKind, (String, String)> {
+    ) -> Result<ServiceKind, (String, Invalid)> {
         // `clusterIPs` is authoritative when present; `clusterIP` is its first element.
         let (field, ips): (&str, Vec<&str>) = match cluster_ips {
             Some(ips) if !ips.is_empty() => {
@@ -489,10 +541,7 @@ impl ServiceModel {
             _ => ("spec.clusterIP", cluster_ip.into_iter().collect()),
         };
         match ips.as_slice() {
-            [] | [""] => Err((
-                field.to_owned(),
-                "not set: a Service must carry the clusterIP the API server allocated".into(),
-            )),
+            [] | [""] => Err((field.to_owned(), Invalid::NoClusterIp)),
             ["None", ..] => Ok(ServiceKind::Headless),
             _ => {
                 let mut v4 = Vec::new();
@@ -507,7 +556,7 @@ impl ServiceModel {
                             } else {
                                 field.to_owned()
                             };
-                            return Err((field, format!("{ip:?} is not an IP address")));
+                            return Err((field, Invalid::NotAnIp((*ip).to_owned())));
                         }
                     }
                 }
@@ -523,9 +572,9 @@ impl SliceModel {
             kind: "EndpointSlice",
             object: ObjectRef::new(namespace_of(&slice.metadata), "<unnamed>"),
             field: "metadata.name".into(),
-            reason: "missing".into(),
+            reason: Invalid::Missing,
         })?;
-        let error = |field: String, reason: String| ObjectError {
+        let error = |field: String, reason: Invalid| ObjectError {
             kind: "EndpointSlice",
             object: id.clone(),
             field,
@@ -558,12 +607,12 @@ impl SliceModel {
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
                 // Addresses of one endpoint are fungible; kube-proxy uses the first.
                 let Some(address) = endpoint.addresses.first() else {
-                    return Err(error(format!("endpoints[{i}].addresses"), "empty".into()));
+                    return Err(error(format!("endpoints[{i}].addresses"), Invalid::Empty));
                 };
                 let address = address.parse::<Ipv4Addr>().map_err(|_| {
                     error(
                         format!("endpoints[{i}].addresses[0]"),
-                        format!("{address:?} is not an IPv4 address"),
+                        Invalid::NotAnIpv4(address.clone()),
                     )
                 })?;
                 // As kube-proxy reads them: ready and serving unset mean true, terminating
@@ -775,7 +824,8 @@ impl fmt::Display for NotInDatapath {
 }
 
 /// A frontend claimed by more than one Service: the first by name keeps it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("Service {ignored} claims {frontend} which Service {kept} already has; ignored")]
 pub struct Conflict {
     pub frontend: Frontend,
     pub kept: ObjectRef,
@@ -1015,7 +1065,7 @@ pub fn desired<'a>(
 pub(crate) fn load(yaml: &str) -> (Vec<ServiceModel>, Vec<SliceModel>) {
     let mut services = Vec::new();
     let mut slices = Vec::new();
-    for document in crate::manifest::parse(std::path::Path::new("t.yaml"), yaml).unwrap() {
+    for document in crate::source::parse::parse(std::path::Path::new("t.yaml"), yaml).unwrap() {
         match document.object.unwrap() {
             ObjectModel::Service(s) => services.push(s),
             ObjectModel::Slice(s) => slices.push(s),
@@ -1158,7 +1208,7 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::manifest::{self, ManifestError};
+    use crate::source::parse::{self, ManifestError};
 
     fn node() -> Node {
         Node {
@@ -1471,9 +1521,7 @@ spec: {clusterIP: 10.96.0.11, externalIPs: [10.96.0.10], ports: [{port: 80}]}
         let error = |spec: &str| {
             let yaml =
                 format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {spec}\n");
-            let document = manifest::parse(Path::new("t.yaml"), &yaml)
-                .unwrap()
-                .remove(0);
+            let document = parse::parse(Path::new("t.yaml"), &yaml).unwrap().remove(0);
             let Err(ManifestError::Object { source, .. }) = document.object else {
                 panic!("not a conversion error: {:?}", document.object)
             };

@@ -13,8 +13,7 @@ use smallvec::SmallVec;
 
 use crate::{
     hash::{Map, Set},
-    manifest::Kind,
-    model::{AddressType, ObjectModel, ObjectRef, ServiceModel, SliceModel},
+    model::{AddressType, Kind, ObjectModel, ObjectRef, ServiceModel, SliceModel},
 };
 
 /// Where definitions come from: a manifest file, or the API (one origin per kind, so that
@@ -46,13 +45,72 @@ impl Origin {
 
     /// What problems of its objects start with: `"path: "`, or nothing for the API, whose
     /// objects are named by their namespace/name.
-    fn prefix(&self) -> String {
-        if self.file {
-            format!("{}: ", self.name)
+    fn prefix(&self) -> Prefix<'_> {
+        Prefix(self)
+    }
+}
+
+/// An origin as problems name it; see [`Origin::prefix`].
+struct Prefix<'a>(&'a Origin);
+
+impl Problem {
+    /// An object's own error, as delivered (whether its last good version stays is the
+    /// store's to say).
+    fn object(error: Unusable) -> Self {
+        Self::Object { error, kept: false }
+    }
+}
+
+impl std::fmt::Display for Prefix<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.file {
+            write!(f, "{}: ", self.0.name)
         } else {
-            String::new()
+            Ok(())
         }
     }
+}
+
+/// Why a source could not use what it read (a manifest's error, a conversion's): its own
+/// error, kept whole and shared, not rendered.
+pub type Unusable = Arc<dyn std::error::Error + Send + Sync>;
+
+/// What is wrong with an object or a whole origin. What it concerns keeps its last good
+/// state; each problem names the origin (file), the object and the field.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Problem {
+    /// An object cannot be used as delivered.
+    #[error("{error}{}", if *kept { "; its last good version stays in effect" } else { "" })]
+    Object { error: Unusable, kept: bool },
+    /// A whole origin cannot be read (a file that does not parse, or is half-written).
+    #[error("{error}{}", if *kept { "; its last good objects stay in effect" } else { "" })]
+    Origin { error: Unusable, kept: bool },
+    /// The source delivered an object of another kind under this one.
+    #[error("{}{kind} {id}: not a {kind}", origin.prefix())]
+    WrongKind {
+        origin: Origin,
+        kind: Kind,
+        id: ObjectRef,
+    },
+    #[error("{}{kind} {id}: defined more than once; the first definition is used", origin.prefix())]
+    Repeated {
+        origin: Origin,
+        kind: Kind,
+        id: ObjectRef,
+    },
+    #[error("{}{kind} {id}: defined more than once; another definition is in effect", origin.prefix())]
+    NotInEffect {
+        origin: Origin,
+        kind: Kind,
+        id: ObjectRef,
+    },
+    /// Kept (it is valid) but unused until the IPv6 programs exist.
+    #[error("{}EndpointSlice {id}: addressType: {} is not served yet; skipped", origin.prefix(), address_type.as_str())]
+    NotServed {
+        origin: Origin,
+        id: ObjectRef,
+        address_type: AddressType,
+    },
 }
 
 /// One object as an origin defines it: its identity, its version, and its model (the
@@ -64,12 +122,12 @@ pub struct Delivered<'a> {
     /// Changes whenever the object does: its `resourceVersion`, or the read of its file.
     /// An empty version is taken as a change every time.
     pub version: &'a str,
-    pub object: Result<ObjectModel, String>,
+    pub object: Result<ObjectModel, Unusable>,
 }
 
 /// Problems, each naming the object and field. What they concern keeps its last good
 /// state.
-pub type Problems = Vec<String>;
+pub type Problems = Vec<Problem>;
 
 struct Definition<M> {
     version: Box<str>,
@@ -78,7 +136,7 @@ struct Definition<M> {
     /// pointer while the change is looked at.
     model: Option<Arc<M>>,
     /// What is wrong with the current version, or what is not used of it.
-    problem: Option<String>,
+    problem: Option<Problem>,
 }
 
 /// Every definition of one object, by origin; the first is in effect. Almost every object
@@ -172,9 +230,9 @@ pub struct Store {
     /// Services whose frontends may differ since the last [`Store::take_changed`].
     changed: Set<ObjectRef>,
     /// Problems of objects (their definitions), kept as the objects change.
-    problems: std::collections::BTreeMap<(Kind, ObjectRef, Origin), String>,
+    problems: std::collections::BTreeMap<(Kind, ObjectRef, Origin), Problem>,
     /// Objects an origin defined more than once in its last replacement.
-    repeated: Map<Origin, Vec<String>>,
+    repeated: Map<Origin, Vec<Problem>>,
     /// Services and slices with a model in effect.
     good: (usize, usize),
     /// Objects converted into the model so far: what tests count to show that a change
@@ -199,12 +257,11 @@ impl Store {
             let id = self.intern(&delivered.id);
             let key = (delivered.kind, id.clone());
             if !now.insert(key) {
-                repeated.push(format!(
-                    "{}{} {}: defined more than once; the first definition is used",
-                    origin.prefix(),
-                    delivered.kind,
-                    delivered.id
-                ));
+                repeated.push(Problem::Repeated {
+                    origin: origin.clone(),
+                    kind: delivered.kind,
+                    id: delivered.id,
+                });
                 continue;
             }
             if !before.is_empty() {
@@ -286,10 +343,16 @@ impl Store {
         }
         match kind {
             Kind::Service => {
-                let object = object.and_then(|object| match object {
-                    ObjectModel::Service(service) => Ok(service),
-                    ObjectModel::Slice(_) => Err(format!("{}not a Service", origin.prefix())),
-                });
+                let object = object
+                    .map_err(Problem::object)
+                    .and_then(|object| match object {
+                        ObjectModel::Service(service) => Ok(service),
+                        ObjectModel::Slice(_) => Err(Problem::WrongKind {
+                            origin: origin.clone(),
+                            kind,
+                            id: id.clone(),
+                        }),
+                    });
                 let entry = self.services.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
                 define(entry, origin, version, object, |mut model| {
@@ -301,12 +364,16 @@ impl Store {
                 self.after_service_change(&id, before);
             }
             Kind::EndpointSlice => {
-                let object = object.and_then(|object| match object {
-                    ObjectModel::Slice(slice) => Ok(slice),
-                    ObjectModel::Service(_) => {
-                        Err(format!("{}not an EndpointSlice", origin.prefix()))
-                    }
-                });
+                let object = object
+                    .map_err(Problem::object)
+                    .and_then(|object| match object {
+                        ObjectModel::Slice(slice) => Ok(slice),
+                        ObjectModel::Service(_) => Err(Problem::WrongKind {
+                            origin: origin.clone(),
+                            kind,
+                            id: id.clone(),
+                        }),
+                    });
                 let entry = self.slices.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
                 let (names, nodes) = (&mut self.names, &mut self.nodes);
@@ -319,15 +386,12 @@ impl Store {
                             *node = intern_in(nodes, node);
                         }
                     }
-                    // Kept (it is valid) but unused until the IPv6 programs exist.
-                    let note = (model.address_type != AddressType::Ipv4).then(|| {
-                        format!(
-                            "{}EndpointSlice {}: addressType: {} is not served yet; skipped",
-                            origin.prefix(),
-                            model.id,
-                            model.address_type.as_str()
-                        )
-                    });
+                    let note =
+                        (model.address_type != AddressType::Ipv4).then(|| Problem::NotServed {
+                            origin: origin.clone(),
+                            id: id.clone(),
+                            address_type: model.address_type.clone(),
+                        });
                     (model, note)
                 });
                 self.after_slice_change(&id, before);
@@ -394,10 +458,11 @@ impl Store {
         };
         for (index, (origin, problem)) in definitions.into_iter().enumerate() {
             let problem = if index != in_effect && problem.is_none() {
-                Some(format!(
-                    "{}{kind} {id}: defined more than once; another definition is in effect",
-                    origin.prefix()
-                ))
+                Some(Problem::NotInEffect {
+                    origin: origin.clone(),
+                    kind,
+                    id: id.clone(),
+                })
             } else {
                 problem
             };
@@ -507,7 +572,7 @@ fn intern_in<T: Clone + Eq + std::hash::Hash>(names: &mut Set<T>, id: &T) -> T {
 }
 
 /// Each definition's origin and its problem, if any.
-type OriginProblems = SmallVec<[(Origin, Option<String>); 1]>;
+type OriginProblems = SmallVec<[(Origin, Option<Problem>); 1]>;
 
 /// Each definition's origin and problem, and which one is in effect.
 fn definitions_of<M>(entry: Option<&Entry<M>>) -> (OriginProblems, usize) {
@@ -525,8 +590,8 @@ fn define<M: PartialEq>(
     entry: &mut Entry<M>,
     origin: &Origin,
     version: &str,
-    object: Result<M, String>,
-    finish: impl FnOnce(M) -> (M, Option<String>),
+    object: Result<M, Problem>,
+    finish: impl FnOnce(M) -> (M, Option<Problem>),
 ) {
     if let Some(definition) = entry.get(origin)
         && !version.is_empty()
@@ -545,14 +610,13 @@ fn define<M: PartialEq>(
                 definition.model = Some(Arc::new(model));
             }
         }
-        Err(problem) => {
-            let kept = if definition.model.is_some() {
-                "; its last good version stays in effect"
-            } else {
-                ""
-            };
-            definition.problem = Some(format!("{problem}{kept}"));
+        Err(Problem::Object { error, .. }) => {
+            definition.problem = Some(Problem::Object {
+                error,
+                kept: definition.model.is_some(),
+            });
         }
+        Err(problem) => definition.problem = Some(problem),
     }
 }
 
@@ -562,9 +626,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        manifest::{self, Document},
         model::{BackendAddr, Desired, Frontend, Node},
         plan::{self, Programmed},
+        source::parse::{self as manifest, Document},
     };
 
     fn documents(yaml: &str) -> Vec<Document> {
@@ -572,7 +636,7 @@ mod tests {
     }
 
     /// Delivers `documents` as m.yaml's, at `version`.
-    fn update_at(store: &mut Store, documents: &[Document], version: &str) -> Problems {
+    fn update_at(store: &mut Store, documents: &[Document], version: &str) -> Vec<String> {
         update_from(store, "m.yaml", documents, version)
     }
 
@@ -582,21 +646,34 @@ mod tests {
         file: &str,
         documents: &[Document],
         version: &str,
-    ) -> Problems {
+    ) -> Vec<String> {
         store.replace(
             &Origin::file(Path::new(file)),
             documents.iter().map(|d| Delivered {
                 kind: d.kind,
                 id: d.id.clone(),
                 version,
-                object: d.object.as_ref().cloned().map_err(ToString::to_string),
+                object: delivered_object(d),
             }),
         );
-        store.problems()
+        rendered(&store.problems())
+    }
+
+    fn rendered(problems: &[Problem]) -> Vec<String> {
+        problems.iter().map(ToString::to_string).collect()
+    }
+
+    /// What a source delivers for `document`: its model, or its error.
+    fn delivered_object(document: &Document) -> Result<ObjectModel, Unusable> {
+        document.object.as_ref().cloned().map_err(|e| {
+            Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+                e.to_string(),
+            ))
+        })
     }
 
     /// Delivers `documents` as changed, whatever they hold.
-    fn update(store: &mut Store, documents: &[Document]) -> Problems {
+    fn update(store: &mut Store, documents: &[Document]) -> Vec<String> {
         update_at(store, documents, "")
     }
 
@@ -850,7 +927,7 @@ mod tests {
                     kind: d.kind,
                     id: d.id.clone(),
                     version: "1",
-                    object: d.object.as_ref().cloned().map_err(ToString::to_string),
+                    object: delivered_object(d),
                 }),
         );
         store.replace(
@@ -861,7 +938,7 @@ mod tests {
                     kind: d.kind,
                     id: d.id.clone(),
                     version: "1",
-                    object: d.object.as_ref().cloned().map_err(ToString::to_string),
+                    object: delivered_object(d),
                 }),
         );
         assert_eq!(store.take_changed().len(), 2);
@@ -872,11 +949,7 @@ mod tests {
                 kind: Kind::EndpointSlice,
                 id: moved[0].id.clone(),
                 version: "2",
-                object: moved[0]
-                    .object
-                    .as_ref()
-                    .cloned()
-                    .map_err(ToString::to_string),
+                object: delivered_object(&moved[0]),
             },
         );
         assert_eq!(store.take_changed(), [ObjectRef::new("default", "a")]);
