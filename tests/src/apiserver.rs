@@ -1,6 +1,7 @@
 //! A Kubernetes API server for two resources — v1 Services and discovery.k8s.io/v1
 //! EndpointSlices — speaking the wire protocol the agent's real `kube::Client` uses: list
-//! with a resourceVersion, streamed watch events (ADDED, MODIFIED, DELETED, BOOKMARK), and
+//! with a resourceVersion, in pages when asked (`limit`, `continue`, as kube-rs's watcher
+//! asks for 500 objects at a time), streamed watch events (ADDED, MODIFIED, DELETED, BOOKMARK), and
 //! "410 Gone" for a watch from a compacted resourceVersion. It listens on 127.0.0.1 only.
 //!
 //! Tests drive it: apply and delete objects, break every open watch mid-stream, compact the
@@ -338,7 +339,14 @@ fn serve(shared: &Shared, stream: TcpStream) -> anyhow::Result<()> {
             .min(MAX_WATCH);
         watch(shared, &stream, resource, selector, from, timeout)
     } else {
-        list(shared, &stream, resource, selector)
+        let page = Page {
+            limit: params
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .filter(|l| *l > 0),
+            after: params.get("continue").cloned().filter(|c| !c.is_empty()),
+        };
+        list(shared, &stream, resource, selector, page)
     }
 }
 
@@ -374,11 +382,24 @@ fn respond(mut stream: &TcpStream, code: u16, body: &Value) -> anyhow::Result<()
     Ok(())
 }
 
+/// Which part of a list a request asks for, as `limit` and `continue` say.
+struct Page {
+    limit: Option<usize>,
+    /// The continue token of the page before: `{resourceVersion}/{namespace}/{name}` of its
+    /// last item.
+    after: Option<String>,
+}
+
+/// A list, or a page of one (`limit`, `continue`) as the API server pages: each page
+/// says the resourceVersion of the first, so that a watch from there replays whatever
+/// changed while the client paged (the server keeps no snapshot; replayed changes apply
+/// again, harmlessly).
 fn list(
     shared: &Shared,
     stream: &TcpStream,
     resource: Resource,
     selector: Option<&str>,
+    page: Page,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + MAX_WATCH;
     let mut state = shared.lock();
@@ -392,28 +413,59 @@ fn list(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .0;
     }
+    let (list_rv, after) = match page.after.as_deref().and_then(|token| {
+        let (rv, key) = token.split_once('/')?;
+        let (namespace, name) = key.split_once('/')?;
+        Some((rv.parse().ok()?, (namespace.to_owned(), name.to_owned())))
+    }) {
+        Some((rv, key)) => (rv, Some(key)),
+        None if page.after.is_some() => {
+            return respond(
+                stream,
+                400,
+                &json!({"kind": "Status", "code": 400, "message": "bad continue token"}),
+            );
+        }
+        None => (state.resource_version, None),
+    };
     // Written out under the lock, item by item, without a copy of the objects: a list of
     // 100k Services is most of what the bench's API server does.
-    let mut body = Vec::new();
+    let mut items_json = Vec::new();
+    let objects = state.objects.get(&resource);
+    let mut items = objects
+        .into_iter()
+        .flat_map(|objects| match &after {
+            Some(key) => objects
+                .range::<Key, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded)),
+            None => objects.range::<Key, _>(..),
+        })
+        .filter(|(_, o)| selected(o, selector))
+        .peekable();
+    let mut last = None;
+    let mut count = 0;
+    while let Some((key, item)) = items.next_if(|_| page.limit.is_none_or(|l| count < l)) {
+        if count > 0 {
+            items_json.push(b',');
+        }
+        serde_json::to_writer(&mut items_json, item)?;
+        count += 1;
+        last = Some(key);
+    }
+    let more = items.peek().is_some();
+    let continue_token = match (more, last) {
+        (true, Some((namespace, name))) => format!("{list_rv}/{namespace}/{name}"),
+        _ => String::new(),
+    };
+    let mut body = Vec::with_capacity(items_json.len() + 256);
     write!(
         body,
-        r#"{{"apiVersion":"{}","kind":"{}List","metadata":{{"resourceVersion":"{}"}},"items":["#,
+        r#"{{"apiVersion":"{}","kind":"{}List","metadata":{{"resourceVersion":"{}","continue":{}}},"items":["#,
         resource.api_version(),
         resource.kind(),
-        state.resource_version
+        list_rv,
+        serde_json::to_string(&continue_token)?
     )?;
-    let items = state
-        .objects
-        .get(&resource)
-        .into_iter()
-        .flat_map(BTreeMap::values)
-        .filter(|o| selected(o, selector));
-    for (i, item) in items.enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        serde_json::to_writer(&mut body, item)?;
-    }
+    body.extend_from_slice(&items_json);
     body.extend_from_slice(b"]}");
     drop(state);
     let mut out = stream;

@@ -18,10 +18,11 @@
 //! JSON (`*.json`, or text that starts with `{`) is read with serde_json, several times
 //! faster than a YAML parser; what is not valid JSON is read as YAML.
 //!
-//! A big file is read on every core: one thread finds the items of a List (which costs a
-//! fraction of typing them) and hands them on in batches, and multi-document YAML is cut
-//! at its document markers into runs of documents, one per thread. Whenever a part fails
-//! the whole file is read as above, so the parts never change a result or an error.
+//! A big file is parsed on every core while it is read from disk, so that its text is
+//! never held whole: one thread reads it, finds the items of a List (which costs a fraction
+//! of typing them) or cuts multi-document YAML at its document markers, and hands the parts
+//! on to the others. Whenever a part fails the whole text is read as above, so the parts
+//! never change a result or an error.
 
 use std::{
     fmt,
@@ -112,10 +113,20 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 /// Reads one file. `Err` means the file as a whole could not be read or parsed; errors of
 /// single objects are in their [`Document`].
 pub fn read_file(path: &Path) -> Result<Vec<Document>, ManifestError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+    let read_error = |source| ManifestError::Read {
         path: path.to_owned(),
         source,
-    })?;
+    };
+    let file = std::fs::File::open(path).map_err(read_error)?;
+    let len = file.metadata().map_err(read_error)?.len();
+    let threads = available_threads();
+    if threads > 1
+        && len >= PARALLEL_PARSE_MIN_BYTES as u64
+        && let Some(documents) = (Reader { path }).streamed_file(file, threads)
+    {
+        return Ok(documents);
+    }
+    let text = std::fs::read_to_string(path).map_err(read_error)?;
     parse(path, &text)
 }
 
@@ -206,40 +217,147 @@ fn looks_like_json(path: &Path, text: &str) -> bool {
 /// save.
 const PARALLEL_PARSE_MIN_BYTES: usize = 1 << 20;
 
+fn available_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
 /// How many threads to parse `text` on.
 fn parse_threads(text: &str) -> usize {
     if text.len() < PARALLEL_PARSE_MIN_BYTES {
         return 1;
     }
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    available_threads()
 }
 
-/// `parse` applied to each part on a thread of its own, the results in the parts' order;
-/// `None` if any part gives `None`.
-fn parse_parts<P: Sync>(
-    parts: &[P],
-    parse: impl Fn(&P) -> Option<Vec<Document>> + Sync,
+/// Parts of a file parsed on `threads` threads as `produce` finds them: this thread finds
+/// them (which costs a fraction of parsing them) and hands each to another thread, or
+/// parses it itself when all are busy, so that no thread waits while there is work. The
+/// documents come in the parts' order; `None` if `produce` says the file is not what it
+/// expected, or a part gives `None`.
+fn pipelined<P: Send>(
+    threads: usize,
+    parse: &(dyn Fn(&P) -> Option<Vec<Document>> + Sync),
+    produce: impl FnOnce(&mut dyn FnMut(P)) -> bool,
 ) -> Option<Vec<Document>> {
-    let parse = &parse;
-    let parsed: Vec<Option<Vec<Document>>> = std::thread::scope(|scope| {
-        let threads: Vec<_> = parts
-            .iter()
-            .map(|part| scope.spawn(move || parse(part)))
-            .collect();
-        threads
-            .into_iter()
-            .map(|thread| {
-                thread
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    type Parsed = Vec<(usize, Option<Vec<Document>>)>;
+    let (parts, queue) = std::sync::mpsc::sync_channel::<(usize, P)>(threads);
+    let queue = std::sync::Mutex::new(queue);
+    let (complete, mut parsed) = std::thread::scope(|scope| {
+        let workers: Vec<_> = (1..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut parsed = Parsed::new();
+                    loop {
+                        let next = queue
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .recv();
+                        let Ok((index, part)) = next else {
+                            return parsed;
+                        };
+                        parsed.push((index, parse(&part)));
+                    }
+                })
             })
-            .collect()
+            .collect();
+        let mut parsed = Parsed::new();
+        let mut next = 0;
+        let complete = produce(&mut |part: P| {
+            let index = next;
+            next += 1;
+            match parts.try_send((index, part)) {
+                Ok(()) => {}
+                Err(
+                    std::sync::mpsc::TrySendError::Full((index, part))
+                    | std::sync::mpsc::TrySendError::Disconnected((index, part)),
+                ) => parsed.push((index, parse(&part))),
+            }
+        });
+        drop(parts);
+        for worker in workers {
+            parsed.extend(
+                worker
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            );
+        }
+        (complete, parsed)
     });
-    let mut documents = Vec::with_capacity(parsed.iter().flatten().map(Vec::len).sum());
-    for part in parsed {
+    if !complete {
+        return None;
+    }
+    parsed.sort_unstable_by_key(|(index, _)| *index);
+    let mut documents = Vec::with_capacity(
+        parsed
+            .iter()
+            .filter_map(|(_, part)| part.as_ref())
+            .map(Vec::len)
+            .sum(),
+    );
+    for (_, part) in parsed {
         documents.extend(part?);
     }
     Some(documents)
+}
+
+/// How much of a file is read at a time when it is parsed as it is read (less in tests, so
+/// that their files are cut many times).
+const READ_CHUNK_BYTES: usize = if cfg!(test) { 64 << 10 } else { 4 << 20 };
+
+/// Hands on the runs of whole YAML documents of `file` as it reads it, each cut at the
+/// last document marker of what was read; `false` if it cannot be read or has directives.
+fn yaml_file_parts(mut file: impl std::io::Read, dispatch: &mut dyn FnMut(String)) -> bool {
+    let mut pending: Vec<u8> = Vec::with_capacity(2 * READ_CHUNK_BYTES);
+    let mut chunk = vec![0; READ_CHUNK_BYTES];
+    loop {
+        let read = match file.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        };
+        pending.extend_from_slice(&chunk[..read]);
+        if pending.len() < READ_CHUNK_BYTES {
+            continue;
+        }
+        // Markers are ASCII at the start of a line: a cut there is a cut between
+        // characters, and between documents.
+        let Some(cut) = last_document_marker(&pending) else {
+            continue;
+        };
+        let rest = pending.split_off(cut);
+        let Ok(part) = String::from_utf8(std::mem::replace(&mut pending, rest)) else {
+            return false;
+        };
+        if part.starts_with('%') || part.contains("\n%") {
+            return false;
+        }
+        dispatch(part);
+    }
+    match String::from_utf8(pending) {
+        Ok(part) if !part.starts_with('%') && !part.contains("\n%") => {
+            dispatch(part);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Where the last document marker line of `text` starts, if not at its start.
+fn last_document_marker(text: &[u8]) -> Option<usize> {
+    let mut end = text.len();
+    while let Some(newline) = text[..end].iter().rposition(|b| *b == b'\n') {
+        let line = newline + 1;
+        // A marker line not complete yet (`---` at the end of what was read, which may go
+        // on as `----`) is no cut.
+        if text[line..].starts_with(b"---")
+            && matches!(text.get(line + 3), Some(b'\n' | b'\r' | b' ' | b'\t'))
+        {
+            return Some(line);
+        }
+        end = newline;
+    }
+    None
 }
 
 /// Splits multi-document YAML into `parts` runs of whole documents of about equal size,
@@ -286,13 +404,30 @@ fn next_document_marker(text: &str, from: usize) -> Option<usize> {
 /// List items handed to another thread at a time.
 const ITEMS_PER_BATCH: usize = 256;
 
-/// The items of a List, unparsed, handed on in batches as they are found. Reads `true`
-/// when the document is a List with items.
-struct ListBatches<'f, F> {
-    dispatch: &'f mut F,
+/// A List item as found, unparsed: borrowed from the text, or owned when read from a file.
+trait RawItem: Send {
+    fn json(&self) -> &str;
 }
 
-impl<'de, F: FnMut(Vec<&'de str>)> DeserializeSeed<'de> for ListBatches<'_, F> {
+impl RawItem for &serde_json::value::RawValue {
+    fn json(&self) -> &str {
+        self.get()
+    }
+}
+
+impl RawItem for Box<serde_json::value::RawValue> {
+    fn json(&self) -> &str {
+        self.get()
+    }
+}
+
+/// The items of a List, unparsed, handed on in batches as they are found. Reads `true`
+/// when the document is a List with items.
+struct ListBatches<'f, T> {
+    dispatch: &'f mut dyn FnMut(Vec<T>),
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for ListBatches<'_, T> {
     type Value = bool;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
@@ -300,7 +435,7 @@ impl<'de, F: FnMut(Vec<&'de str>)> DeserializeSeed<'de> for ListBatches<'_, F> {
     }
 }
 
-impl<'de, F: FnMut(Vec<&'de str>)> Visitor<'de> for ListBatches<'_, F> {
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ListBatches<'_, T> {
     type Value = bool;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -328,11 +463,11 @@ impl<'de, F: FnMut(Vec<&'de str>)> Visitor<'de> for ListBatches<'_, F> {
 }
 
 /// A List's `items`, unparsed, in batches; `false` if it is not a sequence.
-struct ItemBatches<'f, F> {
-    dispatch: &'f mut F,
+struct ItemBatches<'f, T> {
+    dispatch: &'f mut dyn FnMut(Vec<T>),
 }
 
-impl<'de, F: FnMut(Vec<&'de str>)> DeserializeSeed<'de> for ItemBatches<'_, F> {
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for ItemBatches<'_, T> {
     type Value = bool;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
@@ -340,7 +475,7 @@ impl<'de, F: FnMut(Vec<&'de str>)> DeserializeSeed<'de> for ItemBatches<'_, F> {
     }
 }
 
-impl<'de, F: FnMut(Vec<&'de str>)> Visitor<'de> for ItemBatches<'_, F> {
+impl<'de, T: Deserialize<'de>> Visitor<'de> for ItemBatches<'_, T> {
     type Value = bool;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -349,8 +484,8 @@ impl<'de, F: FnMut(Vec<&'de str>)> Visitor<'de> for ItemBatches<'_, F> {
 
     fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<bool, S::Error> {
         let mut batch = Vec::with_capacity(ITEMS_PER_BATCH);
-        while let Some(item) = seq.next_element::<&'de serde_json::value::RawValue>()? {
-            batch.push(item.get());
+        while let Some(item) = seq.next_element::<T>()? {
+            batch.push(item);
             if batch.len() == ITEMS_PER_BATCH {
                 (self.dispatch)(std::mem::replace(
                     &mut batch,
@@ -408,11 +543,20 @@ impl Reader<'_> {
     }
 
     fn yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
-        let streamed = match yaml_parts(text, parse_threads(text)).as_slice() {
-            [whole] => self.streamed_yaml(whole),
+        let threads = parse_threads(text);
+        let streamed = if threads > 1 {
+            // More parts than threads, so that one slow part does not hold the others up.
+            let parse = |part: &&str| self.streamed_yaml(part);
+            pipelined(threads, &parse, |dispatch| {
+                for part in yaml_parts(text, 4 * threads) {
+                    dispatch(part);
+                }
+                true
+            })
             // A part that fails may fail only because it is a part: the whole decides.
-            parts => parse_parts(parts, |part| self.streamed_yaml(part))
-                .or_else(|| self.streamed_yaml(text)),
+            .or_else(|| self.streamed_yaml(text))
+        } else {
+            self.streamed_yaml(text)
         };
         match streamed {
             Some(documents) => Ok(documents),
@@ -423,7 +567,10 @@ impl Reader<'_> {
     fn json(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
         let threads = parse_threads(text);
         if threads > 1
-            && let Some(documents) = self.streamed_json_list(text, threads)
+            && let Some(documents) = self.streamed_json_list::<_, &serde_json::value::RawValue>(
+                threads,
+                &mut serde_json::Deserializer::from_str(text),
+            )
         {
             return Ok(documents);
         }
@@ -434,77 +581,49 @@ impl Reader<'_> {
         }
     }
 
-    /// A `kind: List` streamed on `threads` threads: this one finds the items (which is
-    /// several times faster than typing them) and hands them on in batches to the others,
-    /// typing a batch itself when they are all busy. `None` if the text is not a List or
-    /// an item has to be read buffered: the reading of the whole decides then.
-    fn streamed_json_list<'t>(&self, text: &'t str, threads: usize) -> Option<Vec<Document>> {
-        type Parsed = Vec<(usize, Option<Vec<Document>>)>;
-        let (batches, queue) = std::sync::mpsc::sync_channel::<(usize, Vec<&'t str>)>(threads);
-        let queue = std::sync::Mutex::new(queue);
-        let (is_list, mut parsed) = std::thread::scope(|scope| {
-            let workers: Vec<_> = (1..threads)
-                .map(|_| {
-                    scope.spawn(|| {
-                        let mut parsed = Parsed::new();
-                        loop {
-                            let next = queue
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .recv();
-                            let Ok((index, items)) = next else {
-                                return parsed;
-                            };
-                            parsed.push((index, self.streamed_json_items(&items)));
-                        }
-                    })
-                })
-                .collect();
-            let mut parsed = Parsed::new();
-            let mut next = 0;
-            let mut dispatch = |items: Vec<&'t str>| {
-                let index = next;
-                next += 1;
-                match batches.try_send((index, items)) {
-                    Ok(()) => {}
-                    Err(
-                        std::sync::mpsc::TrySendError::Full((index, items))
-                        | std::sync::mpsc::TrySendError::Disconnected((index, items)),
-                    ) => parsed.push((index, self.streamed_json_items(&items))),
-                }
-            };
-            let mut deserializer = serde_json::Deserializer::from_str(text);
-            let is_list = ListBatches {
-                dispatch: &mut dispatch,
-            }
-            .deserialize(&mut deserializer)
-            .and_then(|is_list| deserializer.end().map(|()| is_list))
-            .unwrap_or(false);
-            drop(batches);
-            for worker in workers {
-                parsed.extend(
-                    worker
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                );
-            }
-            (is_list, parsed)
-        });
-        if !is_list {
-            return None;
+    /// A big file streamed on `threads` threads as it is read, so that its text is never
+    /// held whole: a JSON List's items, or runs of YAML documents. `None` if it is neither,
+    /// or anything has to be read otherwise: the reading of the whole text decides then.
+    fn streamed_file(&self, file: std::fs::File, threads: usize) -> Option<Vec<Document>> {
+        use std::io::{BufRead as _, BufReader};
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        let starts_json = reader
+            .fill_buf()
+            .ok()?
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b'{');
+        if has_extension(self.path, "json") || starts_json {
+            return self.streamed_json_list::<_, Box<serde_json::value::RawValue>>(
+                threads,
+                &mut serde_json::Deserializer::from_reader(reader),
+            );
         }
-        parsed.sort_unstable_by_key(|(index, _)| *index);
-        let mut documents = Vec::with_capacity(
-            parsed
-                .iter()
-                .filter_map(|(_, batch)| batch.as_ref())
-                .map(Vec::len)
-                .sum(),
-        );
-        for (_, batch) in parsed {
-            documents.extend(batch?);
-        }
-        Some(documents)
+        let parse = |part: &String| self.streamed_yaml(part);
+        pipelined(threads, &parse, |dispatch| {
+            yaml_file_parts(reader, dispatch)
+        })
+    }
+
+    /// A `kind: List` streamed on `threads` threads: its items found here and typed in
+    /// batches by all (see [`pipelined`]). `None` if the text is not a List or an item has
+    /// to be read buffered. The items are found as `T`: borrowed from a text, or owned
+    /// when read from a file.
+    fn streamed_json_list<'de, R: serde_json::de::Read<'de>, T>(
+        &self,
+        threads: usize,
+        deserializer: &mut serde_json::Deserializer<R>,
+    ) -> Option<Vec<Document>>
+    where
+        T: RawItem + Deserialize<'de>,
+    {
+        let parse = |items: &Vec<T>| self.streamed_json_items(items);
+        pipelined(threads, &parse, |dispatch| {
+            ListBatches { dispatch }
+                .deserialize(&mut *deserializer)
+                .and_then(|is_list| deserializer.end().map(|()| is_list))
+                .unwrap_or(false)
+        })
     }
 
     fn buffered_yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
@@ -582,10 +701,10 @@ impl Reader<'_> {
     }
 
     /// Items of a List, each streamed; `None` if one has to be read buffered.
-    fn streamed_json_items(&self, items: &[&str]) -> Option<Vec<Document>> {
+    fn streamed_json_items(&self, items: &[impl RawItem]) -> Option<Vec<Document>> {
         let mut documents = Vec::with_capacity(items.len());
         for item in items {
-            let mut deserializer = serde_json::Deserializer::from_str(item);
+            let mut deserializer = serde_json::Deserializer::from_str(item.json());
             StreamedObject {
                 path: self.path,
                 documents: &mut documents,
@@ -1351,6 +1470,54 @@ spec:
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn a_big_file_read_as_it_is_read_reads_as_its_whole_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let (json, yaml) = generated(3000);
+        assert!(yaml.len() > 10 * READ_CHUNK_BYTES, "many chunks");
+        let bad_yaml = yaml.replacen("\"port\": 80,", "\"port\": \"eighty\",", 1);
+        for (name, text) in [
+            ("all.json", &json),
+            ("all.yaml", &yaml),
+            ("bad.yaml", &bad_yaml),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let from_file = read_file(&path).unwrap();
+            let from_text = parse(&path, text).unwrap();
+            assert_eq!(from_file.len(), 6000, "{name}");
+            assert_eq!(summary(&from_file), summary(&from_text), "{name}");
+        }
+        // The file is streamed: no whole text is read, unless a part fails.
+        let reader = Reader {
+            path: Path::new("all.yaml"),
+        };
+        let streamed = reader
+            .streamed_file(std::fs::File::open(dir.path().join("all.yaml")).unwrap(), 2)
+            .unwrap();
+        assert_eq!(streamed.len(), 6000);
+        assert!(
+            reader
+                .streamed_file(std::fs::File::open(dir.path().join("bad.yaml")).unwrap(), 2)
+                .is_none(),
+            "a part with a bad object gives way to the whole"
+        );
+    }
+
+    #[test]
+    fn a_file_is_cut_only_at_complete_document_markers() {
+        assert_eq!(last_document_marker(b"a: 1\n---\nb: 2\n"), Some(5));
+        assert_eq!(last_document_marker(b"a: 1\n--- \nb: 2\n"), Some(5));
+        // `---` at the end of what was read may go on as `----`: not yet a marker.
+        assert_eq!(last_document_marker(b"a: 1\n---"), None);
+        assert_eq!(last_document_marker(b"a: |\n  ---\n----\n---x\n"), None);
+        assert_eq!(
+            last_document_marker(b"---\na: 1\n"),
+            None,
+            "not at the start"
+        );
     }
 
     #[test]
