@@ -18,11 +18,10 @@
 //! JSON (`*.json`, or text that starts with `{`) is read with serde_json, several times
 //! faster than a YAML parser; what is not valid JSON is read as YAML.
 //!
-//! A big file is parsed on every core while it is read from disk, so that its text is
-//! never held whole: one thread reads it, finds the items of a List (which costs a fraction
-//! of typing them) or cuts multi-document YAML at its document markers, and hands the parts
-//! on to the others. Whenever a part fails the whole text is read as above, so the parts
-//! never change a result or an error.
+//! A big file is parsed on every core: one thread finds the items of a List (which costs a
+//! fraction of typing them) or cuts multi-document YAML at its document markers, and hands
+//! the parts on to the others. Whenever a part fails the whole text is read as above, so
+//! the parts never change a result or an error.
 
 use std::{
     fmt,
@@ -113,20 +112,12 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 /// Reads one file. `Err` means the file as a whole could not be read or parsed; errors of
 /// single objects are in their [`Document`].
 pub fn read_file(path: &Path) -> Result<Vec<Document>, ManifestError> {
-    let read_error = |source| ManifestError::Read {
+    // Read whole: serde_json reads a text several times faster than a stream, and the
+    // text is not what peaks (the models of a full sync are).
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
         path: path.to_owned(),
         source,
-    };
-    let file = std::fs::File::open(path).map_err(read_error)?;
-    let len = file.metadata().map_err(read_error)?.len();
-    let threads = available_threads();
-    if threads > 1
-        && len >= PARALLEL_PARSE_MIN_BYTES as u64
-        && let Some(documents) = (Reader { path }).streamed_file(file, threads)
-    {
-        return Ok(documents);
-    }
-    let text = std::fs::read_to_string(path).map_err(read_error)?;
+    })?;
     parse(path, &text)
 }
 
@@ -217,16 +208,12 @@ fn looks_like_json(path: &Path, text: &str) -> bool {
 /// save.
 const PARALLEL_PARSE_MIN_BYTES: usize = 1 << 20;
 
-fn available_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
-}
-
 /// How many threads to parse `text` on.
 fn parse_threads(text: &str) -> usize {
     if text.len() < PARALLEL_PARSE_MIN_BYTES {
         return 1;
     }
-    available_threads()
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
 /// Parts of a file parsed on `threads` threads as `produce` finds them: this thread finds
@@ -300,66 +287,6 @@ fn pipelined<P: Send>(
     Some(documents)
 }
 
-/// How much of a file is read at a time when it is parsed as it is read (less in tests, so
-/// that their files are cut many times).
-const READ_CHUNK_BYTES: usize = if cfg!(test) { 64 << 10 } else { 4 << 20 };
-
-/// Hands on the runs of whole YAML documents of `file` as it reads it, each cut at the
-/// last document marker of what was read; `false` if it cannot be read or has directives.
-fn yaml_file_parts(mut file: impl std::io::Read, dispatch: &mut dyn FnMut(String)) -> bool {
-    let mut pending: Vec<u8> = Vec::with_capacity(2 * READ_CHUNK_BYTES);
-    let mut chunk = vec![0; READ_CHUNK_BYTES];
-    loop {
-        let read = match file.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(read) => read,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return false,
-        };
-        pending.extend_from_slice(&chunk[..read]);
-        if pending.len() < READ_CHUNK_BYTES {
-            continue;
-        }
-        // Markers are ASCII at the start of a line: a cut there is a cut between
-        // characters, and between documents.
-        let Some(cut) = last_document_marker(&pending) else {
-            continue;
-        };
-        let rest = pending.split_off(cut);
-        let Ok(part) = String::from_utf8(std::mem::replace(&mut pending, rest)) else {
-            return false;
-        };
-        if part.starts_with('%') || part.contains("\n%") {
-            return false;
-        }
-        dispatch(part);
-    }
-    match String::from_utf8(pending) {
-        Ok(part) if !part.starts_with('%') && !part.contains("\n%") => {
-            dispatch(part);
-            true
-        }
-        _ => false,
-    }
-}
-
-/// Where the last document marker line of `text` starts, if not at its start.
-fn last_document_marker(text: &[u8]) -> Option<usize> {
-    let mut end = text.len();
-    while let Some(newline) = text[..end].iter().rposition(|b| *b == b'\n') {
-        let line = newline + 1;
-        // A marker line not complete yet (`---` at the end of what was read, which may go
-        // on as `----`) is no cut.
-        if text[line..].starts_with(b"---")
-            && matches!(text.get(line + 3), Some(b'\n' | b'\r' | b' ' | b'\t'))
-        {
-            return Some(line);
-        }
-        end = newline;
-    }
-    None
-}
-
 /// Splits multi-document YAML into `parts` runs of whole documents of about equal size,
 /// at document markers (`---` at the start of a line, which YAML allows nowhere else).
 /// One part when the text has directives (`%YAML`), which apply to the documents after
@@ -404,18 +331,12 @@ fn next_document_marker(text: &str, from: usize) -> Option<usize> {
 /// List items handed to another thread at a time.
 const ITEMS_PER_BATCH: usize = 256;
 
-/// A List item as found, unparsed: borrowed from the text, or owned when read from a file.
+/// A List item as found, unparsed (borrowed from the text).
 trait RawItem: Send {
     fn json(&self) -> &str;
 }
 
 impl RawItem for &serde_json::value::RawValue {
-    fn json(&self) -> &str {
-        self.get()
-    }
-}
-
-impl RawItem for Box<serde_json::value::RawValue> {
     fn json(&self) -> &str {
         self.get()
     }
@@ -581,34 +502,9 @@ impl Reader<'_> {
         }
     }
 
-    /// A big file streamed on `threads` threads as it is read, so that its text is never
-    /// held whole: a JSON List's items, or runs of YAML documents. `None` if it is neither,
-    /// or anything has to be read otherwise: the reading of the whole text decides then.
-    fn streamed_file(&self, file: std::fs::File, threads: usize) -> Option<Vec<Document>> {
-        use std::io::{BufRead as _, BufReader};
-        let mut reader = BufReader::with_capacity(1 << 20, file);
-        let starts_json = reader
-            .fill_buf()
-            .ok()?
-            .iter()
-            .find(|b| !b.is_ascii_whitespace())
-            == Some(&b'{');
-        if has_extension(self.path, "json") || starts_json {
-            return self.streamed_json_list::<_, Box<serde_json::value::RawValue>>(
-                threads,
-                &mut serde_json::Deserializer::from_reader(reader),
-            );
-        }
-        let parse = |part: &String| self.streamed_yaml(part);
-        pipelined(threads, &parse, |dispatch| {
-            yaml_file_parts(reader, dispatch)
-        })
-    }
-
     /// A `kind: List` streamed on `threads` threads: its items found here and typed in
     /// batches by all (see [`pipelined`]). `None` if the text is not a List or an item has
-    /// to be read buffered. The items are found as `T`: borrowed from a text, or owned
-    /// when read from a file.
+    /// to be read buffered. The items are found as `T`.
     fn streamed_json_list<'de, R: serde_json::de::Read<'de>, T>(
         &self,
         threads: usize,
@@ -1470,54 +1366,6 @@ spec:
                 "{name}"
             );
         }
-    }
-
-    #[test]
-    fn a_big_file_read_as_it_is_read_reads_as_its_whole_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let (json, yaml) = generated(3000);
-        assert!(yaml.len() > 10 * READ_CHUNK_BYTES, "many chunks");
-        let bad_yaml = yaml.replacen("\"port\": 80,", "\"port\": \"eighty\",", 1);
-        for (name, text) in [
-            ("all.json", &json),
-            ("all.yaml", &yaml),
-            ("bad.yaml", &bad_yaml),
-        ] {
-            let path = dir.path().join(name);
-            std::fs::write(&path, text).unwrap();
-            let from_file = read_file(&path).unwrap();
-            let from_text = parse(&path, text).unwrap();
-            assert_eq!(from_file.len(), 6000, "{name}");
-            assert_eq!(summary(&from_file), summary(&from_text), "{name}");
-        }
-        // The file is streamed: no whole text is read, unless a part fails.
-        let reader = Reader {
-            path: Path::new("all.yaml"),
-        };
-        let streamed = reader
-            .streamed_file(std::fs::File::open(dir.path().join("all.yaml")).unwrap(), 2)
-            .unwrap();
-        assert_eq!(streamed.len(), 6000);
-        assert!(
-            reader
-                .streamed_file(std::fs::File::open(dir.path().join("bad.yaml")).unwrap(), 2)
-                .is_none(),
-            "a part with a bad object gives way to the whole"
-        );
-    }
-
-    #[test]
-    fn a_file_is_cut_only_at_complete_document_markers() {
-        assert_eq!(last_document_marker(b"a: 1\n---\nb: 2\n"), Some(5));
-        assert_eq!(last_document_marker(b"a: 1\n--- \nb: 2\n"), Some(5));
-        // `---` at the end of what was read may go on as `----`: not yet a marker.
-        assert_eq!(last_document_marker(b"a: 1\n---"), None);
-        assert_eq!(last_document_marker(b"a: |\n  ---\n----\n---x\n"), None);
-        assert_eq!(
-            last_document_marker(b"---\na: 1\n"),
-            None,
-            "not at the start"
-        );
     }
 
     #[test]

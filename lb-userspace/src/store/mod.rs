@@ -135,8 +135,9 @@ struct Definition<M> {
     /// Shared, so that what was in effect before a change is kept for the price of a
     /// pointer while the change is looked at.
     model: Option<Arc<M>>,
-    /// What is wrong with the current version, or what is not used of it.
-    problem: Option<Problem>,
+    /// What is wrong with the current version, or what is not used of it (boxed: most
+    /// definitions have none, and a problem is several times a pointer's size).
+    problem: Option<Box<Problem>>,
 }
 
 /// Every definition of one object, by origin; the first is in effect. Almost every object
@@ -218,9 +219,6 @@ fn differ<M: PartialEq>(before: Option<&Arc<M>>, after: Option<&Arc<M>>) -> bool
 pub struct Store {
     services: Map<ObjectRef, Entry<ServiceModel>>,
     slices: Map<ObjectRef, Entry<SliceModel>>,
-    /// Every name the store holds, once: the models, indexes and everything downstream
-    /// share these.
-    names: Set<ObjectRef>,
     /// Node names of endpoints, once each: a cluster has few nodes and many endpoints.
     nodes: Set<Arc<str>>,
     /// What each origin defines, so that a re-read file or a relist replaces it.
@@ -254,7 +252,7 @@ impl Store {
         let mut now = Set::default();
         let mut repeated = Vec::new();
         for delivered in objects {
-            let id = self.intern(&delivered.id);
+            let id = self.intern(delivered.kind, &delivered.id);
             let key = (delivered.kind, id.clone());
             if !now.insert(key) {
                 repeated.push(Problem::Repeated {
@@ -280,12 +278,11 @@ impl Store {
         if !now.is_empty() {
             self.by_origin.insert(origin.clone(), now);
         }
-        self.forget_unused_names();
     }
 
     /// `origin` now defines this object (a watch event).
     pub fn put(&mut self, origin: &Origin, delivered: Delivered<'_>) {
-        let id = self.intern(&delivered.id);
+        let id = self.intern(delivered.kind, &delivered.id);
         self.by_origin
             .entry(origin.clone())
             .or_default()
@@ -299,7 +296,6 @@ impl Store {
             defined.remove(&(kind, id.clone()));
         }
         self.remove_definition(origin, kind, id);
-        self.forget_unused_names();
     }
 
     /// `origin` defines nothing any more (a removed file).
@@ -307,22 +303,29 @@ impl Store {
         self.replace(origin, std::iter::empty());
     }
 
-    /// The store's copy of a name, made one if it has none.
-    fn intern(&mut self, id: &ObjectRef) -> ObjectRef {
-        intern_in(&mut self.names, id)
+    /// The store's copy of an object's name: the key it is held under, or the name as
+    /// delivered, which becomes that key. The models, indexes and everything downstream
+    /// share these copies; a name nothing holds goes with its last holder.
+    fn intern(&self, kind: Kind, id: &ObjectRef) -> ObjectRef {
+        let held = match kind {
+            Kind::Service => self.services.get_key_value(id).map(|(key, _)| key),
+            Kind::EndpointSlice => self.slices.get_key_value(id).map(|(key, _)| key),
+        };
+        held.unwrap_or(id).clone()
     }
 
-    /// Drops the names nothing holds any more, once they are as many as those in use:
-    /// each name is looked at about once for every time it was added.
-    fn forget_unused_names(&mut self) {
-        let in_use = self.services.len() + self.slices.len() + self.slices_by_service.len();
-        if self.names.len() > 2 * in_use + 1024 {
-            self.names.retain(|name| {
-                self.services.contains_key(name)
-                    || self.slices.contains_key(name)
-                    || self.slices_by_service.contains_key(name)
-            });
-        }
+    /// The store's copy of the name of the Service a slice belongs to.
+    fn intern_service(&self, service: &ObjectRef) -> ObjectRef {
+        self.services
+            .get_key_value(service)
+            .map(|(key, _)| key)
+            .or_else(|| {
+                self.slices_by_service
+                    .get_key_value(service)
+                    .map(|(key, _)| key)
+            })
+            .unwrap_or(service)
+            .clone()
     }
 
     /// Brings `origin`'s definition of the delivered object, named `id` as interned, to
@@ -367,7 +370,10 @@ impl Store {
                 let object = object
                     .map_err(Problem::object)
                     .and_then(|object| match object {
-                        ObjectModel::Slice(slice) => Ok(slice),
+                        ObjectModel::Slice(mut slice) => {
+                            slice.service = slice.service.map(|s| self.intern_service(&s));
+                            Ok(slice)
+                        }
                         ObjectModel::Service(_) => Err(Problem::WrongKind {
                             origin: origin.clone(),
                             kind,
@@ -376,11 +382,10 @@ impl Store {
                     });
                 let entry = self.slices.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
-                let (names, nodes) = (&mut self.names, &mut self.nodes);
+                let nodes = &mut self.nodes;
                 define(entry, origin, version, object, |mut model| {
                     debug_assert_eq!(model.id, id);
                     model.id = id.clone();
-                    model.service = model.service.as_ref().map(|s| intern_in(names, s));
                     for endpoint in &mut model.endpoints {
                         if let Some(node) = &mut endpoint.node_name {
                             *node = intern_in(nodes, node);
@@ -579,7 +584,7 @@ fn definitions_of<M>(entry: Option<&Entry<M>>) -> (OriginProblems, usize) {
     let definitions = entry
         .into_iter()
         .flat_map(|entry| &entry.definitions)
-        .map(|(origin, definition)| (origin.clone(), definition.problem.clone()))
+        .map(|(origin, definition)| (origin.clone(), definition.problem.as_deref().cloned()))
         .collect();
     (definitions, entry.map_or(0, Entry::effective_index))
 }
@@ -604,19 +609,19 @@ fn define<M: PartialEq>(
     definition.version = version.into();
     match converted {
         Ok((model, note)) => {
-            definition.problem = note;
+            definition.problem = note.map(Box::new);
             // An unchanged model keeps its `Arc`: what holds it sees no change.
             if definition.model.as_deref() != Some(&model) {
                 definition.model = Some(Arc::new(model));
             }
         }
         Err(Problem::Object { error, .. }) => {
-            definition.problem = Some(Problem::Object {
+            definition.problem = Some(Box::new(Problem::Object {
                 error,
                 kept: definition.model.is_some(),
-            });
+            }));
         }
-        Err(problem) => definition.problem = Some(problem),
+        Err(problem) => definition.problem = Some(Box::new(problem)),
     }
 }
 
