@@ -130,7 +130,8 @@ pub struct Delivered<'a> {
 pub type Problems = Vec<Problem>;
 
 struct Definition<M> {
-    version: Box<str>,
+    /// Shared: the objects of one file read, or of one relist, often have the same.
+    version: Arc<str>,
     /// The last good model of this definition; `None` while it has never been valid.
     /// Shared, so that what was in effect before a change is kept for the price of a
     /// pointer while the change is looked at.
@@ -187,7 +188,7 @@ impl<M> Entry<M> {
                     (
                         origin.clone(),
                         Definition {
-                            version: Box::default(),
+                            version: Arc::from(""),
                             model: None,
                             problem: None,
                         },
@@ -233,6 +234,8 @@ pub struct Store {
     repeated: Map<Origin, Vec<Problem>>,
     /// Services and slices with a model in effect.
     good: (usize, usize),
+    /// The last version taken, shared by the definitions that have it.
+    last_version: Arc<str>,
     /// Objects converted into the model so far: what tests count to show that a change
     /// costs its own objects.
     #[cfg(test)]
@@ -344,6 +347,10 @@ impl Store {
                 .is_some_and(|held| !version.is_empty() && held == version);
             self.conversions += usize::from(!unchanged);
         }
+        if *self.last_version != *version {
+            self.last_version = Arc::from(version);
+        }
+        let version = &self.last_version.clone();
         match kind {
             Kind::Service => {
                 let object = object
@@ -594,19 +601,19 @@ fn definitions_of<M>(entry: Option<&Entry<M>>) -> (OriginProblems, usize) {
 fn define<M: PartialEq>(
     entry: &mut Entry<M>,
     origin: &Origin,
-    version: &str,
+    version: &Arc<str>,
     object: Result<M, Problem>,
     finish: impl FnOnce(M) -> (M, Option<Problem>),
 ) {
     if let Some(definition) = entry.get(origin)
         && !version.is_empty()
-        && &*definition.version == version
+        && definition.version == *version
     {
         return;
     }
     let converted = object.map(finish);
     let definition = entry.get_or_insert(origin);
-    definition.version = version.into();
+    definition.version = version.clone();
     match converted {
         Ok((model, note)) => {
             definition.problem = note.map(Box::new);
