@@ -218,7 +218,7 @@ fn parse_threads(text: &str) -> usize {
 
 /// Parts of a file parsed on `threads` threads as `produce` finds them: this thread finds
 /// them (which costs a fraction of parsing them) and hands each to another thread, or
-/// parses it itself when all are busy, so that no thread waits while there is work. The
+/// parses it itself when they are all busy. The
 /// documents come in the parts' order; `None` if `produce` says the file is not what it
 /// expected, or a part gives `None`.
 fn pipelined<P: Send>(
@@ -227,10 +227,10 @@ fn pipelined<P: Send>(
     produce: impl FnOnce(&mut dyn FnMut(P)) -> bool,
 ) -> Option<Vec<Document>> {
     type Parsed = Vec<(usize, Option<Vec<Document>>)>;
-    // A rendezvous: a part goes to a thread only if one is waiting for work; otherwise
-    // this one parses it (a queue would let one thread take everything while this one,
-    // done finding parts, waits for it).
-    let (parts, queue) = std::sync::mpsc::sync_channel::<(usize, P)>(0);
+    // A short queue: this thread parses a part itself whenever it is full. (A rendezvous,
+    // handing a part on only to a thread that waits, measured slower.) The last parts
+    // queued are parsed by the others while this one waits: callers hand on many parts.
+    let (parts, queue) = std::sync::mpsc::sync_channel::<(usize, P)>(threads);
     let queue = std::sync::Mutex::new(queue);
     let (complete, mut parsed) = std::thread::scope(|scope| {
         let workers: Vec<_> = (1..threads)
@@ -527,10 +527,10 @@ impl Reader<'_> {
     fn yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
         let threads = parse_threads(text);
         let streamed = if threads > 1 {
-            // More parts than threads, so that one slow part does not hold the others up.
+            // Many more parts than threads, so that the last ones hold nobody up long.
             let parse = |part: &&str| self.streamed_yaml(part);
             pipelined(threads, &parse, |dispatch| {
-                for part in yaml_parts(text, 4 * threads) {
+                for part in yaml_parts(text, 16 * threads) {
                     dispatch(part);
                 }
                 true
