@@ -671,29 +671,30 @@ impl Reader<'_> {
 
 /// A typed Service's document: its model, or why it has none.
 fn service_document(path: &Path, id: ObjectRef, service: &api::Service) -> Document {
-    Document {
-        kind: Kind::Service,
-        id,
-        object: ServiceModel::from_api(service)
-            .map(ObjectModel::Service)
-            .map_err(|source| ManifestError::Object {
-                path: path.to_owned(),
-                source: Box::new(source),
-            }),
-    }
+    let model = ServiceModel::from_api(service).map(ObjectModel::Service);
+    converted(path, id, Kind::Service, model)
 }
 
 /// A typed EndpointSlice's document: its model, or why it has none.
 fn slice_document(path: &Path, id: ObjectRef, slice: &api::EndpointSlice) -> Document {
+    let model = SliceModel::from_api(slice).map(ObjectModel::Slice);
+    converted(path, id, Kind::EndpointSlice, model)
+}
+
+/// The document of an object converted into `model`, its error naming the file.
+fn converted(
+    path: &Path,
+    id: ObjectRef,
+    kind: Kind,
+    model: Result<ObjectModel, ObjectError>,
+) -> Document {
     Document {
-        kind: Kind::EndpointSlice,
+        kind,
         id,
-        object: SliceModel::from_api(slice)
-            .map(ObjectModel::Slice)
-            .map_err(|source| ManifestError::Object {
-                path: path.to_owned(),
-                source: Box::new(source),
-            }),
+        object: model.map_err(|source| ManifestError::Object {
+            path: path.to_owned(),
+            source: Box::new(source),
+        }),
     }
 }
 
