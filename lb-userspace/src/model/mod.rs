@@ -226,7 +226,7 @@ impl fmt::Display for Protocol {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceKind {
     /// Virtual IPs (the IPv4 ones of `spec.clusterIPs`) that the datapath translates.
-    ClusterIp(Vec<Ipv4Addr>),
+    ClusterIp(SmallVec<[Ipv4Addr; 2]>),
     /// `clusterIP: None`: DNS returns the pod IPs; there is nothing to translate.
     Headless,
     /// `type: ExternalName`: a DNS CNAME to this name; there is nothing to translate.
@@ -252,7 +252,7 @@ pub const MAX_AFFINITY_TIMEOUT_S: u32 = 86_400;
 pub struct ServiceModel {
     pub id: ObjectRef,
     pub kind: ServiceKind,
-    pub ports: Vec<ServicePortModel>,
+    pub ports: SmallVec<[ServicePortModel; 1]>,
     /// `spec.externalIPs` (IPv4).
     pub external_ips: Vec<Ipv4Addr>,
     /// `status.loadBalancer.ingress[].ip` whose `ipMode` is `VIP` or unset (IPv4). With
@@ -288,8 +288,8 @@ pub struct SliceModel {
     pub service: Option<ObjectRef>,
     /// Only IPv4 slices contribute backends; the others are kept, unused.
     pub address_type: AddressType,
-    pub ports: Vec<SlicePort>,
-    pub endpoints: Vec<EndpointModel>,
+    pub ports: SmallVec<[SlicePort; 1]>,
+    pub endpoints: SmallVec<[EndpointModel; 3]>,
 }
 
 /// An EndpointSlice's `addressType`.
@@ -413,7 +413,7 @@ impl ServiceModel {
                 Invalid::UnknownType(service_type.to_owned()),
             ));
         }
-        let mut ports = Vec::new();
+        let mut ports = SmallVec::new();
         for (i, port) in spec.ports.iter().flatten().enumerate() {
             let node_port = match (service_type, port.node_port) {
                 ("NodePort" | "LoadBalancer", Some(node_port)) => Some(
@@ -544,7 +544,7 @@ impl ServiceModel {
             [] | [""] => Err((field.to_owned(), Invalid::NoClusterIp)),
             ["None", ..] => Ok(ServiceKind::Headless),
             _ => {
-                let mut v4 = Vec::new();
+                let mut v4 = SmallVec::new();
                 for (i, ip) in ips.iter().enumerate() {
                     match ip.parse::<IpAddr>() {
                         Ok(IpAddr::V4(ip)) => v4.push(ip),
@@ -589,7 +589,7 @@ impl SliceModel {
             .map(|name| ObjectRef::new(id.namespace(), name));
         let address_type = AddressType::from_api(&slice.address_type);
 
-        let mut ports = Vec::new();
+        let mut ports = SmallVec::new();
         for (i, port) in slice.ports.iter().flatten().enumerate() {
             // A port without a number means "all ports" and only exists for selector-less
             // Services with no ports; it gives nothing to translate to.
@@ -602,7 +602,7 @@ impl SliceModel {
             });
         }
 
-        let mut endpoints = Vec::new();
+        let mut endpoints = SmallVec::new();
         if address_type == AddressType::Ipv4 {
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
                 // Addresses of one endpoint are fungible; kube-proxy uses the first.

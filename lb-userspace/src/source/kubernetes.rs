@@ -284,7 +284,7 @@ mod tests {
         assert_eq!(model.id, ObjectRef::new("shop", "web"));
         assert_eq!(
             model.kind,
-            ServiceKind::ClusterIp(vec!["10.96.0.10".parse().unwrap()])
+            ServiceKind::ClusterIp(smallvec::smallvec!["10.96.0.10".parse().unwrap()])
         );
         assert_eq!(model.ports[0].name, "http");
         assert_eq!(
