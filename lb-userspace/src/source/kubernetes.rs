@@ -88,7 +88,7 @@ impl Received {
 
 /// What a watch saw, in order, for the next sync to apply.
 enum Event {
-    Put(Kind, Received),
+    Put(Kind, Box<Received>),
     Remove(Kind, ObjectRef),
     /// A complete list (the first, or after a broken watch or "410 Gone"): what it does not
     /// hold is gone.
@@ -223,7 +223,9 @@ async fn follow<K: kube::Resource>(
             Ok(watcher::Event::InitDone) => {
                 Event::Relisted(kind, relist.take().unwrap_or_default())
             }
-            Ok(watcher::Event::Apply(object)) => Event::Put(kind, Received::of(&object, convert)),
+            Ok(watcher::Event::Apply(object)) => {
+                Event::Put(kind, Box::new(Received::of(&object, convert)))
+            }
             Ok(watcher::Event::Delete(object)) => Event::Remove(kind, id(object.meta())),
             Err(e) => {
                 tracing::warn!("watch of {kind}s: {e}; retrying with backoff");
