@@ -1,8 +1,9 @@
 //! A Kubernetes API server for two resources — v1 Services and discovery.k8s.io/v1
 //! EndpointSlices — speaking the wire protocol the agent's real `kube::Client` uses: list
 //! with a resourceVersion, in pages when asked (`limit`, `continue`, as kube-rs's watcher
-//! asks for 500 objects at a time), streamed watch events (ADDED, MODIFIED, DELETED, BOOKMARK), and
-//! "410 Gone" for a watch from a compacted resourceVersion. It listens on 127.0.0.1 only.
+//! asks for 500 objects at a time), streamed watch events (ADDED, MODIFIED, DELETED,
+//! BOOKMARK), and "410 Gone" for a watch from a compacted resourceVersion. It listens on
+//! 127.0.0.1 only.
 //!
 //! Tests drive it: apply and delete objects, break every open watch mid-stream, compact the
 //! history (so the next watch gets a 410 and the client relists), or hold the list of one
@@ -430,7 +431,15 @@ fn list(
     };
     // Written out under the lock, item by item, without a copy of the objects: a list of
     // 100k Services is most of what the bench's API server does.
-    let mut items_json = Vec::new();
+    // The metadata goes last, once the continue token is known: the items are written
+    // once, straight into the body.
+    let mut body = Vec::new();
+    write!(
+        body,
+        r#"{{"apiVersion":"{}","kind":"{}List","items":["#,
+        resource.api_version(),
+        resource.kind()
+    )?;
     let objects = state.objects.get(&resource);
     let mut items = objects
         .into_iter()
@@ -445,9 +454,9 @@ fn list(
     let mut count = 0;
     while let Some((key, item)) = items.next_if(|_| page.limit.is_none_or(|l| count < l)) {
         if count > 0 {
-            items_json.push(b',');
+            body.push(b',');
         }
-        serde_json::to_writer(&mut items_json, item)?;
+        serde_json::to_writer(&mut body, item)?;
         count += 1;
         last = Some(key);
     }
@@ -456,17 +465,11 @@ fn list(
         (true, Some((namespace, name))) => format!("{list_rv}/{namespace}/{name}"),
         _ => String::new(),
     };
-    let mut body = Vec::with_capacity(items_json.len() + 256);
     write!(
         body,
-        r#"{{"apiVersion":"{}","kind":"{}List","metadata":{{"resourceVersion":"{}","continue":{}}},"items":["#,
-        resource.api_version(),
-        resource.kind(),
-        list_rv,
+        r#"],"metadata":{{"resourceVersion":"{list_rv}","continue":{}}}}}"#,
         serde_json::to_string(&continue_token)?
     )?;
-    body.extend_from_slice(&items_json);
-    body.extend_from_slice(b"]}");
     drop(state);
     let mut out = stream;
     write!(

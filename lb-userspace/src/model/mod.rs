@@ -352,11 +352,11 @@ pub enum ObjectModel {
     Slice(SliceModel),
 }
 
-fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
     meta.namespace
-        .clone()
+        .as_deref()
         .filter(|ns| !ns.is_empty())
-        .unwrap_or_else(|| "default".to_owned())
+        .unwrap_or("default")
 }
 
 /// Where an object's identity comes from: `metadata.namespace` (default `default`, as kubectl
@@ -364,7 +364,7 @@ fn namespace_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMet
 pub fn object_ref(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> Option<ObjectRef> {
-    let name = meta.name.clone().filter(|n| !n.is_empty())?;
+    let name = meta.name.as_deref().filter(|n| !n.is_empty())?;
     Some(ObjectRef::new(namespace_of(meta), name))
 }
 

@@ -7,12 +7,12 @@
 //! A file is read *streamed* first: each object is typed into the lean [`api`] types while
 //! the parser reads it and converted into its model at once (on the parsing thread, so that
 //! no API object outlives its parsing), and the items of a `kind: List` are handled one by
-//! one, so that nothing but the models the agent keeps is allocated. A parser cannot resume in the
-//! middle of an object, so streaming gives up at the first thing it does not expect (a
-//! field of the wrong type, a document without `kind`, …), and the file is read again
-//! *buffered*: each object — one document or one List item, never a whole List — is read
-//! into an untyped [`serde_json::Value`] first, so that its kind and name are known whatever
-//! fails, and typed from there. The buffered reading defines the results and the errors;
+//! one, so that nothing but the models the agent keeps is allocated. A parser cannot
+//! resume in the middle of an object, so streaming gives up at the first thing it does
+//! not expect (a field of the wrong type, a document without `kind`, …), and the file is
+//! read again *buffered*: each object — one document or one List item, never a whole List
+//! — is read into an untyped [`serde_json::Value`] first, so that its kind and name are
+//! known whatever fails, and typed from there. The buffered reading defines the results and the errors;
 //! streaming reaches the same results faster when nothing is wrong.
 //!
 //! JSON (`*.json`, or text that starts with `{`) is read with serde_json, several times
@@ -218,9 +218,8 @@ fn parse_threads(text: &str) -> usize {
 
 /// Parts of a file parsed on `threads` threads as `produce` finds them: this thread finds
 /// them (which costs a fraction of parsing them) and hands each to another thread, or
-/// parses it itself when they are all busy. The
-/// documents come in the parts' order; `None` if `produce` says the file is not what it
-/// expected, or a part gives `None`.
+/// parses it itself when they are all busy. The documents come in the parts' order;
+/// `None` if `produce` says the file is not what it expected, or a part gives `None`.
 fn pipelined<P: Send>(
     threads: usize,
     parse: &(dyn Fn(&P) -> Option<Vec<Document>> + Sync),

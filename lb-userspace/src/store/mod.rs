@@ -3,8 +3,8 @@
 //! longer defines, and only those objects are looked at. An object that turns invalid
 //! keeps its last good version; an object no origin defines any more is gone.
 //!
-//! Objects are converted into the model only when their version changes, and the store
-//! remembers which Services that touched, so that a sync recomputes those Services only:
+//! Sources deliver objects converted into their models; the store takes one only when its
+//! version changes, and remembers which Services that touched, so that a sync recomputes those Services only:
 //! one endpoint change among 100k Services costs one Service, not 100k.
 
 use std::sync::Arc;
@@ -52,14 +52,6 @@ impl Origin {
 
 /// An origin as problems name it; see [`Origin::prefix`].
 struct Prefix<'a>(&'a Origin);
-
-impl Problem {
-    /// An object's own error, as delivered (whether its last good version stays is the
-    /// store's to say).
-    fn object(error: Unusable) -> Self {
-        Self::Object { error, kept: false }
-    }
-}
 
 impl std::fmt::Display for Prefix<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,6 +103,14 @@ pub enum Problem {
         id: ObjectRef,
         address_type: AddressType,
     },
+}
+
+impl Problem {
+    /// An object's own error, as delivered (whether its last good version stays is the
+    /// store's to say).
+    fn object(error: Unusable) -> Self {
+        Self::Object { error, kept: false }
+    }
 }
 
 /// One object as an origin defines it: its identity, its version, and its model (the
@@ -245,7 +245,7 @@ pub struct Store {
 impl Store {
     /// `origin` now defines exactly `objects` (a file read again, a relist): what it
     /// defined before and does not any more is gone. Only objects whose version changed
-    /// are converted again.
+    /// are taken again.
     pub fn replace<'a>(
         &mut self,
         origin: &Origin,
@@ -317,20 +317,6 @@ impl Store {
         held.unwrap_or(id).clone()
     }
 
-    /// The store's copy of the name of the Service a slice belongs to.
-    fn intern_service(&self, service: &ObjectRef) -> ObjectRef {
-        self.services
-            .get_key_value(service)
-            .map(|(key, _)| key)
-            .or_else(|| {
-                self.slices_by_service
-                    .get_key_value(service)
-                    .map(|(key, _)| key)
-            })
-            .unwrap_or(service)
-            .clone()
-    }
-
     /// Brings `origin`'s definition of the delivered object, named `id` as interned, to
     /// the delivered version.
     fn put_definition(&mut self, origin: &Origin, id: ObjectRef, delivered: Delivered<'_>) {
@@ -347,10 +333,7 @@ impl Store {
                 .is_some_and(|held| !version.is_empty() && held == version);
             self.conversions += usize::from(!unchanged);
         }
-        if *self.last_version != *version {
-            self.last_version = Arc::from(version);
-        }
-        let version = &self.last_version.clone();
+        let last_version = &mut self.last_version;
         match kind {
             Kind::Service => {
                 let object = object
@@ -365,22 +348,25 @@ impl Store {
                     });
                 let entry = self.services.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
-                define(entry, origin, version, object, |mut model| {
-                    // The model names the object as the source does: the interned name.
-                    debug_assert_eq!(model.id, id);
-                    model.id = id.clone();
-                    (model, None)
-                });
+                define(
+                    entry,
+                    origin,
+                    (version, last_version),
+                    object,
+                    |mut model| {
+                        // The model names the object as the source does: the interned name.
+                        debug_assert_eq!(model.id, id);
+                        model.id = id.clone();
+                        (model, None)
+                    },
+                );
                 self.after_service_change(&id, before);
             }
             Kind::EndpointSlice => {
                 let object = object
                     .map_err(Problem::object)
                     .and_then(|object| match object {
-                        ObjectModel::Slice(mut slice) => {
-                            slice.service = slice.service.map(|s| self.intern_service(&s));
-                            Ok(slice)
-                        }
+                        ObjectModel::Slice(slice) => Ok(slice),
                         ObjectModel::Service(_) => Err(Problem::WrongKind {
                             origin: origin.clone(),
                             kind,
@@ -389,23 +375,33 @@ impl Store {
                     });
                 let entry = self.slices.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
-                let nodes = &mut self.nodes;
-                define(entry, origin, version, object, |mut model| {
-                    debug_assert_eq!(model.id, id);
-                    model.id = id.clone();
-                    for endpoint in &mut model.endpoints {
-                        if let Some(node) = &mut endpoint.node_name {
-                            *node = intern_in(nodes, node);
+                let (services, by_service, nodes) =
+                    (&self.services, &self.slices_by_service, &mut self.nodes);
+                define(
+                    entry,
+                    origin,
+                    (version, last_version),
+                    object,
+                    |mut model| {
+                        debug_assert_eq!(model.id, id);
+                        model.id = id.clone();
+                        model.service = model
+                            .service
+                            .map(|service| held_service_name(services, by_service, service));
+                        for endpoint in &mut model.endpoints {
+                            if let Some(node) = &mut endpoint.node_name {
+                                *node = intern_in(nodes, node);
+                            }
                         }
-                    }
-                    let note =
-                        (model.address_type != AddressType::Ipv4).then(|| Problem::NotServed {
-                            origin: origin.clone(),
-                            id: id.clone(),
-                            address_type: model.address_type.clone(),
-                        });
-                    (model, note)
-                });
+                        let note =
+                            (model.address_type != AddressType::Ipv4).then(|| Problem::NotServed {
+                                origin: origin.clone(),
+                                id: id.clone(),
+                                address_type: model.address_type.clone(),
+                            });
+                        (model, note)
+                    },
+                );
                 self.after_slice_change(&id, before);
             }
         }
@@ -574,6 +570,21 @@ impl Store {
     }
 }
 
+/// The store's copy of the name of the Service a slice belongs to: the key of the Service,
+/// or of the slices it already owns, if there is one.
+fn held_service_name(
+    services: &Map<ObjectRef, Entry<ServiceModel>>,
+    by_service: &Map<ObjectRef, SmallVec<[ObjectRef; 1]>>,
+    service: ObjectRef,
+) -> ObjectRef {
+    services
+        .get_key_value(&service)
+        .map(|(key, _)| key)
+        .or_else(|| by_service.get_key_value(&service).map(|(key, _)| key))
+        .cloned()
+        .unwrap_or(service)
+}
+
 /// `names`' copy of `id`, made one if it has none.
 fn intern_in<T: Clone + Eq + std::hash::Hash>(names: &mut Set<T>, id: &T) -> T {
     if let Some(interned) = names.get(id) {
@@ -598,22 +609,27 @@ fn definitions_of<M>(entry: Option<&Entry<M>>) -> (OriginProblems, usize) {
 
 /// Brings `origin`'s definition in `entry` to the delivered version: `finish` makes the
 /// delivered model the store's own (its names interned) and says what is not used of it.
+/// Nothing is done for a version the definition has; a new one is kept in `last_version`,
+/// shared by the definitions taken at it.
 fn define<M: PartialEq>(
     entry: &mut Entry<M>,
     origin: &Origin,
-    version: &Arc<str>,
+    (version, last_version): (&str, &mut Arc<str>),
     object: Result<M, Problem>,
     finish: impl FnOnce(M) -> (M, Option<Problem>),
 ) {
     if let Some(definition) = entry.get(origin)
         && !version.is_empty()
-        && definition.version == *version
+        && *definition.version == *version
     {
         return;
     }
     let converted = object.map(finish);
+    if **last_version != *version {
+        *last_version = Arc::from(version);
+    }
     let definition = entry.get_or_insert(origin);
-    definition.version = version.clone();
+    definition.version = last_version.clone();
     match converted {
         Ok((model, note)) => {
             definition.problem = note.map(Box::new);
