@@ -516,7 +516,11 @@ impl Syncer {
     /// One pass of source → model → diff → maps. Failures leave the last good state in
     /// place: the agent keeps running and tries again.
     fn sync(&mut self, source: &mut Source, changed_at: Option<Instant>) -> Result<(), SyncError> {
+        let started = Instant::now();
         let result = self.try_sync(source, changed_at);
+        if started.elapsed() >= crate::memory::RELEASE_AFTER {
+            crate::memory::release_freed();
+        }
         if matches!(
             result,
             Err(SyncError::ReadBack(_) | SyncError::Grow { .. } | SyncError::Write(_))

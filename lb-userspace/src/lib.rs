@@ -18,6 +18,7 @@ pub mod agent;
 pub mod cli;
 pub mod hash;
 pub mod maps;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod netns;

@@ -403,7 +403,11 @@ impl StateWriter {
                         names.apply(delta);
                     }
                     let first = names.first;
-                    match names.write(&dir, now_ms(), &cgroup, &node) {
+                    let written = names.write(&dir, now_ms(), &cgroup, &node);
+                    if started.elapsed() >= crate::memory::RELEASE_AFTER {
+                        crate::memory::release_freed();
+                    }
+                    match written {
                         Ok(()) if first => tracing::info!(
                             dir = %dir.display(),
                             elapsed_ms = started.elapsed().as_millis(),

@@ -20,66 +20,79 @@ use smallvec::SmallVec;
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// `namespace/name` of an API object: one shared allocation per name, so that the store,
-/// the model, the plan and the state file's writer all index by it for the price of a
-/// pointer (the store interns each name once: every copy points at one `Arc`).
+/// `namespace/name` of an API object: one shared allocation per name, behind a pointer of
+/// a pointer's size (a thin `Arc`, which keeps the length in the allocation, with the
+/// name's hash and where its namespace ends), so that the store, the model, the plan and
+/// the state file's writer all index by it for eight bytes a reference (the store interns
+/// each name once: every copy points at one allocation).
 #[derive(Clone)]
-pub struct ObjectRef {
-    /// `namespace/name`.
-    text: Arc<str>,
-    /// Where the namespace ends in `text`.
+pub struct ObjectRef(triomphe::ThinArc<NameHeader, u8>);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct NameHeader {
+    /// The hash of the text, computed once: names are looked up in several indexes per
+    /// event. 32 bits tell apart far more names than a cluster has.
+    hash: u32,
+    /// Where the namespace ends in the text.
     namespace_len: u32,
-    /// The hash of `text`, computed once: names are looked up in several indexes per
-    /// event.
-    hash: u64,
 }
 
 impl ObjectRef {
     pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
         let (namespace, name) = (namespace.as_ref(), name.as_ref());
-        let mut text = String::with_capacity(namespace.len() + 1 + name.len());
-        text.push_str(namespace);
-        text.push('/');
-        text.push_str(name);
-        let hash = std::hash::BuildHasher::hash_one(&foldhash::fast::FixedState::default(), &text);
-        Self {
-            text: Arc::from(text),
+        let mut text = SmallVec::<[u8; 64]>::with_capacity(namespace.len() + 1 + name.len());
+        text.extend_from_slice(namespace.as_bytes());
+        text.push(b'/');
+        text.extend_from_slice(name.as_bytes());
+        let hash = std::hash::BuildHasher::hash_one(
+            &foldhash::fast::FixedState::default(),
+            text.as_slice(),
+        );
+        let header = NameHeader {
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "the low half of the hash is a hash"
+            )]
+            hash: hash as u32,
             namespace_len: u32::try_from(namespace.len()).unwrap_or(u32::MAX),
-            hash,
-        }
+        };
+        Self(triomphe::ThinArc::from_header_and_slice(header, &text))
+    }
+
+    fn header(&self) -> NameHeader {
+        self.0.header.header
     }
 
     fn split(&self) -> usize {
-        usize::try_from(self.namespace_len)
+        usize::try_from(self.header().namespace_len)
             .unwrap_or(usize::MAX)
-            .min(self.text.len())
+            .min(self.0.slice.len())
     }
 
     pub fn namespace(&self) -> &str {
-        self.text.get(..self.split()).unwrap_or_default()
+        self.as_str().get(..self.split()).unwrap_or_default()
     }
 
     pub fn name(&self) -> &str {
-        self.text.get(self.split() + 1..).unwrap_or_default()
+        self.as_str().get(self.split() + 1..).unwrap_or_default()
     }
 
     /// `namespace/name`.
     pub fn as_str(&self) -> &str {
-        &self.text
+        // SAFETY: [`Self::new`], the only way to make one, copies whole `str`s and an
+        // ASCII `/` into the slice: its bytes are UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.0.slice) }
     }
 
     /// Whether both are the same interned name: what the store hands out for one name.
     pub fn same(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.text, &other.text)
+        self.0.ptr() == other.0.ptr()
     }
 }
 
 impl PartialEq for ObjectRef {
     fn eq(&self, other: &Self) -> bool {
-        self.same(other)
-            || (self.hash == other.hash
-                && self.namespace_len == other.namespace_len
-                && self.text == other.text)
+        self.same(other) || (self.header() == other.header() && self.0.slice == other.0.slice)
     }
 }
 
@@ -87,7 +100,7 @@ impl Eq for ObjectRef {}
 
 impl std::hash::Hash for ObjectRef {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u64(self.hash);
+        state.write_u32(self.header().hash);
     }
 }
 
@@ -109,13 +122,13 @@ impl Ord for ObjectRef {
 
 impl fmt::Debug for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", &*self.text)
+        write!(f, "{:?}", self.as_str())
     }
 }
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.text)
+        f.write_str(self.as_str())
     }
 }
 

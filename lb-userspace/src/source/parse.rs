@@ -18,15 +18,21 @@
 //! JSON (`*.json`, or text that starts with `{`) is read with serde_json, several times
 //! faster than a YAML parser; what is not valid JSON is read as YAML.
 //!
-//! A big file is parsed on every core: one thread finds the items of a List (which costs a
-//! fraction of typing them) or cuts multi-document YAML at its document markers, and hands
-//! the parts on to the others. Whenever a part fails the whole text is read as above, so
+//! A big file is read in parts and parsed on every core: as one thread reads it, it finds
+//! the items of a List (which costs a fraction of typing them) or cuts multi-document YAML
+//! at its document markers, and hands the parts on to the others ([`parts`]), so that the
+//! text is never in memory whole. Whenever a part fails the whole text is read as above, so
 //! the parts never change a result or an error.
+
+mod parts;
 
 use std::{
     fmt,
+    io::{Read, Seek as _},
     path::{Path, PathBuf},
 };
+
+use parts::Part;
 
 use serde::{
     Deserialize, Deserializer,
@@ -112,13 +118,23 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 /// Reads one file. `Err` means the file as a whole could not be read or parsed; errors of
 /// single objects are in their [`Document`].
 pub fn read_file(path: &Path) -> Result<Vec<Document>, ManifestError> {
-    // Read whole: serde_json reads a text several times faster than a stream, and the
-    // text is not what peaks (the models of a full sync are).
-    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+    let read_error = |source| ManifestError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    parse(path, &text)
+    };
+    let reader = Reader { path };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let len = file.metadata().map_err(read_error)?.len();
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
+    if let Some(documents) = reader.in_parts(&mut file, len).map_err(read_error)? {
+        return Ok(documents);
+    }
+    // Small, or not to be read in parts: read whole, from the start of the same file (a
+    // deploy tool may have put another one in its place meanwhile).
+    file.rewind().map_err(read_error)?;
+    let mut text = String::with_capacity(len.min(PARALLEL_PARSE_MIN_BYTES));
+    file.read_to_string(&mut text).map_err(read_error)?;
+    reader.whole(&text)
 }
 
 /// Below this many bytes in all, files are read one after another: threads would cost
@@ -176,44 +192,57 @@ pub fn read_files(files: &[(&Path, u64)]) -> Vec<Result<Vec<Document>, ManifestE
 /// unpacked.
 pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
     let reader = Reader { path };
-    if !looks_like_json(path, text) {
-        return reader.yaml(text);
+    if let Some(documents) = reader
+        .in_parts(text.as_bytes(), text.len())
+        .map_err(|source| ManifestError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+    {
+        return Ok(documents);
     }
-    match reader.json(text) {
-        // `{` also opens a YAML flow mapping; and a `.json` file may hold YAML, which was
-        // always read.
-        Err(ManifestError::Syntax {
-            reason: json_reason,
-            ..
-        }) => reader.yaml(text).map_err(|yaml_error| {
-            if has_extension(path, "json") {
-                reader.syntax(json_reason)
-            } else {
-                yaml_error
-            }
-        }),
-        read => read,
-    }
+    reader.whole(text)
 }
 
 fn has_extension(path: &Path, extension: &str) -> bool {
     path.extension().and_then(|e| e.to_str()) == Some(extension)
 }
 
-fn looks_like_json(path: &Path, text: &str) -> bool {
-    has_extension(path, "json") || text.trim_start().starts_with('{')
+fn looks_like_json(path: &Path, text: &[u8]) -> bool {
+    has_extension(path, "json") || text.trim_ascii_start().starts_with(b"{")
+}
+
+/// What is read of a text read in parts to tell JSON from YAML.
+const HEAD: usize = 4096;
+
+/// Whether `around`, a JSON text that had its items taken out of it (see
+/// [`parts::json_list`]), is a List whose only `items` is the one taken out: with the
+/// items, each parsed on its own, the whole text is then what a parse would accept.
+fn is_list(around: &str) -> bool {
+    let mut deserializer = serde_json::Deserializer::from_str(around);
+    ListSkeleton
+        .deserialize(&mut deserializer)
+        .and_then(|is_list| deserializer.end().map(|()| is_list))
+        .unwrap_or(false)
 }
 
 /// Below this many bytes a file is parsed on one thread: more would cost more than they
 /// save.
 const PARALLEL_PARSE_MIN_BYTES: usize = 1 << 20;
 
-/// How many threads to parse `text` on.
-fn parse_threads(text: &str) -> usize {
-    if text.len() < PARALLEL_PARSE_MIN_BYTES {
+/// How many threads to parse a text of `len` bytes on.
+fn parse_threads(len: usize) -> usize {
+    if len < PARALLEL_PARSE_MIN_BYTES {
         return 1;
     }
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// The bytes read at a time from a text read in parts: about sixteen parts per thread,
+/// so that the last ones hold nobody up long, and never more than a few pages' worth in
+/// memory at once.
+fn part_size(len: usize, threads: usize) -> usize {
+    (len / (16 * threads)).clamp(64 << 10, 1 << 20)
 }
 
 /// Parts of a file parsed on `threads` threads as `produce` finds them: this thread finds
@@ -289,188 +318,6 @@ fn pipelined<P: Send>(
     Some(documents)
 }
 
-/// Splits multi-document YAML into `parts` runs of whole documents of about equal size,
-/// at document markers (`---` at the start of a line, which YAML allows nowhere else).
-/// One part when the text has directives (`%YAML`), which apply to the documents after
-/// them.
-fn yaml_parts(text: &str, parts: usize) -> Vec<&str> {
-    if parts < 2 || text.starts_with('%') || text.contains("\n%") {
-        return vec![text];
-    }
-    let mut out = Vec::with_capacity(parts);
-    let mut start = 0;
-    for part in 1..parts {
-        let target = (text.len() * part / parts).max(start);
-        let Some(marker) = next_document_marker(text, target) else {
-            break;
-        };
-        if marker > start {
-            out.push(&text[start..marker]);
-            start = marker;
-        }
-    }
-    out.push(&text[start..]);
-    out
-}
-
-/// Where the first document marker line at or after byte `from` starts.
-fn next_document_marker(text: &str, from: usize) -> Option<usize> {
-    let mut at = from;
-    while let Some(found) = text.get(at..)?.find("\n---") {
-        let line = at + found + 1;
-        // `---` ends the line or is followed by a blank: `----` or `---x` is content.
-        if matches!(
-            text.as_bytes().get(line + 3),
-            None | Some(b'\n' | b'\r' | b' ' | b'\t')
-        ) {
-            return Some(line);
-        }
-        at = line;
-    }
-    None
-}
-
-/// List items handed to another thread at a time.
-const ITEMS_PER_BATCH: usize = 256;
-
-/// Where the items of a `kind: List` JSON text are, found by a scan over its bytes that
-/// only tells strings and brackets apart (several times faster than any parse), so that
-/// the items can be typed on every core. Nothing is validated here: every item is parsed
-/// whole, and the rest of the text — the List without its items — is parsed too (see
-/// [`ListItems::is_list`]), so the text is accepted exactly when a parse of it would be.
-struct ListItems<'t> {
-    /// The first top-level `items` array's elements, as slices of the text.
-    items: Vec<&'t str>,
-    /// The text without them: what is around the array, with `[]` in its place.
-    rest: String,
-}
-
-impl<'t> ListItems<'t> {
-    /// The items of `text`, if it is a JSON object with an `items` array at its top level;
-    /// `None` for anything else, valid or not.
-    fn find(text: &'t str) -> Option<Self> {
-        let b = text.as_bytes();
-        let mut i = skip_whitespace(b, 0);
-        if b.get(i) != Some(&b'{') {
-            return None;
-        }
-        i = skip_whitespace(b, i + 1);
-        let mut found: Option<(usize, usize, Vec<&str>)> = None;
-        loop {
-            if b.get(i) != Some(&b'"') {
-                return None;
-            }
-            let key_end = string_end(b, i)?;
-            let key = b.get(i + 1..key_end - 1)?;
-            i = skip_whitespace(b, key_end);
-            if b.get(i) != Some(&b':') {
-                return None;
-            }
-            i = skip_whitespace(b, i + 1);
-            if key == b"items" && found.is_none() && b.get(i) == Some(&b'[') {
-                let open = i;
-                let mut items = Vec::new();
-                i = skip_whitespace(b, i + 1);
-                if b.get(i) != Some(&b']') {
-                    loop {
-                        let start = i;
-                        i = value_end(b, i)?;
-                        items.push(text.get(start..i)?);
-                        i = skip_whitespace(b, i);
-                        match b.get(i)? {
-                            b',' => i = skip_whitespace(b, i + 1),
-                            b']' => break,
-                            _ => return None,
-                        }
-                    }
-                }
-                found = Some((open, i, items));
-                i += 1;
-            } else {
-                i = value_end(b, i)?;
-            }
-            i = skip_whitespace(b, i);
-            match b.get(i)? {
-                b',' => i = skip_whitespace(b, i + 1),
-                b'}' => break,
-                _ => return None,
-            }
-        }
-        let (open, close, items) = found?;
-        let rest = format!("{}{}", text.get(..=open)?, text.get(close..)?);
-        Some(Self { items, rest })
-    }
-
-    /// Whether the text around the items is a List whose only `items` is the one found:
-    /// with the items (each parsed on its own), the whole text is then what a parse
-    /// would accept.
-    fn is_list(&self) -> bool {
-        let mut deserializer = serde_json::Deserializer::from_str(&self.rest);
-        ListSkeleton
-            .deserialize(&mut deserializer)
-            .and_then(|is_list| deserializer.end().map(|()| is_list))
-            .unwrap_or(false)
-    }
-}
-
-fn skip_whitespace(b: &[u8], mut i: usize) -> usize {
-    while matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
-        i += 1;
-    }
-    i
-}
-
-/// Just past the closing quote of the string that opens at `i`.
-fn string_end(b: &[u8], i: usize) -> Option<usize> {
-    let mut at = i + 1;
-    loop {
-        at += memchr::memchr2(b'"', b'\\', b.get(at..)?)?;
-        if b[at] == b'"' {
-            return Some(at + 1);
-        }
-        // An escape: whatever follows the backslash is not the end.
-        at += 2;
-    }
-}
-
-/// Just past the value that starts at `i`. Inside an object only braces count (brackets
-/// balance among themselves in valid JSON, and invalid JSON fails its parse anyway), inside
-/// an array only brackets: one SIMD search per structural byte.
-fn value_end(b: &[u8], i: usize) -> Option<usize> {
-    let (open, close) = match b.get(i)? {
-        b'"' => return string_end(b, i),
-        b'{' => (b'{', b'}'),
-        b'[' => (b'[', b']'),
-        _ => {
-            let len = b
-                .get(i..)?
-                .iter()
-                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
-                .unwrap_or(b.len() - i);
-            return Some(i + len);
-        }
-    };
-    let mut depth = 0_usize;
-    let mut at = i;
-    loop {
-        at += memchr::memchr3(b'"', open, close, b.get(at..)?)?;
-        match b[at] {
-            b'"' => {
-                at = string_end(b, at)?;
-                continue;
-            }
-            c if c == open => depth += 1,
-            _ => {
-                depth -= 1;
-                if depth == 0 {
-                    return Some(at + 1);
-                }
-            }
-        }
-        at += 1;
-    }
-}
-
 /// Reads `true` for a List whose one `items` field is empty (the items having been taken
 /// out of it).
 struct ListSkeleton;
@@ -523,35 +370,36 @@ impl Reader<'_> {
         }
     }
 
-    fn yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
-        let threads = parse_threads(text);
-        let streamed = if threads > 1 {
-            // Many more parts than threads, so that the last ones hold nobody up long.
-            let parse = |part: &&str| self.streamed_yaml(part);
-            pipelined(threads, &parse, |dispatch| {
-                for part in yaml_parts(text, 16 * threads) {
-                    dispatch(part);
+    /// The text read whole, on this thread.
+    fn whole(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
+        if !looks_like_json(self.path, text.as_bytes()) {
+            return self.yaml(text);
+        }
+        match self.json(text) {
+            // `{` also opens a YAML flow mapping; and a `.json` file may hold YAML, which was
+            // always read.
+            Err(ManifestError::Syntax {
+                reason: json_reason,
+                ..
+            }) => self.yaml(text).map_err(|yaml_error| {
+                if has_extension(self.path, "json") {
+                    self.syntax(json_reason)
+                } else {
+                    yaml_error
                 }
-                true
-            })
-            // A part that fails may fail only because it is a part: the whole decides.
-            .or_else(|| self.streamed_yaml(text))
-        } else {
-            self.streamed_yaml(text)
-        };
-        match streamed {
+            }),
+            read => read,
+        }
+    }
+
+    fn yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
+        match self.streamed_yaml(text) {
             Some(documents) => Ok(documents),
             None => self.buffered_yaml(text),
         }
     }
 
     fn json(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
-        let threads = parse_threads(text);
-        if threads > 1
-            && let Some(documents) = self.streamed_json_list(text, threads)
-        {
-            return Ok(documents);
-        }
         match self.streamed_json(text) {
             Ok(documents) => Ok(documents),
             Err(e) if e.is_syntax() || e.is_eof() => Err(self.syntax(e.to_string())),
@@ -559,21 +407,45 @@ impl Reader<'_> {
         }
     }
 
-    /// A `kind: List` streamed on `threads` threads: its items found here and typed in
-    /// batches by all (see [`pipelined`]). `None` if the text is not a List or an item has
-    /// to be read buffered.
-    fn streamed_json_list(&self, text: &str, threads: usize) -> Option<Vec<Document>> {
-        let list = ListItems::find(text)?;
-        if !list.is_list() {
-            return None;
+    /// A big text read in parts and parsed on every core: the items of a `kind: List`, or
+    /// runs of YAML documents (see [`parts`]), each part streamed (see [`pipelined`]).
+    /// `None` if the text is small, or is not a List or YAML documents, or a part has to
+    /// be read buffered: then the caller reads it whole, which decides the results and
+    /// the errors.
+    fn in_parts(&self, mut input: impl Read, len: usize) -> std::io::Result<Option<Vec<Document>>> {
+        let threads = parse_threads(len);
+        if threads < 2 {
+            return Ok(None);
         }
-        let parse = |items: &&[&str]| self.streamed_json_items(items);
-        pipelined(threads, &parse, |dispatch| {
-            for batch in list.items.chunks(ITEMS_PER_BATCH) {
-                dispatch(batch);
+        let mut head = Vec::with_capacity(HEAD);
+        (&mut input).take(HEAD as u64).read_to_end(&mut head)?;
+        let json = looks_like_json(self.path, &head);
+        let input = head.as_slice().chain(input);
+        let size = part_size(len, threads);
+        let parse = |part: &Part| {
+            if json {
+                self.streamed_json_items(part)
+            } else {
+                self.streamed_yaml(&part.text)
             }
-            true
-        })
+        };
+        let mut failed = None;
+        let documents = pipelined(threads, &parse, |dispatch| {
+            let cut = if json {
+                parts::json_list(input, size, dispatch)
+                    .map(|around| around.as_deref().is_some_and(is_list))
+            } else {
+                parts::yaml_documents(input, size, dispatch)
+            };
+            cut.unwrap_or_else(|error| {
+                failed = Some(error);
+                false
+            })
+        });
+        match failed {
+            Some(error) => Err(error),
+            None => Ok(documents),
+        }
     }
 
     fn buffered_yaml(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
@@ -650,11 +522,11 @@ impl Reader<'_> {
         Ok(documents)
     }
 
-    /// Items of a List, each streamed; `None` if one has to be read buffered.
-    fn streamed_json_items(&self, items: &[&str]) -> Option<Vec<Document>> {
-        let mut documents = Vec::with_capacity(items.len());
-        for item in items {
-            let mut deserializer = serde_json::Deserializer::from_str(item);
+    /// The items of a List's part, each streamed; `None` if one has to be read buffered.
+    fn streamed_json_items(&self, part: &Part) -> Option<Vec<Document>> {
+        let mut documents = Vec::with_capacity(part.items.len());
+        for item in &part.items {
+            let mut deserializer = serde_json::Deserializer::from_str(part.text.get(item.clone())?);
             StreamedObject {
                 path: self.path,
                 documents: &mut documents,
@@ -1391,19 +1263,58 @@ spec:
         let reader = Reader {
             path: Path::new("all.json"),
         };
+        let in_parts = |text: &str| {
+            // Two threads, as on any machine with more than one core.
+            let mut documents = None;
+            let parse = |part: &Part| {
+                if text.starts_with('{') {
+                    reader.streamed_json_items(part)
+                } else {
+                    reader.streamed_yaml(&part.text)
+                }
+            };
+            let size = part_size(text.len(), 2);
+            documents.get_or_insert(pipelined(2, &parse, |dispatch| {
+                if text.starts_with('{') {
+                    parts::json_list(text.as_bytes(), size, dispatch)
+                        .unwrap()
+                        .is_some_and(|around| is_list(&around))
+                } else {
+                    parts::yaml_documents(text.as_bytes(), size, dispatch).unwrap()
+                }
+            }));
+            documents.flatten()
+        };
         let whole_json = reader.streamed_json(&json).unwrap();
         let whole_yaml = reader.streamed_yaml(&yaml).unwrap();
         assert_eq!(whole_json.len(), 6000);
-        assert_eq!(summary(&reader.json(&json).unwrap()), summary(&whole_json));
         let pretty = serde_json::to_string_pretty(
             &serde_json::from_str::<serde_json::Value>(&json).unwrap(),
         )
         .unwrap();
         for text in [&json, &pretty] {
-            let in_parts = reader.streamed_json_list(text, 2).expect("read in parts");
-            assert_eq!(summary(&in_parts), summary(&whole_json));
+            let read = in_parts(text).expect("read in parts");
+            assert_eq!(summary(&read), summary(&whole_json));
+            assert_eq!(
+                summary(&parse(Path::new("all.json"), text).unwrap()),
+                summary(&whole_json)
+            );
         }
-        assert_eq!(summary(&reader.yaml(&yaml).unwrap()), summary(&whole_yaml));
+        let read = in_parts(&yaml).expect("read in parts");
+        assert_eq!(summary(&read), summary(&whole_yaml));
+        assert_eq!(
+            summary(&parse(Path::new("all.yaml"), &yaml).unwrap()),
+            summary(&whole_yaml)
+        );
+
+        // A List with a second `items`, or whose kind is not List, is not read in parts:
+        // read whole, it is what it is.
+        for other in [
+            json.replacen(r#""kind": "List"}"#, r#""kind": "List", "items": []}"#, 1),
+            json.replacen(r#""kind": "List"}"#, r#""kind": "ServiceList"}"#, 1),
+        ] {
+            assert_eq!(in_parts(&other).map(|d| d.len()), None);
+        }
 
         // One bad object in the middle: the parts give up and the whole file is read as
         // before, that object's error named and the others read.
@@ -1413,10 +1324,9 @@ spec:
             let after = after.replacen(r#""port": 80,"#, r#""port": "eighty","#, 1);
             format!("{before}{after}")
         };
-        for (read, name) in [
-            (reader.json(&bad(&json)).unwrap(), "json"),
-            (reader.yaml(&bad(&yaml)).unwrap(), "yaml"),
-        ] {
+        for (text, name) in [(bad(&json), "json"), (bad(&yaml), "yaml")] {
+            assert!(in_parts(&text).is_none(), "{name}");
+            let read = parse(Path::new("all.json"), &text).unwrap();
             let errors: Vec<String> = read
                 .iter()
                 .filter_map(|d| d.object.as_ref().err().map(ToString::to_string))
@@ -1433,18 +1343,25 @@ spec:
     }
 
     #[test]
-    fn yaml_is_split_only_at_document_markers() {
-        let text = "a: 1\n---\nb: |\n  ---\n----\n---x: 2\n--- \nc: 3\n---\n";
-        let parts = yaml_parts(text, 4);
-        assert_eq!(parts.concat(), text);
-        assert!(
-            parts[1..]
-                .iter()
-                .all(|part| part.starts_with("---\n") || part.starts_with("--- \n")),
-            "{parts:?}"
-        );
-        assert_eq!(yaml_parts("%YAML 1.2\n---\na: 1\n---\nb: 2\n", 2).len(), 1);
-        assert_eq!(yaml_parts("a: 1\n", 2), ["a: 1\n"]);
+    fn a_big_file_is_read_from_disk_as_its_text_parses() {
+        let (json, yaml) = generated(3000);
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [("all.json", &json), ("all.yaml", &yaml)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(
+                summary(&read_file(&path).unwrap()),
+                summary(&parse(&path, text).unwrap()),
+                "{name}"
+            );
+        }
+        // Not UTF-8 (a byte at the end of a big List): the same error as a small file's.
+        let path = dir.path().join("latin1.json");
+        let mut bytes = json.into_bytes();
+        bytes.splice(bytes.len() - 1..bytes.len() - 1, [b' ', 0xe9, b' ']);
+        std::fs::write(&path, &bytes).unwrap();
+        let error = read_file(&path).unwrap_err().to_string();
+        assert!(error.contains("valid UTF-8"), "{error}");
     }
 
     #[test]

@@ -157,13 +157,8 @@ fn run(
     let under_test = under_test.first().context("no Services")?;
     let index = services.len() - 1;
 
-    let entries = (services.len() * 5 + 1024).to_string();
-    let mut args: Vec<std::ffi::OsString> = vec![
-        "--metrics-addr".into(),
-        "127.0.0.1:0".into(),
-        "--service-map-entries".into(),
-        entries.into(),
-    ];
+    // Default flags, as a user starts it: the maps size themselves.
+    let mut args: Vec<std::ffi::OsString> = vec!["--metrics-addr".into(), "127.0.0.1:0".into()];
     match (source, api) {
         (Source::Yaml, _) => {
             testbed.write_manifest("services.yaml", &generate::manifests(rest))?;

@@ -592,7 +592,6 @@ fn lb_setup(
     let (rest, under_test) = services.split_at(services.len() - 1);
     testbed.write_manifest("services.yaml", &rules::manifests(rest))?;
     testbed.write_manifest("under-test.yaml", &rules::manifests(under_test))?;
-    let entries = (services.len() * 5 + 1024).to_string();
     let manifests = testbed.manifests.clone();
     let started = Instant::now();
     testbed.spawn_agent(&[
@@ -600,8 +599,6 @@ fn lb_setup(
         manifests.as_os_str(),
         "--metrics-addr".as_ref(),
         "127.0.0.1:0".as_ref(),
-        "--service-map-entries".as_ref(),
-        entries.as_ref(),
     ])?;
     let budget = plan.budget;
     wait_for("the agent's first sync", budget, || {
