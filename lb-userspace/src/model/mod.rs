@@ -59,6 +59,16 @@ impl ObjectRef {
         Self(triomphe::ThinArc::from_header_and_slice(header, &text))
     }
 
+    /// The same name in an allocation of its own: what is kept for long is allocated
+    /// apart from the temporaries of the parse that made it, which would otherwise keep
+    /// its heap pages mostly empty but in use.
+    pub fn copied(&self) -> Self {
+        Self(triomphe::ThinArc::from_header_and_slice(
+            self.header(),
+            &self.0.slice,
+        ))
+    }
+
     fn header(&self) -> NameHeader {
         self.0.header.header
     }
@@ -248,8 +258,9 @@ pub enum ServiceKind {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortModel {
-    /// Empty for the unnamed port of a single-port Service, as in the API.
-    pub name: String,
+    /// Empty for the unnamed port of a single-port Service, as in the API. Shared: a
+    /// cluster has few port names, and the store keeps each once.
+    pub name: Arc<str>,
     pub port: u16,
     pub protocol: Protocol,
     /// `nodePort` of a NodePort or LoadBalancer Service.
@@ -279,7 +290,8 @@ pub struct ServiceModel {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePort {
-    pub name: String,
+    /// Shared, as a Service port's name.
+    pub name: Arc<str>,
     pub port: u16,
     pub protocol: Protocol,
 }
@@ -436,7 +448,7 @@ impl ServiceModel {
                 _ => None,
             };
             ports.push(ServicePortModel {
-                name: port.name.clone().unwrap_or_default(),
+                name: port.name.as_deref().unwrap_or_default().into(),
                 port: port_number(port.port)
                     .map_err(|r| error(format!("spec.ports[{i}].port"), r))?,
                 protocol: Protocol::from_api(port.protocol.as_deref())
@@ -608,7 +620,7 @@ impl SliceModel {
             // Services with no ports; it gives nothing to translate to.
             let Some(number) = port.port else { continue };
             ports.push(SlicePort {
-                name: port.name.clone().unwrap_or_default(),
+                name: port.name.as_deref().unwrap_or_default().into(),
                 port: port_number(number).map_err(|r| error(format!("ports[{i}].port"), r))?,
                 protocol: Protocol::from_api(port.protocol.as_deref())
                     .map_err(|r| error(format!("ports[{i}].protocol"), r))?,
@@ -1152,11 +1164,9 @@ fn claims_of(
                 node_name: e.node_name.clone(),
             })
             .collect();
-        let port_name: Arc<str> = Arc::from(port.name.as_str());
-
         let target = |kind, backends: &Backends, flags| FrontendTarget {
             service: service.id.clone(),
-            port_name: port_name.clone(),
+            port_name: port.name.clone(),
             kind,
             spec: FrontendSpec {
                 backends: backends.clone(),

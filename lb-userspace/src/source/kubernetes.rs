@@ -288,7 +288,7 @@ mod tests {
             model.kind,
             ServiceKind::ClusterIp(smallvec::smallvec!["10.96.0.10".parse().unwrap()])
         );
-        assert_eq!(model.ports[0].name, "http");
+        assert_eq!(&*model.ports[0].name, "http");
         assert_eq!(
             (model.ports[0].port, model.ports[0].node_port),
             (80, Some(30080))

@@ -220,8 +220,9 @@ fn differ<M: PartialEq>(before: Option<&Arc<M>>, after: Option<&Arc<M>>) -> bool
 pub struct Store {
     services: Map<ObjectRef, Entry<ServiceModel>>,
     slices: Map<ObjectRef, Entry<SliceModel>>,
-    /// Node names of endpoints, once each: a cluster has few nodes and many endpoints.
-    nodes: Set<Arc<str>>,
+    /// Names that recur across objects (endpoints' node names, port names), once each: a
+    /// cluster has few nodes and port names, and many endpoints and ports.
+    words: Set<Arc<str>>,
     /// What each origin defines, so that a re-read file or a relist replaces it.
     by_origin: Map<Origin, Set<(Kind, ObjectRef)>>,
     /// The slices each Service owns through their label; usually one.
@@ -314,7 +315,7 @@ impl Store {
             Kind::Service => self.services.get_key_value(id).map(|(key, _)| key),
             Kind::EndpointSlice => self.slices.get_key_value(id).map(|(key, _)| key),
         };
-        held.unwrap_or(id).clone()
+        held.cloned().unwrap_or_else(|| id.copied())
     }
 
     /// Brings `origin`'s definition of the delivered object, named `id` as interned, to
@@ -348,6 +349,7 @@ impl Store {
                     });
                 let entry = self.services.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
+                let words = &mut self.words;
                 define(
                     entry,
                     origin,
@@ -357,6 +359,9 @@ impl Store {
                         // The model names the object as the source does: the interned name.
                         debug_assert_eq!(model.id, id);
                         model.id = id.clone();
+                        for port in &mut model.ports {
+                            port.name = word(words, &port.name);
+                        }
                         (model, None)
                     },
                 );
@@ -375,8 +380,8 @@ impl Store {
                     });
                 let entry = self.slices.entry(id.clone()).or_default();
                 let before = entry.effective().cloned();
-                let (services, by_service, nodes) =
-                    (&self.services, &self.slices_by_service, &mut self.nodes);
+                let (services, by_service, words) =
+                    (&self.services, &self.slices_by_service, &mut self.words);
                 define(
                     entry,
                     origin,
@@ -390,8 +395,11 @@ impl Store {
                             .map(|service| held_service_name(services, by_service, service));
                         for endpoint in &mut model.endpoints {
                             if let Some(node) = &mut endpoint.node_name {
-                                *node = intern_in(nodes, node);
+                                *node = word(words, node);
                             }
+                        }
+                        for port in &mut model.ports {
+                            port.name = word(words, &port.name);
                         }
                         let note =
                             (model.address_type != AddressType::Ipv4).then(|| Problem::NotServed {
@@ -571,7 +579,8 @@ impl Store {
 }
 
 /// The store's copy of the name of the Service a slice belongs to: the key of the Service,
-/// or of the slices it already owns, if there is one.
+/// or of the slices it already owns, if there is one; else a copy of its own (see
+/// [`ObjectRef::copied`]).
 fn held_service_name(
     services: &Map<ObjectRef, Entry<ServiceModel>>,
     by_service: &Map<ObjectRef, SmallVec<[ObjectRef; 1]>>,
@@ -582,16 +591,18 @@ fn held_service_name(
         .map(|(key, _)| key)
         .or_else(|| by_service.get_key_value(&service).map(|(key, _)| key))
         .cloned()
-        .unwrap_or(service)
+        .unwrap_or_else(|| service.copied())
 }
 
-/// `names`' copy of `id`, made one if it has none.
-fn intern_in<T: Clone + Eq + std::hash::Hash>(names: &mut Set<T>, id: &T) -> T {
-    if let Some(interned) = names.get(id) {
+/// `words`' copy of `word`, made one if it has none: in an allocation of its own, apart
+/// from the temporaries of the parse that read it (see [`ObjectRef::copied`]).
+fn word(words: &mut Set<Arc<str>>, word: &Arc<str>) -> Arc<str> {
+    if let Some(interned) = words.get(word) {
         return interned.clone();
     }
-    names.insert(id.clone());
-    id.clone()
+    let copied: Arc<str> = Arc::from(&**word);
+    words.insert(copied.clone());
+    copied
 }
 
 /// Each definition's origin and its problem, if any.
