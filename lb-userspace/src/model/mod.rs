@@ -719,21 +719,14 @@ pub enum FrontendKind {
 pub struct FrontendTarget {
     pub service: ObjectRef,
     pub port_name: Arc<str>,
+    /// The Service port's protocol (that of the frontend).
+    pub protocol: Protocol,
     pub kind: FrontendKind,
     pub spec: FrontendSpec,
-    /// Every endpoint of the Service port, used or not: shared by the frontends of the
-    /// port. Why one is not a backend is worked out when asked ([`Self::endpoint_states`]).
-    pub endpoints: Arc<[Endpoint]>,
-}
-
-/// One endpoint of a Service port, once across its slices.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub backend: BackendAddr,
-    pub ready: bool,
-    pub serving: bool,
-    pub terminating: bool,
-    pub node_name: Option<Arc<str>>,
+    /// The slices that serve the Service port, shared with the store: what its endpoints
+    /// are, used or not, and why one is not a backend, is worked out from them when asked
+    /// ([`Self::endpoint_states`]) rather than kept per frontend.
+    pub slices: SmallVec<[Arc<SliceModel>; 1]>,
 }
 
 impl FrontendTarget {
@@ -741,29 +734,33 @@ impl FrontendTarget {
     /// or why not.
     pub fn endpoint_states(&self, node: &str) -> Vec<EndpointState> {
         let local_only = self.spec.flags & lb_common::FLAG_NODE_LOCAL != 0;
-        self.endpoints
-            .iter()
-            .map(|e| EndpointState {
-                address: e.backend.address,
-                port: e.backend.port,
-                ready: e.ready,
-                serving: e.serving,
-                terminating: e.terminating,
-                node_name: e.node_name.as_deref().map(str::to_owned),
-                excluded: if self.spec.backends.contains(&e.backend) {
-                    None
-                } else if local_only && e.node_name.as_deref() != Some(node) {
-                    Some(format!(
-                        "on node {}, not {node} (internalTrafficPolicy: Local)",
-                        e.node_name.as_deref().unwrap_or("<unset>"),
-                    ))
-                } else if e.serving && e.terminating {
-                    Some("terminating: used only while no endpoint is ready".into())
-                } else {
-                    Some("not ready".into())
-                },
-            })
-            .collect()
+        port_endpoints(
+            &self.port_name,
+            self.protocol,
+            self.slices.iter().map(|s| &**s),
+        )
+        .into_iter()
+        .map(|(backend, e)| EndpointState {
+            address: backend.address,
+            port: backend.port,
+            ready: e.ready,
+            serving: e.serving,
+            terminating: e.terminating,
+            node_name: e.node_name.as_deref().map(str::to_owned),
+            excluded: if self.spec.backends.contains(&backend) {
+                None
+            } else if local_only && e.node_name.as_deref() != Some(node) {
+                Some(format!(
+                    "on node {}, not {node} (internalTrafficPolicy: Local)",
+                    e.node_name.as_deref().unwrap_or("<unset>"),
+                ))
+            } else if e.serving && e.terminating {
+                Some("terminating: used only while no endpoint is ready".into())
+            } else {
+                Some("not ready".into())
+            },
+        })
+        .collect()
     }
 }
 
@@ -896,7 +893,7 @@ impl Desired {
         changed: impl IntoIterator<
             Item = (
                 &'a ObjectRef,
-                Option<(&'a ServiceModel, Vec<&'a SliceModel>)>,
+                Option<(&'a ServiceModel, Vec<&'a Arc<SliceModel>>)>,
             ),
         >,
         node: &Node,
@@ -1003,10 +1000,10 @@ const PARALLEL_CLAIMS_MIN: usize = 4096;
     reason = "the Services as Desired::update receives them, and what each claims"
 )]
 fn claims_of_each(
-    changed: &[(&ObjectRef, Option<(&ServiceModel, Vec<&SliceModel>)>)],
+    changed: &[(&ObjectRef, Option<(&ServiceModel, Vec<&Arc<SliceModel>>)>)],
     node: &Node,
 ) -> Vec<Option<Result<Vec<(Frontend, FrontendTarget)>, NotInDatapath>>> {
-    let compute = |part: &[(&ObjectRef, Option<(&ServiceModel, Vec<&SliceModel>)>)]| {
+    let compute = |part: &[(&ObjectRef, Option<(&ServiceModel, Vec<&Arc<SliceModel>>)>)]| {
         part.iter()
             .map(|(_, current)| {
                 current
@@ -1039,6 +1036,48 @@ fn claims_of_each(
     })
 }
 
+/// The port that slice `slice` gives for the Service port `name`/`protocol`, if it serves
+/// it: an IPv4 slice's port of the same name and protocol (the EndpointSlice controller has
+/// resolved `targetPort` into it, named ports too).
+fn target_port(slice: &SliceModel, name: &str, protocol: Protocol) -> Option<u16> {
+    if slice.address_type != AddressType::Ipv4 {
+        return None;
+    }
+    slice
+        .ports
+        .iter()
+        .find(|p| *p.name == *name && p.protocol == protocol)
+        .map(|p| p.port)
+}
+
+/// Every endpoint of the Service port `name`/`protocol` in `slices`, with the backend it
+/// would be, sorted by backend and each once: a duplicate across slices counts as ready if
+/// any copy is.
+fn port_endpoints<'s>(
+    name: &str,
+    protocol: Protocol,
+    slices: impl IntoIterator<Item = &'s SliceModel>,
+) -> Vec<(BackendAddr, &'s EndpointModel)> {
+    let mut endpoints = Vec::new();
+    for slice in slices {
+        let Some(port) = target_port(slice, name, protocol) else {
+            continue;
+        };
+        endpoints.extend(slice.endpoints.iter().map(|endpoint| {
+            let backend = BackendAddr {
+                address: endpoint.address,
+                port,
+            };
+            (backend, endpoint)
+        }));
+    }
+    // By address, each once: the first ready copy, else the first copy (the sort is
+    // stable).
+    endpoints.sort_by_key(|(backend, endpoint)| (*backend, !endpoint.ready));
+    endpoints.dedup_by_key(|(backend, _)| *backend);
+    endpoints
+}
+
 /// The endpoints kube-proxy would use: the ready ones; if none is ready, the ones that are
 /// serving and terminating (so a rolling update's last pods keep answering).
 fn usable(endpoints: &[(BackendAddr, &EndpointModel)]) -> Backends {
@@ -1068,8 +1107,9 @@ pub fn desired<'a>(
     slices: impl IntoIterator<Item = &'a SliceModel>,
     node: &Node,
 ) -> Desired {
-    let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&SliceModel>> = BTreeMap::new();
-    for slice in slices {
+    let slices: Vec<Arc<SliceModel>> = slices.into_iter().cloned().map(Arc::new).collect();
+    let mut slices_by_service: BTreeMap<&ObjectRef, Vec<&Arc<SliceModel>>> = BTreeMap::new();
+    for slice in &slices {
         if let Some(service) = &slice.service {
             slices_by_service.entry(service).or_default().push(slice);
         }
@@ -1108,7 +1148,7 @@ pub(crate) fn load(yaml: &str) -> (Vec<ServiceModel>, Vec<SliceModel>) {
 /// nodePort per node IP and on 127.0.0.1 (the latter for the node's own sockets only).
 fn claims_of(
     service: &ServiceModel,
-    slices: &[&SliceModel],
+    slices: &[&Arc<SliceModel>],
     node: &Node,
 ) -> Result<Vec<(Frontend, FrontendTarget)>, NotInDatapath> {
     let cluster_ips = match &service.kind {
@@ -1121,31 +1161,12 @@ fn claims_of(
     let affinity_timeout_s = service.affinity_timeout_s.unwrap_or(0);
     let mut out = Vec::new();
     for port in &service.ports {
-        // Every endpoint of this port once; a duplicate counts as ready if any copy is.
-        let mut endpoints: Vec<(BackendAddr, &EndpointModel)> = Vec::new();
-        for slice in slices
+        let serving: SmallVec<[Arc<SliceModel>; 1]> = slices
             .iter()
-            .filter(|slice| slice.address_type == AddressType::Ipv4)
-        {
-            let Some(target) = slice
-                .ports
-                .iter()
-                .find(|p| p.name == port.name && p.protocol == port.protocol)
-            else {
-                continue;
-            };
-            for endpoint in &slice.endpoints {
-                let addr = BackendAddr {
-                    address: endpoint.address,
-                    port: target.port,
-                };
-                endpoints.push((addr, endpoint));
-            }
-        }
-        // By address, each once: the first ready copy, else the first copy (the sort is
-        // stable).
-        endpoints.sort_by_key(|(addr, endpoint)| (*addr, !endpoint.ready));
-        endpoints.dedup_by_key(|(addr, _)| *addr);
+            .filter(|slice| target_port(slice, &port.name, port.protocol).is_some())
+            .map(|slice| Arc::clone(slice))
+            .collect();
+        let endpoints = port_endpoints(&port.name, port.protocol, serving.iter().map(|s| &**s));
         let cluster_wide = usable(&endpoints);
         let on_this_node = |e: &EndpointModel| e.node_name.as_deref() == Some(node.name.as_str());
         let local: Vec<(BackendAddr, &EndpointModel)> = endpoints
@@ -1154,26 +1175,17 @@ fn claims_of(
             .copied()
             .collect();
         let node_local = usable(&local);
-        let shared: Arc<[Endpoint]> = endpoints
-            .iter()
-            .map(|(backend, e)| Endpoint {
-                backend: *backend,
-                ready: e.ready,
-                serving: e.serving,
-                terminating: e.terminating,
-                node_name: e.node_name.clone(),
-            })
-            .collect();
         let target = |kind, backends: &Backends, flags| FrontendTarget {
             service: service.id.clone(),
             port_name: port.name.clone(),
+            protocol: port.protocol,
             kind,
             spec: FrontendSpec {
                 backends: backends.clone(),
                 flags,
                 affinity_timeout_s,
             },
-            endpoints: shared.clone(),
+            slices: serving.clone(),
         };
         let frontend = |address, port_number| Frontend {
             address,

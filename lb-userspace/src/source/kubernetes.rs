@@ -232,9 +232,15 @@ async fn follow<K: kube::Resource>(
                 continue;
             }
         };
+        let relisted = matches!(event, Event::Relisted(..));
         // The receivers are gone only while shutting down.
         if queue.send(event).is_err() {
             return;
+        }
+        if relisted {
+            // The list's pages, read and dropped on this thread: handed back now, not
+            // when this thread next allocates (a few milliseconds, once per list).
+            crate::memory::release_freed();
         }
         if let Some(listed) = listed.take() {
             // Fails only if `start` stopped waiting, which it does not.

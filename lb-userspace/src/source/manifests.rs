@@ -275,6 +275,7 @@ mod tests {
     struct Fixture {
         dir: tempfile::TempDir,
         manifests: Manifests,
+        changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
         store: Store,
         desired: Desired,
     }
@@ -282,22 +283,39 @@ mod tests {
     impl Fixture {
         fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
-            let (changes, _) = tokio::sync::mpsc::unbounded_channel();
-            let manifests = Manifests::watch(dir.path(), changes).unwrap();
+            let (sender, changes) = tokio::sync::mpsc::unbounded_channel();
+            let manifests = Manifests::watch(dir.path(), sender).unwrap();
             Self {
                 dir,
                 manifests,
+                changes,
                 store: Store::default(),
                 desired: Desired::default(),
             }
         }
 
-        fn write(&self, name: &str, text: &str) {
-            std::fs::write(self.dir.path().join(name), text).unwrap();
+        /// Waits until the watcher has seen a change complete (a file closed or removed),
+        /// as the agent does before it syncs: a refresh before then could find the file
+        /// still marked as being written.
+        fn seen(&mut self) {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < deadline {
+                if let Ok(Change::Complete(_)) = self.changes.try_recv() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            panic!("the watcher saw no change complete");
         }
 
-        fn remove(&self, name: &str) {
+        fn write(&mut self, name: &str, text: &str) {
+            std::fs::write(self.dir.path().join(name), text).unwrap();
+            self.seen();
+        }
+
+        fn remove(&mut self, name: &str) {
             std::fs::remove_file(self.dir.path().join(name)).unwrap();
+            self.seen();
         }
 
         /// The addresses of the frontends after one refresh, and its problems.

@@ -129,9 +129,43 @@ pub struct Delivered<'a> {
 /// state.
 pub type Problems = Vec<Problem>;
 
+/// The version of a definition, as delivered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Version {
+    /// A `resourceVersion` is a number as a rule (etcd's revision): kept without an
+    /// allocation.
+    Number(u64),
+    /// Any other text. Shared: the objects of one file read have the same.
+    Text(Arc<str>),
+}
+
+impl Version {
+    /// `text` as a number, if it is one written the one way (no sign, no leading zero), so
+    /// that the number stands for exactly that text.
+    fn number(text: &str) -> Option<u64> {
+        let canonical =
+            text.bytes().all(|b| b.is_ascii_digit()) && (text.len() == 1 || !text.starts_with('0'));
+        canonical.then(|| text.parse().ok()).flatten()
+    }
+
+    fn is(&self, text: &str) -> bool {
+        match self {
+            Self::Number(number) => Self::number(text) == Some(*number),
+            Self::Text(held) => **held == *text,
+        }
+    }
+
+    #[cfg(test)]
+    fn text(&self) -> String {
+        match self {
+            Self::Number(number) => number.to_string(),
+            Self::Text(text) => text.to_string(),
+        }
+    }
+}
+
 struct Definition<M> {
-    /// Shared: the objects of one file read, or of one relist, often have the same.
-    version: Arc<str>,
+    version: Version,
     /// The last good model of this definition; `None` while it has never been valid.
     /// Shared, so that what was in effect before a change is kept for the price of a
     /// pointer while the change is looked at.
@@ -188,7 +222,7 @@ impl<M> Entry<M> {
                     (
                         origin.clone(),
                         Definition {
-                            version: Arc::from(""),
+                            version: Version::Text(Arc::from("")),
                             model: None,
                             problem: None,
                         },
@@ -497,15 +531,15 @@ impl Store {
 
     /// The version of `origin`'s definition of an object, if it has one.
     #[cfg(test)]
-    fn held_version(&self, kind: Kind, id: &ObjectRef, origin: &Origin) -> Option<&str> {
+    fn held_version(&self, kind: Kind, id: &ObjectRef, origin: &Origin) -> Option<String> {
         match kind {
             Kind::Service => self.services.get(id)?.get(origin),
             Kind::EndpointSlice => {
                 let definition = self.slices.get(id)?.get(origin)?;
-                return Some(&definition.version);
+                return Some(definition.version.text());
             }
         }
-        .map(|definition| &*definition.version)
+        .map(|definition| definition.version.text())
     }
 
     /// Every problem the objects have now.
@@ -560,14 +594,14 @@ impl Store {
     }
 
     /// A Service and its slices, if it has a good version.
-    pub fn service(&self, id: &ObjectRef) -> Option<(&ServiceModel, Vec<&SliceModel>)> {
+    pub fn service(&self, id: &ObjectRef) -> Option<(&ServiceModel, Vec<&Arc<SliceModel>>)> {
         let service = self.services.get(id)?.effective()?;
         let slices = self
             .slices_by_service
             .get(id)
             .into_iter()
             .flatten()
-            .filter_map(|slice| self.slices.get(slice)?.effective().map(|m| &**m))
+            .filter_map(|slice| self.slices.get(slice)?.effective())
             .collect();
         Some((service, slices))
     }
@@ -631,16 +665,22 @@ fn define<M: PartialEq>(
 ) {
     if let Some(definition) = entry.get(origin)
         && !version.is_empty()
-        && *definition.version == *version
+        && definition.version.is(version)
     {
         return;
     }
     let converted = object.map(finish);
-    if **last_version != *version {
-        *last_version = Arc::from(version);
-    }
+    let version = match Version::number(version) {
+        Some(number) => Version::Number(number),
+        None => {
+            if **last_version != *version {
+                *last_version = Arc::from(version);
+            }
+            Version::Text(last_version.clone())
+        }
+    };
     let definition = entry.get_or_insert(origin);
-    definition.version = last_version.clone();
+    definition.version = version;
     match converted {
         Ok((model, note)) => {
             definition.problem = note.map(Box::new);
@@ -727,6 +767,18 @@ mod tests {
     }
 
     const GOOD: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n";
+
+    #[test]
+    fn a_version_is_kept_as_a_number_only_when_it_stands_for_exactly_that_text() {
+        assert_eq!(Version::number("12"), Some(12));
+        assert_eq!(Version::number("0"), Some(0));
+        for text in ["", "012", "+1", "-1", "1.0", "18446744073709551616", "e12"] {
+            assert_eq!(Version::number(text), None, "{text}");
+        }
+        assert!(Version::Number(12).is("12"));
+        assert!(!Version::Number(12).is("012"));
+        assert!(Version::Text(Arc::from("012")).is("012"));
+    }
 
     #[test]
     fn an_invalid_object_keeps_its_last_good_version_and_a_gone_one_is_removed() {

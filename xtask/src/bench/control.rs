@@ -71,9 +71,13 @@ pub struct ControlPlane {
     pub changes_planned: u32,
     /// Changes that reached the maps in a sync with another one, measured as their mean.
     pub coalesced: u32,
-    /// The agent's resident memory after the first sync, and its peak until then.
+    /// The agent's resident memory once settled after the first sync (its state file
+    /// written, no sync for a while), and its peak until then.
     pub rss_mib: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// Its resident memory the moment it reported ready (the state file still being
+    /// written).
+    pub rss_ready_mib: Option<f64>,
     pub skipped: Option<String>,
 }
 
@@ -91,6 +95,7 @@ impl ControlPlane {
             coalesced: 0,
             rss_mib: None,
             peak_rss_mib: None,
+            rss_ready_mib: None,
             skipped: Some(why),
         }
     }
@@ -187,9 +192,12 @@ fn run(
     let pid = testbed.spawn_agent(&args)?;
     let mut log = LogTail::open(&testbed.agent_log_path())?;
     let mut longest_sync = Duration::ZERO;
+    let mut state_written = false;
+    let written = |lines: &[String]| lines.iter().any(|line| line.contains("state file written"));
     loop {
         let lines = log.lines()?;
         longest_sync = longest_sync.max(longest(&lines));
+        state_written |= written(&lines);
         if lines.iter().any(|line| line.contains(": ready")) {
             break;
         }
@@ -205,7 +213,7 @@ fn run(
         std::thread::sleep(Duration::from_millis(5));
     }
     let sync_s = started.elapsed().as_secs_f64();
-    let (rss_mib, peak_rss_mib) = memory_mib(pid)?;
+    let (rss_ready_mib, _) = memory_mib(pid)?;
     let port = testbed.metrics_port()?;
 
     // Syncs that follow the first one at once (a reflector's initial events, delivered after
@@ -218,12 +226,19 @@ fn run(
         && quiet_since.elapsed() < CHANGE_TIMEOUT
     {
         let lines = log.lines()?;
+        state_written |= written(&lines);
         if lines.iter().any(|line| line.contains(": synced ")) {
             last_sync = Instant::now();
             longest_sync = longest_sync.max(longest(&lines));
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    while !state_written && quiet_since.elapsed() < CHANGE_TIMEOUT {
+        state_written |= written(&log.lines()?);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    ensure!(state_written, "the agent wrote no state file");
+    let (rss_mib, peak_rss_mib) = memory_mib(pid)?;
 
     let mut latencies = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)?;
     let mut coalesced = 0;
@@ -282,6 +297,7 @@ fn run(
         coalesced,
         rss_mib: Some(rss_mib),
         peak_rss_mib: Some(peak_rss_mib),
+        rss_ready_mib: Some(rss_ready_mib),
         skipped: None,
     })
 }

@@ -784,6 +784,7 @@ fn control_table(results: &[ControlPlane]) -> Table {
         "CHANGE P99 ms",
         "CHANGES",
         "RSS MiB",
+        "AT READY",
         "PEAK MiB",
         "NOTE",
     ]);
@@ -804,6 +805,7 @@ fn control_table(results: &[ControlPlane]) -> Table {
             f(m.change_p99_ms, 2),
             m.changes.to_string(),
             f(m.rss_mib, 1),
+            f(m.rss_ready_mib, 1),
             f(m.peak_rss_mib, 1),
             note,
         ]);
