@@ -23,13 +23,25 @@ use crate::{
 /// that never closes its file is taken to be done by then.
 pub const SETTLE: Duration = Duration::from_secs(1);
 
-/// Files written to but not closed yet, with the time of their last write: a half-written
-/// file whose prefix happens to be valid YAML must not be applied.
-type Unsettled = Arc<Mutex<BTreeMap<PathBuf, Instant>>>;
+/// What the watcher's events said since the last refresh.
+struct Seen {
+    /// Files written to but not closed yet, with the time of their last write: a
+    /// half-written file whose prefix happens to be valid YAML must not be applied.
+    unsettled: BTreeMap<PathBuf, Instant>,
+    /// The manifests the events named: all a refresh looks at, so that one edited file
+    /// in a directory of thousands costs that file, not a listing of the directory.
+    named: BTreeSet<PathBuf>,
+    /// An event was lost, or named something other than a manifest of the directory (the
+    /// directory itself, a subdirectory, the `..data` link a ConfigMap volume swaps to
+    /// replace every file at once): a refresh looks at every file.
+    everything: bool,
+}
+
+type Shared = Arc<Mutex<Seen>>;
 
 pub struct Manifests {
     dir: PathBuf,
-    unsettled: Unsettled,
+    seen: Shared,
     /// The manifests read so far, as they were when read. Their objects live in the
     /// store, each file an origin of its own; nothing parsed is kept here.
     files: BTreeMap<PathBuf, File>,
@@ -37,6 +49,10 @@ pub struct Manifests {
     file_problems: BTreeMap<PathBuf, Problem>,
     /// Files read so far: each read gets its own number, the version of its objects.
     reads: u64,
+    /// Refreshes that looked at every file: what tests count to show that an edit costs
+    /// its file.
+    #[cfg(test)]
+    listings: usize,
     _watcher: notify::RecommendedWatcher,
 }
 
@@ -74,34 +90,65 @@ impl Manifests {
             path: dir.into(),
             source,
         };
-        let unsettled = Unsettled::default();
-        let writes = unsettled.clone();
+        // The first refresh reads every file.
+        let seen = Shared::new(Mutex::new(Seen {
+            unsettled: BTreeMap::new(),
+            named: BTreeSet::new(),
+            everything: true,
+        }));
+        let shared = seen.clone();
+        let watched = dir.to_owned();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let now = Instant::now();
+                let mut seen = shared.lock().unwrap_or_else(PoisonError::into_inner);
                 let change = match event {
                     Ok(event) => {
-                        let mut writes = writes.lock().unwrap_or_else(PoisonError::into_inner);
-                        match written(&event.kind) {
-                            Written::Nothing => return,
+                        let written = written(&event.kind);
+                        if written == Written::Nothing {
+                            return;
+                        }
+                        let mut relevant = false;
+                        for path in &event.paths {
+                            match concerns(&watched, path) {
+                                Concerns::File => {
+                                    seen.named.insert(path.clone());
+                                }
+                                Concerns::Everything => seen.everything = true,
+                                Concerns::Nothing => continue,
+                            }
+                            relevant = true;
+                        }
+                        if !relevant {
+                            return;
+                        }
+                        match written {
+                            // A link is made whole by one call: there is no write to wait for.
+                            Written::InProgress if event.paths.iter().all(|path| is_link(path)) => {
+                                Change::Complete(now)
+                            }
                             Written::InProgress => {
                                 for path in event.paths {
-                                    writes.insert(path, now);
+                                    seen.unsettled.insert(path, now);
                                 }
                                 Change::Unsettled(now)
                             }
                             Written::Done => {
                                 for path in &event.paths {
-                                    writes.remove(path);
+                                    seen.unsettled.remove(path);
                                 }
                                 Change::Complete(now)
                             }
-                            Written::Touched => Change::Complete(now),
+                            Written::Touched | Written::Nothing => Change::Complete(now),
                         }
                     }
-                    // An event lost (queue overflow): read everything that changed.
-                    Err(_) => Change::Complete(now),
+                    // An event lost (queue overflow): look at every file.
+                    Err(_) => {
+                        seen.everything = true;
+                        Change::Complete(now)
+                    }
                 };
+                drop(seen);
                 // The receiver is gone only while shutting down.
                 drop(changes.send(change));
             })
@@ -111,10 +158,12 @@ impl Manifests {
             .map_err(watch_error)?;
         Ok(Self {
             dir: dir.into(),
-            unsettled,
+            seen,
             files: BTreeMap::new(),
             file_problems: BTreeMap::new(),
             reads: 0,
+            #[cfg(test)]
+            listings: 0,
             _watcher: watcher,
         })
     }
@@ -124,36 +173,75 @@ impl Manifests {
     }
 
     /// Brings `store` in line with the directory: the files that changed replace their
-    /// objects, the files that are gone take theirs with them. Returns the problems of the
-    /// files as a whole.
+    /// objects, the files that are gone take theirs with them. Only the files the watcher's
+    /// events named are looked at, unless it could not tell which (see [`Seen`]). Returns
+    /// the problems of the files as a whole.
     pub fn refresh(&mut self, store: &mut Store) -> Result<Problems, ManifestError> {
-        let paths: BTreeSet<PathBuf> = manifest::list(&self.dir)?.into_iter().collect();
-        let gone: Vec<PathBuf> = self
-            .files
-            .keys()
-            .filter(|path| !paths.contains(*path))
-            .cloned()
-            .collect();
-        for path in gone {
-            if let Some(file) = self.files.remove(&path) {
-                store.remove_origin(&file.origin);
-            }
-        }
-        self.file_problems.retain(|path, _| paths.contains(path));
         let now = Instant::now();
-        let unsettled: Vec<PathBuf> = {
-            let mut writes = self
-                .unsettled
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+        let (named, everything, unsettled) = {
+            let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
             // A write older than SETTLE is taken as done, closed or not.
-            writes.retain(|_, at| now.duration_since(*at) < SETTLE);
-            writes.keys().cloned().collect()
+            seen.unsettled
+                .retain(|_, at| now.duration_since(*at) < SETTLE);
+            let unsettled: BTreeSet<PathBuf> = seen.unsettled.keys().cloned().collect();
+            let named = std::mem::take(&mut seen.named);
+            (
+                named,
+                std::mem::replace(&mut seen.everything, false),
+                unsettled,
+            )
         };
-        let changed = paths
+        let looked_at: Vec<PathBuf> = if everything {
+            #[cfg(test)]
+            {
+                self.listings += 1;
+            }
+            match manifest::list(&self.dir) {
+                Ok(paths) => {
+                    let present: BTreeSet<&PathBuf> = paths.iter().collect();
+                    let gone: Vec<PathBuf> = self
+                        .files
+                        .keys()
+                        .chain(self.file_problems.keys())
+                        .filter(|path| !present.contains(path))
+                        .cloned()
+                        .collect();
+                    for path in gone {
+                        self.forget(&path, store);
+                    }
+                    paths
+                }
+                Err(e) => {
+                    // Tried again at the next refresh, with what the events named since.
+                    let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                    seen.everything = true;
+                    seen.named.extend(named);
+                    return Err(e);
+                }
+            }
+        } else {
+            let mut present = Vec::with_capacity(named.len());
+            for path in named {
+                if path.is_file() {
+                    present.push(path);
+                } else {
+                    self.forget(&path, store);
+                }
+            }
+            present
+        };
+        let mut still_written = Vec::new();
+        let changed = looked_at
             .into_iter()
-            // Still being written: its last objects stay until it is closed or settles.
-            .filter(|path| !unsettled.contains(path))
+            // Still being written: its last objects stay until it is closed or settles,
+            // and it is looked at again then.
+            .filter(|path| {
+                let settled = !unsettled.contains(path);
+                if !settled {
+                    still_written.push(path.clone());
+                }
+                settled
+            })
             .map(|path| {
                 let version = Version::of(&path);
                 (path, version)
@@ -164,17 +252,31 @@ impl Manifests {
                 version.is_none() || self.files.get(path).map(|f| Some(f.version)) != Some(*version)
             })
             .collect();
+        self.seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .named
+            .extend(still_written);
         self.read(changed, store);
         Ok(self.file_problems.values().cloned().collect())
+    }
+
+    /// A file that is gone: its objects go with it.
+    fn forget(&mut self, path: &Path, store: &mut Store) {
+        if let Some(file) = self.files.remove(path) {
+            store.remove_origin(&file.origin);
+        }
+        self.file_problems.remove(path);
     }
 
     /// Whether files are being written.
     #[cfg(test)]
     fn unsettled(&self) -> bool {
         !self
-            .unsettled
+            .seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+            .unsettled
             .is_empty()
     }
 
@@ -229,6 +331,43 @@ impl Manifests {
             }
         }
     }
+}
+
+/// What an event on a path means for the manifests of the directory `dir`.
+#[derive(Debug, PartialEq, Eq)]
+enum Concerns {
+    /// That manifest changed.
+    File,
+    /// Any file may have: the directory itself, something in a subdirectory, a directory
+    /// that appeared or went (the `..data` link a ConfigMap volume swaps to replace every
+    /// file at once, and the `..`-named directories behind it).
+    Everything,
+    /// Nothing read: another file (an editor's swap file, a temporary file that is then
+    /// renamed into place, which names the manifest then).
+    Nothing,
+}
+
+fn concerns(dir: &Path, path: &Path) -> Concerns {
+    if path.parent() != Some(dir) {
+        return Concerns::Everything;
+    }
+    if manifest::is_manifest(path) {
+        return Concerns::File;
+    }
+    let kubernetes = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .is_none_or(|name| name.starts_with(".."));
+    if kubernetes || path.is_dir() {
+        Concerns::Everything
+    } else {
+        Concerns::Nothing
+    }
+}
+
+fn is_link(path: &Path) -> bool {
+    path.symlink_metadata()
+        .is_ok_and(|metadata| metadata.file_type().is_symlink())
 }
 
 /// What an event says of its files.
@@ -339,6 +478,65 @@ mod tests {
                 .collect();
             (frontends, problems)
         }
+    }
+
+    #[test]
+    fn an_edit_reads_its_file_only_and_a_swapped_directory_is_read_whole() {
+        let other = |ip: &str| service(ip).replace("name: web", "name: other");
+        let mut fixture = Fixture::new();
+        fixture.write("a.yaml", &service("10.96.0.10"));
+        fixture.write("b.yaml", &other("10.96.0.20"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.10", "10.96.0.20"]);
+        let (listings, reads) = (fixture.manifests.listings, fixture.manifests.reads);
+
+        // An edit, a removal: the files the events named, no listing, one read.
+        fixture.write("b.yaml", &other("10.96.0.21"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.10", "10.96.0.21"]);
+        fixture.remove("a.yaml");
+        assert_eq!(fixture.refresh().0, ["10.96.0.21"]);
+        assert_eq!(fixture.manifests.listings, listings);
+        assert_eq!(fixture.manifests.reads, reads + 1);
+
+        // An editor's swap file wakes nobody; a new directory (as a ConfigMap volume's
+        // swap makes) has every file looked at.
+        std::fs::write(fixture.dir.path().join("b.yaml.swp"), "x").unwrap();
+        std::fs::create_dir(fixture.dir.path().join("..2026_12_01")).unwrap();
+        fixture.seen();
+        assert_eq!(fixture.refresh().0, ["10.96.0.21"]);
+        assert_eq!(fixture.manifests.listings, listings + 1);
+        assert_eq!(
+            fixture.manifests.reads,
+            reads + 1,
+            "unchanged files are not read"
+        );
+        assert_eq!(
+            concerns(fixture.dir.path(), &fixture.dir.path().join("b.yaml.swp")),
+            Concerns::Nothing
+        );
+    }
+
+    #[test]
+    fn a_configmap_volume_swap_replaces_its_files() {
+        // What the kubelet's atomic writer does: the files are links through `..data` to
+        // a timestamped directory, and an update swaps `..data` to a new one.
+        let mut fixture = Fixture::new();
+        let dir = fixture.dir.path().to_owned();
+        let version = |name: &str, ip: &str| {
+            std::fs::create_dir(dir.join(name)).unwrap();
+            std::fs::write(dir.join(name).join("web.yaml"), service(ip)).unwrap();
+        };
+        version("..2026_12_01_a", "10.96.0.10");
+        std::os::unix::fs::symlink("..2026_12_01_a", dir.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/web.yaml", dir.join("web.yaml")).unwrap();
+        fixture.seen();
+        assert_eq!(fixture.refresh().0, ["10.96.0.10"]);
+
+        version("..2026_12_01_b", "10.96.0.11");
+        std::os::unix::fs::symlink("..2026_12_01_b", dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        std::fs::remove_dir_all(dir.join("..2026_12_01_a")).unwrap();
+        fixture.seen();
+        assert_eq!(fixture.refresh().0, ["10.96.0.11"]);
     }
 
     #[test]
