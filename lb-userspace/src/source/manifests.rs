@@ -31,10 +31,13 @@ struct Seen {
     /// The manifests the events named: all a refresh looks at, so that one edited file
     /// in a directory of thousands costs that file, not a listing of the directory.
     named: BTreeSet<PathBuf>,
-    /// An event was lost, or named something other than a manifest of the directory (the
-    /// directory itself, a subdirectory, the `..data` link a ConfigMap volume swaps to
-    /// replace every file at once): a refresh looks at every file.
+    /// An event was lost, or named something other than a manifest of the directory (a
+    /// subdirectory, the `..data` link a ConfigMap volume swaps to replace every file at
+    /// once): a refresh looks at every file.
     everything: bool,
+    /// The directory itself was removed, created or renamed (deploy tools swap one in by
+    /// rename): the watch on it stays with what it was, so a refresh watches the path again.
+    replaced: bool,
 }
 
 type Shared = Arc<Mutex<Seen>>;
@@ -53,7 +56,8 @@ pub struct Manifests {
     /// its file.
     #[cfg(test)]
     listings: usize,
-    _watcher: notify::RecommendedWatcher,
+    /// On the directory, and on its parent to see the directory itself replaced.
+    watcher: notify::RecommendedWatcher,
 }
 
 struct File {
@@ -90,14 +94,18 @@ impl Manifests {
             path: dir.into(),
             source,
         };
+        // Absolute, so that it has a parent to watch; links are not resolved, so that the
+        // path is followed, whatever it leads to.
+        let dir = std::path::absolute(dir).map_err(|e| watch_error(notify::Error::io(e)))?;
         // The first refresh reads every file.
         let seen = Shared::new(Mutex::new(Seen {
             unsettled: BTreeMap::new(),
             named: BTreeSet::new(),
             everything: true,
+            replaced: false,
         }));
         let shared = seen.clone();
-        let watched = dir.to_owned();
+        let watched = dir.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let now = Instant::now();
@@ -115,6 +123,10 @@ impl Manifests {
                                     seen.named.insert(path.clone());
                                 }
                                 Concerns::Everything => seen.everything = true,
+                                Concerns::Replaced => {
+                                    seen.everything = true;
+                                    seen.replaced = true;
+                                }
                                 Concerns::Nothing => continue,
                             }
                             relevant = true;
@@ -154,17 +166,22 @@ impl Manifests {
             })
             .map_err(watch_error)?;
         watcher
-            .watch(dir, RecursiveMode::NonRecursive)
+            .watch(&dir, RecursiveMode::NonRecursive)
             .map_err(watch_error)?;
+        if let Some(parent) = dir.parent() {
+            watcher
+                .watch(parent, RecursiveMode::NonRecursive)
+                .map_err(watch_error)?;
+        }
         Ok(Self {
-            dir: dir.into(),
+            dir,
             seen,
             files: BTreeMap::new(),
             file_problems: BTreeMap::new(),
             reads: 0,
             #[cfg(test)]
             listings: 0,
-            _watcher: watcher,
+            watcher,
         })
     }
 
@@ -176,21 +193,36 @@ impl Manifests {
     /// objects, the files that are gone take theirs with them. Only the files the watcher's
     /// events named are looked at, unless it could not tell which (see [`Seen`]). Returns
     /// the problems of the files as a whole.
-    pub fn refresh(&mut self, store: &mut Store) -> Result<Problems, ManifestError> {
+    pub fn refresh(&mut self, store: &mut Store) -> Result<Problems, SourceError> {
         let now = Instant::now();
-        let (named, everything, unsettled) = {
+        let (named, everything, replaced, unsettled) = {
             let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
             // A write older than SETTLE is taken as done, closed or not.
             seen.unsettled
                 .retain(|_, at| now.duration_since(*at) < SETTLE);
             let unsettled: BTreeSet<PathBuf> = seen.unsettled.keys().cloned().collect();
             let named = std::mem::take(&mut seen.named);
-            (
-                named,
-                std::mem::replace(&mut seen.everything, false),
-                unsettled,
-            )
+            let everything = std::mem::replace(&mut seen.everything, false);
+            let replaced = std::mem::replace(&mut seen.replaced, false);
+            (named, everything, replaced, unsettled)
         };
+        if replaced {
+            // Watched again before the listing, so that nothing written after it is missed.
+            // The old watch may be gone with its directory.
+            drop(self.watcher.unwatch(&self.dir));
+            if let Err(source) = self.watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
+                // Tried again at the next refresh (the directory may be on its way back).
+                let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                seen.everything = true;
+                seen.replaced = true;
+                seen.named.extend(named);
+                return Err(SourceError::Watch {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+            tracing::info!(dir = %self.dir.display(), "manifest directory replaced; watching the new one");
+        }
         let looked_at: Vec<PathBuf> = if everything {
             #[cfg(test)]
             {
@@ -216,7 +248,7 @@ impl Manifests {
                     let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
                     seen.everything = true;
                     seen.named.extend(named);
-                    return Err(e);
+                    return Err(SourceError::Manifests(Box::new(e)));
                 }
             }
         } else {
@@ -338,18 +370,23 @@ impl Manifests {
 enum Concerns {
     /// That manifest changed.
     File,
-    /// Any file may have: the directory itself, something in a subdirectory, a directory
-    /// that appeared or went (the `..data` link a ConfigMap volume swaps to replace every
-    /// file at once, and the `..`-named directories behind it).
+    /// Any file may have: a directory appeared or went in it (the `..data` link a
+    /// ConfigMap volume swaps to replace every file at once, and the `..`-named
+    /// directories behind it).
     Everything,
+    /// The directory itself was removed, created, or renamed away or into place.
+    Replaced,
     /// Nothing read: another file (an editor's swap file, a temporary file that is then
-    /// renamed into place, which names the manifest then).
+    /// renamed into place, which names the manifest then), a sibling of the directory.
     Nothing,
 }
 
 fn concerns(dir: &Path, path: &Path) -> Concerns {
+    if path == dir {
+        return Concerns::Replaced;
+    }
     if path.parent() != Some(dir) {
-        return Concerns::Everything;
+        return Concerns::Nothing;
     }
     if manifest::is_manifest(path) {
         return Concerns::File;
@@ -412,7 +449,8 @@ mod tests {
 
     /// A watched manifest directory and the store and model it feeds.
     struct Fixture {
-        dir: tempfile::TempDir,
+        root: tempfile::TempDir,
+        dir: PathBuf,
         manifests: Manifests,
         changes: tokio::sync::mpsc::UnboundedReceiver<Change>,
         store: Store,
@@ -421,10 +459,13 @@ mod tests {
 
     impl Fixture {
         fn new() -> Self {
-            let dir = tempfile::tempdir().unwrap();
+            let root = tempfile::tempdir().unwrap();
+            let dir = root.path().join("manifests");
+            std::fs::create_dir(&dir).unwrap();
             let (sender, changes) = tokio::sync::mpsc::unbounded_channel();
-            let manifests = Manifests::watch(dir.path(), sender).unwrap();
+            let manifests = Manifests::watch(&dir, sender).unwrap();
             Self {
+                root,
                 dir,
                 manifests,
                 changes,
@@ -434,26 +475,35 @@ mod tests {
         }
 
         /// Waits until the watcher has seen a change complete (a file closed or removed),
-        /// as the agent does before it syncs: a refresh before then could find the file
-        /// still marked as being written.
+        /// as the agent does before it syncs, and then for its events to stop (one
+        /// operation can make several): a refresh before then could find the file still
+        /// marked as being written, or see the next operation's events as this one's.
         fn seen(&mut self) {
             let deadline = Instant::now() + Duration::from_secs(2);
+            let mut complete = false;
+            let mut quiet_since = Instant::now();
             while Instant::now() < deadline {
-                if let Ok(Change::Complete(_)) = self.changes.try_recv() {
-                    return;
+                match self.changes.try_recv() {
+                    Ok(change) => {
+                        complete |= matches!(change, Change::Complete(_));
+                        quiet_since = Instant::now();
+                    }
+                    Err(_) if complete && quiet_since.elapsed() > Duration::from_millis(20) => {
+                        return;
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(1)),
                 }
-                std::thread::sleep(Duration::from_millis(1));
             }
-            panic!("the watcher saw no change complete");
+            assert!(complete, "the watcher saw no change complete");
         }
 
         fn write(&mut self, name: &str, text: &str) {
-            std::fs::write(self.dir.path().join(name), text).unwrap();
+            std::fs::write(self.dir.join(name), text).unwrap();
             self.seen();
         }
 
         fn remove(&mut self, name: &str) {
-            std::fs::remove_file(self.dir.path().join(name)).unwrap();
+            std::fs::remove_file(self.dir.join(name)).unwrap();
             self.seen();
         }
 
@@ -499,8 +549,8 @@ mod tests {
 
         // An editor's swap file wakes nobody; a new directory (as a ConfigMap volume's
         // swap makes) has every file looked at.
-        std::fs::write(fixture.dir.path().join("b.yaml.swp"), "x").unwrap();
-        std::fs::create_dir(fixture.dir.path().join("..2026_12_01")).unwrap();
+        std::fs::write(fixture.dir.as_path().join("b.yaml.swp"), "x").unwrap();
+        std::fs::create_dir(fixture.dir.as_path().join("..2026_12_01")).unwrap();
         fixture.seen();
         assert_eq!(fixture.refresh().0, ["10.96.0.21"]);
         assert_eq!(fixture.manifests.listings, listings + 1);
@@ -510,7 +560,10 @@ mod tests {
             "unchanged files are not read"
         );
         assert_eq!(
-            concerns(fixture.dir.path(), &fixture.dir.path().join("b.yaml.swp")),
+            concerns(
+                fixture.dir.as_path(),
+                &fixture.dir.as_path().join("b.yaml.swp")
+            ),
             Concerns::Nothing
         );
     }
@@ -520,7 +573,7 @@ mod tests {
         // What the kubelet's atomic writer does: the files are links through `..data` to
         // a timestamped directory, and an update swaps `..data` to a new one.
         let mut fixture = Fixture::new();
-        let dir = fixture.dir.path().to_owned();
+        let dir = fixture.dir.clone();
         let version = |name: &str, ip: &str| {
             std::fs::create_dir(dir.join(name)).unwrap();
             std::fs::write(dir.join(name).join("web.yaml"), service(ip)).unwrap();
@@ -537,6 +590,42 @@ mod tests {
         std::fs::remove_dir_all(dir.join("..2026_12_01_a")).unwrap();
         fixture.seen();
         assert_eq!(fixture.refresh().0, ["10.96.0.11"]);
+    }
+
+    #[test]
+    fn a_directory_swapped_in_by_rename_or_made_again_is_followed() {
+        let mut fixture = Fixture::new();
+        fixture.write("a.yaml", &service("10.96.0.10"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.10"]);
+
+        // Swapped by rename, as deploy tools do: the new directory's files, and every
+        // later edit in it.
+        let new = fixture.root.path().join("new");
+        let old = fixture.root.path().join("old");
+        std::fs::create_dir(&new).unwrap();
+        std::fs::write(new.join("b.yaml"), service("10.96.0.20")).unwrap();
+        std::fs::rename(&fixture.dir, &old).unwrap();
+        std::fs::rename(&new, &fixture.dir).unwrap();
+        fixture.seen();
+        assert_eq!(fixture.refresh().0, ["10.96.0.20"]);
+        fixture.write("b.yaml", &service("10.96.0.21"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.21"]);
+        // The old one is nobody's any more.
+        std::fs::write(old.join("b.yaml"), service("10.96.0.99")).unwrap();
+        assert_eq!(fixture.refresh().0, ["10.96.0.21"]);
+
+        // Deleted and made again.
+        std::fs::remove_dir_all(&fixture.dir).unwrap();
+        fixture.seen();
+        assert!(fixture.manifests.refresh(&mut fixture.store).is_err());
+        std::fs::create_dir(&fixture.dir).unwrap();
+        fixture.seen();
+        // The sync its event starts watches it again.
+        assert!(fixture.refresh().0.is_empty());
+        fixture.write("c.yaml", &service("10.96.0.30"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.30"]);
+        fixture.write("c.yaml", &service("10.96.0.31"));
+        assert_eq!(fixture.refresh().0, ["10.96.0.31"]);
     }
 
     #[test]

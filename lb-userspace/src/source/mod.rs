@@ -50,7 +50,7 @@ impl Source {
     /// Brings `store` in line with the source's current objects.
     pub fn refresh(&mut self, store: &mut Store) -> Result<Problems, SourceError> {
         match self {
-            Source::Manifests(manifests) => Ok(manifests.refresh(store).map_err(Box::new)?),
+            Source::Manifests(manifests) => manifests.refresh(store),
             Source::Kubernetes(kubernetes) => Ok(kubernetes.refresh(store)),
         }
     }
