@@ -356,3 +356,53 @@ fn a_file_written_in_place_is_applied_only_once_its_writer_is_done() {
         testbed.agent_output()
     );
 }
+
+#[test]
+fn a_manifest_directory_swapped_in_by_rename_is_followed() {
+    if !privileged("a_manifest_directory_swapped_in_by_rename_is_followed") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    testbed
+        .write_manifest("web.yaml", &service(8888, 8888, &[pods[0].ip]))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+
+    // As deploy tools do: the new directory made beside it, then renamed into its place.
+    let new = testbed.manifests.with_file_name("manifests.new");
+    std::fs::create_dir(&new).unwrap();
+    std::fs::write(new.join("web.yaml"), service(8888, 8888, &[pods[1].ip])).unwrap();
+    std::fs::rename(
+        &testbed.manifests,
+        testbed.manifests.with_file_name("manifests.old"),
+    )
+    .unwrap();
+    std::fs::rename(&new, &testbed.manifests).unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.11:8888"]))
+        .unwrap();
+    let probes = testbed.probe(&client, "10.96.0.10:8888", 3).unwrap();
+    assert_all_answered(&probes);
+    assert_eq!(hostnames(&probes), BTreeSet::from(["web-1".to_owned()]));
+
+    // Every later edit in the new directory lands.
+    testbed
+        .write_manifest("web.yaml", &service(8888, 8888, &[pods[0].ip]))
+        .unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    let probes = testbed.probe(&client, "10.96.0.10:8888", 3).unwrap();
+    assert_all_answered(&probes);
+    assert_eq!(hostnames(&probes), BTreeSet::from(["web-0".to_owned()]));
+    assert!(
+        testbed
+            .agent_output()
+            .contains("manifest directory replaced"),
+        "{}",
+        testbed.agent_output()
+    );
+}
