@@ -96,7 +96,9 @@ impl Manifests {
         };
         // Absolute, so that it has a parent to watch; links are not resolved, so that the
         // path is followed, whatever it leads to.
-        let dir = std::path::absolute(dir).map_err(|e| watch_error(notify::Error::io(e)))?;
+        let dir = lexically_normal(
+            &std::path::absolute(dir).map_err(|e| watch_error(notify::Error::io(e)))?,
+        );
         // The first refresh reads every file.
         let seen = Shared::new(Mutex::new(Seen {
             unsettled: BTreeMap::new(),
@@ -111,6 +113,12 @@ impl Manifests {
                 let now = Instant::now();
                 let mut seen = shared.lock().unwrap_or_else(PoisonError::into_inner);
                 let change = match event {
+                    // Events were lost (the kernel's queue overflowed), or one names no
+                    // file: look at every file.
+                    Ok(event) if event.need_rescan() || event.paths.is_empty() => {
+                        seen.everything = true;
+                        Change::Complete(now)
+                    }
                     Ok(event) => {
                         let written = written(&event.kind);
                         if written == Written::Nothing {
@@ -223,7 +231,10 @@ impl Manifests {
             }
             tracing::info!(dir = %self.dir.display(), "manifest directory replaced; watching the new one");
         }
-        let looked_at: Vec<PathBuf> = if everything {
+        // Each with whether an event named it: a named file is read whatever its version
+        // says (a rewrite of the same length within the file system's time granularity
+        // looks unchanged).
+        let looked_at: Vec<(PathBuf, bool)> = if everything {
             #[cfg(test)]
             {
                 self.listings += 1;
@@ -242,6 +253,12 @@ impl Manifests {
                         self.forget(&path, store);
                     }
                     paths
+                        .into_iter()
+                        .map(|path| {
+                            let was_named = named.contains(&path);
+                            (path, was_named)
+                        })
+                        .collect()
                 }
                 Err(e) => {
                     // Tried again at the next refresh, with what the events named since.
@@ -255,7 +272,7 @@ impl Manifests {
             let mut present = Vec::with_capacity(named.len());
             for path in named {
                 if path.is_file() {
-                    present.push(path);
+                    present.push((path, true));
                 } else {
                     self.forget(&path, store);
                 }
@@ -267,22 +284,25 @@ impl Manifests {
             .into_iter()
             // Still being written: its last objects stay until it is closed or settles,
             // and it is looked at again then.
-            .filter(|path| {
+            .filter(|(path, _)| {
                 let settled = !unsettled.contains(path);
                 if !settled {
                     still_written.push(path.clone());
                 }
                 settled
             })
-            .map(|path| {
+            .map(|(path, was_named)| {
                 let version = Version::of(&path);
-                (path, version)
+                (path, was_named, version)
             })
-            // An unchanged file is not read again: one edited Service in a directory of
-            // thousands costs one file, not the directory.
-            .filter(|(path, version)| {
-                version.is_none() || self.files.get(path).map(|f| Some(f.version)) != Some(*version)
+            // An unchanged file is not read again: a listing of thousands reads the few
+            // that changed.
+            .filter(|(path, was_named, version)| {
+                *was_named
+                    || version.is_none()
+                    || self.files.get(path).map(|f| Some(f.version)) != Some(*version)
             })
+            .map(|(path, _, version)| (path, version))
             .collect();
         self.seen
             .lock()
@@ -354,6 +374,15 @@ impl Manifests {
                     self.files.insert(path, File { version, origin });
                 }
                 Err(e) => {
+                    if matches!(e, ManifestError::Read { .. }) {
+                        // Not the file's fault, maybe (EMFILE, EIO): read again at the
+                        // next refresh.
+                        self.seen
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .named
+                            .insert(path.clone());
+                    }
                     let problem = Problem::Origin {
                         error: Arc::new(e),
                         kept: self.files.contains_key(&path),
@@ -400,6 +429,23 @@ fn concerns(dir: &Path, path: &Path) -> Concerns {
     } else {
         Concerns::Nothing
     }
+}
+
+/// `path` without `.` and `..` components (`..` taken lexically, as a shell's `cd` does),
+/// so that its parent is the directory it is in.
+fn lexically_normal(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut normal = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                normal.pop();
+            }
+            other => normal.push(other),
+        }
+    }
+    normal
 }
 
 fn is_link(path: &Path) -> bool {
@@ -626,6 +672,19 @@ mod tests {
         assert_eq!(fixture.refresh().0, ["10.96.0.30"]);
         fixture.write("c.yaml", &service("10.96.0.31"));
         assert_eq!(fixture.refresh().0, ["10.96.0.31"]);
+    }
+
+    #[test]
+    fn the_directory_is_watched_by_its_own_name() {
+        assert_eq!(
+            lexically_normal(Path::new("/srv/./deploy/manifests/../current/")),
+            Path::new("/srv/deploy/current")
+        );
+        let fixture = Fixture::new();
+        let dotted = fixture.dir.join("..").join("manifests");
+        let (sender, _) = tokio::sync::mpsc::unbounded_channel();
+        let manifests = Manifests::watch(&dotted, sender).unwrap();
+        assert_eq!(manifests.dir(), fixture.dir);
     }
 
     #[test]

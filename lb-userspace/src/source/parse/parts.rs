@@ -243,14 +243,19 @@ pub(super) fn yaml_documents(
     dispatch: &mut dyn FnMut(Part),
 ) -> std::io::Result<bool> {
     let mut blocks = Blocks::new(input, block);
+    // Where the last look for directives and markers ended: each block is searched once,
+    // so that one long document (a `kind: List` as `kubectl get -o yaml` writes it) costs
+    // its length, not its length times its blocks.
     let mut checked = 0;
     while blocks.more()? {
         let b = &blocks.buffer;
         if b.starts_with(b"%") || memchr::memmem::find(&b[checked..], b"\n%").is_some() {
             return Ok(false);
         }
+        // A marker is `\n---` and the byte after it: it may start up to four bytes back.
+        let marker = last_document_marker(b, checked.saturating_sub(4));
         checked = b.len().saturating_sub(1);
-        if let Some(marker) = last_document_marker(b)
+        if let Some(marker) = marker
             && marker > 0
         {
             let Some(text) = blocks.cut(marker) else {
@@ -275,11 +280,14 @@ pub(super) fn yaml_documents(
     Ok(true)
 }
 
-/// Where the last document marker line of `b` starts, if the byte after the marker is in
-/// `b` (`---` ends the line or is followed by a blank: `----` or `---x` is content).
-fn last_document_marker(b: &[u8]) -> Option<usize> {
+/// Where the last document marker line of `b` at or after `from` starts, if the byte after
+/// the marker is in `b` (`---` ends the line or is followed by a blank: `----` or `---x`
+/// is content).
+fn last_document_marker(b: &[u8], from: usize) -> Option<usize> {
     let mut before = b.len();
-    while let Some(found) = memchr::memmem::rfind(&b[..before], b"\n---") {
+    while let Some(found) = memchr::memmem::rfind(&b[from.min(before)..before], b"\n---")
+        .map(|found| found + from.min(before))
+    {
         let line = found + 1;
         if matches!(b.get(line + 3), Some(b'\n' | b'\r' | b' ' | b'\t')) {
             return Some(line);
