@@ -19,28 +19,43 @@ use crate::{
 /// Where definitions come from: a manifest file, or the API (one origin per kind, so that
 /// a relist of one kind replaces only that kind). When several origins define one object,
 /// the first by this order is in effect: for files, the first by name.
+///
+/// Behind one pointer: every definition of every object names its origin, and there are
+/// few origins.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Origin {
-    name: Arc<str>,
+pub struct Origin(Arc<OriginName>);
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct OriginName {
+    name: Box<str>,
     /// A file: problems of its objects start with its name.
     file: bool,
 }
 
 impl Origin {
-    /// The Kubernetes API's objects of one kind.
+    /// The Kubernetes API's objects of one kind: one for each, made once.
     pub fn api(kind: Kind) -> Self {
-        Self {
-            name: Arc::from(kind.as_str()),
-            file: false,
+        static API: std::sync::LazyLock<[Origin; 2]> = std::sync::LazyLock::new(|| {
+            [Kind::Service, Kind::EndpointSlice].map(|kind| {
+                Origin(Arc::new(OriginName {
+                    name: kind.as_str().into(),
+                    file: false,
+                }))
+            })
+        });
+        let [services, slices] = &*API;
+        match kind {
+            Kind::Service => services.clone(),
+            Kind::EndpointSlice => slices.clone(),
         }
     }
 
     /// A manifest file, named as problems should name it.
     pub fn file(path: &std::path::Path) -> Self {
-        Self {
-            name: Arc::from(path.display().to_string()),
+        Self(Arc::new(OriginName {
+            name: path.display().to_string().into(),
             file: true,
-        }
+        }))
     }
 
     /// What problems of its objects start with: `"path: "`, or nothing for the API, whose
@@ -55,8 +70,8 @@ struct Prefix<'a>(&'a Origin);
 
 impl std::fmt::Display for Prefix<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.file {
-            write!(f, "{}: ", self.0.name)
+        if self.0.0.file {
+            write!(f, "{}: ", self.0.0.name)
         } else {
             Ok(())
         }
@@ -250,6 +265,40 @@ fn differ<M: PartialEq>(before: Option<&Arc<M>>, after: Option<&Arc<M>>) -> bool
     }
 }
 
+/// What one origin defines, by kind.
+#[derive(Default)]
+struct Defined {
+    services: Set<ObjectRef>,
+    slices: Set<ObjectRef>,
+}
+
+impl Defined {
+    fn of(&mut self, kind: Kind) -> &mut Set<ObjectRef> {
+        match kind {
+            Kind::Service => &mut self.services,
+            Kind::EndpointSlice => &mut self.slices,
+        }
+    }
+
+    /// `false` if it was defined already.
+    fn insert(&mut self, kind: Kind, id: ObjectRef) -> bool {
+        self.of(kind).insert(id)
+    }
+
+    fn remove(&mut self, kind: Kind, id: &ObjectRef) {
+        self.of(kind).remove(id);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.slices.is_empty()
+    }
+
+    fn into_objects(self) -> impl Iterator<Item = (Kind, ObjectRef)> {
+        let services = self.services.into_iter().map(|id| (Kind::Service, id));
+        services.chain(self.slices.into_iter().map(|id| (Kind::EndpointSlice, id)))
+    }
+}
+
 #[derive(Default)]
 pub struct Store {
     services: Map<ObjectRef, Entry<ServiceModel>>,
@@ -258,7 +307,7 @@ pub struct Store {
     /// cluster has few nodes and port names, and many endpoints and ports.
     words: Set<Arc<str>>,
     /// What each origin defines, so that a re-read file or a relist replaces it.
-    by_origin: Map<Origin, Set<(Kind, ObjectRef)>>,
+    by_origin: Map<Origin, Defined>,
     /// The slices each Service owns through their label; usually one.
     slices_by_service: Map<ObjectRef, SmallVec<[ObjectRef; 1]>>,
     /// Services whose frontends may differ since the last [`Store::take_changed`].
@@ -287,12 +336,11 @@ impl Store {
         objects: impl IntoIterator<Item = Delivered<'a>>,
     ) {
         let mut before = self.by_origin.remove(origin).unwrap_or_default();
-        let mut now = Set::default();
+        let mut now = Defined::default();
         let mut repeated = Vec::new();
         for delivered in objects {
             let id = self.intern(delivered.kind, &delivered.id);
-            let key = (delivered.kind, id.clone());
-            if !now.insert(key) {
+            if !now.insert(delivered.kind, id.clone()) {
                 repeated.push(Problem::Repeated {
                     origin: origin.clone(),
                     kind: delivered.kind,
@@ -301,11 +349,11 @@ impl Store {
                 continue;
             }
             if !before.is_empty() {
-                before.remove(&(delivered.kind, id.clone()));
+                before.remove(delivered.kind, &id);
             }
             self.put_definition(origin, id, delivered);
         }
-        for (kind, id) in before {
+        for (kind, id) in before.into_objects() {
             self.remove_definition(origin, kind, &id);
         }
         if repeated.is_empty() {
@@ -324,14 +372,14 @@ impl Store {
         self.by_origin
             .entry(origin.clone())
             .or_default()
-            .insert((delivered.kind, id.clone()));
+            .insert(delivered.kind, id.clone());
         self.put_definition(origin, id, delivered);
     }
 
     /// `origin` no longer defines this object (a watch event).
     pub fn remove(&mut self, origin: &Origin, kind: Kind, id: &ObjectRef) {
         if let Some(defined) = self.by_origin.get_mut(origin) {
-            defined.remove(&(kind, id.clone()));
+            defined.remove(kind, id);
         }
         self.remove_definition(origin, kind, id);
     }
