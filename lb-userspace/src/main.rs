@@ -64,6 +64,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let agent = matches!(cli.command, Command::Agent(_));
+    if !agent {
+        // A reader that stops early (`lb services | head`) ends a command quietly, as it
+        // does any Unix tool, instead of a panic on the failed write. Not the agent's: it
+        // wants EPIPE from its sockets, as errors.
+        // SAFETY: set before any thread starts; the default disposition needs no handler.
+        // It fails only for a signal that cannot be caught, which SIGPIPE is not.
+        let _previous = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

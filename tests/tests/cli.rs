@@ -428,3 +428,24 @@ fn the_cli_only_reads() {
     drop(testbed.lb(&["services", "shop/web", "-o", "wide"]).unwrap());
     assert_eq!(before, dump_maps(&testbed));
 }
+
+#[test]
+fn a_reader_that_stops_early_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    // The reading end closed before lb writes, as `lb … | head` leaves it once head is done.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(lb_tests::binary("lb").unwrap())
+        .args(["completions", "bash"])
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}: {stderr}",
+        out.status
+    );
+    assert!(stderr.is_empty(), "{stderr}");
+}
