@@ -219,11 +219,8 @@ impl Manifests {
             // The old watch may be gone with its directory.
             drop(self.watcher.unwatch(&self.dir));
             if let Err(source) = self.watcher.watch(&self.dir, RecursiveMode::NonRecursive) {
-                // Tried again at the next refresh (the directory may be on its way back).
-                let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-                seen.everything = true;
-                seen.replaced = true;
-                seen.named.extend(named);
+                // The directory may be on its way back.
+                self.again_next_time(named, true);
                 return Err(SourceError::Watch {
                     path: self.dir.clone(),
                     source,
@@ -261,10 +258,7 @@ impl Manifests {
                         .collect()
                 }
                 Err(e) => {
-                    // Tried again at the next refresh, with what the events named since.
-                    let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-                    seen.everything = true;
-                    seen.named.extend(named);
+                    self.again_next_time(named, false);
                     return Err(SourceError::Manifests(Box::new(e)));
                 }
             }
@@ -279,18 +273,13 @@ impl Manifests {
             }
             present
         };
-        let mut still_written = Vec::new();
-        let changed = looked_at
+        // Still being written: its last objects stay until it is closed or settles, and it
+        // is looked at again then.
+        let (settled, still_written): (Vec<_>, Vec<_>) = looked_at
             .into_iter()
-            // Still being written: its last objects stay until it is closed or settles,
-            // and it is looked at again then.
-            .filter(|(path, _)| {
-                let settled = !unsettled.contains(path);
-                if !settled {
-                    still_written.push(path.clone());
-                }
-                settled
-            })
+            .partition(|(path, _)| !unsettled.contains(path));
+        let changed = settled
+            .into_iter()
             .map(|(path, was_named)| {
                 let version = Version::of(&path);
                 (path, was_named, version)
@@ -308,9 +297,18 @@ impl Manifests {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .named
-            .extend(still_written);
+            .extend(still_written.into_iter().map(|(path, _)| path));
         self.read(changed, store);
         Ok(self.file_problems.values().cloned().collect())
+    }
+
+    /// A refresh that failed: what it took from the events is looked at by the next one,
+    /// the whole directory too (and watched again, if it was `replaced`).
+    fn again_next_time(&self, named: BTreeSet<PathBuf>, replaced: bool) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.everything = true;
+        seen.replaced |= replaced;
+        seen.named.extend(named);
     }
 
     /// A file that is gone: its objects go with it.

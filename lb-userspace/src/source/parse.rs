@@ -412,8 +412,17 @@ impl Reader<'_> {
     /// `None` if the text is small, or is not a List or YAML documents, or a part has to
     /// be read buffered: then the caller reads it whole, which decides the results and
     /// the errors.
-    fn in_parts(&self, mut input: impl Read, len: usize) -> std::io::Result<Option<Vec<Document>>> {
-        let threads = parse_threads(len);
+    fn in_parts(&self, input: impl Read, len: usize) -> std::io::Result<Option<Vec<Document>>> {
+        self.in_parts_on(parse_threads(len), input, len)
+    }
+
+    /// [`Self::in_parts`] on `threads` threads.
+    fn in_parts_on(
+        &self,
+        threads: usize,
+        mut input: impl Read,
+        len: usize,
+    ) -> std::io::Result<Option<Vec<Document>>> {
         if threads < 2 {
             return Ok(None);
         }
@@ -1263,27 +1272,13 @@ spec:
         let reader = Reader {
             path: Path::new("all.json"),
         };
-        let in_parts = |text: &str| {
-            // Two threads, as on any machine with more than one core.
-            let mut documents = None;
-            let parse = |part: &Part| {
-                if text.starts_with('{') {
-                    reader.streamed_json_items(part)
-                } else {
-                    reader.streamed_yaml(&part.text)
-                }
-            };
-            let size = part_size(text.len(), 2);
-            documents.get_or_insert(pipelined(2, &parse, |dispatch| {
-                if text.starts_with('{') {
-                    parts::json_list(text.as_bytes(), size, dispatch)
-                        .unwrap()
-                        .is_some_and(|around| is_list(&around))
-                } else {
-                    parts::yaml_documents(text.as_bytes(), size, dispatch).unwrap()
-                }
-            }));
-            documents.flatten()
+        // Two threads, as on any machine with more than one core.
+        let in_parts = |file: &str, text: &str| {
+            Reader {
+                path: Path::new(file),
+            }
+            .in_parts_on(2, text.as_bytes(), text.len())
+            .unwrap()
         };
         let whole_json = reader.streamed_json(&json).unwrap();
         let whole_yaml = reader.streamed_yaml(&yaml).unwrap();
@@ -1293,14 +1288,14 @@ spec:
         )
         .unwrap();
         for text in [&json, &pretty] {
-            let read = in_parts(text).expect("read in parts");
+            let read = in_parts("all.json", text).expect("read in parts");
             assert_eq!(summary(&read), summary(&whole_json));
             assert_eq!(
                 summary(&parse(Path::new("all.json"), text).unwrap()),
                 summary(&whole_json)
             );
         }
-        let read = in_parts(&yaml).expect("read in parts");
+        let read = in_parts("all.yaml", &yaml).expect("read in parts");
         assert_eq!(summary(&read), summary(&whole_yaml));
         assert_eq!(
             summary(&parse(Path::new("all.yaml"), &yaml).unwrap()),
@@ -1313,7 +1308,7 @@ spec:
             json.replacen(r#""kind": "List"}"#, r#""kind": "List", "items": []}"#, 1),
             json.replacen(r#""kind": "List"}"#, r#""kind": "ServiceList"}"#, 1),
         ] {
-            assert_eq!(in_parts(&other).map(|d| d.len()), None);
+            assert_eq!(in_parts("all.json", &other).map(|d| d.len()), None);
         }
 
         // One bad object in the middle: the parts give up and the whole file is read as
@@ -1325,7 +1320,8 @@ spec:
             format!("{before}{after}")
         };
         for (text, name) in [(bad(&json), "json"), (bad(&yaml), "yaml")] {
-            assert!(in_parts(&text).is_none(), "{name}");
+            let file = format!("all.{name}");
+            assert!(in_parts(&file, &text).is_none(), "{name}");
             let read = parse(Path::new("all.json"), &text).unwrap();
             let errors: Vec<String> = read
                 .iter()
