@@ -475,6 +475,7 @@ impl Syncer {
         retry: &mut Retry,
         first_done: &mut bool,
     ) {
+        let started = Instant::now();
         match self.sync(source, changed_at) {
             Ok(()) => {
                 *retry = Retry::default();
@@ -489,6 +490,7 @@ impl Syncer {
                     }
                 }
                 self.metrics.set_readiness(not_ready);
+                self.write_state();
             }
             Err(e) => {
                 let kind = match e {
@@ -501,6 +503,11 @@ impl Syncer {
                     .set_readiness(Some(format!("the last sync failed: {e}; retrying")));
                 retry.failed();
             }
+        }
+        // A long sync allocated and freed enough to be worth handing back now, after the
+        // maps are written and the sync reported.
+        if started.elapsed() >= crate::memory::RELEASE_AFTER {
+            crate::memory::release_freed();
         }
     }
 
@@ -516,11 +523,7 @@ impl Syncer {
     /// One pass of source → model → diff → maps. Failures leave the last good state in
     /// place: the agent keeps running and tries again.
     fn sync(&mut self, source: &mut Source, changed_at: Option<Instant>) -> Result<(), SyncError> {
-        let started = Instant::now();
         let result = self.try_sync(source, changed_at);
-        if started.elapsed() >= crate::memory::RELEASE_AFTER {
-            crate::memory::release_freed();
-        }
         if matches!(
             result,
             Err(SyncError::ReadBack(_) | SyncError::Grow { .. } | SyncError::Write(_))
@@ -655,18 +658,25 @@ impl Syncer {
         self.programmed.apply(&ops);
         self.full = false;
         self.record(started, changed_at, changed.len(), ops.len());
+        // The state file is told once the sync is reported: the maps, not the CLI's view
+        // of them, are what readiness waits for.
+        self.unwritten_frontends.extend(scope);
+        Ok(())
+    }
+
+    /// Tells the state file writer what the syncs since it was last told changed.
+    fn write_state(&mut self) {
         let services = std::mem::take(&mut self.unwritten_services);
         let frontends = std::mem::take(&mut self.unwritten_frontends);
         self.state.write(state::Delta::of(
             &self.desired,
             &services,
-            frontends.iter().chain(&scope),
+            &frontends,
             self.refused
                 .iter()
                 .map(|(service, error)| (service.clone(), error.to_string()))
                 .collect(),
         ));
-        Ok(())
     }
 
     /// NodePort frontends follow the node's addresses: the Services with a NodePort are
