@@ -18,9 +18,14 @@
 //! One frontend (VIP, port, protocol) owns `1 + count` entries:
 //!
 //! * slot 0, the *master* entry: [`ServiceValue::count`] is the number of backend slots;
-//! * slots `1..=count`: [`ServiceValue::backend_id`] names an entry of the backend map.
+//! * slots `1..=count`: the backend itself ([`ServiceValue::backend_address`] and
+//!   [`ServiceValue::backend_port`]) and its id ([`ServiceValue::backend_id`]), the key of
+//!   the backend map.
 //!
-//! A connect picks a slot with [`backend_slot`], then resolves the backend id. Writers keep
+//! A connect picks a slot with [`backend_slot`] and has its backend: two lookups in all.
+//! What a translated socket needs later (the frontend to show on getpeername and recvmsg,
+//! the backend its datagrams keep) is in the socket's own storage ([`SocketState`], freed
+//! with the socket), not in a map entry per connect. Writers keep
 //! every prefix consistent (backends, then slots, then the master's count; surplus slots
 //! are deleted last), so a reader never sees a count that points at a missing slot.
 #![no_std]
@@ -29,35 +34,34 @@ use bytemuck::{Pod, Zeroable};
 
 /// Map names carry the layout version: a layout change gets new names, so an agent never
 /// reads maps pinned by an incompatible build (BPF object names are at most 15 bytes).
-pub const SERVICE_MAP: &str = "lb4_svc_v2";
+pub const SERVICE_MAP: &str = "lb4_svc_v3";
 /// See [`SERVICE_MAP`].
 pub const BACKEND_MAP: &str = "lb4_backend_v1";
-/// See [`SERVICE_MAP`].
-pub const REVNAT_MAP: &str = "lb4_revnat_v1";
 /// See [`SERVICE_MAP`].
 pub const AFFINITY_MAP: &str = "lb4_affinity_v1";
 /// See [`SERVICE_MAP`].
 pub const AFFINITY_MATCH_MAP: &str = "lb4_affmatch_v1";
-/// See [`SERVICE_MAP`].
-pub const UDP_SOCKET_MAP: &str = "lb4_udpsock_v1";
+/// Socket local storage (`BPF_MAP_TYPE_SK_STORAGE`): a [`SocketState`] per translated
+/// socket. See [`SERVICE_MAP`] for the name.
+pub const SOCKET_MAP: &str = "lb_sock_v1";
 /// See [`SERVICE_MAP`].
 pub const CONFIG_MAP: &str = "lb_config_v1";
 /// See [`SERVICE_MAP`].
 pub const STATS_MAP: &str = "lb_stats_v2";
 
+/// The maps of the previous layout (before [`SocketState`]) that this one no longer has: an
+/// agent taking over from one removes their pins once its own maps are filled.
+pub const PREVIOUS_LAYOUT_MAPS: [&str; 3] = ["lb4_svc_v2", "lb4_revnat_v1", "lb4_udpsock_v1"];
+
 /// Default capacity of [`SERVICE_MAP`]: one entry per frontend plus one per backend slot.
 pub const SERVICE_MAP_CAPACITY: u32 = 65_536;
 /// Default capacity of [`BACKEND_MAP`]: distinct backend address:port pairs.
 pub const BACKEND_MAP_CAPACITY: u32 = 65_536;
-/// Capacity of the LRU [`REVNAT_MAP`]: translated sockets whose peer is remembered.
-pub const REVNAT_MAP_CAPACITY: u32 = 262_144;
 /// Capacity of the LRU [`AFFINITY_MAP`]: (client, frontend) pairs with session affinity.
 pub const AFFINITY_MAP_CAPACITY: u32 = 65_536;
 /// Capacity of [`AFFINITY_MATCH_MAP`] as compiled: backends of frontends that have session
 /// affinity, and of UDP frontends. The agent creates it as large as the service map.
 pub const AFFINITY_MATCH_MAP_CAPACITY: u32 = 65_536;
-/// Capacity of the LRU [`UDP_SOCKET_MAP`]: (unconnected UDP socket, frontend) pairs.
-pub const UDP_SOCKET_MAP_CAPACITY: u32 = 262_144;
 
 /// The errno a connect()/sendmsg() to a frontend with no usable backend fails with, at
 /// once, as a TCP RST from a closed port would: the client is not left waiting.
@@ -121,12 +125,19 @@ pub const FLAG_NODE_LOCAL: u16 = 1 << 1;
 pub struct ServiceValue {
     /// In a backend slot: the key of [`BACKEND_MAP`]. Zero in the master entry.
     pub backend_id: u32,
+    /// In a backend slot: the backend's IPv4 address, network byte order, so that a connect
+    /// needs no lookup of [`BACKEND_MAP`]. Zero in the master entry, and in a slot whose
+    /// backend the writer could not resolve (the datapath then leaves the connect alone).
+    pub backend_address: u32,
+    /// In a backend slot: the backend's port, network byte order.
+    pub backend_port: u16,
     /// In the master entry: the number of backend slots. Zero in backend slots.
     pub count: u16,
     /// In the master entry: `FLAG_*` bits.
     pub flags: u16,
-    /// In the master entry: a stable id of the frontend, naming it in [`AFFINITY_MAP`] and
-    /// [`AFFINITY_MATCH_MAP`].
+    pub _pad: u16,
+    /// In the master entry: a stable id of the frontend, naming it in [`AFFINITY_MAP`],
+    /// [`AFFINITY_MATCH_MAP`] and [`SocketState`].
     pub frontend_id: u32,
     /// In the master entry: session affinity timeout in seconds; 0 means no affinity.
     pub affinity_timeout_s: u32,
@@ -137,57 +148,161 @@ impl ServiceValue {
     pub const fn master(count: u16, flags: u16, frontend_id: u32, affinity_timeout_s: u32) -> Self {
         Self {
             backend_id: 0,
+            backend_address: 0,
+            backend_port: 0,
             count,
             flags,
+            _pad: 0,
             frontend_id,
             affinity_timeout_s,
         }
     }
 
-    /// A backend slot pointing at `backend_id`.
-    pub const fn slot(backend_id: u32) -> Self {
+    /// A backend slot holding backend `backend_id`, which is `backend`.
+    pub const fn slot(backend_id: u32, backend: Backend) -> Self {
         Self {
             backend_id,
+            backend_address: backend.address,
+            backend_port: backend.port,
             count: 0,
             flags: 0,
+            _pad: 0,
             frontend_id: 0,
             affinity_timeout_s: 0,
         }
     }
-}
 
-/// Key of the LRU [`REVNAT_MAP`]: a translated socket and the backend it was sent to.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RevNatKey {
-    /// `bpf_get_socket_cookie()` of the client socket.
-    pub cookie: u64,
-    /// Backend address and port, network byte order.
-    pub address: u32,
-    pub port: u16,
-    pub _pad: [u8; 2],
-}
-
-impl RevNatKey {
+    /// A backend slot's backend; `None` if the writer could not resolve it.
     #[inline(always)]
-    pub const fn new(cookie: u64, address: u32, port: u16) -> Self {
-        Self {
-            cookie,
-            address,
-            port,
-            _pad: [0; 2],
+    pub const fn backend(&self) -> Option<Backend> {
+        if self.backend_address == 0 {
+            None
+        } else {
+            Some(Backend::new(self.backend_address, self.backend_port))
         }
     }
 }
 
-/// Value of [`REVNAT_MAP`]: the frontend the socket asked for, network byte order. recvmsg4
-/// and getpeername4 show it instead of the backend.
+/// [`SocketEntry::family`] of an entry in use for an IPv4 frontend (`AF_INET`).
+pub const FAMILY_IPV4: u8 = 2;
+
+/// How many frontends one socket remembers: a connected socket has one; an unconnected UDP
+/// socket that sends to more than this forgets the one added longest ago (its replies from
+/// there then show the backend, and its next datagram there picks a backend anew).
+pub const SOCKET_ENTRIES: usize = 4;
+
+/// One frontend a socket was translated for, and the backend it went to.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct RevNatValue {
-    pub address: u32,
-    pub port: u16,
-    pub _pad: [u8; 2],
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SocketEntry {
+    /// The frontend the application addressed, network byte order: IPv4 in the first word,
+    /// the rest zero.
+    pub frontend_address: [u32; 4],
+    /// The backend it was sent to, likewise.
+    pub backend_address: [u32; 4],
+    pub frontend_port: u16,
+    pub backend_port: u16,
+    /// The frontend's [`ServiceValue::frontend_id`] and the backend's id, which tell whether
+    /// the backend is still one of the frontend's ([`AFFINITY_MATCH_MAP`]).
+    pub frontend_id: u32,
+    pub backend_id: u32,
+    /// 0 for an unused entry, else the address family ([`FAMILY_IPV4`]).
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl SocketEntry {
+    /// An IPv4 frontend and the backend a socket was sent to, network byte order.
+    #[inline(always)]
+    pub const fn ipv4(
+        frontend: &ServiceKey,
+        frontend_id: u32,
+        backend_id: u32,
+        backend: &Backend,
+    ) -> Self {
+        Self {
+            frontend_address: [frontend.address, 0, 0, 0],
+            backend_address: [backend.address, 0, 0, 0],
+            frontend_port: frontend.port,
+            backend_port: backend.port,
+            frontend_id,
+            backend_id,
+            family: FAMILY_IPV4,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of [`SOCKET_MAP`], socket local storage: what a translated socket needs after the
+/// translation — the frontend to show where the application would see the backend
+/// (getpeername, a datagram's source), and for unconnected UDP the backend its datagrams to
+/// a frontend keep. It lives and dies with the socket: no entry to age out or evict, and
+/// nothing to write when a socket sends again to a frontend it already has.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct SocketState {
+    pub entries: [SocketEntry; SOCKET_ENTRIES],
+    /// Which entry a new frontend replaces once every entry is in use (round robin).
+    pub next: u32,
+    pub _pad: u32,
+}
+
+impl SocketState {
+    /// The socket's entry for frontend `frontend_id` of `family`, if it has one.
+    #[inline(always)]
+    pub fn entry_of(&self, family: u8, frontend_id: u32) -> Option<&SocketEntry> {
+        self.entries.iter().find(|entry| {
+            entry.family != 0 && entry.family == family && entry.frontend_id == frontend_id
+        })
+    }
+
+    /// The entry whose backend is `address:port` of `family`: the frontend to show for it.
+    #[inline(always)]
+    pub fn entry_for_backend(
+        &self,
+        family: u8,
+        address: &[u32; 4],
+        port: u16,
+    ) -> Option<&SocketEntry> {
+        self.entries.iter().find(|entry| {
+            entry.family != 0
+                && entry.family == family
+                && entry.backend_port == port
+                && entry.backend_address == *address
+        })
+    }
+
+    /// Records `entry`: in place of the same frontend's, else in an unused entry, else in
+    /// place of the one added longest ago. `false` if the socket had it already, so that
+    /// nothing was written.
+    #[inline(always)]
+    pub fn remember(&mut self, entry: SocketEntry) -> bool {
+        let mut at = None;
+        for (index, held) in self.entries.iter().enumerate() {
+            if held.family == entry.family && held.frontend_id == entry.frontend_id {
+                if *held == entry {
+                    return false;
+                }
+                at = Some(index);
+                break;
+            }
+            if held.family == 0 && at.is_none() {
+                at = Some(index);
+            }
+        }
+        let index = match at {
+            Some(index) => index,
+            None => {
+                let index = self.next as usize % SOCKET_ENTRIES;
+                self.next = self.next.wrapping_add(1);
+                index
+            }
+        };
+        if let Some(slot) = self.entries.get_mut(index) {
+            *slot = entry;
+        }
+        true
+    }
 }
 
 /// Key of the LRU [`AFFINITY_MAP`]: a client and a frontend. The client is its network
@@ -211,21 +326,9 @@ pub struct AffinityValue {
     pub _pad: u32,
 }
 
-/// Key of the LRU [`UDP_SOCKET_MAP`] (value: the backend id): the backend an unconnected
-/// UDP socket's datagrams to a frontend go to, as long as it stays one of the frontend's —
-/// what a conntrack entry gives a UDP flow under kube-proxy.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
-pub struct UdpSocketKey {
-    /// `bpf_get_socket_cookie()`: unique for the socket's lifetime.
-    pub socket_cookie: u64,
-    pub frontend_id: u32,
-    pub _pad: u32,
-}
-
 /// Key of [`AFFINITY_MATCH_MAP`] (value `u32`, unused): present while `backend_id` is a
-/// backend of `frontend_id`, so an affinity or UDP socket entry for a backend that went
-/// away is ignored.
+/// backend of `frontend_id`, so an affinity entry or a socket's [`SocketEntry`] for a
+/// backend that went away is ignored.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct AffinityMatchKey {
@@ -354,14 +457,13 @@ pub const fn port_from_map(port: u16) -> u16 {
 }
 
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 16);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
 const _: () = assert!(core::mem::size_of::<Backend>() == 8);
-const _: () = assert!(core::mem::size_of::<RevNatKey>() == 16);
-const _: () = assert!(core::mem::size_of::<RevNatValue>() == 8);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
-const _: () = assert!(core::mem::size_of::<UdpSocketKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SocketEntry>() == 48);
+const _: () = assert!(core::mem::size_of::<SocketState>() == 48 * SOCKET_ENTRIES + 8);
 const _: () = assert!(core::mem::size_of::<Config>() == 8);
 
 #[cfg(feature = "user")]
@@ -374,17 +476,13 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Backend {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::RevNatKey {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::RevNatValue {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AffinityMatchKey {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for super::UdpSocketKey {}
+    unsafe impl aya::Pod for super::SocketState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Config {}
 }
@@ -470,7 +568,7 @@ mod tests {
         for name in [
             SERVICE_MAP,
             BACKEND_MAP,
-            REVNAT_MAP,
+            SOCKET_MAP,
             AFFINITY_MAP,
             AFFINITY_MATCH_MAP,
             CONFIG_MAP,
@@ -478,6 +576,74 @@ mod tests {
         ] {
             assert!(name.len() <= 15, "{name}");
         }
+    }
+
+    fn entry(frontend_id: u32, backend: u8) -> SocketEntry {
+        let frontend = ServiceKey::new(
+            ipv4_to_map([10, 96, 0, frontend_id as u8]),
+            port_to_map(53),
+            IPPROTO_UDP,
+            MASTER_SLOT,
+        );
+        let to = Backend::new(ipv4_to_map([10, 244, 0, backend]), port_to_map(5353));
+        SocketEntry::ipv4(&frontend, frontend_id, u32::from(backend), &to)
+    }
+
+    #[test]
+    fn a_socket_remembers_each_frontend_once_and_writes_only_what_changed() {
+        let mut state = SocketState::zeroed();
+        assert!(state.remember(entry(1, 10)));
+        assert!(
+            !state.remember(entry(1, 10)),
+            "the same entry again writes nothing"
+        );
+        assert!(state.remember(entry(2, 20)));
+        // A new backend for frontend 1 replaces its entry, not another one.
+        assert!(state.remember(entry(1, 11)));
+        assert_eq!(state.entry_of(FAMILY_IPV4, 1), Some(&entry(1, 11)));
+        assert_eq!(state.entry_of(FAMILY_IPV4, 2), Some(&entry(2, 20)));
+        assert_eq!(state.entries.iter().filter(|e| e.family != 0).count(), 2);
+        assert_eq!(state.entry_of(FAMILY_IPV4, 3), None);
+    }
+
+    #[test]
+    fn a_socket_finds_the_frontend_of_a_backend_it_was_sent_to() {
+        let mut state = SocketState::zeroed();
+        state.remember(entry(1, 10));
+        state.remember(entry(2, 20));
+        let backend = [ipv4_to_map([10, 244, 0, 20]), 0, 0, 0];
+        let found = state.entry_for_backend(FAMILY_IPV4, &backend, port_to_map(5353));
+        assert_eq!(found.map(|e| e.frontend_id), Some(2));
+        assert_eq!(
+            state.entry_for_backend(FAMILY_IPV4, &backend, port_to_map(53)),
+            None,
+            "another port of the same address is someone else's"
+        );
+        // An unused (zeroed) entry never matches, whatever is asked.
+        assert_eq!(SocketState::zeroed().entry_for_backend(0, &[0; 4], 0), None);
+        assert_eq!(SocketState::zeroed().entry_of(0, 0), None);
+    }
+
+    #[test]
+    fn a_full_socket_replaces_the_frontend_added_longest_ago() {
+        let mut state = SocketState::zeroed();
+        for id in 1..=SOCKET_ENTRIES as u32 {
+            state.remember(entry(id, id as u8));
+        }
+        let next = SOCKET_ENTRIES as u32 + 1;
+        state.remember(entry(next, 99));
+        assert_eq!(state.entry_of(FAMILY_IPV4, 1), None, "the oldest went");
+        assert!(state.entry_of(FAMILY_IPV4, next).is_some());
+        state.remember(entry(next + 1, 98));
+        assert_eq!(state.entry_of(FAMILY_IPV4, 2), None, "then the next oldest");
+        assert!(state.entry_of(FAMILY_IPV4, 3).is_some());
+    }
+
+    #[test]
+    fn a_slot_holds_its_backend_and_a_master_none() {
+        let backend = Backend::new(ipv4_to_map([10, 244, 0, 7]), port_to_map(8080));
+        assert_eq!(ServiceValue::slot(7, backend).backend(), Some(backend));
+        assert_eq!(ServiceValue::master(3, 0, 1, 0).backend(), None);
     }
 
     #[test]

@@ -7,7 +7,11 @@
 //! - `cgroup/sendmsg4` does the same for each unconnected UDP sendmsg(), keeping a socket on
 //!   the backend of its first datagram to a frontend while that backend stays;
 //! - `cgroup/recvmsg4` and `cgroup/getpeername4` show the frontend again where the
-//!   application would otherwise see the backend, using the reverse map the first two fill.
+//!   application would otherwise see the backend, from the socket's own storage
+//!   (`SocketState`), which the first two fill and the kernel frees with the socket.
+//!
+//! A connect costs two hash lookups (the frontend's master entry, then the slot chosen,
+//! which holds the backend) and one socket storage write.
 //!
 //! Anything the maps do not know is left exactly as it was; the programs never fail a
 //! syscall they do not own.
@@ -18,20 +22,17 @@
 mod datapath {
     use aya_ebpf::{
         EbpfContext as _,
-        helpers::{
-            bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-            bpf_set_retval,
-        },
-        macros::{cgroup_sock_addr, map},
+        btf_maps::SkStorage,
+        helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_set_retval},
+        macros::{btf_map, cgroup_sock_addr, map},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::SockAddrContext,
     };
     use lb_common::{
         AFFINITY_MAP_CAPACITY, AFFINITY_MATCH_MAP_CAPACITY, AffinityKey, AffinityMatchKey,
-        AffinityValue, BACKEND_MAP_CAPACITY, Backend, Config, ERRNO_NO_BACKENDS,
-        FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, MASTER_SLOT, REVNAT_MAP_CAPACITY, Reason, RevNatKey,
-        RevNatValue, SERVICE_MAP_CAPACITY, ServiceKey, ServiceValue, UDP_SOCKET_MAP_CAPACITY,
-        UdpSocketKey, affinity_holds, backend_slot,
+        AffinityValue, BACKEND_MAP_CAPACITY, Backend, Config, ERRNO_NO_BACKENDS, FAMILY_IPV4,
+        FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, MASTER_SLOT, Reason, SERVICE_MAP_CAPACITY,
+        ServiceKey, ServiceValue, SocketEntry, SocketState, affinity_holds, backend_slot,
     };
 
     /// Verdict that lets the syscall proceed (with whatever address we left in the context).
@@ -39,14 +40,11 @@ mod datapath {
     /// Verdict that fails the syscall with the errno set by `bpf_set_retval`.
     const REJECT: i32 = 0;
 
-    #[map(name = "lb4_svc_v2")]
+    #[map(name = "lb4_svc_v3")]
     static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICE_MAP_CAPACITY, 0);
 
     #[map(name = "lb4_backend_v1")]
     static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKEND_MAP_CAPACITY, 0);
-
-    #[map(name = "lb4_revnat_v1")]
-    static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(REVNAT_MAP_CAPACITY, 0);
 
     #[map(name = "lb4_affinity_v1")]
     static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
@@ -56,9 +54,10 @@ mod datapath {
     static AFFINITY_MATCH: HashMap<AffinityMatchKey, u32> =
         HashMap::pinned(AFFINITY_MATCH_MAP_CAPACITY, 0);
 
-    #[map(name = "lb4_udpsock_v1")]
-    static UDP_SOCKETS: LruHashMap<UdpSocketKey, u32> =
-        LruHashMap::pinned(UDP_SOCKET_MAP_CAPACITY, 0);
+    /// Socket local storage: a BTF map, as the kernel requires for it. The agent pins it
+    /// by name like the others.
+    #[btf_map(name = "lb_sock_v1")]
+    static SOCKETS: SkStorage<SocketState> = SkStorage::new();
 
     #[map(name = "lb_config_v1")]
     static CONFIG: Array<Config> = Array::pinned(1, 0);
@@ -95,7 +94,9 @@ mod datapath {
         NotOurs,
         /// Rewrite to this backend.
         Backend {
+            id: u32,
             backend: Backend,
+            frontend_id: u32,
             affinity_hit: bool,
         },
         /// A frontend with no usable backend: fail the syscall at once.
@@ -119,24 +120,14 @@ mod datapath {
         match choose(ctx, &frontend, per_datagram) {
             Choice::NotOurs => ALLOW,
             Choice::Backend {
+                id,
                 backend,
+                frontend_id,
                 affinity_hit,
             } => {
                 sock_addr.user_ip4 = backend.address;
                 sock_addr.user_port = u32::from(backend.port);
-                // SAFETY: a helper valid for sock_addr programs, given their context.
-                let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-                let reverse = RevNatValue {
-                    address: frontend.address,
-                    port: frontend.port,
-                    _pad: [0; 2],
-                };
-                // LRU: a full map evicts the oldest socket's entry rather than failing.
-                let _ = REVNAT.insert(
-                    RevNatKey::new(cookie, backend.address, backend.port),
-                    reverse,
-                    0,
-                );
+                remember(ctx, SocketEntry::ipv4(&frontend, frontend_id, id, &backend));
                 count(translated);
                 if affinity_hit {
                     count(Reason::AffinityHit);
@@ -154,6 +145,22 @@ mod datapath {
                 count(reason);
                 ALLOW
             }
+        }
+    }
+
+    /// Records in the socket's storage which frontend it asked for and where it went, for
+    /// getpeername, recvmsg and the socket's later datagrams. Without storage (the kernel
+    /// out of memory) the socket still goes to its backend, it just shows the backend.
+    #[inline(always)]
+    fn remember(ctx: &SockAddrContext, entry: SocketEntry) {
+        // SAFETY: the kernel's socket of this call; the create flag allocates zeroed storage
+        // (all entries unused) for a socket that has none.
+        let state = unsafe { SOCKETS.get_or_insert_ptr_mut(ctx, None) };
+        if !state.is_null() {
+            // SAFETY: non-null storage of this socket, valid for the program's run. Another
+            // CPU writing the same socket at once (two threads sending on one UDP socket)
+            // can at worst mix two entries of that socket, never another socket's.
+            unsafe { (*state).remember(entry) };
         }
     }
 
@@ -175,66 +182,73 @@ mod datapath {
             });
         }
 
-        let mut affinity_hit = false;
-        let backend_id = if master.affinity_timeout_s == 0 {
-            let chosen = if per_datagram {
-                socket_backend(ctx, frontend, &master)
-            } else {
-                random_backend(frontend, master.count)
-            };
-            match chosen {
-                Some(id) => id,
-                None => return Choice::Untranslated(Reason::BackendMissing),
-            }
+        let chosen = if master.affinity_timeout_s != 0 {
+            affine_backend(ctx, frontend, &master)
+        } else if per_datagram {
+            socket_backend(ctx, frontend, &master)
         } else {
-            // SAFETY: helpers valid for sock_addr programs, given their context.
-            let key = AffinityKey {
-                netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
-                frontend_id: master.frontend_id,
-                _pad: 0,
-            };
-            // SAFETY: a helper with no arguments.
-            let now = unsafe { bpf_ktime_get_ns() };
-            let held = (unsafe { AFFINITY.get(key) }).copied().filter(|entry| {
-                affinity_holds(entry.last_used_ns, now, master.affinity_timeout_s)
-                    && still_a_backend(entry.backend_id, master.frontend_id)
-            });
-            let id = match held {
-                Some(entry) => {
-                    affinity_hit = true;
-                    entry.backend_id
-                }
-                None => match random_backend(frontend, master.count) {
-                    Some(id) => id,
-                    None => return Choice::Untranslated(Reason::BackendMissing),
-                },
-            };
-            // Every connection refreshes the entry, as kube-proxy's `recent --set` does.
-            let entry = AffinityValue {
-                last_used_ns: now,
-                backend_id: id,
-                _pad: 0,
-            };
-            let _ = AFFINITY.insert(key, entry, 0);
-            id
+            random_backend(frontend, master.count).map(|(id, backend)| (id, backend, false))
         };
-
-        // SAFETY: as above.
-        match (unsafe { BACKENDS.get(backend_id) }).copied() {
-            Some(backend) => Choice::Backend {
+        match chosen {
+            Some((id, backend, affinity_hit)) => Choice::Backend {
+                id,
                 backend,
+                frontend_id: master.frontend_id,
                 affinity_hit,
             },
             None => Choice::Untranslated(Reason::BackendMissing),
         }
     }
 
+    /// A slot drawn at random: the backend's id and where it is.
     #[inline(always)]
-    fn random_backend(frontend: &ServiceKey, count: u16) -> Option<u32> {
+    fn random_backend(frontend: &ServiceKey, count: u16) -> Option<(u32, Backend)> {
         // SAFETY: a helper with no arguments.
         let slot = backend_slot(count, unsafe { bpf_get_prandom_u32() })?;
         // SAFETY: as in `choose`.
-        (unsafe { SERVICES.get(frontend.with_slot(slot)) }).map(|slot| slot.backend_id)
+        let value = (unsafe { SERVICES.get(frontend.with_slot(slot)) })?;
+        Some((value.backend_id, value.backend()?))
+    }
+
+    /// The client's backend while its affinity holds and the backend is still one of the
+    /// frontend's; otherwise a new one. Every connection refreshes the entry, as kube-proxy's
+    /// `recent --set` does. The bool says whether the affinity held.
+    #[inline(always)]
+    fn affine_backend(
+        ctx: &SockAddrContext,
+        frontend: &ServiceKey,
+        master: &ServiceValue,
+    ) -> Option<(u32, Backend, bool)> {
+        // SAFETY: helpers valid for sock_addr programs, given their context.
+        let key = AffinityKey {
+            netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+            frontend_id: master.frontend_id,
+            _pad: 0,
+        };
+        // SAFETY: a helper with no arguments.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: plain data copied out at once.
+        let held = (unsafe { AFFINITY.get(key) }).copied().filter(|entry| {
+            affinity_holds(entry.last_used_ns, now, master.affinity_timeout_s)
+                && still_a_backend(entry.backend_id, master.frontend_id)
+        });
+        // SAFETY: as in `choose`.
+        let chosen = match held.and_then(|entry| {
+            (unsafe { BACKENDS.get(entry.backend_id) }).map(|backend| (entry.backend_id, *backend))
+        }) {
+            Some((id, backend)) => (id, backend, true),
+            None => {
+                let (id, backend) = random_backend(frontend, master.count)?;
+                (id, backend, false)
+            }
+        };
+        let entry = AffinityValue {
+            last_used_ns: now,
+            backend_id: chosen.0,
+            _pad: 0,
+        };
+        let _ = AFFINITY.insert(key, entry, 0);
+        Some(chosen)
     }
 
     /// The backend of an unconnected UDP socket's earlier datagrams to this frontend while
@@ -244,24 +258,22 @@ mod datapath {
         ctx: &SockAddrContext,
         frontend: &ServiceKey,
         master: &ServiceValue,
-    ) -> Option<u32> {
-        let key = UdpSocketKey {
-            // SAFETY: a helper valid for sock_addr programs, given their context.
-            socket_cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-            frontend_id: master.frontend_id,
-            _pad: 0,
-        };
-        // SAFETY: plain data copied out at once.
-        let held = (unsafe { UDP_SOCKETS.get(key) })
-            .copied()
-            .filter(|id| still_a_backend(*id, master.frontend_id));
-        if held.is_some() {
-            return held;
+    ) -> Option<(u32, Backend, bool)> {
+        // SAFETY: the kernel's socket of this call; nothing is allocated here.
+        let state = unsafe { SOCKETS.get_ptr_mut(ctx) };
+        if !state.is_null() {
+            // SAFETY: non-null storage of this socket, valid for the program's run.
+            let held = unsafe { &*state }
+                .entry_of(FAMILY_IPV4, master.frontend_id)
+                .copied();
+            if let Some(entry) = held
+                && still_a_backend(entry.backend_id, master.frontend_id)
+            {
+                let backend = Backend::new(entry.backend_address[0], entry.backend_port);
+                return Some((entry.backend_id, backend, false));
+            }
         }
-        let id = random_backend(frontend, master.count)?;
-        // LRU: a full map evicts the least recently used socket's entry.
-        let _ = UDP_SOCKETS.insert(key, id, 0);
-        Some(id)
+        random_backend(frontend, master.count).map(|(id, backend)| (id, backend, false))
     }
 
     #[inline(always)]
@@ -284,15 +296,22 @@ mod datapath {
     /// Shows the frontend where the socket would show the backend it was translated to.
     #[inline(always)]
     fn restore(ctx: &SockAddrContext, reason: Reason) {
+        // SAFETY: the kernel's socket of this call; without the create flag, nothing is
+        // allocated for sockets lb never translated.
+        let state = unsafe { SOCKETS.get_ptr_mut(ctx) };
+        if state.is_null() {
+            return;
+        }
         // SAFETY: as in `forward`.
         let sock_addr = unsafe { &mut *ctx.sock_addr };
-        // SAFETY: a helper valid for sock_addr programs, given their context.
-        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-        let key = RevNatKey::new(cookie, sock_addr.user_ip4, sock_addr.user_port as u16);
-        // SAFETY: plain data copied out at once.
-        if let Some(frontend) = (unsafe { REVNAT.get(key) }).copied() {
-            sock_addr.user_ip4 = frontend.address;
-            sock_addr.user_port = u32::from(frontend.port);
+        let backend = [sock_addr.user_ip4, 0, 0, 0];
+        // SAFETY: non-null storage of this socket, valid for the program's run.
+        let state = unsafe { &*state };
+        if let Some(entry) =
+            state.entry_for_backend(FAMILY_IPV4, &backend, sock_addr.user_port as u16)
+        {
+            sock_addr.user_ip4 = entry.frontend_address[0];
+            sock_addr.user_port = u32::from(entry.frontend_port);
             count(reason);
         }
     }

@@ -651,12 +651,16 @@ impl Syncer {
             );
         }
         tracing::debug!(?refreshed, ?planned, "sync phases");
-        if let Err(e) = self.datapath.maps.apply(&ops) {
+        if let Err(e) = self.datapath.maps.apply(&ops, &self.programmed.backends) {
             self.read_back = true;
             return Err(SyncError::Write(Box::new(e)));
         }
         self.programmed.apply(&ops);
         self.full = false;
+        if let Err(e) = self.datapath.complete_takeover() {
+            // Both layouts' programs stay attached, which translates as either alone would.
+            tracing::error!("{e}; taking over from the previous layout again at the next sync");
+        }
         self.record(started, changed_at, changed.len(), ops.len());
         // The state file is told once the sync is reported: the maps, not the CLI's view
         // of them, are what readiness waits for.

@@ -24,8 +24,8 @@ use aya::{
 };
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityMatchKey, BACKEND_MAP, Backend, CONFIG_MAP, Config,
-    MASTER_SLOT, REVNAT_MAP, Reason, SERVICE_MAP, STATS_MAP, ServiceKey, ServiceValue,
-    UDP_SOCKET_MAP, ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
+    MASTER_SLOT, Reason, SERVICE_MAP, SOCKET_MAP, STATS_MAP, ServiceKey, ServiceValue,
+    ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
 };
 
 use self::mounts::MountError;
@@ -43,13 +43,23 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
 /// Every map the object declares, all pinned by name.
-pub const MAPS: [&str; 8] = [
+pub const MAPS: [&str; 7] = [
     SERVICE_MAP,
     BACKEND_MAP,
-    REVNAT_MAP,
+    SOCKET_MAP,
     AFFINITY_MAP,
     AFFINITY_MATCH_MAP,
-    UDP_SOCKET_MAP,
+    CONFIG_MAP,
+    STATS_MAP,
+];
+
+/// The maps with a capacity, whose fill [`occupancy`] reports: all but the socket storage,
+/// which holds an entry per translated socket, freed with it, and cannot be walked.
+pub const SIZED_MAPS: [&str; 6] = [
+    SERVICE_MAP,
+    BACKEND_MAP,
+    AFFINITY_MAP,
+    AFFINITY_MATCH_MAP,
     CONFIG_MAP,
     STATS_MAP,
 ];
@@ -175,11 +185,14 @@ pub struct Occupancy {
 /// How full every map pinned in `dir` is. Hash maps are counted key by key; arrays are full
 /// by construction.
 pub fn occupancy(dir: &Path) -> Result<Vec<Occupancy>, DatapathError> {
-    MAPS.iter().map(|name| map_occupancy(dir, name)).collect()
+    SIZED_MAPS
+        .iter()
+        .map(|name| map_occupancy(dir, name))
+        .collect()
 }
 
 /// The maps the kernel fills (LRU), which only a walk can count.
-pub const KERNEL_FILLED_MAPS: [&str; 3] = [REVNAT_MAP, AFFINITY_MAP, UDP_SOCKET_MAP];
+pub const KERNEL_FILLED_MAPS: [&str; 1] = [AFFINITY_MAP];
 
 /// One map's occupancy: hash maps are walked (a syscall per entry), arrays are full.
 pub fn map_occupancy(dir: &Path, name: &'static str) -> Result<Occupancy, DatapathError> {
@@ -191,16 +204,11 @@ pub fn map_occupancy(dir: &Path, name: &'static str) -> Result<Occupancy, Datapa
     let entries = match name {
         SERVICE_MAP => count::<ServiceKey, ServiceValue>(open_pinned_map(dir, name)?, name)?,
         BACKEND_MAP => count::<BackendId, Backend>(open_pinned_map(dir, name)?, name)?,
-        REVNAT_MAP => count::<lb_common::RevNatKey, lb_common::RevNatValue>(
-            open_pinned_map(dir, name)?,
-            name,
-        )?,
         AFFINITY_MAP => count::<lb_common::AffinityKey, lb_common::AffinityValue>(
             open_pinned_map(dir, name)?,
             name,
         )?,
         AFFINITY_MATCH_MAP => count::<AffinityMatchKey, u32>(open_pinned_map(dir, name)?, name)?,
-        UDP_SOCKET_MAP => count::<lb_common::UdpSocketKey, u32>(open_pinned_map(dir, name)?, name)?,
         _ => u64::from(info.max_entries()),
     };
     Ok(Occupancy {
@@ -424,7 +432,22 @@ impl ServiceMaps {
     /// Performs `ops` in order: each run of ops on one map that all write (or all delete) is
     /// one batched syscall, which the kernel applies entry by entry in order, so a
     /// concurrent connect sees every prefix of the plan, as with single writes.
-    pub fn apply(&mut self, ops: &[MapOp]) -> Result<(), DatapathError> {
+    ///
+    /// A slot holds its backend's address: `backends` are those the maps held before `ops`
+    /// (the ones `ops` add are in `ops`).
+    pub fn apply(
+        &mut self,
+        ops: &[MapOp],
+        backends: &BTreeMap<BackendId, BackendAddr>,
+    ) -> Result<(), DatapathError> {
+        let added: crate::hash::Map<BackendId, BackendAddr> = ops
+            .iter()
+            .filter_map(|op| match op {
+                MapOp::PutBackend(id, addr) => Some((*id, *addr)),
+                _ => None,
+            })
+            .collect();
+        let resolve = |id: &BackendId| added.get(id).or_else(|| backends.get(id)).copied();
         let mut rest = ops;
         while let Some(first) = rest.first() {
             let class = OpClass::of(first);
@@ -433,13 +456,19 @@ impl ServiceMaps {
                 .position(|op| OpClass::of(op) != class)
                 .unwrap_or(rest.len());
             let (batch, after) = rest.split_at(run);
-            self.apply_run(class, batch)?;
+            self.apply_run(class, batch, &resolve)?;
             rest = after;
         }
         Ok(())
     }
 
-    fn apply_run(&self, class: OpClass, ops: &[MapOp]) -> Result<(), DatapathError> {
+    /// One run of ops of `class`; `resolve` gives a slot's backend by id.
+    fn apply_run(
+        &self,
+        class: OpClass,
+        ops: &[MapOp],
+        resolve: &dyn Fn(&BackendId) -> Option<BackendAddr>,
+    ) -> Result<(), DatapathError> {
         let (map, name) = match class {
             OpClass::PutBackend | OpClass::DeleteBackend => (&self.backends, BACKEND_MAP),
             OpClass::PutService | OpClass::DeleteService => (&self.services, SERVICE_MAP),
@@ -473,9 +502,15 @@ impl ServiceMaps {
                 let (keys, values): (Vec<ServiceKey>, Vec<ServiceValue>) = ops
                     .iter()
                     .filter_map(|op| match op {
-                        MapOp::PutSlot(frontend, slot, id) => {
-                            Some((key_of(frontend, *slot), ServiceValue::slot(*id)))
-                        }
+                        MapOp::PutSlot(frontend, slot, id) => Some((
+                            key_of(frontend, *slot),
+                            // An id that does not resolve (a bug) reads as address 0,
+                            // which the datapath leaves untranslated and counts.
+                            ServiceValue::slot(
+                                *id,
+                                resolve(id).map_or(Backend::new(0, 0), |addr| backend_value(&addr)),
+                            ),
+                        )),
                         MapOp::PutMaster(frontend, master) => {
                             Some((key_of(frontend, MASTER_SLOT), master_value(master)))
                         }
@@ -545,11 +580,16 @@ impl ServiceMaps {
             }
             ops.push(MapOp::PutMaster(*frontend, programmed.clone()));
         }
-        self.apply_run(OpClass::PutBackend, &ops[..programmed.backends.len()])?;
+        let resolve = |id: &BackendId| programmed.backends.get(id).copied();
+        self.apply_run(
+            OpClass::PutBackend,
+            &ops[..programmed.backends.len()],
+            &resolve,
+        )?;
         let (matches, services) =
             ops[programmed.backends.len()..].split_at(programmed.affinity_matches.len());
-        self.apply_run(OpClass::PutMatch, matches)?;
-        self.apply_run(OpClass::PutService, services)
+        self.apply_run(OpClass::PutMatch, matches, &resolve)?;
+        self.apply_run(OpClass::PutService, services, &resolve)
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError> {
@@ -630,6 +670,18 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: ServiceMaps,
     pin_dir: PathBuf,
+    /// The programs of the previous layout ([`lb_common::PREVIOUS_LAYOUT_MAPS`]) still hold
+    /// the link pins: this layout's links are pinned at their [`next_pin`] until its maps
+    /// are filled ([`Datapath::complete_takeover`]).
+    takeover: bool,
+}
+
+/// Whether `pin_dir` holds the pins of an agent of the previous layout: its programs
+/// translate connects until this layout's maps are filled.
+fn previous_layout_pinned(pin_dir: &Path) -> bool {
+    lb_common::PREVIOUS_LAYOUT_MAPS
+        .iter()
+        .any(|map| pin_dir.join(map).exists())
 }
 
 /// Loads the object: maps already pinned in `pin_dir` are reused (with the size they
@@ -641,7 +693,11 @@ fn load_object(pin_dir: &Path, capacity: Capacity, next: bool) -> Result<Ebpf, D
         .map(|map| (*map, next_pin(pin_dir, map)))
         .collect();
     let mut loader = EbpfLoader::new();
+    // The socket storage is a BTF map, which has no pinning attribute: it is pinned by
+    // name here like the others, and shared by every generation and agent.
+    let sockets = pin_dir.join(SOCKET_MAP);
     loader
+        .map_pin_path(SOCKET_MAP, sockets.as_path())
         .default_map_pin_directory(pin_dir)
         .map_max_entries(SERVICE_MAP, capacity.services)
         .map_max_entries(BACKEND_MAP, capacity.backends)
@@ -654,12 +710,18 @@ fn load_object(pin_dir: &Path, capacity: Capacity, next: bool) -> Result<Ebpf, D
     Ok(loader.load(EBPF_OBJECT)?)
 }
 
-/// Removes the next-generation pins a growth that was interrupted left behind.
+/// Removes the next-generation pins a growth or a takeover that was interrupted left behind
+/// (a link's removal detaches its programs, which were never the only ones attached).
 fn remove_next_pins(pin_dir: &Path) -> Result<(), DatapathError> {
-    for map in GROWING_MAPS {
-        let path = next_pin(pin_dir, map);
+    let links = PROGRAMS.iter().map(|name| link_pin(name));
+    for pin in GROWING_MAPS
+        .iter()
+        .map(|map| (*map).to_owned())
+        .chain(links)
+    {
+        let path = next_pin(pin_dir, &pin);
         match std::fs::remove_file(&path) {
-            Ok(()) => tracing::info!("removed {} left by an interrupted growth", path.display()),
+            Ok(()) => tracing::info!("removed {} left by an interrupted update", path.display()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(DatapathError::Unpin { path, source }),
         }
@@ -694,6 +756,13 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
         source,
     })?;
     remove_next_pins(pin_dir)?;
+    let takeover = previous_layout_pinned(pin_dir);
+    if takeover {
+        tracing::info!(
+            "{} holds the previous layout's maps: its programs stay attached until this agent's maps are filled",
+            pin_dir.display()
+        );
+    }
     let mut ebpf = load_object(pin_dir, capacity, false)?;
     let maps = ServiceMaps::take(&mut ebpf)?;
 
@@ -713,7 +782,7 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
         let link_id = program
             .attach(&cgroup_file, CgroupAttachMode::Single)
             .map_err(program_error)?;
-        let path = pin_dir.join(link_pin(name));
+        let path = link_path(pin_dir, name, takeover);
         let link: FdLink = program
             .take_link(link_id)
             .map_err(program_error)?
@@ -728,16 +797,63 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
         ebpf,
         maps,
         pin_dir: pin_dir.into(),
+        takeover,
     })
 }
 
+/// Where `program`'s link is pinned: at its [`link_pin`], or beside it while this layout
+/// takes over from the previous one.
+fn link_path(pin_dir: &Path, program: &str, takeover: bool) -> PathBuf {
+    if takeover {
+        next_pin(pin_dir, &link_pin(program))
+    } else {
+        pin_dir.join(link_pin(program))
+    }
+}
+
 impl Datapath {
+    /// Once this layout's maps hold what the source says: its links take the link pins of
+    /// the previous layout's programs, which detaches them (until then both ran: the older
+    /// first, and whatever one translated the other left alone), and the previous layout's
+    /// maps lose their pins. Sockets that the previous programs translated keep their
+    /// backend, but show it, not the Service, on getpeername and recvmsg.
+    pub fn complete_takeover(&mut self) -> Result<(), DatapathError> {
+        if !self.takeover {
+            return Ok(());
+        }
+        for name in PROGRAMS {
+            let (from, to) = (
+                link_path(&self.pin_dir, name, true),
+                link_path(&self.pin_dir, name, false),
+            );
+            // A rename replaces the pin at once: the old link's last reference goes and its
+            // program detaches, with this one already attached beside it.
+            std::fs::rename(&from, &to).map_err(|source| DatapathError::Unpin {
+                path: from.clone(),
+                source,
+            })?;
+        }
+        self.takeover = false;
+        for map in lb_common::PREVIOUS_LAYOUT_MAPS {
+            let path = self.pin_dir.join(map);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Unpin { path, source }),
+            }
+        }
+        tracing::info!(
+            "took over from the previous layout: its programs are detached and its maps unpinned"
+        );
+        Ok(())
+    }
+
     /// Moves the datapath to larger maps without a connect going untranslated: a new
     /// generation of the growing maps is created and filled with what the maps hold
     /// (`programmed`), programs that use it are loaded, every pinned link is switched to
     /// them atomically (`BPF_LINK_UPDATE`), and the new maps take the old ones' pins. The
-    /// maps the kernel fills (reverse NAT, affinity, UDP sockets), the counters and the
-    /// config are shared by both generations, so sockets keep what they had.
+    /// maps the kernel fills (socket storage, affinity), the counters and the config are
+    /// shared by both generations, so sockets keep what they had.
     ///
     /// Until the last link switches, some hooks run the old programs on the old maps and
     /// some the new on the new, which hold the same; nothing is written meanwhile. On
@@ -767,7 +883,7 @@ impl Datapath {
         let mut links = Vec::new();
         for name in PROGRAMS {
             loaded_program(&mut ebpf, name)?;
-            let path = self.pin_dir.join(link_pin(name));
+            let path = link_path(&self.pin_dir, name, self.takeover);
             let link = bpf::open_pin(&path).map_err(|source| DatapathError::Relink {
                 path: path.clone(),
                 source,
@@ -859,9 +975,12 @@ pub fn unload(pin_dir: &Path) -> Result<Vec<PathBuf>, std::io::Error> {
     let links = PROGRAMS.iter().map(|name| link_pin(name));
     let next_generation = GROWING_MAPS
         .iter()
-        .map(|map| next_pin(Path::new(""), map).to_string_lossy().into_owned());
+        .map(|map| (*map).to_owned())
+        .chain(links.clone())
+        .map(|pin| next_pin(Path::new(""), &pin).to_string_lossy().into_owned());
+    let maps = MAPS.iter().chain(&lb_common::PREVIOUS_LAYOUT_MAPS);
     for pin in links
-        .chain(MAPS.iter().map(|m| (*m).to_owned()))
+        .chain(maps.map(|m| (*m).to_owned()))
         .chain(next_generation)
     {
         let path = pin_dir.join(pin);
