@@ -395,7 +395,17 @@ impl ServiceMaps {
             if key.slot == MASTER_SLOT {
                 masters.insert(frontend, value);
             } else {
-                slots.insert((frontend, key.slot), (key, value.backend_id));
+                // A slot that does not hold its backend as the backend map has it reads as
+                // id 0, which no backend has, so that the next plan rewrites it.
+                let holds_its_backend = backends
+                    .get(&value.backend_id)
+                    .is_some_and(|addr| value.backend() == Some(backend_value(addr)));
+                let id = if holds_its_backend {
+                    value.backend_id
+                } else {
+                    0
+                };
+                slots.insert((frontend, key.slot), (key, id));
             }
         }
 
