@@ -49,6 +49,17 @@ pub const CONFIG_MAP: &str = "lb_config_v1";
 /// See [`SERVICE_MAP`].
 pub const STATS_MAP: &str = "lb_stats_v2";
 
+/// Every map of this layout, all pinned by name in the agent's bpffs directory.
+pub const MAPS: [&str; 7] = [
+    SERVICE_MAP,
+    BACKEND_MAP,
+    SOCKET_MAP,
+    AFFINITY_MAP,
+    AFFINITY_MATCH_MAP,
+    CONFIG_MAP,
+    STATS_MAP,
+];
+
 /// The maps of the previous layout (before [`SocketState`]) that this one no longer has: an
 /// agent taking over from one removes their pins once its own maps are filled.
 pub const PREVIOUS_LAYOUT_MAPS: [&str; 3] = ["lb4_svc_v2", "lb4_revnat_v1", "lb4_udpsock_v1"];
@@ -565,15 +576,7 @@ mod tests {
 
     #[test]
     fn map_names_fit_the_kernel() {
-        for name in [
-            SERVICE_MAP,
-            BACKEND_MAP,
-            SOCKET_MAP,
-            AFFINITY_MAP,
-            AFFINITY_MATCH_MAP,
-            CONFIG_MAP,
-            STATS_MAP,
-        ] {
+        for name in MAPS.iter().chain(&PREVIOUS_LAYOUT_MAPS) {
             assert!(name.len() <= 15, "{name}");
         }
     }

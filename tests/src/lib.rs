@@ -781,6 +781,24 @@ pub struct Prober {
     output: std::thread::JoinHandle<std::io::Result<String>>,
 }
 
+/// Fails unless every one of `probes` was answered, and there were more than `at_least`
+/// of them (fewer would not tell); `while_` says when, for the message.
+pub fn assert_no_failed_connects(probes: &[Probe], at_least: usize, while_: &str) {
+    let failed: Vec<&Probe> = probes.iter().filter(|p| p.hostname().is_none()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connects failed {while_}: {:?}",
+        failed.len(),
+        probes.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(
+        probes.len() > at_least,
+        "too few connects to tell: {}",
+        probes.len()
+    );
+}
+
 /// Stops a background prober and returns every attempt it made.
 pub fn finish_probes(mut prober: Prober) -> anyhow::Result<Vec<Probe>> {
     drop(prober.child.kill());

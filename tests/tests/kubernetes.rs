@@ -86,19 +86,7 @@ fn finish(prober: Prober) -> Vec<Probe> {
 }
 
 fn assert_no_failures(probes: &[Probe]) {
-    let failed: Vec<_> = probes.iter().filter(|p| p.hostname().is_none()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connects failed: {:?}",
-        failed.len(),
-        probes.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(
-        probes.len() > 20,
-        "too few connects to tell: {}",
-        probes.len()
-    );
+    lb_tests::assert_no_failed_connects(probes, 20, "");
 }
 
 #[test]

@@ -23,7 +23,9 @@ use aya::{
 use lb_common::{
     Backend, IPPROTO_TCP, MASTER_SLOT, PREVIOUS_LAYOUT_MAPS, ServiceKey, ipv4_to_map, port_to_map,
 };
-use lb_tests::{Probe, Testbed, finish_probes, privileged, run, wait_for};
+use lb_tests::{
+    Probe, Testbed, assert_no_failed_connects, finish_probes, privileged, run, wait_for,
+};
 
 /// The last commit whose datapath has the previous layout.
 const PREVIOUS_LAYOUT_COMMIT: &str = "34027127a950d4b2b479243372b16decb52fa48a";
@@ -250,15 +252,7 @@ fn an_agent_takes_over_from_the_previous_layout_without_a_failed_connect() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let probes = finish_probes(prober).unwrap();
-    let failed: Vec<_> = probes.iter().filter(|p| p.hostname().is_none()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connects failed: {:?}",
-        failed.len(),
-        probes.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(probes.len() > 20, "too few connects: {}", probes.len());
+    assert_no_failed_connects(&probes, 20, "during the takeover");
 
     // Only this layout's programs are attached, and the previous maps are gone.
     let programs = attached(&testbed.cgroup).unwrap();

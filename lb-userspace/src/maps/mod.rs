@@ -42,16 +42,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// The attach point of each comes from its ELF section (`cgroup/connect4`, …).
 pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
-/// Every map the object declares, all pinned by name.
-pub const MAPS: [&str; 7] = [
-    SERVICE_MAP,
-    BACKEND_MAP,
-    SOCKET_MAP,
-    AFFINITY_MAP,
-    AFFINITY_MATCH_MAP,
-    CONFIG_MAP,
-    STATS_MAP,
-];
+pub use lb_common::MAPS;
 
 /// The maps with a capacity, whose fill [`occupancy`] reports: all but the socket storage,
 /// which holds an entry per translated socket, freed with it, and cannot be walked.
