@@ -99,19 +99,7 @@ fn growing_from_ten_to_fifty_thousand_services_loses_no_connect() {
     std::thread::sleep(Duration::from_millis(300));
     let probes = finish_probes(prober).unwrap();
 
-    let failed: Vec<&Probe> = probes.iter().filter(|p| p.hostname().is_none()).collect();
-    assert!(
-        failed.is_empty(),
-        "{} of {} connects failed while the maps grew: {:?}",
-        failed.len(),
-        probes.len(),
-        &failed[..failed.len().min(5)]
-    );
-    assert!(
-        probes.len() > 200,
-        "too few connects to tell: {}",
-        probes.len()
-    );
+    lb_tests::assert_no_failed_connects(&probes, 200, "while the maps grew");
     assert_eq!(answered_by_the_pods(&probes).len(), 3);
     let grown = capacity(&testbed, lb_common::SERVICE_MAP);
     // 50k Services of 3 endpoints are 200k service entries.
