@@ -47,12 +47,17 @@ pub const SOCKET_MAP: &str = "lb_sock_v1";
 /// See [`SERVICE_MAP`].
 pub const CONFIG_MAP: &str = "lb_config_v1";
 /// See [`SERVICE_MAP`].
-pub const STATS_MAP: &str = "lb_stats_v2";
+pub const STATS_MAP: &str = "lb_stats_v3";
+/// The addresses that are the clusterIP of a frontend in [`SERVICE_MAP`] (key: the IPv4
+/// address, network byte order; value `u32`, unused): a connect to one of them on a port
+/// no Service has is refused, as kube-proxy rejects it. See [`SERVICE_MAP`] for the name.
+pub const CLUSTER_IP_MAP: &str = "lb4_cip_v1";
 
 /// Every map of this layout, all pinned by name in the agent's bpffs directory.
-pub const MAPS: [&str; 7] = [
+pub const MAPS: [&str; 8] = [
     SERVICE_MAP,
     BACKEND_MAP,
+    CLUSTER_IP_MAP,
     SOCKET_MAP,
     AFFINITY_MAP,
     AFFINITY_MATCH_MAP,
@@ -62,12 +67,20 @@ pub const MAPS: [&str; 7] = [
 
 /// The maps of the previous layout (before [`SocketState`]) that this one no longer has: an
 /// agent taking over from one removes their pins once its own maps are filled.
-pub const PREVIOUS_LAYOUT_MAPS: [&str; 3] = ["lb4_svc_v2", "lb4_revnat_v1", "lb4_udpsock_v1"];
+pub const PREVIOUS_LAYOUT_MAPS: [&str; 4] = [
+    "lb4_svc_v2",
+    "lb4_revnat_v1",
+    "lb4_udpsock_v1",
+    "lb_stats_v2",
+];
 
 /// Default capacity of [`SERVICE_MAP`]: one entry per frontend plus one per backend slot.
 pub const SERVICE_MAP_CAPACITY: u32 = 65_536;
 /// Default capacity of [`BACKEND_MAP`]: distinct backend address:port pairs.
 pub const BACKEND_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of [`CLUSTER_IP_MAP`], created without preallocation (its memory follows its
+/// entries): as many addresses as a service CIDR of /12, kube-apiserver's largest, holds.
+pub const CLUSTER_IP_MAP_CAPACITY: u32 = 1 << 20;
 /// Capacity of the LRU [`AFFINITY_MAP`]: (client, frontend) pairs with session affinity.
 pub const AFFINITY_MAP_CAPACITY: u32 = 65_536;
 /// Capacity of [`AFFINITY_MATCH_MAP`] as compiled: backends of frontends that have session
@@ -129,6 +142,9 @@ pub const FLAG_HOST_NETNS_ONLY: u16 = 1 << 0;
 /// [`ServiceValue::flags`]: the backends are the node-local ones only
 /// (`internalTrafficPolicy: Local`); a count of zero then means "none on this node".
 pub const FLAG_NODE_LOCAL: u16 = 1 << 1;
+/// [`ServiceValue::flags`]: the frontend is a Service's clusterIP (its address is in
+/// [`CLUSTER_IP_MAP`] while the frontend is in the maps).
+pub const FLAG_CLUSTER_IP: u16 = 1 << 2;
 
 /// Value of [`SERVICE_MAP`].
 #[repr(C)]
@@ -404,11 +420,14 @@ pub enum Reason {
     BackendMissing = 6,
     /// Session affinity sent a client to the backend it had.
     AffinityHit = 7,
+    /// Refused with [`ERRNO_NO_BACKENDS`]: a clusterIP on a port (or protocol) none of its
+    /// Services has.
+    UnknownPort = 8,
 }
 
 impl Reason {
     /// Every reason, in index order.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 9] = [
         Reason::ConnectTranslated,
         Reason::SendmsgTranslated,
         Reason::RecvmsgRestored,
@@ -417,6 +436,7 @@ impl Reason {
         Reason::NoLocalBackends,
         Reason::BackendMissing,
         Reason::AffinityHit,
+        Reason::UnknownPort,
     ];
     /// Number of counters in [`STATS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -432,6 +452,7 @@ impl Reason {
             Reason::NoLocalBackends => "no_local_backends",
             Reason::BackendMissing => "backend_missing",
             Reason::AffinityHit => "affinity_hit",
+            Reason::UnknownPort => "unknown_port",
         }
     }
 }

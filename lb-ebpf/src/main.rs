@@ -22,6 +22,7 @@
 mod datapath {
     use aya_ebpf::{
         EbpfContext as _,
+        bindings::BPF_F_NO_PREALLOC,
         btf_maps::SkStorage,
         helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_set_retval},
         macros::{btf_map, cgroup_sock_addr, map},
@@ -30,9 +31,10 @@ mod datapath {
     };
     use lb_common::{
         AFFINITY_MAP_CAPACITY, AFFINITY_MATCH_MAP_CAPACITY, AffinityKey, AffinityMatchKey,
-        AffinityValue, BACKEND_MAP_CAPACITY, Backend, Config, ERRNO_NO_BACKENDS, FAMILY_IPV4,
-        FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, MASTER_SLOT, Reason, SERVICE_MAP_CAPACITY,
-        ServiceKey, ServiceValue, SocketEntry, SocketState, affinity_holds, backend_slot,
+        AffinityValue, BACKEND_MAP_CAPACITY, Backend, CLUSTER_IP_MAP_CAPACITY, Config,
+        ERRNO_NO_BACKENDS, FAMILY_IPV4, FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, MASTER_SLOT, Reason,
+        SERVICE_MAP_CAPACITY, ServiceKey, ServiceValue, SocketEntry, SocketState, affinity_holds,
+        backend_slot,
     };
 
     /// Verdict that lets the syscall proceed (with whatever address we left in the context).
@@ -59,10 +61,15 @@ mod datapath {
     #[btf_map(name = "lb_sock_v1")]
     static SOCKETS: SkStorage<SocketState> = SkStorage::new();
 
+    /// Created without preallocation: its memory follows the clusterIPs it holds.
+    #[map(name = "lb4_cip_v1")]
+    static CLUSTER_IPS: HashMap<u32, u32> =
+        HashMap::pinned(CLUSTER_IP_MAP_CAPACITY, BPF_F_NO_PREALLOC);
+
     #[map(name = "lb_config_v1")]
     static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-    #[map(name = "lb_stats_v2")]
+    #[map(name = "lb_stats_v3")]
     static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
 
     #[cgroup_sock_addr(connect4)]
@@ -169,7 +176,13 @@ mod datapath {
         // SAFETY: values are plain data copied out at once; a concurrent update can at worst
         // hand us an older or newer entry, which the writer's ordering keeps consistent.
         let Some(master) = (unsafe { SERVICES.get(frontend) }).copied() else {
-            return Choice::NotOurs;
+            // A clusterIP on a port none of its Services has: refused at once, as
+            // kube-proxy rejects it, rather than sent toward an address nothing routes.
+            return if CLUSTER_IPS.get_ptr(frontend.address).is_some() {
+                Choice::Refuse(Reason::UnknownPort)
+            } else {
+                Choice::NotOurs
+            };
         };
         if master.flags & FLAG_HOST_NETNS_ONLY != 0 && !in_host_netns(ctx) {
             return Choice::NotOurs;

@@ -656,6 +656,20 @@ impl Syncer {
             return Err(SyncError::Write(Box::new(e)));
         }
         self.programmed.apply(&ops);
+        let masters_changed = ops.iter().filter_map(|op| match op {
+            plan::MapOp::PutMaster(frontend, _) | plan::MapOp::DeleteMaster(frontend) => {
+                Some(frontend.address)
+            }
+            _ => None,
+        });
+        if let Err(e) =
+            self.datapath
+                .maps
+                .update_cluster_ips(&self.programmed, masters_changed, self.full)
+        {
+            self.read_back = true;
+            return Err(SyncError::Write(Box::new(e)));
+        }
         self.full = false;
         if let Err(e) = self.datapath.complete_takeover() {
             // Both layouts' programs stay attached, which translates as either alone would.
@@ -736,6 +750,10 @@ impl Syncer {
             (lb_common::SERVICE_MAP, usage.services),
             (lb_common::BACKEND_MAP, usage.backends),
             (lb_common::AFFINITY_MATCH_MAP, usage.affinity_matches),
+            (
+                lb_common::CLUSTER_IP_MAP,
+                u32::try_from(self.datapath.maps.cluster_ip_count()).unwrap_or(u32::MAX),
+            ),
         ] {
             self.metrics
                 .set_map_entries(map, usize::try_from(entries).unwrap_or(usize::MAX));

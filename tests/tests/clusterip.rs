@@ -213,16 +213,39 @@ fn other_destinations_are_left_alone() {
         assert_eq!(probe.hostname(), Some("web-1"), "{probe:?}");
         assert_eq!(probe.peer(), Some("10.244.0.11:8888"), "{probe:?}");
     }
-    // The VIP on another port, and another IP in the service range, are not frontends.
-    for address in ["10.96.0.10:8889", "10.96.0.11:8888"] {
-        let probes = testbed.probe(&client, address, 1).unwrap();
+    // Another IP in the service range is not a frontend: left alone, it goes nowhere.
+    let unreachable = |probes: &[Probe]| matches!(&probes[0], Probe::Failed { error } if error.contains("unreachable"));
+    let probes = testbed.probe(&client, "10.96.0.11:8888", 1).unwrap();
+    assert!(unreachable(&probes), "{probes:?}");
+    // The clusterIP on a port its Service does not have is refused at once, as kube-proxy
+    // rejects it, for TCP and UDP alike.
+    for mode in ["tcp", "connected-udp"] {
+        let probes = testbed
+            .probe_with(&client, "10.96.0.10:8889", 1, &["--mode", mode])
+            .unwrap();
         assert!(
-            matches!(&probes[0], Probe::Failed { error } if error.contains("unreachable")),
-            "{address}: {probes:?}"
+            matches!(&probes[0], Probe::Failed { error } if error.contains("refused")),
+            "{mode}: {probes:?}"
         );
     }
+    assert_eq!(testbed.stat("unknown_port").unwrap(), 2);
+    // `lb explain` says so, from the same maps.
+    let explained = testbed.lb(&["explain", "10.96.0.10:8889"]).unwrap();
+    assert!(
+        explained.contains("fails at once with ECONNREFUSED"),
+        "{explained}"
+    );
     assert_eq!(testbed.stat("connect_translated").unwrap(), 0);
     assert_eq!(testbed.stat("peername_restored").unwrap(), 0);
+
+    // Once the Service is gone, its address is nobody's: left alone again.
+    testbed.remove_manifest("web.yaml").unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:8888/TCP", None)
+        .unwrap();
+    let probes = testbed.probe(&client, "10.96.0.10:8889", 1).unwrap();
+    assert!(unreachable(&probes), "{probes:?}");
+    assert_eq!(testbed.stat("unknown_port").unwrap(), 2);
 }
 
 #[test]

@@ -127,12 +127,11 @@ fn unconnected_udp_replies_come_from_the_service_address() {
     }
     assert_eq!(testbed.stat("connect_translated").unwrap(), 5);
 
-    // The protocol is part of the frontend: TCP to the same port is not this Service.
+    // The protocol is part of the frontend: TCP to the same port is not this Service, and
+    // on a clusterIP it is refused at once, as a port no Service has.
     let tcp = testbed.probe(&client, "10.96.0.10:53", 1).unwrap();
-    assert!(
-        tcp[0].error().is_some_and(|e| e.contains("unreachable")),
-        "{tcp:?}"
-    );
+    assert_refused(&tcp);
+    assert_eq!(testbed.stat("unknown_port").unwrap(), 1);
 }
 
 #[test]

@@ -111,10 +111,19 @@ pub fn run(args: ExplainArgs) -> Result<(), CliError> {
 
     let explanation = match programmed.frontends.get(&wanted) {
         None => Explanation {
-            verdict: format!(
-                "not a frontend: a connect() or sendmsg() to {}:{} is left as it is",
-                wanted.address, wanted.port
-            ),
+            // As the programs decide: a clusterIP on a port none of its Services has is
+            // refused; any other destination is not theirs.
+            verdict: if maps.cluster_ips()?.contains(&wanted.address) {
+                format!(
+                    "a clusterIP on a port none of its Services has: a connect() or sendmsg() to {}:{} fails at once with ECONNREFUSED (unknown_port)",
+                    wanted.address, wanted.port
+                )
+            } else {
+                format!(
+                    "not a frontend: a connect() or sendmsg() to {}:{} is left as it is",
+                    wanted.address, wanted.port
+                )
+            },
             destination,
             frontend: None,
             other_protocols,

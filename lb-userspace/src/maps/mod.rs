@@ -23,9 +23,9 @@ use aya::{
     },
 };
 use lb_common::{
-    AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityMatchKey, BACKEND_MAP, Backend, CONFIG_MAP, Config,
-    MASTER_SLOT, Reason, SERVICE_MAP, SOCKET_MAP, STATS_MAP, ServiceKey, ServiceValue,
-    ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
+    AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityMatchKey, BACKEND_MAP, Backend, CLUSTER_IP_MAP,
+    CONFIG_MAP, Config, MASTER_SLOT, Reason, SERVICE_MAP, SOCKET_MAP, STATS_MAP, ServiceKey,
+    ServiceValue, ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
 };
 
 use self::mounts::MountError;
@@ -46,9 +46,10 @@ pub use lb_common::MAPS;
 
 /// The maps with a capacity, whose fill [`occupancy`] reports: all but the socket storage,
 /// which holds an entry per translated socket, freed with it, and cannot be walked.
-pub const SIZED_MAPS: [&str; 6] = [
+pub const SIZED_MAPS: [&str; 7] = [
     SERVICE_MAP,
     BACKEND_MAP,
+    CLUSTER_IP_MAP,
     AFFINITY_MAP,
     AFFINITY_MATCH_MAP,
     CONFIG_MAP,
@@ -195,6 +196,7 @@ pub fn map_occupancy(dir: &Path, name: &'static str) -> Result<Occupancy, Datapa
     let entries = match name {
         SERVICE_MAP => count::<ServiceKey, ServiceValue>(open_pinned_map(dir, name)?, name)?,
         BACKEND_MAP => count::<BackendId, Backend>(open_pinned_map(dir, name)?, name)?,
+        CLUSTER_IP_MAP => count::<u32, u32>(open_pinned_map(dir, name)?, name)?,
         AFFINITY_MAP => count::<lb_common::AffinityKey, lb_common::AffinityValue>(
             open_pinned_map(dir, name)?,
             name,
@@ -237,6 +239,9 @@ pub struct ServiceMaps {
     services: MapData,
     backends: MapData,
     affinity_matches: MapData,
+    cluster_ips: MapData,
+    /// What [`CLUSTER_IP_MAP`] holds, as the agent last wrote or read it.
+    held_cluster_ips: std::collections::BTreeSet<Ipv4Addr>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -325,6 +330,8 @@ impl ServiceMaps {
                 get(AFFINITY_MATCH_MAP)?,
                 AFFINITY_MATCH_MAP,
             )?,
+            cluster_ips: hash_map::<u32, u32>(get(CLUSTER_IP_MAP)?, CLUSTER_IP_MAP)?,
+            held_cluster_ips: std::collections::BTreeSet::new(),
             config: get(CONFIG_MAP)?.try_into().map_err(map_error(CONFIG_MAP))?,
             stats: get(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
         })
@@ -591,6 +598,85 @@ impl ServiceMaps {
             ops[programmed.backends.len()..].split_at(programmed.affinity_matches.len());
         self.apply_run(OpClass::PutMatch, matches, &resolve)?;
         self.apply_run(OpClass::PutService, services, &resolve)
+    }
+
+    /// Keeps [`CLUSTER_IP_MAP`] in line with `programmed`: an address is in it while a
+    /// clusterIP frontend on it is in the maps. `changed` are the addresses whose frontends
+    /// the last writes touched; with `all` (after the maps were read back), every address
+    /// is looked at, those the map holds included.
+    pub fn update_cluster_ips(
+        &mut self,
+        programmed: &Programmed,
+        changed: impl IntoIterator<Item = Ipv4Addr>,
+        all: bool,
+    ) -> Result<(), DatapathError> {
+        let candidates: std::collections::BTreeSet<Ipv4Addr> = if all {
+            self.held_cluster_ips = self.cluster_ips()?;
+            programmed
+                .frontends
+                .keys()
+                .map(|frontend| frontend.address)
+                .chain(self.held_cluster_ips.iter().copied())
+                .collect()
+        } else {
+            changed.into_iter().collect()
+        };
+        let (mut added, mut removed) = (Vec::new(), Vec::new());
+        for address in candidates {
+            match (
+                programmed.has_cluster_ip(address),
+                self.held_cluster_ips.contains(&address),
+            ) {
+                (true, false) => added.push(address),
+                (false, true) => removed.push(address),
+                _ => {}
+            }
+        }
+        let fd = self.cluster_ips.fd().as_fd();
+        let write_error = |entries: usize| {
+            let capacity = self.cluster_ips.info().map_or(0, |info| info.max_entries());
+            move |source| DatapathError::Write {
+                map: CLUSTER_IP_MAP,
+                entries,
+                capacity,
+                source,
+            }
+        };
+        let keys = |addresses: &[Ipv4Addr]| -> Vec<u32> {
+            addresses
+                .iter()
+                .map(|address| ipv4_to_map(address.octets()))
+                .collect()
+        };
+        if !removed.is_empty() {
+            bpf::delete(fd, &keys(&removed)).map_err(write_error(removed.len()))?;
+            for address in &removed {
+                self.held_cluster_ips.remove(address);
+            }
+        }
+        if !added.is_empty() {
+            bpf::update(fd, &keys(&added), &vec![1u32; added.len()])
+                .map_err(write_error(added.len()))?;
+            self.held_cluster_ips.extend(added);
+        }
+        Ok(())
+    }
+
+    /// The addresses [`CLUSTER_IP_MAP`] holds, read from the map.
+    pub fn cluster_ips(&self) -> Result<std::collections::BTreeSet<Ipv4Addr>, DatapathError> {
+        Ok(bpf::lookup_all::<u32, u32>(self.cluster_ips.fd().as_fd())
+            .map_err(|source| DatapathError::Read {
+                map: CLUSTER_IP_MAP,
+                source,
+            })?
+            .into_iter()
+            .map(|(address, _)| Ipv4Addr::from(ipv4_from_map(address)))
+            .collect())
+    }
+
+    /// How many addresses [`CLUSTER_IP_MAP`] holds.
+    pub fn cluster_ip_count(&self) -> usize {
+        self.held_cluster_ips.len()
     }
 
     pub fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError> {
@@ -937,7 +1023,10 @@ impl Datapath {
         // Every hook runs the new programs on the new maps: from here on they are the
         // datapath, whatever happens to the pins. The old maps go with the old programs.
         drop(std::mem::replace(&mut self.ebpf, ebpf));
+        // The clusterIP map is not a growing one: both generations share it.
+        let held = std::mem::take(&mut self.maps.held_cluster_ips);
         self.maps = maps;
+        self.maps.held_cluster_ips = held;
         for map in GROWING_MAPS {
             let (from, to) = (next_pin(&self.pin_dir, map), self.pin_dir.join(map));
             if let Err(source) = std::fs::rename(&from, &to) {

@@ -1196,9 +1196,12 @@ fn claims_of(
         // traffic from outside, which on-node clients reach cluster-wide, as with
         // kube-proxy.
         let (internal, internal_flags) = if service.internal_traffic_local {
-            (&node_local, lb_common::FLAG_NODE_LOCAL)
+            (
+                &node_local,
+                lb_common::FLAG_NODE_LOCAL | lb_common::FLAG_CLUSTER_IP,
+            )
         } else {
-            (&cluster_wide, 0)
+            (&cluster_wide, lb_common::FLAG_CLUSTER_IP)
         };
         for ip in cluster_ips {
             out.push((
@@ -1413,7 +1416,11 @@ status:
         assert_eq!(
             kinds,
             [
-                ("10.96.0.10:80/TCP".into(), FrontendKind::ClusterIP, 0),
+                (
+                    "10.96.0.10:80/TCP".into(),
+                    FrontendKind::ClusterIP,
+                    lb_common::FLAG_CLUSTER_IP
+                ),
                 (
                     "127.0.0.1:30080/TCP".into(),
                     FrontendKind::NodePort,
@@ -1452,7 +1459,10 @@ ports: [{{port: 80}}]
         let local = desired_of(&yaml("node-1"));
         assert_eq!(backends(&local, &frontend), ["10.244.0.1:80"]);
         let spec = &local.target(&frontend).unwrap().spec;
-        assert_eq!(spec.flags, lb_common::FLAG_NODE_LOCAL);
+        assert_eq!(
+            spec.flags,
+            lb_common::FLAG_NODE_LOCAL | lb_common::FLAG_CLUSTER_IP
+        );
         assert_eq!(spec.affinity_timeout_s, DEFAULT_AFFINITY_TIMEOUT_S);
         let elsewhere = desired_of(&yaml("node-3"));
         assert!(backends(&elsewhere, &frontend).is_empty());

@@ -109,6 +109,19 @@ impl Programmed {
         programmed
     }
 
+    /// Whether a clusterIP frontend on `address` is in the maps.
+    pub fn has_cluster_ip(&self, address: std::net::Ipv4Addr) -> bool {
+        let first = Frontend {
+            address,
+            port: 0,
+            protocol: crate::model::Protocol::Tcp,
+        };
+        self.frontends
+            .range(first..)
+            .take_while(|(frontend, _)| frontend.address == address)
+            .any(|(_, programmed)| programmed.flags & lb_common::FLAG_CLUSTER_IP != 0)
+    }
+
     /// How many entries each map holds.
     pub fn usage(&self) -> Capacity {
         Capacity {
@@ -945,6 +958,46 @@ mod tests {
         }
         assert_eq!(maps.matches, next.affinity_matches);
         (next, ops.len())
+    }
+
+    #[test]
+    fn an_address_is_a_cluster_ip_while_a_cluster_ip_frontend_on_it_is_in_the_maps() {
+        let address = Ipv4Addr::new(10, 96, 0, 10);
+        let on = |port, flags| {
+            (
+                Frontend {
+                    address,
+                    port,
+                    protocol: Protocol::Udp,
+                },
+                ProgrammedFrontend {
+                    id: u32::from(port),
+                    flags,
+                    ..ProgrammedFrontend::default()
+                },
+            )
+        };
+        let mut frontends = BTreeMap::from([on(53, lb_common::FLAG_NODE_LOCAL)]);
+        // A neighbour's clusterIP is not this address's.
+        frontends.insert(
+            Frontend {
+                address: Ipv4Addr::new(10, 96, 0, 11),
+                port: 53,
+                protocol: Protocol::Tcp,
+            },
+            ProgrammedFrontend {
+                flags: lb_common::FLAG_CLUSTER_IP,
+                ..ProgrammedFrontend::default()
+            },
+        );
+        let programmed = Programmed::new(frontends.clone(), BTreeMap::new(), BTreeSet::new());
+        assert!(!programmed.has_cluster_ip(address), "an external IP only");
+        let (frontend, clusterip) = on(9153, lb_common::FLAG_CLUSTER_IP);
+        frontends.insert(frontend, clusterip);
+        let programmed = Programmed::new(frontends, BTreeMap::new(), BTreeSet::new());
+        assert!(programmed.has_cluster_ip(address));
+        assert!(programmed.has_cluster_ip(Ipv4Addr::new(10, 96, 0, 11)));
+        assert!(!programmed.has_cluster_ip(Ipv4Addr::new(10, 96, 0, 12)));
     }
 
     #[test]
