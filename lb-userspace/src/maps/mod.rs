@@ -610,28 +610,28 @@ impl ServiceMaps {
         changed: impl IntoIterator<Item = Ipv4Addr>,
         all: bool,
     ) -> Result<(), DatapathError> {
-        let candidates: std::collections::BTreeSet<Ipv4Addr> = if all {
+        let (added, removed): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = if all {
+            // One pass over the frontends, not a look per address: at 100k Services this is
+            // the first sync.
             self.held_cluster_ips = self.cluster_ips()?;
-            programmed
+            let wanted: std::collections::BTreeSet<Ipv4Addr> = programmed
                 .frontends
-                .keys()
-                .map(|frontend| frontend.address)
-                .chain(self.held_cluster_ips.iter().copied())
-                .collect()
+                .iter()
+                .filter(|(_, frontend)| frontend.flags & lb_common::FLAG_CLUSTER_IP != 0)
+                .map(|(frontend, _)| frontend.address)
+                .collect();
+            (
+                wanted.difference(&self.held_cluster_ips).copied().collect(),
+                self.held_cluster_ips.difference(&wanted).copied().collect(),
+            )
         } else {
-            changed.into_iter().collect()
+            let changed: std::collections::BTreeSet<Ipv4Addr> = changed.into_iter().collect();
+            let held = &self.held_cluster_ips;
+            changed
+                .into_iter()
+                .filter(|address| programmed.has_cluster_ip(*address) != held.contains(address))
+                .partition(|address| !held.contains(address))
         };
-        let (mut added, mut removed) = (Vec::new(), Vec::new());
-        for address in candidates {
-            match (
-                programmed.has_cluster_ip(address),
-                self.held_cluster_ips.contains(&address),
-            ) {
-                (true, false) => added.push(address),
-                (false, true) => removed.push(address),
-                _ => {}
-            }
-        }
         let fd = self.cluster_ips.fd().as_fd();
         let write_error = |entries: usize| {
             let capacity = self.cluster_ips.info().map_or(0, |info| info.max_entries());
