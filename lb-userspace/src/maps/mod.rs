@@ -151,6 +151,21 @@ fn full_hint(source: &crate::maps::bpf::BpfError) -> &'static str {
     }
 }
 
+/// The error of a write of `entries` entries to `map` (named `name`), with its capacity,
+/// which is asked of the kernel only when the write failed.
+fn write_error<'a>(
+    map: &'a MapData,
+    name: &'static str,
+    entries: usize,
+) -> impl FnOnce(crate::maps::bpf::BpfError) -> DatapathError + 'a {
+    move |source| DatapathError::Write {
+        map: name,
+        entries,
+        capacity: map.info().map_or(0, |info| info.max_entries()),
+        source,
+    }
+}
+
 fn map_error(map: &'static str) -> impl FnOnce(MapError) -> DatapathError {
     move |source| DatapathError::Map { map, source }
 }
@@ -559,12 +574,7 @@ impl ServiceMaps {
                 bpf::delete(fd, &keys)
             }
         };
-        result.map_err(|source| DatapathError::Write {
-            map: name,
-            entries: ops.len(),
-            capacity: map.info().map_or(0, |info| info.max_entries()),
-            source,
-        })
+        result.map_err(write_error(map, name, ops.len()))
     }
 
     /// Writes everything `programmed` holds into these (empty) maps: a new generation,
@@ -633,15 +643,7 @@ impl ServiceMaps {
                 .partition(|address| !held.contains(address))
         };
         let fd = self.cluster_ips.fd().as_fd();
-        let write_error = |entries: usize| {
-            let capacity = self.cluster_ips.info().map_or(0, |info| info.max_entries());
-            move |source| DatapathError::Write {
-                map: CLUSTER_IP_MAP,
-                entries,
-                capacity,
-                source,
-            }
-        };
+        let write_error = |entries| write_error(&self.cluster_ips, CLUSTER_IP_MAP, entries);
         let keys = |addresses: &[Ipv4Addr]| -> Vec<u32> {
             addresses
                 .iter()
