@@ -478,6 +478,26 @@ pub const fn ipv4_from_map(address: u32) -> [u8; 4] {
     address.to_ne_bytes()
 }
 
+/// The IPv4 address (the map's network-byte-order `u32`) in a v4-mapped IPv6 address
+/// (`::ffff:a.b.c.d`), given as `bpf_sock_addr.user_ip6` holds it: four network-order
+/// words. An AF_INET6 socket reaches an IPv4 address this way (the default of many
+/// runtimes), and its hooks see the mapped form; `None` for any other IPv6 address.
+#[inline(always)]
+pub const fn ipv4_in_mapped(words: [u32; 4]) -> Option<u32> {
+    if words[0] == 0 && words[1] == 0 && words[2] == 0xffff_u32.to_be() {
+        Some(words[3])
+    } else {
+        None
+    }
+}
+
+/// The v4-mapped IPv6 address of `address` (the map's network-byte-order `u32`), as
+/// `bpf_sock_addr.user_ip6` holds it.
+#[inline(always)]
+pub const fn mapped_ipv4(address: u32) -> [u32; 4] {
+    [0, 0, 0xffff_u32.to_be(), address]
+}
+
 /// A host-order port to the map's network-byte-order `u16`.
 pub const fn port_to_map(port: u16) -> u16 {
     port.to_be()
@@ -525,6 +545,25 @@ mod tests {
     use std::vec;
 
     use super::*;
+
+    #[test]
+    fn v4_mapped_addresses_carry_their_ipv4_address() {
+        let vip = ipv4_to_map([10, 96, 0, 10]);
+        let words = |address: std::net::Ipv6Addr| -> [u32; 4] {
+            let o = address.octets();
+            core::array::from_fn(|i| {
+                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+            })
+        };
+        let mapped = std::net::Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped();
+        assert_eq!(words(mapped), mapped_ipv4(vip));
+        assert_eq!(ipv4_in_mapped(words(mapped)), Some(vip));
+        // IPv4-compatible (deprecated ::a.b.c.d), NAT64 and plain IPv6 addresses are not.
+        for other in ["::10.96.0.10", "64:ff9b::a60:a", "fd00::a60:a", "::1", "::"] {
+            let other: std::net::Ipv6Addr = other.parse().unwrap();
+            assert_eq!(ipv4_in_mapped(words(other)), None, "{other}");
+        }
+    }
 
     #[test]
     fn no_backends_means_no_slot() {

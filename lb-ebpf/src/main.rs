@@ -8,7 +8,12 @@
 //!   the backend of its first datagram to a frontend while that backend stays;
 //! - `cgroup/recvmsg4` and `cgroup/getpeername4` show the frontend again where the
 //!   application would otherwise see the backend, from the socket's own storage
-//!   (`SocketState`), which the first two fill and the kernel frees with the socket.
+//!   (`SocketState`), which the first two fill and the kernel frees with the socket;
+//! - `cgroup/connect6`, `cgroup/recvmsg6` and `cgroup/getpeername6` do the same for an
+//!   AF_INET6 socket that reaches an IPv4 frontend through its v4-mapped address
+//!   (`::ffff:10.96.0.10`, the default of many runtimes). Such a socket's unconnected UDP
+//!   datagrams to a mapped address pass through `cgroup/sendmsg4`: the kernel sends them
+//!   as IPv4 before the IPv6 hook would run.
 //!
 //! A connect costs two hash lookups (the frontend's master entry, then the slot chosen,
 //! which holds the backend) and one socket storage write.
@@ -22,7 +27,7 @@
 mod datapath {
     use aya_ebpf::{
         EbpfContext as _,
-        bindings::BPF_F_NO_PREALLOC,
+        bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
         btf_maps::SkStorage,
         helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_set_retval},
         macros::{btf_map, cgroup_sock_addr, map},
@@ -34,7 +39,7 @@ mod datapath {
         AffinityValue, BACKEND_MAP_CAPACITY, Backend, CLUSTER_IP_MAP_CAPACITY, Config,
         ERRNO_NO_BACKENDS, FAMILY_IPV4, FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, MASTER_SLOT, Reason,
         SERVICE_MAP_CAPACITY, ServiceKey, ServiceValue, SocketEntry, SocketState, affinity_holds,
-        backend_slot,
+        backend_slot, ipv4_in_mapped,
     };
 
     /// Verdict that lets the syscall proceed (with whatever address we left in the context).
@@ -74,25 +79,76 @@ mod datapath {
 
     #[cgroup_sock_addr(connect4)]
     pub fn connect4(ctx: SockAddrContext) -> i32 {
-        forward(&ctx, Reason::ConnectTranslated, false)
+        forward(&ctx, Ipv4Field::Ip4, Reason::ConnectTranslated, false)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-        forward(&ctx, Reason::SendmsgTranslated, true)
+        forward(&ctx, Ipv4Field::Ip4, Reason::SendmsgTranslated, true)
     }
 
     #[cgroup_sock_addr(recvmsg4)]
     pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
-        restore(&ctx, Reason::RecvmsgRestored);
+        restore(&ctx, Ipv4Field::Ip4, Reason::RecvmsgRestored);
         // recvmsg hooks must allow: the datagram has already arrived.
         ALLOW
     }
 
     #[cgroup_sock_addr(getpeername4)]
     pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-        restore(&ctx, Reason::PeernameRestored);
+        restore(&ctx, Ipv4Field::Ip4, Reason::PeernameRestored);
         ALLOW
+    }
+
+    #[cgroup_sock_addr(connect6)]
+    pub fn connect6(ctx: SockAddrContext) -> i32 {
+        forward(&ctx, Ipv4Field::MappedIp6, Reason::ConnectTranslated, false)
+    }
+
+    #[cgroup_sock_addr(recvmsg6)]
+    pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
+        restore(&ctx, Ipv4Field::MappedIp6, Reason::RecvmsgRestored);
+        ALLOW
+    }
+
+    #[cgroup_sock_addr(getpeername6)]
+    pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+        restore(&ctx, Ipv4Field::MappedIp6, Reason::PeernameRestored);
+        ALLOW
+    }
+
+    /// Where a hook finds the IPv4 address it translates: `user_ip4` (AF_INET sockets), or
+    /// the last word of a v4-mapped `user_ip6` (AF_INET6 sockets reaching IPv4 addresses).
+    #[derive(Clone, Copy)]
+    enum Ipv4Field {
+        Ip4,
+        MappedIp6,
+    }
+
+    impl Ipv4Field {
+        /// The IPv4 address, `None` for an IPv6 address that is not v4-mapped.
+        #[inline(always)]
+        fn read(self, sock_addr: &bpf_sock_addr) -> Option<u32> {
+            match self {
+                Self::Ip4 => Some(sock_addr.user_ip4),
+                // Word by word: the verifier allows 4-byte context accesses here.
+                Self::MappedIp6 => ipv4_in_mapped([
+                    sock_addr.user_ip6[0],
+                    sock_addr.user_ip6[1],
+                    sock_addr.user_ip6[2],
+                    sock_addr.user_ip6[3],
+                ]),
+            }
+        }
+
+        /// Replaces the IPv4 address (the mapped prefix of an IPv6 one stays).
+        #[inline(always)]
+        fn write(self, sock_addr: &mut bpf_sock_addr, address: u32) {
+            match self {
+                Self::Ip4 => sock_addr.user_ip4 = address,
+                Self::MappedIp6 => sock_addr.user_ip6[3] = address,
+            }
+        }
     }
 
     /// What to do with a connect()/sendmsg() destination.
@@ -114,12 +170,20 @@ mod datapath {
 
     /// `per_datagram`: the call is one unconnected sendmsg() of many a socket may make.
     #[inline(always)]
-    fn forward(ctx: &SockAddrContext, translated: Reason, per_datagram: bool) -> i32 {
+    fn forward(
+        ctx: &SockAddrContext,
+        field: Ipv4Field,
+        translated: Reason,
+        per_datagram: bool,
+    ) -> i32 {
         // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime.
         let sock_addr = unsafe { &mut *ctx.sock_addr };
+        let Some(address) = field.read(sock_addr) else {
+            return ALLOW;
+        };
         // The kernel keeps the network-order port in the low 16 bits of `user_port`.
         let frontend = ServiceKey::new(
-            sock_addr.user_ip4,
+            address,
             sock_addr.user_port as u16,
             sock_addr.protocol as u8,
             MASTER_SLOT,
@@ -132,7 +196,7 @@ mod datapath {
                 frontend_id,
                 affinity_hit,
             } => {
-                sock_addr.user_ip4 = backend.address;
+                field.write(sock_addr, backend.address);
                 sock_addr.user_port = u32::from(backend.port);
                 remember(ctx, SocketEntry::ipv4(&frontend, frontend_id, id, &backend));
                 count(translated);
@@ -308,7 +372,7 @@ mod datapath {
 
     /// Shows the frontend where the socket would show the backend it was translated to.
     #[inline(always)]
-    fn restore(ctx: &SockAddrContext, reason: Reason) {
+    fn restore(ctx: &SockAddrContext, field: Ipv4Field, reason: Reason) {
         // SAFETY: the kernel's socket of this call; without the create flag, nothing is
         // allocated for sockets lb never translated.
         let state = unsafe { SOCKETS.get_ptr_mut(ctx) };
@@ -317,13 +381,16 @@ mod datapath {
         }
         // SAFETY: as in `forward`.
         let sock_addr = unsafe { &mut *ctx.sock_addr };
-        let backend = [sock_addr.user_ip4, 0, 0, 0];
+        let Some(address) = field.read(sock_addr) else {
+            return;
+        };
+        let backend = [address, 0, 0, 0];
         // SAFETY: non-null storage of this socket, valid for the program's run.
         let state = unsafe { &*state };
         if let Some(entry) =
             state.entry_for_backend(FAMILY_IPV4, &backend, sock_addr.user_port as u16)
         {
-            sock_addr.user_ip4 = entry.frontend_address[0];
+            field.write(sock_addr, entry.frontend_address[0]);
             sock_addr.user_port = u32::from(entry.frontend_port);
             count(reason);
         }

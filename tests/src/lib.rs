@@ -201,6 +201,14 @@ impl Probe {
         }
     }
 
+    /// The client's address as the pod saw it (TCP only: the HTTP server reports it).
+    pub fn remote_addr(&self) -> Option<&str> {
+        match self {
+            Probe::Answered { remote_addr, .. } => Some(remote_addr),
+            Probe::Failed { .. } => None,
+        }
+    }
+
     pub fn error(&self) -> Option<&str> {
         match self {
             Probe::Answered { .. } => None,

@@ -224,7 +224,10 @@ fn every_command_works_with_the_agent_running_and_stopped() {
             "cgroup/connect4",
             "cgroup/sendmsg4",
             "cgroup/recvmsg4",
-            "cgroup/getpeername4"
+            "cgroup/getpeername4",
+            "cgroup/connect6",
+            "cgroup/recvmsg6",
+            "cgroup/getpeername6"
         ]
     );
     let occupancy = |status: &serde_json::Value, map: &str| {

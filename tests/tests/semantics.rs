@@ -134,6 +134,85 @@ fn unconnected_udp_replies_come_from_the_service_address() {
     assert_eq!(testbed.stat("unknown_port").unwrap(), 1);
 }
 
+/// Many runtimes (Java, Node.js, Go's dual-stack listeners and dialers) open AF_INET6
+/// sockets and reach IPv4 addresses through their v4-mapped form: such a socket reaches an
+/// IPv4 Service like an AF_INET one, and sees the mapped Service address back.
+#[test]
+fn an_ipv6_socket_reaches_an_ipv4_service_through_its_v4_mapped_address() {
+    if !privileged("an_ipv6_socket_reaches_an_ipv4_service_through_its_v4_mapped_address") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    let ips: Vec<_> = pods.iter().map(|p| p.ip).collect();
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web("", "port: 80, targetPort: 8888")
+                + "---\n"
+                + &web("", "port: 53, targetPort: 8888, protocol: UDP")
+                    .replace("name: web,", "name: dns,")
+                    .replace("10.96.0.10", "10.96.0.53")
+                + &slice("web", "web-a", 8888, "TCP", &ready(&ips))
+                + &slice("dns", "dns-a", 8888, "UDP", &ready(&ips))),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    let both = Some(&["10.244.0.10:8888", "10.244.0.11:8888"][..]);
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", both)
+        .unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.53:53/UDP", both)
+        .unwrap();
+
+    // TCP: the pods answer, the application sees the mapped Service address as its peer,
+    // and the pod sees the client's own IPv4 address (no NAT).
+    let probes = testbed
+        .probe(&client, "[::ffff:10.96.0.10]:80", 20)
+        .unwrap();
+    assert_all_answered(&probes);
+    for probe in &probes {
+        assert_eq!(probe.peer(), Some("[::ffff:10.96.0.10]:80"), "{probe:?}");
+        assert!(
+            probe
+                .remote_addr()
+                .is_some_and(|a| a.starts_with("10.244.1.1:")),
+            "{probe:?}"
+        );
+    }
+    assert_eq!(
+        hostnames(&probes),
+        BTreeSet::from(["web-0".into(), "web-1".into()])
+    );
+    assert_eq!(testbed.stat("connect_translated").unwrap(), 20);
+    assert_eq!(testbed.stat("peername_restored").unwrap(), 20);
+
+    // Connected UDP (connect6 translates it) and unconnected UDP (the kernel sends a
+    // mapped destination's datagrams as IPv4: sendmsg4 translates them, recvmsg6 shows the
+    // reply coming from the mapped Service address).
+    let connected = testbed
+        .probe_with(
+            &client,
+            "[::ffff:10.96.0.53]:53",
+            5,
+            &["--mode", "connected-udp"],
+        )
+        .unwrap();
+    let unconnected = testbed
+        .probe_with(&client, "[::ffff:10.96.0.53]:53", 5, &["--mode", "udp"])
+        .unwrap();
+    for probe in connected.iter().chain(&unconnected) {
+        assert!(probe.hostname().is_some(), "{probe:?}");
+        assert_eq!(probe.peer(), Some("[::ffff:10.96.0.53]:53"), "{probe:?}");
+    }
+    assert_eq!(testbed.stat("sendmsg_translated").unwrap(), 5);
+    assert_eq!(testbed.stat("recvmsg_restored").unwrap(), 5);
+
+    // A port none of the clusterIP's Services has is refused at once, as for AF_INET.
+    assert_refused(&testbed.probe(&client, "[::ffff:10.96.0.10]:81", 1).unwrap());
+    assert_eq!(testbed.stat("unknown_port").unwrap(), 1);
+}
+
 #[test]
 fn a_service_without_usable_endpoints_refuses_at_once() {
     if !privileged("a_service_without_usable_endpoints_refuses_at_once") {

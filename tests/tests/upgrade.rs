@@ -45,7 +45,19 @@ struct PreviousServiceValue {
 // valid value.
 unsafe impl aya::Pod for PreviousServiceValue {}
 
-const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// The previous layout's programs (it had no IPv6 hooks).
+const PREVIOUS_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+
+/// This layout's programs.
+const PROGRAMS: [&str; 7] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "connect6",
+    "recvmsg6",
+    "getpeername6",
+];
 
 const SERVICE: &str = "\
 apiVersion: v1
@@ -142,7 +154,7 @@ fn load_previous_layout(
         .default_map_pin_directory(bpffs)
         .load_file(object)?;
     let cgroup = std::fs::File::open(cgroup)?;
-    for name in PROGRAMS {
+    for name in PREVIOUS_PROGRAMS {
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow::anyhow!("no program {name}"))?
@@ -256,7 +268,14 @@ fn an_agent_takes_over_from_the_previous_layout_without_a_failed_connect() {
 
     // Only this layout's programs are attached, and the previous maps are gone.
     let programs = attached(&testbed.cgroup).unwrap();
-    assert_eq!(programs.len(), PROGRAMS.len(), "{programs:?}");
+    let mut names: Vec<&str> = programs
+        .iter()
+        .filter_map(|program| program["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    let mut expected = PROGRAMS.to_vec();
+    expected.sort_unstable();
+    assert_eq!(names, expected, "{programs:?}");
     for map in PREVIOUS_LAYOUT_MAPS {
         assert!(!testbed.bpffs.join(map).exists(), "{map} is still pinned");
     }

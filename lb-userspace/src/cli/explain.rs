@@ -2,7 +2,7 @@
 //! to that destination — the frontend it matches, the slot table, each candidate endpoint and
 //! why it is or is not a backend — computed with the lb-common code the programs run.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 
 use lb_common::{FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, backend_slot};
 use serde::Serialize;
@@ -12,7 +12,8 @@ use crate::model::{EndpointState, Frontend, Protocol};
 
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
-    /// The destination, e.g. 10.96.0.10:80 or 10.96.0.10:53/UDP (TCP if no protocol).
+    /// The destination, e.g. 10.96.0.10:80 or 10.96.0.10:53/UDP (TCP if no protocol); an
+    /// AF_INET6 socket's v4-mapped [::ffff:10.96.0.10]:80 is the same frontend.
     #[arg(value_name = "ADDRESS:PORT[/PROTO]", value_parser = parse_destination)]
     pub destination: Frontend,
     #[command(flatten)]
@@ -26,7 +27,7 @@ pub struct ExplainArgs {
 pub enum DestinationError {
     #[error(transparent)]
     Protocol(#[from] crate::model::Invalid),
-    #[error("{0:?} is not an IPv4 ADDRESS:PORT")]
+    #[error("{0:?} is not an IPv4 ADDRESS:PORT (or a v4-mapped [::ffff:ADDRESS]:PORT)")]
     Address(String),
 }
 
@@ -36,12 +37,15 @@ fn parse_destination(text: &str) -> Result<Frontend, DestinationError> {
         None => (text, "TCP".to_owned()),
     };
     let protocol = Protocol::from_api(Some(&protocol))?;
-    let address: SocketAddrV4 = address
-        .parse()
-        .map_err(|_| DestinationError::Address(address.to_owned()))?;
+    let not_one = || DestinationError::Address(address.to_owned());
+    // The datapath translates a v4-mapped destination through the IPv4 frontends.
+    let (ip, port) = match address.parse::<SocketAddr>().map_err(|_| not_one())? {
+        SocketAddr::V4(v4) => (*v4.ip(), v4.port()),
+        SocketAddr::V6(v6) => (v6.ip().to_ipv4_mapped().ok_or_else(not_one)?, v6.port()),
+    };
     Ok(Frontend {
-        address: *address.ip(),
-        port: address.port(),
+        address: ip,
+        port,
         protocol,
     })
 }
@@ -315,6 +319,11 @@ mod tests {
                 .to_string()
                 .contains("not an IPv4 ADDRESS:PORT")
         );
+        assert_eq!(
+            parse_destination("[::ffff:10.96.0.10]:53/UDP").unwrap(),
+            parse_destination("10.96.0.10:53/UDP").unwrap()
+        );
+        assert!(parse_destination("[fd00::10]:80").is_err());
         assert!(
             parse_destination("10.96.0.10:80/ICMP")
                 .unwrap_err()

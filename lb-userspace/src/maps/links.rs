@@ -51,9 +51,13 @@ pub fn cgroup_path(root: &Path, id: u64, max_depth: usize) -> Option<PathBuf> {
 pub const fn attach_type_name(attach_type: u32) -> &'static str {
     match attach_type {
         10 => "cgroup/connect4",
+        11 => "cgroup/connect6",
         14 => "cgroup/sendmsg4",
+        15 => "cgroup/sendmsg6",
         19 => "cgroup/recvmsg4",
+        20 => "cgroup/recvmsg6",
         29 => "cgroup/getpeername4",
+        30 => "cgroup/getpeername6",
         _ => "other",
     }
 }

@@ -39,8 +39,18 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 /// The programs, each attached to the cgroup through a link pinned as `lb_<program>`:
 /// removing the pin detaches the program.
-/// The attach point of each comes from its ELF section (`cgroup/connect4`, …).
-pub const PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+/// The attach point of each comes from its ELF section (`cgroup/connect4`, …). The IPv6
+/// hooks serve AF_INET6 sockets that reach IPv4 frontends through v4-mapped addresses
+/// (their unconnected datagrams pass `sendmsg4`).
+pub const PROGRAMS: [&str; 7] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "connect6",
+    "recvmsg6",
+    "getpeername6",
+];
 
 pub use lb_common::MAPS;
 

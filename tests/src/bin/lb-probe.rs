@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -25,7 +25,8 @@ enum Mode {
 
 #[derive(Parser)]
 struct Args {
-    /// Destination, e.g. a Service's clusterIP:port.
+    /// Destination, e.g. a Service's clusterIP:port; an IPv6 one (`[::ffff:10.96.0.10]:80`)
+    /// is reached from an AF_INET6 socket.
     address: SocketAddr,
     #[arg(long, value_enum, default_value_t = Mode::Tcp)]
     mode: Mode,
@@ -60,7 +61,7 @@ fn main() {
         .map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
     let shared = match (args.same_socket, args.mode) {
         (false, _) => None,
-        (true, Mode::Udp) => match udp_socket(timeout) {
+        (true, Mode::Udp) => match udp_socket(args.address, timeout) {
             Ok(socket) => Some(socket),
             Err(e) => {
                 eprintln!("lb-probe: a UDP socket: {e}");
@@ -131,8 +132,15 @@ fn tcp(address: SocketAddr, timeout: Duration) -> std::io::Result<Answer> {
     })
 }
 
-fn udp_socket(timeout: Duration) -> std::io::Result<UdpSocket> {
-    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+/// A UDP socket of `to`'s family: an IPv6 destination (v4-mapped ones included) gets an
+/// AF_INET6 socket, as a dual-stack runtime makes.
+fn udp_socket(to: SocketAddr, timeout: Duration) -> std::io::Result<UdpSocket> {
+    let any: std::net::IpAddr = if to.is_ipv6() {
+        Ipv6Addr::UNSPECIFIED.into()
+    } else {
+        Ipv4Addr::UNSPECIFIED.into()
+    };
+    let socket = UdpSocket::bind((any, 0))?;
     socket.set_read_timeout(Some(timeout))?;
     Ok(socket)
 }
@@ -147,7 +155,7 @@ fn udp(
     let socket = match shared {
         Some(socket) => socket,
         None => {
-            own = udp_socket(timeout)?;
+            own = udp_socket(address, timeout)?;
             &own
         }
     };
