@@ -47,7 +47,7 @@ pub const SOCKET_MAP: &str = "lb_sock_v1";
 /// See [`SERVICE_MAP`].
 pub const CONFIG_MAP: &str = "lb_config_v1";
 /// See [`SERVICE_MAP`].
-pub const STATS_MAP: &str = "lb_stats_v3";
+pub const STATS_MAP: &str = "lb_stats_v4";
 /// The addresses that are the clusterIP of a frontend in [`SERVICE_MAP`] (key: the IPv4
 /// address, network byte order; value `u32`, unused): a connect to one of them on a port
 /// no Service has is refused, as kube-proxy rejects it. See [`SERVICE_MAP`] for the name.
@@ -65,13 +65,16 @@ pub const MAPS: [&str; 8] = [
     STATS_MAP,
 ];
 
-/// The maps of the previous layout (before [`SocketState`]) that this one no longer has: an
-/// agent taking over from one removes their pins once its own maps are filled.
-pub const PREVIOUS_LAYOUT_MAPS: [&str; 4] = [
+/// The maps of the previous layouts that this one no longer has — before [`SocketState`]
+/// (`lb4_svc_v2` and the LRU maps it replaced) and before the bind counter
+/// (`lb_stats_v3`, 9 counters): an agent taking over from one removes their pins once its
+/// own maps are filled.
+pub const PREVIOUS_LAYOUT_MAPS: [&str; 5] = [
     "lb4_svc_v2",
     "lb4_revnat_v1",
     "lb4_udpsock_v1",
     "lb_stats_v2",
+    "lb_stats_v3",
 ];
 
 /// Default capacity of [`SERVICE_MAP`]: one entry per frontend plus one per backend slot.
@@ -87,9 +90,19 @@ pub const AFFINITY_MAP_CAPACITY: u32 = 65_536;
 /// affinity, and of UDP frontends. The agent creates it as large as the service map.
 pub const AFFINITY_MATCH_MAP_CAPACITY: u32 = 65_536;
 
+/// Capacity of [`STATS_MAP`]: room for counters to come, so that adding one does not
+/// change the map (and its name); [`Reason::COUNT`] of them are used.
+pub const STATS_MAP_CAPACITY: u32 = 32;
+const _: () = assert!(Reason::COUNT <= STATS_MAP_CAPACITY);
+
 /// The errno a connect()/sendmsg() to a frontend with no usable backend fails with, at
 /// once, as a TCP RST from a closed port would: the client is not left waiting.
 pub const ERRNO_NO_BACKENDS: i32 = 111; // ECONNREFUSED
+
+/// The errno a bind() in the node's network namespace to an address and port a NodePort,
+/// LoadBalancer or external IP frontend has fails with, as if a socket held it (as Cilium
+/// refuses it): the process would otherwise take traffic meant for the Service.
+pub const ERRNO_ADDRESS_IN_USE: i32 = 98; // EADDRINUSE
 
 /// The slot that holds a frontend's master entry.
 pub const MASTER_SLOT: u16 = 0;
@@ -423,11 +436,14 @@ pub enum Reason {
     /// Refused with [`ERRNO_NO_BACKENDS`]: a clusterIP on a port (or protocol) none of its
     /// Services has.
     UnknownPort = 8,
+    /// Refused with [`ERRNO_ADDRESS_IN_USE`]: a bind() in the node's network namespace to a
+    /// NodePort (on any address), or to a LoadBalancer or external IP and its port.
+    BindRefused = 9,
 }
 
 impl Reason {
     /// Every reason, in index order.
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Reason::ConnectTranslated,
         Reason::SendmsgTranslated,
         Reason::RecvmsgRestored,
@@ -437,6 +453,7 @@ impl Reason {
         Reason::BackendMissing,
         Reason::AffinityHit,
         Reason::UnknownPort,
+        Reason::BindRefused,
     ];
     /// Number of counters in [`STATS_MAP`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -453,6 +470,7 @@ impl Reason {
             Reason::BackendMissing => "backend_missing",
             Reason::AffinityHit => "affinity_hit",
             Reason::UnknownPort => "unknown_port",
+            Reason::BindRefused => "bind_refused",
         }
     }
 }
@@ -496,6 +514,26 @@ pub const fn ipv4_in_mapped(words: [u32; 4]) -> Option<u32> {
 #[inline(always)]
 pub const fn mapped_ipv4(address: u32) -> [u32; 4] {
     [0, 0, 0xffff_u32.to_be(), address]
+}
+
+/// 127.0.0.1 in the map's byte order.
+pub const IPV4_LOOPBACK: u32 = ipv4_to_map([127, 0, 0, 1]);
+
+/// Whether a bind() in the node's network namespace to `address` (the map's byte order;
+/// 0 for the wildcard) would take traffic of the frontend on that port whose master
+/// entry `frontend_flags` are, found at [`bind_frontend_address`]. A clusterIP is never
+/// a local address, so only NodePort, LoadBalancer and external IP frontends conflict.
+#[inline(always)]
+pub const fn bind_conflicts(frontend_flags: u16) -> bool {
+    frontend_flags & FLAG_CLUSTER_IP == 0
+}
+
+/// The frontend address a bind() to `address` is checked against: the address itself, or
+/// for the wildcard (which also receives a NodePort's traffic on every node address)
+/// 127.0.0.1, where every NodePort has a frontend and nothing else does.
+#[inline(always)]
+pub const fn bind_frontend_address(address: u32) -> u32 {
+    if address == 0 { IPV4_LOOPBACK } else { address }
 }
 
 /// A host-order port to the map's network-byte-order `u16`.
@@ -563,6 +601,20 @@ mod tests {
             let other: std::net::Ipv6Addr = other.parse().unwrap();
             assert_eq!(ipv4_in_mapped(words(other)), None, "{other}");
         }
+    }
+
+    #[test]
+    fn a_wildcard_bind_is_checked_against_the_node_ports_on_loopback() {
+        let node_ip = ipv4_to_map([10, 244, 0, 1]);
+        assert_eq!(bind_frontend_address(0), ipv4_to_map([127, 0, 0, 1]));
+        assert_eq!(bind_frontend_address(node_ip), node_ip);
+        // NodePorts (on loopback: host netns only), LoadBalancer and external IPs conflict;
+        // clusterIPs never do.
+        assert!(bind_conflicts(FLAG_HOST_NETNS_ONLY));
+        assert!(bind_conflicts(0));
+        assert!(bind_conflicts(FLAG_NODE_LOCAL));
+        assert!(!bind_conflicts(FLAG_CLUSTER_IP));
+        assert!(!bind_conflicts(FLAG_CLUSTER_IP | FLAG_NODE_LOCAL));
     }
 
     #[test]

@@ -13,7 +13,10 @@
 //!   AF_INET6 socket that reaches an IPv4 frontend through its v4-mapped address
 //!   (`::ffff:10.96.0.10`, the default of many runtimes). Such a socket's unconnected UDP
 //!   datagrams to a mapped address pass through `cgroup/sendmsg4`: the kernel sends them
-//!   as IPv4 before the IPv6 hook would run.
+//!   as IPv4 before the IPv6 hook would run;
+//! - `cgroup/post_bind4` and `cgroup/post_bind6` fail a bind() in the node's network
+//!   namespace to a NodePort, or to a LoadBalancer or external IP and its port, with
+//!   EADDRINUSE: the process would take the Service's traffic from off-node clients.
 //!
 //! A connect costs two hash lookups (the frontend's master entry, then the slot chosen,
 //! which holds the backend) and one socket storage write.
@@ -26,20 +29,21 @@
 #[cfg(target_arch = "bpf")]
 mod datapath {
     use aya_ebpf::{
-        EbpfContext as _,
+        EbpfContext,
         bindings::{BPF_F_NO_PREALLOC, bpf_sock_addr},
         btf_maps::SkStorage,
         helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_set_retval},
-        macros::{btf_map, cgroup_sock_addr, map},
+        macros::{btf_map, cgroup_sock, cgroup_sock_addr, map},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
-        programs::SockAddrContext,
+        programs::{SockAddrContext, SockContext},
     };
     use lb_common::{
         AFFINITY_MAP_CAPACITY, AFFINITY_MATCH_MAP_CAPACITY, AffinityKey, AffinityMatchKey,
         AffinityValue, BACKEND_MAP_CAPACITY, Backend, CLUSTER_IP_MAP_CAPACITY, Config,
-        ERRNO_NO_BACKENDS, FAMILY_IPV4, FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL, MASTER_SLOT, Reason,
-        SERVICE_MAP_CAPACITY, ServiceKey, ServiceValue, SocketEntry, SocketState, affinity_holds,
-        backend_slot, ipv4_in_mapped,
+        ERRNO_ADDRESS_IN_USE, ERRNO_NO_BACKENDS, FAMILY_IPV4, FLAG_HOST_NETNS_ONLY,
+        FLAG_NODE_LOCAL, MASTER_SLOT, Reason, SERVICE_MAP_CAPACITY, STATS_MAP_CAPACITY, ServiceKey,
+        ServiceValue, SocketEntry, SocketState, affinity_holds, backend_slot, bind_conflicts,
+        bind_frontend_address, ipv4_in_mapped, port_to_map,
     };
 
     /// Verdict that lets the syscall proceed (with whatever address we left in the context).
@@ -74,8 +78,8 @@ mod datapath {
     #[map(name = "lb_config_v1")]
     static CONFIG: Array<Config> = Array::pinned(1, 0);
 
-    #[map(name = "lb_stats_v3")]
-    static STATS: PerCpuArray<u64> = PerCpuArray::pinned(Reason::COUNT, 0);
+    #[map(name = "lb_stats_v4")]
+    static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STATS_MAP_CAPACITY, 0);
 
     #[cgroup_sock_addr(connect4)]
     pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -115,6 +119,64 @@ mod datapath {
     pub fn getpeername6(ctx: SockAddrContext) -> i32 {
         restore(&ctx, Ipv4Field::MappedIp6, Reason::PeernameRestored);
         ALLOW
+    }
+
+    #[cgroup_sock(post_bind4)]
+    pub fn post_bind4(ctx: SockContext) -> i32 {
+        // SAFETY: the kernel passes a valid `bpf_sock` for the program's lifetime.
+        let sock = unsafe { &*ctx.sock };
+        refuse_service_bind(&ctx, sock.src_ip4, sock.src_port, sock.protocol)
+    }
+
+    #[cgroup_sock(post_bind6)]
+    pub fn post_bind6(ctx: SockContext) -> i32 {
+        // SAFETY: as in `post_bind4`.
+        let sock = unsafe { &*ctx.sock };
+        // Word by word: the verifier allows 4-byte context accesses here.
+        let words = [
+            sock.src_ip6[0],
+            sock.src_ip6[1],
+            sock.src_ip6[2],
+            sock.src_ip6[3],
+        ];
+        // The IPv6 wildcard also receives IPv4 (unless the socket is IPV6_V6ONLY, which
+        // this hook cannot see); a v4-mapped address is that IPv4 address.
+        let address = if words == [0; 4] {
+            0
+        } else {
+            match ipv4_in_mapped(words) {
+                Some(address) => address,
+                None => return ALLOW,
+            }
+        };
+        refuse_service_bind(&ctx, address, sock.src_port, sock.protocol)
+    }
+
+    /// Fails a bind() of the node's netns to `address` (network order, 0 for the wildcard)
+    /// and `port` (host order, as `bpf_sock.src_port` has it) when a NodePort, LoadBalancer
+    /// or external IP frontend has them; pods' binds are their own netns's business.
+    #[inline(always)]
+    fn refuse_service_bind(ctx: &SockContext, address: u32, port: u32, protocol: u32) -> i32 {
+        if !in_host_netns(ctx) {
+            return ALLOW;
+        }
+        let frontend = ServiceKey::new(
+            bind_frontend_address(address),
+            port_to_map(port as u16),
+            protocol as u8,
+            MASTER_SLOT,
+        );
+        // SAFETY: plain data read at once.
+        match unsafe { SERVICES.get(frontend) } {
+            Some(master) if bind_conflicts(master.flags) => {
+                count(Reason::BindRefused);
+                // SAFETY: a helper valid for cgroup sock programs (Linux ≥ 5.18); the
+                // errno is negated, as the kernel expects.
+                unsafe { bpf_set_retval(-ERRNO_ADDRESS_IN_USE) };
+                REJECT
+            }
+            _ => ALLOW,
+        }
     }
 
     /// Where a hook finds the IPv4 address it translates: `user_ip4` (AF_INET sockets), or
@@ -364,7 +426,7 @@ mod datapath {
     }
 
     #[inline(always)]
-    fn in_host_netns(ctx: &SockAddrContext) -> bool {
+    fn in_host_netns(ctx: &impl EbpfContext) -> bool {
         let host = CONFIG.get(0).map_or(0, |config| config.host_netns_cookie);
         // SAFETY: a helper valid for sock_addr programs, given their context.
         host != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == host

@@ -19,7 +19,7 @@ use crate::{
     maps::{self as datapath, mounts},
     metrics::{self, ErrorKind, Metrics},
     model::{Desired, Frontend, Node, ObjectRef},
-    netns,
+    netns, node_ports,
     plan::{self, Capacity, PlanError, Programmed},
     source::{
         Change, Source, kubernetes,
@@ -68,6 +68,14 @@ pub struct AgentArgs {
     /// 127.0.0.1 [default: the agent's, as when it runs with hostNetwork].
     #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
     pub host_netns: PathBuf,
+    /// The cluster's NodePort range (kube-apiserver's `--service-node-port-range`), added to
+    /// the node netns's `net.ipv4.ip_local_reserved_ports` so that no ephemeral port lands
+    /// on a NodePort, whose binds the datapath refuses; `lb unload` gives back what was
+    /// added. `none` reserves nothing.
+    #[arg(long, value_name = "FIRST-LAST|none",
+          default_value = crate::node_ports::DEFAULT_NODE_PORT_RANGE,
+          value_parser = crate::node_ports::parse_range)]
+    pub node_port_range: crate::node_ports::NodePortRange,
     /// Serve Prometheus /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9965).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -190,6 +198,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "programs attached, maps pinned"
     );
     datapath.maps.set_host_netns_cookie(host.cookie)?;
+    if let Some(range) = &args.node_port_range.0 {
+        // Without it the node still works: a bind or connect drawing a NodePort as its
+        // ephemeral port fails, which is what the reservation avoids.
+        match node_ports::reserve(&args.host_netns, range, &args.state_dir) {
+            Ok(added) if added.is_empty() => {}
+            Ok(added) => tracing::info!(
+                ports = %added,
+                "NodePorts kept out of the node's ephemeral ports (net.ipv4.ip_local_reserved_ports)"
+            ),
+            Err(e) => tracing::error!(
+                "{e}; a bind or connect on the node may draw a NodePort as its ephemeral port and fail"
+            ),
+        }
+    }
 
     // Changes are watched before the first read, so none between the two is missed.
     let (changes, mut changed) = mpsc::unbounded_channel();

@@ -22,6 +22,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod netns;
+pub mod node_ports;
 pub mod plan;
 pub mod source;
 pub mod state;

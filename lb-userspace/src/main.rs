@@ -3,7 +3,7 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{CommandFactory as _, Parser, Subcommand};
-use lb_userspace::{DEFAULT_BPFFS, agent, cli, maps};
+use lb_userspace::{DEFAULT_BPFFS, agent, cli, maps, node_ports};
 use tracing_subscriber::EnvFilter;
 
 /// mimalloc returns freed memory to the system where glibc's malloc keeps it: after the
@@ -53,6 +53,10 @@ struct UnloadArgs {
     /// bpffs directory the agent pinned its links and maps in.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BPFFS)]
     bpffs: PathBuf,
+    /// The agent's state directory: the NodePorts it reserved, recorded there, are given
+    /// back to the node's ephemeral ports.
+    #[arg(long, value_name = "PATH", default_value = lb_userspace::state::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
 }
 
 fn main() -> ExitCode {
@@ -111,6 +115,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Unload(args) => {
             for path in maps::unload(&args.bpffs)? {
                 println!("removed {}", path.display());
+            }
+            if let Some((netns, ports)) = node_ports::release(&args.state_dir)? {
+                println!(
+                    "gave back NodePorts {ports} to the ephemeral ports of {} (net.ipv4.ip_local_reserved_ports)",
+                    netns.display()
+                );
             }
             Ok(())
         }

@@ -68,7 +68,7 @@ pub fn inspect(path: &Path) -> Result<HostNetns, NetnsError> {
 }
 
 /// Runs `work` on a thread that entered the network namespace at `path`.
-fn inside<T: Send>(
+pub(crate) fn inside<T: Send>(
     path: &Path,
     work: impl FnOnce() -> Result<T, NetnsError> + Send,
 ) -> Result<T, NetnsError> {

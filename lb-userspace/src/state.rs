@@ -310,6 +310,16 @@ fn shard_file(index: usize) -> String {
 
 /// Replaces `path` with `value` as JSON atomically, so a reader never sees half of it.
 fn write_atomically(path: &Path, value: &impl Serialize) -> Result<(), StateError> {
+    write_json(path, value, 0o644)
+}
+
+/// As [`write_atomically`], for a file only root may read.
+pub(crate) fn write_private(path: &Path, value: &impl Serialize) -> Result<(), StateError> {
+    write_json(path, value, 0o600)
+}
+
+fn write_json(path: &Path, value: &impl Serialize, mode: u32) -> Result<(), StateError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let error = |source| StateError::Write {
         path: path.into(),
         source,
@@ -319,7 +329,20 @@ fn write_atomically(path: &Path, value: &impl Serialize) -> Result<(), StateErro
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
     let temp = path.with_file_name(format!(".{name}.tmp"));
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&temp).map_err(error)?);
+    // A temp file an interrupted write left goes first: the new one is created afresh
+    // (O_EXCL, which follows no link), with `mode`.
+    match std::fs::remove_file(&temp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(error(e)),
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temp)
+        .map_err(error)?;
+    let mut file = std::io::BufWriter::new(file);
     serde_json::to_writer(&mut file, value)
         .map_err(std::io::Error::other)
         .map_err(error)?;

@@ -584,10 +584,12 @@ impl Testbed {
     /// The `lb ARGS` command pointed at this testbed's pins and state, not run yet.
     pub fn lb_command(&self, args: &[&str]) -> anyhow::Result<Command> {
         let mut command = Command::new(binary("lb")?);
-        command.args(args).arg("--bpffs").arg(&self.bpffs);
-        if args.first() != Some(&"unload") {
-            command.arg("--state-dir").arg(self.state_dir());
-        }
+        command
+            .args(args)
+            .arg("--bpffs")
+            .arg(&self.bpffs)
+            .arg("--state-dir")
+            .arg(self.state_dir());
         Ok(command)
     }
 

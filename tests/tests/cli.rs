@@ -227,7 +227,9 @@ fn every_command_works_with_the_agent_running_and_stopped() {
             "cgroup/getpeername4",
             "cgroup/connect6",
             "cgroup/recvmsg6",
-            "cgroup/getpeername6"
+            "cgroup/getpeername6",
+            "cgroup/post_bind4",
+            "cgroup/post_bind6"
         ]
     );
     let occupancy = |status: &serde_json::Value, map: &str| {

@@ -412,6 +412,137 @@ fn node_ports_answer_on_the_node_ip_and_on_loopback_from_the_node() {
     assert_refused(&own_loopback);
 }
 
+/// A process on the node that binds a NodePort (on any address), or a LoadBalancer or
+/// external IP and its port, would take the Service's traffic from off-node clients: the
+/// bind fails with EADDRINUSE, as if a socket held the port. Pods bind what they like.
+#[test]
+fn a_host_bind_on_a_service_address_fails_with_eaddrinuse() {
+    if !privileged("a_host_bind_on_a_service_address_fails_with_eaddrinuse") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(1, 8888);
+    let service = web(
+        "  type: LoadBalancer\n  externalIPs: [203.0.113.7]",
+        "port: 80, targetPort: 8888, nodePort: 30695",
+    );
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(service + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))),
+        )
+        .unwrap();
+    // The external IP is an address of the node, as kube-vip or keepalived would add it.
+    testbed
+        .node_ip_command(&["addr", "add", "203.0.113.7/32", "dev", "br0"])
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("127.0.0.1:30695/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    let node = testbed.node();
+    let bind = |pod: &Pod, address: &str, mode: &str| {
+        testbed
+            .probe_with(pod, address, 1, &["--mode", mode])
+            .unwrap()
+            .remove(0)
+    };
+    let refused = [
+        "0.0.0.0:30695",
+        "10.244.0.1:30695",
+        "127.0.0.1:30695",
+        "203.0.113.7:80",
+        "[::]:30695",
+        "[::ffff:10.244.0.1]:30695",
+    ];
+    for address in refused {
+        let probe = bind(&node, address, "bind-tcp");
+        assert!(
+            probe
+                .error()
+                .is_some_and(|e| e.contains("Address already in use")),
+            "{address}: {probe:?}"
+        );
+    }
+    // Another port, the wildcard on the external IP's port (only a NodePort is on every
+    // address), another protocol, and a pod's own netns are left alone.
+    for (pod, address, mode) in [
+        (&node, "0.0.0.0:30696", "bind-tcp"),
+        (&node, "203.0.113.7:81", "bind-tcp"),
+        (&node, "0.0.0.0:80", "bind-tcp"),
+        (&node, "0.0.0.0:30695", "bind-udp"),
+        (&client, "0.0.0.0:30695", "bind-tcp"),
+    ] {
+        let probe = bind(pod, address, mode);
+        assert_eq!(probe.peer(), Some(address), "{address} ({mode}): {probe:?}");
+    }
+    assert_eq!(
+        testbed.stat("bind_refused").unwrap(),
+        u64::try_from(refused.len()).unwrap()
+    );
+}
+
+/// With binds on NodePorts refused, an ephemeral port drawn from the NodePort range would
+/// fail a bind or connect on the node: the range is reserved in the node's netns while the
+/// datapath is loaded, and `lb unload` gives back exactly what the agent added.
+#[test]
+fn the_node_port_range_is_kept_out_of_the_ephemeral_ports_until_unload() {
+    if !privileged("the_node_port_range_is_kept_out_of_the_ephemeral_ports_until_unload") {
+        return;
+    }
+    let (mut testbed, _client) = node_port_31642();
+    let node = testbed.node();
+    /// Writes (with a value) or reads the node netns's `net.ipv4.NAME`.
+    fn sysctl(testbed: &Testbed, name: &str, value: Option<&str>) -> String {
+        let path = format!("/proc/sys/net/ipv4/{name}");
+        let mut command = testbed.netns_command(&testbed.node(), "sh").unwrap();
+        match value {
+            Some(value) => command.args(["-c", &format!("echo '{value}' > {path}")]),
+            None => command.args(["-c", &format!("cat {path}")]),
+        };
+        let output = lb_tests::run(&mut command).unwrap();
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+    // An operator's own reservations, and ephemeral ports that overlap the NodePorts.
+    sysctl(&testbed, "ip_local_reserved_ports", Some("8080,30500"));
+    sysctl(&testbed, "ip_local_port_range", Some("30000 32800"));
+    testbed.start_agent().unwrap();
+    assert_eq!(
+        sysctl(&testbed, "ip_local_reserved_ports", None),
+        "8080,30000-32767"
+    );
+
+    // Ephemeral ports come from what is left: 32768-32800.
+    let probes = testbed
+        .probe_with(&node, "0.0.0.0:0", 20, &["--mode", "bind-tcp"])
+        .unwrap();
+    for probe in &probes {
+        let port: u16 = probe
+            .peer()
+            .and_then(|p| p.rsplit_once(':'))
+            .and_then(|(_, port)| port.parse().ok())
+            .unwrap_or_default();
+        assert!((32768..=32800).contains(&port), "{probe:?}");
+    }
+
+    // A restart keeps the reservation, and still gives back only its own part.
+    testbed.stop_agent().unwrap();
+    testbed.start_agent().unwrap();
+    assert_eq!(
+        sysctl(&testbed, "ip_local_reserved_ports", None),
+        "8080,30000-32767"
+    );
+    testbed.stop_agent().unwrap();
+    let unloaded = testbed.lb(&["unload"]).unwrap();
+    assert!(
+        unloaded.contains("gave back NodePorts 30000-30499,30501-32767"),
+        "{unloaded}"
+    );
+    assert_eq!(
+        sysctl(&testbed, "ip_local_reserved_ports", None),
+        "8080,30500"
+    );
+}
+
 #[test]
 fn node_ports_follow_the_node_addresses() {
     if !privileged("node_ports_follow_the_node_addresses") {

@@ -49,7 +49,7 @@ unsafe impl aya::Pod for PreviousServiceValue {}
 const PREVIOUS_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
 
 /// This layout's programs.
-const PROGRAMS: [&str; 7] = [
+const PROGRAMS: [&str; 9] = [
     "connect4",
     "sendmsg4",
     "recvmsg4",
@@ -57,6 +57,8 @@ const PROGRAMS: [&str; 7] = [
     "connect6",
     "recvmsg6",
     "getpeername6",
+    "post_bind4",
+    "post_bind6",
 ];
 
 const SERVICE: &str = "\

@@ -47,11 +47,13 @@ pub fn cgroup_path(root: &Path, id: u64, max_depth: usize) -> Option<PathBuf> {
         .find_map(|entry| cgroup_path(&entry.path(), id, max_depth - 1))
 }
 
-/// The name of a cgroup sock_addr attach type.
+/// The name of a cgroup attach type of lb's programs (`enum bpf_attach_type`).
 pub const fn attach_type_name(attach_type: u32) -> &'static str {
     match attach_type {
         10 => "cgroup/connect4",
         11 => "cgroup/connect6",
+        12 => "cgroup/post_bind4",
+        13 => "cgroup/post_bind6",
         14 => "cgroup/sendmsg4",
         15 => "cgroup/sendmsg6",
         19 => "cgroup/recvmsg4",

@@ -18,7 +18,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, Program, ProgramError,
         links::{FdLink, PinnedLink},
     },
 };
@@ -42,7 +42,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// The attach point of each comes from its ELF section (`cgroup/connect4`, …). The IPv6
 /// hooks serve AF_INET6 sockets that reach IPv4 frontends through v4-mapped addresses
 /// (their unconnected datagrams pass `sendmsg4`).
-pub const PROGRAMS: [&str; 7] = [
+/// `post_bind4`/`post_bind6` refuse the node's binds to Service addresses and ports.
+pub const PROGRAMS: [&str; 9] = [
     "connect4",
     "sendmsg4",
     "recvmsg4",
@@ -50,6 +51,8 @@ pub const PROGRAMS: [&str; 7] = [
     "connect6",
     "recvmsg6",
     "getpeername6",
+    "post_bind4",
+    "post_bind6",
 ];
 
 pub use lb_common::MAPS;
@@ -828,20 +831,69 @@ fn remove_next_pins(pin_dir: &Path) -> Result<(), DatapathError> {
     Ok(())
 }
 
+/// One of the datapath's programs, loaded: the socket-address hooks (connect, sendmsg,
+/// recvmsg, getpeername) and the socket hooks (post_bind) are different program types.
+enum LoadedProgram<'a> {
+    SockAddr(&'a mut CgroupSockAddr),
+    Sock(&'a mut CgroupSock),
+}
+
+impl LoadedProgram<'_> {
+    /// Attaches program `name` to `cgroup` through a bpf_link, to be pinned at `pin`.
+    fn attach(
+        self,
+        cgroup: &File,
+        name: &'static str,
+        pin: &Path,
+    ) -> Result<FdLink, DatapathError> {
+        let program_error = |source| DatapathError::Program {
+            program: name,
+            source,
+        };
+        let link_error = |e: aya::programs::links::LinkError| DatapathError::Link {
+            path: pin.into(),
+            reason: e.to_string(),
+        };
+        // A bpf_link on a cgroup always runs alongside other links (the kernel rejects the
+        // ALLOW_MULTI flag there as implied).
+        match self {
+            Self::SockAddr(program) => {
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(program_error)?;
+                let link = program.take_link(id).map_err(program_error)?;
+                link.try_into().map_err(link_error)
+            }
+            Self::Sock(program) => {
+                let id = program
+                    .attach(cgroup, CgroupAttachMode::Single)
+                    .map_err(program_error)?;
+                let link = program.take_link(id).map_err(program_error)?;
+                link.try_into().map_err(link_error)
+            }
+        }
+    }
+}
+
 fn loaded_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
-) -> Result<&'a mut CgroupSockAddr, DatapathError> {
+) -> Result<LoadedProgram<'a>, DatapathError> {
     let program_error = |source| DatapathError::Program {
         program: name,
         source,
     };
-    let program: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(DatapathError::Missing(name))?
-        .try_into()
-        .map_err(program_error)?;
-    program.load().map_err(program_error)?;
+    let program = match ebpf.program_mut(name).ok_or(DatapathError::Missing(name))? {
+        Program::CgroupSockAddr(program) => {
+            program.load().map_err(program_error)?;
+            LoadedProgram::SockAddr(program)
+        }
+        Program::CgroupSock(program) => {
+            program.load().map_err(program_error)?;
+            LoadedProgram::Sock(program)
+        }
+        _ => return Err(program_error(ProgramError::UnexpectedProgramType)),
+    };
     Ok(program)
 }
 
@@ -870,27 +922,11 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
         source,
     })?;
     for name in PROGRAMS {
-        let program_error = |source| DatapathError::Program {
-            program: name,
-            source,
-        };
-        let program = loaded_program(&mut ebpf, name)?;
-        // A bpf_link on a cgroup always runs alongside other links (the kernel rejects the
-        // ALLOW_MULTI flag there as implied), so the old agent's link stays attached until
-        // the new one is pinned in its place and no socket goes untranslated during a restart.
-        let link_id = program
-            .attach(&cgroup_file, CgroupAttachMode::Single)
-            .map_err(program_error)?;
-        let path = link_path(pin_dir, name, takeover);
-        let link: FdLink = program
-            .take_link(link_id)
-            .map_err(program_error)?
-            .try_into()
-            .map_err(|e| DatapathError::Link {
-                path: path.clone(),
-                reason: format!("{e}"),
-            })?;
-        replace_pinned_link(&path, link)?;
+        // The old agent's link stays attached until the new one is pinned in its place, so
+        // no socket goes untranslated during a restart.
+        let pin = link_path(pin_dir, name, takeover);
+        let link = loaded_program(&mut ebpf, name)?.attach(&cgroup_file, name, &pin)?;
+        replace_pinned_link(&pin, link)?;
     }
     Ok(Datapath {
         ebpf,
@@ -991,15 +1027,8 @@ impl Datapath {
         }
         let program_fd =
             |ebpf: &Ebpf, name: &'static str| -> Result<std::os::fd::OwnedFd, DatapathError> {
-                let program: &CgroupSockAddr = ebpf
-                    .program(name)
+                ebpf.program(name)
                     .ok_or(DatapathError::Missing(name))?
-                    .try_into()
-                    .map_err(|source| DatapathError::Program {
-                        program: name,
-                        source,
-                    })?;
-                program
                     .fd()
                     .and_then(|fd| fd.as_fd().try_clone_to_owned().map_err(Into::into))
                     .map_err(|source| DatapathError::Program {

@@ -1,4 +1,5 @@
-//! The test client: asks `address` who it is, `--count` times, each time on a new socket
+//! The test client: asks `address` who it is (or, with `--mode bind-tcp|bind-udp`, binds
+//! it), `--count` times, each time on a new socket
 //! (or all on one with `--same-socket`, for unconnected UDP), and prints one JSON line per attempt: the pod that answered (HOSTNAME), the peer the
 //! application sees (getpeername() for TCP and connected UDP, the reply's source for
 //! unconnected UDP), the client address the server saw, and a CLOCK_MONOTONIC timestamp —
@@ -6,7 +7,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -21,6 +22,10 @@ enum Mode {
     Udp,
     /// connect() then send()/recv() on a UDP socket.
     ConnectedUdp,
+    /// bind() (and listen()) a TCP socket to the address; the answer is the bound address.
+    BindTcp,
+    /// bind() a UDP socket to the address; the answer is the bound address.
+    BindUdp,
 }
 
 #[derive(Parser)]
@@ -85,6 +90,12 @@ fn main() {
             Mode::Tcp => tcp(args.address, timeout),
             Mode::Udp => udp(args.address, timeout, false, shared.as_ref()),
             Mode::ConnectedUdp => udp(args.address, timeout, true, None),
+            Mode::BindTcp => TcpListener::bind(args.address)
+                .and_then(|listener| listener.local_addr())
+                .map(bound),
+            Mode::BindUdp => UdpSocket::bind(args.address)
+                .and_then(|socket| socket.local_addr())
+                .map(bound),
         };
         let line = match result {
             Ok(answer) => json!({
@@ -97,6 +108,15 @@ fn main() {
             }),
         };
         println!("{line}");
+    }
+}
+
+/// A bind's answer: the address bound, no pod.
+fn bound(local: SocketAddr) -> Answer {
+    Answer {
+        peer: local,
+        hostname: String::new(),
+        remote_addr: String::new(),
     }
 }
 

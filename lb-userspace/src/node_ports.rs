@@ -1,0 +1,341 @@
+//! The NodePort range kept out of the node's ephemeral ports.
+//!
+//! The datapath refuses a bind() in the node's network namespace to a NodePort (post_bind4/6,
+//! EADDRINUSE). A bind() to port 0, or a connect() that picks its own port, would then fail
+//! whenever the kernel drew a NodePort as the ephemeral port: so the agent adds the NodePort
+//! range to that namespace's `net.ipv4.ip_local_reserved_ports` (which IPv6 uses too), as a
+//! kube-proxy host is advised to. Exactly the ports it added are recorded in the state
+//! directory, and `lb unload` gives back exactly those: ports an operator reserved before
+//! stay reserved.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::netns::{self, NetnsError};
+
+/// The sysctl, as its namespace's thread sees it under /proc.
+const SYSCTL: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
+
+/// The record of what the agent reserved, in its state directory.
+const RECORD_FILE: &str = "reserved-ports.json";
+
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: &str = "30000-32767";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodePortsError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("reading {SYSCTL} in {netns}: {source}")]
+    ReadSysctl {
+        netns: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing {SYSCTL} in {netns}: {source}")]
+    WriteSysctl {
+        netns: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{SYSCTL} in {netns}: {source}")]
+    Sysctl {
+        netns: PathBuf,
+        source: InvalidPorts,
+    },
+    #[error("the record of reserved ports {path}: {reason}")]
+    Record { path: PathBuf, reason: String },
+}
+
+/// Why a port list (`8080,30000-32767`) is not one.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{text:?} is not a port or FIRST-LAST range of ports (1-65535, FIRST <= LAST)")]
+pub struct InvalidPorts {
+    text: String,
+}
+
+/// A set of ports, as `ip_local_reserved_ports` lists them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PortSet {
+    /// One bit per port.
+    bits: Box<[u64; 1024]>,
+}
+
+impl Default for PortSet {
+    fn default() -> Self {
+        Self {
+            bits: Box::new([0; 1024]),
+        }
+    }
+}
+
+impl PortSet {
+    fn contains(&self, port: u16) -> bool {
+        self.bits[usize::from(port / 64)] & (1 << (port % 64)) != 0
+    }
+
+    fn insert_range(&mut self, first: u16, last: u16) {
+        for port in first..=last {
+            self.bits[usize::from(port / 64)] |= 1 << (port % 64);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bits.iter().all(|word| *word == 0)
+    }
+
+    pub fn union(&self, other: &Self) -> Self {
+        self.zip(other, |a, b| a | b)
+    }
+
+    pub fn difference(&self, other: &Self) -> Self {
+        self.zip(other, |a, b| a & !b)
+    }
+
+    fn zip(&self, other: &Self, op: impl Fn(u64, u64) -> u64) -> Self {
+        let mut out = Self::default();
+        for (i, word) in out.bits.iter_mut().enumerate() {
+            *word = op(self.bits[i], other.bits[i]);
+        }
+        out
+    }
+
+    /// The set as maximal FIRST-LAST runs, in order.
+    fn runs(&self) -> Vec<(u16, u16)> {
+        let mut runs: Vec<(u16, u16)> = Vec::new();
+        for port in 0..=u16::MAX {
+            if !self.contains(port) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((_, last)) if u32::from(*last) + 1 == u32::from(port) => *last = port,
+                _ => runs.push((port, port)),
+            }
+        }
+        runs
+    }
+}
+
+impl FromStr for PortSet {
+    type Err = InvalidPorts;
+
+    /// `8080,30000-32767`; empty (or only a newline, as the sysctl reads) for none.
+    fn from_str(text: &str) -> Result<Self, InvalidPorts> {
+        let invalid = || InvalidPorts { text: text.into() };
+        let mut set = Self::default();
+        for item in text
+            .trim()
+            .split(',')
+            .map(str::trim)
+            .filter(|i| !i.is_empty())
+        {
+            let (first, last) = item.split_once('-').unwrap_or((item, item));
+            let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p != 0);
+            let (Some(first), Some(last)) = (port(first), port(last)) else {
+                return Err(invalid());
+            };
+            if first > last {
+                return Err(invalid());
+            }
+            set.insert_range(first, last);
+        }
+        Ok(set)
+    }
+}
+
+impl fmt::Display for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let runs: Vec<String> = self
+            .runs()
+            .into_iter()
+            .map(|(first, last)| {
+                if first == last {
+                    first.to_string()
+                } else {
+                    format!("{first}-{last}")
+                }
+            })
+            .collect();
+        f.write_str(&runs.join(","))
+    }
+}
+
+impl fmt::Debug for PortSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PortSet({self})")
+    }
+}
+
+/// What the agent reserved, and where: `lb unload` gives it back.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    netns: PathBuf,
+    /// As the sysctl lists ports.
+    ports: String,
+}
+
+fn record_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(RECORD_FILE)
+}
+
+fn read_record(state_dir: &Path) -> Result<Option<(PathBuf, PortSet)>, NodePortsError> {
+    let path = record_path(state_dir);
+    let error = |reason: String| NodePortsError::Record {
+        path: path.clone(),
+        reason,
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(error(e.to_string())),
+    };
+    let record: Record = serde_json::from_str(&text).map_err(|e| error(e.to_string()))?;
+    let ports = record
+        .ports
+        .parse()
+        .map_err(|e: InvalidPorts| error(e.to_string()))?;
+    Ok(Some((record.netns, ports)))
+}
+
+/// The sysctl's ports, read and then replaced by `change` of them (unless that is the
+/// same), from a thread in the network namespace at `netns`. Returns the ports before.
+fn change_sysctl(
+    netns: &Path,
+    change: impl FnOnce(&PortSet) -> PortSet + Send,
+) -> Result<PortSet, NodePortsError> {
+    netns::inside(netns, || {
+        Ok((|| {
+            let text =
+                std::fs::read_to_string(SYSCTL).map_err(|source| NodePortsError::ReadSysctl {
+                    netns: netns.into(),
+                    source,
+                })?;
+            let before: PortSet = text.parse().map_err(|source| NodePortsError::Sysctl {
+                netns: netns.into(),
+                source,
+            })?;
+            let after = change(&before);
+            if after != before {
+                std::fs::write(SYSCTL, after.to_string()).map_err(|source| {
+                    NodePortsError::WriteSysctl {
+                        netns: netns.into(),
+                        source,
+                    }
+                })?;
+            }
+            Ok(before)
+        })())
+    })?
+}
+
+/// Adds `range` to the reserved ports of the network namespace at `netns`, and records in
+/// `state_dir` the ports that were not reserved before (with those an earlier agent
+/// recorded: after a restart the range is already there, and still the agent's to give
+/// back). Returns the ports this call added.
+pub fn reserve(netns: &Path, range: &PortSet, state_dir: &Path) -> Result<PortSet, NodePortsError> {
+    let recorded = match read_record(state_dir)? {
+        // The same namespace's, or the record of another one that is not ours to keep.
+        Some((recorded_netns, ports)) if recorded_netns == netns => ports,
+        _ => PortSet::default(),
+    };
+    let before = change_sysctl(netns, |before| before.union(range))?;
+    let added = range.difference(&before);
+    let ours = recorded.union(&added);
+    if !ours.is_empty() {
+        let path = record_path(state_dir);
+        std::fs::create_dir_all(state_dir).map_err(|e| NodePortsError::Record {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let record = Record {
+            netns: netns.into(),
+            ports: ours.to_string(),
+        };
+        crate::state::write_private(&path, &record).map_err(|e| NodePortsError::Record {
+            path,
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(added)
+}
+
+/// Gives back the ports the agent recorded in `state_dir` as reserved by it, in the
+/// namespace it reserved them in, and removes the record. Returns them, or `None` when
+/// there is no record.
+pub fn release(state_dir: &Path) -> Result<Option<(PathBuf, PortSet)>, NodePortsError> {
+    let Some((netns, ours)) = read_record(state_dir)? else {
+        return Ok(None);
+    };
+    change_sysctl(&netns, |before| before.difference(&ours))?;
+    let path = record_path(state_dir);
+    std::fs::remove_file(&path).map_err(|e| NodePortsError::Record {
+        path,
+        reason: e.to_string(),
+    })?;
+    Ok(Some((netns, ours)))
+}
+
+/// `--node-port-range`: the ports to reserve, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePortRange(pub Option<PortSet>);
+
+/// `--node-port-range`: FIRST-LAST, or `none`.
+pub fn parse_range(text: &str) -> Result<NodePortRange, InvalidPorts> {
+    if text == "none" {
+        return Ok(NodePortRange(None));
+    }
+    let invalid = || InvalidPorts { text: text.into() };
+    // One range only: a list is not a NodePort range.
+    if text.contains(',') || text.trim().is_empty() {
+        return Err(invalid());
+    }
+    text.parse().map(|range| NodePortRange(Some(range)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(text: &str) -> PortSet {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn port_lists_read_and_print_as_the_sysctl_does() {
+        assert_eq!(set("").to_string(), "");
+        assert_eq!(set("\n").to_string(), "");
+        assert_eq!(set("8080,30000-32767\n").to_string(), "8080,30000-32767");
+        // Adjacent and overlapping runs merge; order does not matter.
+        assert_eq!(set("5,3-4,1-2,7").to_string(), "1-5,7");
+        assert_eq!(set("65535").to_string(), "65535");
+        for bad in ["0", "65536", "2-1", "a", "1-", "-5", "1-2-3"] {
+            assert!(bad.parse::<PortSet>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn what_was_reserved_before_stays_reserved_after_the_range_is_given_back() {
+        let before = set("8080,30500");
+        let range = set(DEFAULT_NODE_PORT_RANGE);
+        let reserved = before.union(&range);
+        assert_eq!(reserved.to_string(), "8080,30000-32767");
+        let added = range.difference(&before);
+        assert_eq!(added.to_string(), "30000-30499,30501-32767");
+        assert_eq!(reserved.difference(&added), before);
+    }
+
+    #[test]
+    fn the_flag_takes_one_range_or_none() {
+        assert_eq!(parse_range("none").unwrap(), NodePortRange(None));
+        assert_eq!(
+            parse_range("30000-32767").unwrap(),
+            NodePortRange(Some(set("30000-32767")))
+        );
+        assert!(parse_range("30000-32767,8080").is_err());
+        assert!(parse_range("").is_err());
+        assert!(parse_range("32767-30000").is_err());
+    }
+}
