@@ -76,6 +76,11 @@ pub struct AgentArgs {
           default_value = crate::node_ports::DEFAULT_NODE_PORT_RANGE,
           value_parser = crate::node_ports::parse_range)]
     pub node_port_range: crate::node_ports::NodePortRange,
+    /// Also destroy the TCP connections lb translated to a backend that left their
+    /// frontend (connected UDP sockets always are). Off by default: kube-proxy leaves TCP
+    /// flows alone, and a TCP peer that is gone resets or times out on its own.
+    #[arg(long)]
+    pub terminate_tcp: bool,
     /// Serve Prometheus /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9965).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -226,6 +231,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let _pid = AgentPid::create(&args.state_dir)?;
     let state_errors = metrics.clone();
+    let stale_sockets = StaleSockets {
+        cgroup: cgroup.clone(),
+        tcp: args.terminate_tcp,
+    };
     let state = StateWriter::spawn(args.state_dir, cgroup, node.name.clone(), move |e| {
         tracing::error!("{e}; `lb services` may show stale names");
         state_errors.error(ErrorKind::StateFile);
@@ -245,6 +254,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         state,
         unwritten_services: Default::default(),
         unwritten_frontends: BTreeSet::new(),
+        stale_sockets,
         metrics: metrics.clone(),
     };
     let mut first_done = false;
@@ -485,7 +495,32 @@ struct Syncer {
     /// Services and frontends the model changed since the state file was last told.
     unwritten_services: crate::hash::Set<ObjectRef>,
     unwritten_frontends: BTreeSet<Frontend>,
+    stale_sockets: StaleSockets,
     metrics: Arc<Metrics>,
+}
+
+/// Which connected sockets lb translated are destroyed when their backend leaves: those
+/// of the processes in `cgroup`, UDP, and TCP with `tcp`.
+struct StaleSockets {
+    cgroup: PathBuf,
+    tcp: bool,
+}
+
+impl StaleSockets {
+    /// Whether `op` may leave sockets of the protocols terminated on a backend that left.
+    fn may_strand(&self, op: &plan::MapOp) -> bool {
+        use crate::model::Protocol;
+        match op {
+            plan::MapOp::DeleteSlot(frontend, _)
+            | plan::MapOp::DeleteMaster(frontend)
+            | plan::MapOp::PutSlot(frontend, ..) => match frontend.protocol {
+                Protocol::Udp => true,
+                Protocol::Tcp => self.tcp,
+                Protocol::Sctp => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 impl Syncer {
@@ -677,6 +712,8 @@ impl Syncer {
             self.read_back = true;
             return Err(SyncError::Write(Box::new(e)));
         }
+        // After a restart (a full plan), backends may have left while no agent ran.
+        let may_strand = self.full || ops.iter().any(|op| self.stale_sockets.may_strand(op));
         self.programmed.apply(&ops);
         let masters_changed = ops.iter().filter_map(|op| match op {
             plan::MapOp::PutMaster(frontend, _) | plan::MapOp::DeleteMaster(frontend) => {
@@ -698,10 +735,52 @@ impl Syncer {
             tracing::error!("{e}; taking over from the previous layout again at the next sync");
         }
         self.record(started, changed_at, changed.len(), ops.len());
+        if may_strand {
+            self.terminate_stale_sockets();
+        }
         // The state file is told once the sync is reported: the maps, not the CLI's view
         // of them, are what readiness waits for.
         self.unwritten_frontends.extend(scope);
         Ok(())
+    }
+
+    /// Destroys the connected sockets lb sent to a backend that is no longer their
+    /// frontend's, so that their applications see an error at once and reconnect. A failure
+    /// is logged: the maps are right, and those sockets wait for their own timeouts.
+    fn terminate_stale_sockets(&self) {
+        let lasting = "they keep sending there until their own timeouts";
+        let storage = match self.datapath.socket_storage() {
+            Ok(storage) => storage,
+            Err(e) => {
+                tracing::error!("terminating sockets on backends that left: {e}; {lasting}");
+                return;
+            }
+        };
+        match crate::sockets::terminate_stale(
+            &self.stale_sockets.cgroup,
+            std::os::fd::AsFd::as_fd(&storage),
+            &self.programmed,
+            self.stale_sockets.tcp,
+        ) {
+            Ok(terminated) => {
+                for (protocol, count) in [("udp", terminated.udp), ("tcp", terminated.tcp)] {
+                    if count > 0 {
+                        self.metrics
+                            .sockets_terminated
+                            .get_or_create(&metrics::ProtocolLabels { protocol })
+                            .inc_by(count);
+                        tracing::info!(
+                            protocol,
+                            count,
+                            "terminated connected sockets whose backend left their Service"
+                        );
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("terminating sockets on backends that left: {e}; {lasting}");
+            }
+        }
     }
 
     /// Tells the state file writer what the syncs since it was last told changed.

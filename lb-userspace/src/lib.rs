@@ -24,6 +24,7 @@ pub mod model;
 pub mod netns;
 pub mod node_ports;
 pub mod plan;
+pub mod sockets;
 pub mod source;
 pub mod state;
 pub mod store;

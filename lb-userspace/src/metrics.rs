@@ -39,6 +39,11 @@ pub enum ErrorKind {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: String,
 }
@@ -54,6 +59,8 @@ pub struct Metrics {
     pub sync_duration: Histogram,
     pub event_to_map: Histogram,
     pub errors: Family<ErrorLabels, Counter>,
+    /// Connected sockets destroyed because their backend left their frontend.
+    pub sockets_terminated: Family<ProtocolLabels, Counter>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     /// When the kernel-filled maps were last walked.
@@ -83,6 +90,7 @@ impl Metrics {
         let sync_duration = Histogram::new(latency_buckets());
         let event_to_map = Histogram::new(latency_buckets());
         let errors = Family::default();
+        let sockets_terminated = Family::default();
         let map_entries = Family::default();
         let map_capacity = Family::default();
         registry.register(
@@ -117,6 +125,11 @@ impl Metrics {
             event_to_map.clone(),
         );
         registry.register("errors", "Errors by kind", errors.clone());
+        registry.register(
+            "sockets_terminated",
+            "Connected sockets lb translated, destroyed when their backend left the frontend",
+            sockets_terminated.clone(),
+        );
         registry.register("map_entries", "Entries in use per map", map_entries.clone());
         registry.register(
             "map_capacity",
@@ -133,6 +146,7 @@ impl Metrics {
             sync_duration,
             event_to_map,
             errors,
+            sockets_terminated,
             map_entries,
             map_capacity,
             walked_at: Mutex::new(None),

@@ -742,20 +742,32 @@ impl Testbed {
         interval_ms: u64,
         for_ms: u64,
     ) -> anyhow::Result<Prober> {
+        self.background_prober_with(client, address, count, interval_ms, for_ms, &[])
+    }
+
+    /// [`Testbed::background_prober`] with more `lb-probe` arguments (`--mode`, …).
+    pub fn background_prober_with(
+        &self,
+        client: &Pod,
+        address: &str,
+        count: u32,
+        interval_ms: u64,
+        for_ms: u64,
+        args: &[&str],
+    ) -> anyhow::Result<Prober> {
         use std::io::Read as _;
-        let mut child = self
-            .probe_command(
-                client,
-                address,
-                count,
-                &[
-                    "--interval-ms",
-                    &interval_ms.to_string(),
-                    "--for-ms",
-                    &for_ms.to_string(),
-                ],
-            )?
-            .spawn()?;
+        let timing = [
+            "--interval-ms".to_owned(),
+            interval_ms.to_string(),
+            "--for-ms".to_owned(),
+            for_ms.to_string(),
+        ];
+        let args: Vec<&str> = timing
+            .iter()
+            .map(String::as_str)
+            .chain(args.iter().copied())
+            .collect();
+        let mut child = self.probe_command(client, address, count, &args)?.spawn()?;
         let mut stdout = child
             .stdout
             .take()

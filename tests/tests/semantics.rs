@@ -10,7 +10,9 @@
 
 use std::{collections::BTreeSet, io::Read as _, net::Ipv4Addr, time::Duration};
 
-use lb_tests::{Pod, Probe, Testbed, monotonic_ns, parse_probes, privileged, wait_for};
+use lb_tests::{
+    Pod, Probe, Testbed, finish_probes, monotonic_ns, parse_probes, privileged, wait_for,
+};
 
 fn node(backends: u8, port: u16) -> (Testbed, Vec<Pod>, Pod) {
     Testbed::with_backends(backends, port).unwrap()
@@ -371,6 +373,134 @@ fn an_unconnected_udp_socket_keeps_its_backend_while_the_backend_stays() {
 
 /// A node with web-0 behind NodePort 31642 in its manifests (the agent not started yet),
 /// and a client pod.
+/// A connected UDP socket keeps its backend for its life: when that backend leaves the
+/// Service, the socket is terminated, so that the client sees an error at once instead of
+/// waiting on a pod it should no longer reach, and its next socket reaches a live backend
+/// (upstream e2e: "should be able to preserve UDP traffic when server pod cycles for a
+/// ClusterIP service"). A socket lb did not translate — another program's, to the same pod
+/// address — is left alone.
+#[test]
+fn a_connected_udp_socket_whose_backend_left_is_terminated() {
+    if !privileged("a_connected_udp_socket_whose_backend_left_is_terminated") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 5353);
+    let manifest = |pods: &[&Pod]| {
+        let ips: Vec<Ipv4Addr> = pods.iter().map(|p| p.ip).collect();
+        web("", "port: 53, targetPort: 5353, protocol: UDP")
+            + &slice("web", "web-a", 5353, "UDP", &ready(&ips))
+    };
+    testbed
+        .write_manifest("dns.yaml", &manifest(&pods.iter().collect::<Vec<_>>()))
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend(
+            "10.96.0.10:53/UDP",
+            Some(&["10.244.0.10:5353", "10.244.0.11:5353"]),
+        )
+        .unwrap();
+
+    // One socket connected once, through the Service; its first answer names its backend.
+    let mut translated = testbed
+        .probe_command(
+            &client,
+            "10.96.0.10:53",
+            1_000,
+            &[
+                "--mode",
+                "connected-udp",
+                "--same-socket",
+                "--interval-ms",
+                "20",
+                "--for-ms",
+                "6000",
+            ],
+        )
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(translated.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let backend = parse_probes(&first).unwrap().remove(0).probe;
+    let backend = backend.hostname().unwrap().to_owned();
+    let (gone, stays): (Vec<&Pod>, Vec<&Pod>) = pods.iter().partition(|p| p.name == backend);
+    // Another program's socket, connected to that pod's own address.
+    let direct = testbed
+        .background_prober_with(
+            &client,
+            &format!("{}:5353", gone[0].ip),
+            1_000,
+            20,
+            4000,
+            &["--mode", "connected-udp", "--same-socket"],
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // The backend leaves the Service (its pod still answers at its own address).
+    testbed
+        .write_manifest("dns.yaml", &manifest(&stays))
+        .unwrap();
+    let staying = format!("{}:5353", stays[0].ip);
+    testbed
+        .wait_for_frontend("10.96.0.10:53/UDP", Some(&[staying.as_str()]))
+        .unwrap();
+    let terminated = "terminated connected sockets whose backend left their Service";
+    wait_for("the socket's termination", Duration::from_secs(5), || {
+        Ok(testbed.agent_output().contains(terminated).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
+    // The client's next attempt sees it.
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut rest = String::new();
+    drop(translated.kill());
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    drop(translated.wait());
+    let after: Vec<Probe> = parse_probes(&rest)
+        .unwrap()
+        .into_iter()
+        .map(|timed| timed.probe)
+        .collect();
+    // Answered by its backend until the socket was terminated; nothing after that.
+    let failed_at = after
+        .iter()
+        .position(|p| p.error().is_some())
+        .unwrap_or_else(|| panic!("the socket was never terminated: {after:?}"));
+    let error = after[failed_at].error().unwrap_or_default();
+    assert!(
+        error.contains("connection abort") || error.contains("Destination address required"),
+        "{error}"
+    );
+    assert!(
+        after[failed_at..].iter().all(|p| p.error().is_some()),
+        "{after:?}"
+    );
+    assert!(
+        after[..failed_at]
+            .iter()
+            .all(|p| p.hostname() == Some(backend.as_str())),
+        "{after:?}"
+    );
+
+    // The other program's socket was not touched.
+    let direct = finish_probes(direct).unwrap();
+    assert!(direct.len() > 10, "{direct:?}");
+    assert!(
+        direct
+            .iter()
+            .all(|p| p.hostname() == Some(backend.as_str())),
+        "{direct:?}"
+    );
+    // A new socket reaches the backend that stays.
+    let again = testbed
+        .probe_with(&client, "10.96.0.10:53", 5, &["--mode", "connected-udp"])
+        .unwrap();
+    assert_eq!(hostnames(&again), BTreeSet::from([stays[0].name.clone()]));
+}
+
 fn node_port_31642() -> (Testbed, Pod) {
     let (testbed, pods, client) = node(1, 8888);
     testbed

@@ -1,5 +1,5 @@
-//! The few `bpf(2)` commands aya 0.14 does not offer, wrapped once, here: batched map
-//! updates, deletes and lookups (a full sync of 100k Services is hundreds of thousands of
+//! The few `bpf(2)` commands aya 0.14 does not offer, wrapped once, here: a lookup in a
+//! socket storage map by a socket's descriptor, batched map updates, deletes and lookups (a full sync of 100k Services is hundreds of thousands of
 //! entries, one syscall per entry otherwise), and `BPF_LINK_UPDATE` on a cgroup link (to
 //! swap in programs that use a larger generation of maps without detaching anything).
 //!
@@ -14,6 +14,7 @@ use std::{
 use bytemuck::Pod;
 
 /// `enum bpf_cmd` values (include/uapi/linux/bpf.h).
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -184,6 +185,28 @@ pub fn delete<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), BpfError> {
         }
     }
     Ok(())
+}
+
+/// One entry's value, `None` if the key is not there. For socket storage the key is a
+/// socket's file descriptor.
+pub fn lookup_one<K: Pod, V: Pod>(map: BorrowedFd<'_>, key: &K) -> Result<Option<V>, BpfError> {
+    let mut value = V::zeroed();
+    let mut attr = ElemAttr {
+        map_fd: fd_of(map),
+        key: std::ptr::from_ref(key) as u64,
+        value: std::ptr::from_mut(&mut value) as u64,
+        ..ElemAttr::default()
+    };
+    // SAFETY: the element layout; the kernel reads one key and writes one value of the
+    // map's value size, which `V` is.
+    match unsafe { sys_bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) } {
+        Ok(_) => Ok(Some(value)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(source) => Err(BpfError::Syscall {
+            command: "BPF_MAP_LOOKUP_ELEM",
+            source,
+        }),
+    }
 }
 
 /// Deletes one entry; a missing key is not an error.

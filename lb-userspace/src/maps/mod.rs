@@ -141,6 +141,11 @@ pub enum DatapathError {
         capacity: u32,
         source: crate::maps::bpf::BpfError,
     },
+    #[error("opening the pinned {path}: {source}")]
+    OpenPin {
+        path: PathBuf,
+        source: crate::maps::bpf::BpfError,
+    },
     #[error("switching the link {path} to the new programs: {source}")]
     Relink {
         path: PathBuf,
@@ -947,6 +952,12 @@ fn link_path(pin_dir: &Path, program: &str, takeover: bool) -> PathBuf {
 }
 
 impl Datapath {
+    /// A descriptor of the socket storage map, [`SOCKET_MAP`].
+    pub fn socket_storage(&self) -> Result<std::os::fd::OwnedFd, DatapathError> {
+        let path = self.pin_dir.join(SOCKET_MAP);
+        bpf::open_pin(&path).map_err(|source| DatapathError::OpenPin { path, source })
+    }
+
     /// Once this layout's maps hold what the source says: its links take the link pins of
     /// the previous layout's programs, which detaches them (until then both ran: the older
     /// first, and whatever one translated the other left alone), and the previous layout's

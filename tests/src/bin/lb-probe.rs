@@ -47,7 +47,8 @@ struct Args {
     /// Stop after this many milliseconds even if `--count` attempts are not done.
     #[arg(long)]
     for_ms: Option<u64>,
-    /// Send every attempt from one unconnected UDP socket (`--mode udp` only).
+    /// Send every attempt from one UDP socket (`--mode udp`, or `connected-udp`: connected
+    /// once, before the first attempt).
     #[arg(long)]
     same_socket: bool,
 }
@@ -66,15 +67,23 @@ fn main() {
         .map(|ms| std::time::Instant::now() + Duration::from_millis(ms));
     let shared = match (args.same_socket, args.mode) {
         (false, _) => None,
-        (true, Mode::Udp) => match udp_socket(args.address, timeout) {
-            Ok(socket) => Some(socket),
-            Err(e) => {
-                eprintln!("lb-probe: a UDP socket: {e}");
-                std::process::exit(1);
+        (true, Mode::Udp | Mode::ConnectedUdp) => {
+            let socket = udp_socket(args.address, timeout).and_then(|socket| {
+                if args.mode == Mode::ConnectedUdp {
+                    socket.connect(args.address)?;
+                }
+                Ok(socket)
+            });
+            match socket {
+                Ok(socket) => Some(socket),
+                Err(e) => {
+                    eprintln!("lb-probe: a UDP socket: {e}");
+                    std::process::exit(1);
+                }
             }
-        },
+        }
         (true, _) => {
-            eprintln!("lb-probe: --same-socket needs --mode udp");
+            eprintln!("lb-probe: --same-socket needs --mode udp or connected-udp");
             std::process::exit(2);
         }
     };
@@ -89,7 +98,7 @@ fn main() {
         let result = match args.mode {
             Mode::Tcp => tcp(args.address, timeout),
             Mode::Udp => udp(args.address, timeout, false, shared.as_ref()),
-            Mode::ConnectedUdp => udp(args.address, timeout, true, None),
+            Mode::ConnectedUdp => udp(args.address, timeout, true, shared.as_ref()),
             Mode::BindTcp => TcpListener::bind(args.address)
                 .and_then(|listener| listener.local_addr())
                 .map(bound),
@@ -181,7 +190,10 @@ fn udp(
     };
     let mut buffer = [0u8; 1500];
     let (len, peer) = if connected {
-        socket.connect(address)?;
+        // A shared socket was connected once, when it was made.
+        if shared.is_none() {
+            socket.connect(address)?;
+        }
         socket.send(b"who")?;
         let len = socket.recv(&mut buffer)?;
         (len, socket.peer_addr()?)
