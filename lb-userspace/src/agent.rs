@@ -231,8 +231,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     let _pid = AgentPid::create(&args.state_dir)?;
     let state_errors = metrics.clone();
+    let features = crate::features::probe();
+    crate::features::log(&features);
+    let terminate = crate::features::can_terminate_sockets(&features);
+    if !terminate {
+        tracing::warn!(
+            "connected sockets on backends that left are not terminated: this kernel lacks what it needs (see `lb status`)"
+        );
+    }
     let stale_sockets = StaleSockets {
         cgroup: cgroup.clone(),
+        enabled: terminate,
         tcp: args.terminate_tcp,
     };
     let state = StateWriter::spawn(args.state_dir, cgroup, node.name.clone(), move |e| {
@@ -500,9 +509,11 @@ struct Syncer {
 }
 
 /// Which connected sockets lb translated are destroyed when their backend leaves: those
-/// of the processes in `cgroup`, UDP, and TCP with `tcp`.
+/// of the processes in `cgroup`, UDP, and TCP with `tcp`; none unless `enabled` (the
+/// kernel has what it takes).
 struct StaleSockets {
     cgroup: PathBuf,
+    enabled: bool,
     tcp: bool,
 }
 
@@ -510,6 +521,9 @@ impl StaleSockets {
     /// Whether `op` may leave sockets of the protocols terminated on a backend that left.
     fn may_strand(&self, op: &plan::MapOp) -> bool {
         use crate::model::Protocol;
+        if !self.enabled {
+            return false;
+        }
         match op {
             plan::MapOp::DeleteSlot(frontend, _)
             | plan::MapOp::DeleteMaster(frontend)
@@ -713,7 +727,8 @@ impl Syncer {
             return Err(SyncError::Write(Box::new(e)));
         }
         // After a restart (a full plan), backends may have left while no agent ran.
-        let may_strand = self.full || ops.iter().any(|op| self.stale_sockets.may_strand(op));
+        let may_strand = (self.full && self.stale_sockets.enabled)
+            || ops.iter().any(|op| self.stale_sockets.may_strand(op));
         self.programmed.apply(&ops);
         let masters_changed = ops.iter().filter_map(|op| match op {
             plan::MapOp::PutMaster(frontend, _) | plan::MapOp::DeleteMaster(frontend) => {

@@ -389,6 +389,45 @@ fn terminate_in(
     Ok(terminated)
 }
 
+/// Whether sock_diag can destroy sockets here (CONFIG_INET_DIAG_DESTROY): asked to destroy
+/// a UDP socket that does not exist, it answers ENOENT, and EOPNOTSUPP without it.
+pub fn destroy_supported() -> Result<bool, SocketsError> {
+    let netns = PathBuf::from("/proc/self/ns/net");
+    let socket = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkSockDiag,
+    )
+    .map_err(|source| SocketsError::Diag {
+        netns: netns.clone(),
+        source,
+    })?;
+    let nobody = InetDiagReqV2 {
+        family: AF_INET,
+        protocol: IPPROTO_UDP,
+        states: u32::MAX,
+        ..InetDiagReqV2::default()
+    };
+    let request = message(
+        SOCK_DESTROY,
+        NLM_F_REQUEST | NLM_F_ACK,
+        bytemuck::bytes_of(&nobody),
+    );
+    match exchange(&socket, &netns, &request, &mut Vec::new()) {
+        Ok(())
+        | Err(SocketsError::Diag {
+            source: nix::Error::ENOENT,
+            ..
+        }) => Ok(true),
+        Err(SocketsError::Diag {
+            source: nix::Error::EOPNOTSUPP,
+            ..
+        }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Sends `request` and reads replies until the kernel is done (or acknowledges).
 fn exchange(
     socket: &OwnedFd,

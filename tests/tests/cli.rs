@@ -204,6 +204,17 @@ fn every_command_works_with_the_agent_running_and_stopped() {
     assert_eq!(status["agent_running"], true, "{status}");
     assert_eq!(status["node"], "node-1");
     assert_eq!(status["layout"], "v3");
+    // The datapath loaded, so the kernel has what it requires; the optional features are
+    // told one way or the other (the kernel has BTF).
+    let features = status["features"].as_array().unwrap();
+    assert!(features.len() >= 7, "{features:?}");
+    for feature in features {
+        if feature["required"] == true {
+            assert_eq!(feature["available"], true, "{feature}");
+        } else {
+            assert!(feature["available"].is_boolean(), "{feature}");
+        }
+    }
     for program in status["programs"].as_array().unwrap() {
         assert_eq!(program["attached"], true, "{program}");
         assert_eq!(

@@ -1,5 +1,5 @@
 //! `lb status`: is the agent running, when did it last sync, which programs are attached
-//! where, and how full is each map.
+//! where, how full is each map, and what this kernel offers lb.
 
 use std::path::PathBuf;
 
@@ -33,6 +33,8 @@ pub struct Status {
     pub maps: Vec<Occupancy>,
     /// Services the agent refused to write, and why (a map at its upper bound, …).
     pub refused: Vec<crate::state::Unserved>,
+    /// What this kernel offers lb.
+    pub features: Vec<crate::features::Feature>,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +108,7 @@ pub fn run(args: StatusArgs) -> Result<(), CliError> {
             .as_ref()
             .map(|s| s.refused.clone())
             .unwrap_or_default(),
+        features: crate::features::probe(),
     };
     emit(args.format.output, &status, |wide| {
         let mut summary = table(["AGENT", "LAST SYNC", "NODE", "LAYOUT"]);
@@ -155,7 +158,25 @@ pub fn run(args: StatusArgs) -> Result<(), CliError> {
                 ),
             ]);
         }
-        let mut text = format!("{summary}\n\n{programs}\n\n{maps}");
+        let mut features = if wide {
+            table(["KERNEL FEATURE", "AVAILABLE", "FOR"])
+        } else {
+            table(["KERNEL FEATURE", "AVAILABLE"])
+        };
+        for feature in &status.features {
+            let available = match (feature.available, feature.required) {
+                (Some(true), _) => "yes",
+                (Some(false), true) => "NO (required)",
+                (Some(false), false) => "no",
+                (None, _) => "unknown (no kernel BTF)",
+            };
+            let mut row = vec![feature.name.to_owned(), available.to_owned()];
+            if wide {
+                row.push(feature.used_for.to_owned());
+            }
+            features.add_row(row);
+        }
+        let mut text = format!("{summary}\n\n{programs}\n\n{maps}\n\n{features}");
         if !status.refused.is_empty() {
             let mut refused = table(["REFUSED SERVICE", "WHY"]);
             for unserved in &status.refused {
