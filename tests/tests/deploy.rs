@@ -140,6 +140,8 @@ fn the_daemonset_gives_the_agent_what_it_needs() {
         .as_ref()
         .and_then(|s| s.privileged);
     assert_eq!(privileged, Some(true));
+    // The pods' processes, whose sockets it terminates when their backend leaves.
+    assert_eq!(pod.host_pid, Some(true));
     let mounts: Vec<&str> = container
         .volume_mounts
         .iter()
