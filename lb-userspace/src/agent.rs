@@ -129,11 +129,76 @@ pub enum SyncError {
     Write(#[source] Box<datapath::DatapathError>),
 }
 
+/// Undoes a start that fails after it loaded the datapath onto a pin directory that held
+/// nothing of lb's: its links (which detaches the programs), its pins, and the NodePorts it
+/// reserved. A start over an earlier agent's pins leaves them: they serve as before.
+struct FreshStart {
+    bpffs: PathBuf,
+    state_dir: PathBuf,
+    armed: bool,
+}
+
+impl FreshStart {
+    fn new(bpffs: &std::path::Path, state_dir: &std::path::Path) -> Self {
+        Self {
+            bpffs: bpffs.into(),
+            state_dir: state_dir.into(),
+            armed: !datapath::anything_pinned(bpffs),
+        }
+    }
+
+    /// The start went through: what it made stays.
+    fn done(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for FreshStart {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        match datapath::unload(&self.bpffs) {
+            Ok(removed) if !removed.is_empty() => tracing::info!(
+                "the start failed: removed the {} pins it made in {}",
+                removed.len(),
+                self.bpffs.display()
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                "the start failed, and removing its pins in {} failed too: {e}; run `lb unload`",
+                self.bpffs.display()
+            ),
+        }
+        if let Err(e) = node_ports::release(&self.state_dir) {
+            tracing::error!(
+                "the start failed, and giving back its reserved NodePorts failed too: {e}"
+            );
+        }
+    }
+}
+
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let cgroup = match args.cgroup {
         Some(cgroup) => cgroup,
         None => mounts::cgroup2_root()?,
     };
+    // Flags are checked before anything is loaded.
+    mounts::ensure_cgroup2(&cgroup)?;
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let manifest_dir = match (&args.manifests, &args.kubeconfig) {
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(_)) => None,
+        (None, None) if in_cluster => None,
+        (None, None) => Some(PathBuf::from(DEFAULT_MANIFESTS)),
+    };
+    if let Some(dir) = &manifest_dir {
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--manifests {}: not a directory (or pass --kubeconfig to follow a cluster)",
+            dir.display()
+        );
+    }
     // Given addresses stay; discovered ones are followed, from before they are first read
     // so that no change in between is missed.
     let mut node_addresses = NodeAddresses::follow(args.node_ips.is_empty(), &args.host_netns);
@@ -195,6 +260,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .affinity_matches
             .min(ceiling.affinity_matches),
     };
+    let fresh_start = FreshStart::new(&args.bpffs, &args.state_dir);
     let mut datapath = datapath::load(&args.bpffs, &cgroup, initial)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
     tracing::info!(
@@ -220,13 +286,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
 
     // Changes are watched before the first read, so none between the two is missed.
     let (changes, mut changed) = mpsc::unbounded_channel();
-    let mut source = match (args.manifests, args.kubeconfig) {
+    let mut source = match (manifest_dir, args.kubeconfig) {
         (Some(dir), _) => manifests(&dir, changes)?,
-        (None, Some(kubeconfig)) => kubernetes(Some(&kubeconfig), changes).await?,
-        (None, None) if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
-            kubernetes(None, changes).await?
-        }
-        (None, None) => manifests(&PathBuf::from(DEFAULT_MANIFESTS), changes)?,
+        (None, kubeconfig) => kubernetes(kubeconfig.as_deref(), changes).await?,
     };
 
     let _pid = AgentPid::create(&args.state_dir)?;
@@ -266,13 +328,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         stale_sockets,
         metrics: metrics.clone(),
     };
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    // From here on the agent runs: a failed sync is retried, never a reason to stop.
+    fresh_start.done();
     let mut first_done = false;
     let mut retry = Retry::default();
     syncer.sync_and_report(&mut source, None, &mut retry, &mut first_done);
 
     let mut settle = Settle::default();
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
     loop {
         // No batching window: a change is applied at once, and the changes that arrive
         // while a sync runs are coalesced into the next one.

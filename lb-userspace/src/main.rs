@@ -84,7 +84,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("lb: {e:#}");
+            eprintln!("lb: {}", one_line(&e));
             if agent && !nix::unistd::geteuid().is_root() {
                 eprintln!(
                     "lb: hint: loading programs needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
@@ -93,6 +93,23 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each cause once: an error that names its source in
+/// its own message (`opening X: No such file`) is not followed by that source again.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if line.contains(&cause) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -219,7 +219,8 @@ fn change_sysctl(
             })?;
             let after = change(&before);
             if after != before {
-                std::fs::write(SYSCTL, after.to_string()).map_err(|source| {
+                // With a newline: an empty write would leave the ports as they are.
+                std::fs::write(SYSCTL, format!("{after}\n")).map_err(|source| {
                     NodePortsError::WriteSysctl {
                         netns: netns.into(),
                         source,

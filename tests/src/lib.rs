@@ -482,7 +482,9 @@ impl Testbed {
 
     /// Starts the agent without waiting for it to be ready.
     pub fn spawn_agent(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<u32> {
-        ensure!(self.agent.is_none(), "the agent is already running");
+        ensure!(!self.agent_running(), "the agent is already running");
+        // One that exited (a failed start) is replaced.
+        self.agent = None;
         let log = File::create(self.agent_log())?;
         let agent = Command::new(binary("lb")?)
             .arg("agent")

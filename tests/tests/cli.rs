@@ -470,3 +470,82 @@ fn a_reader_that_stops_early_ends_the_command_quietly() {
     );
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+/// A start that fails after loading the datapath onto an empty pin directory takes back
+/// what it made — links (so nothing stays attached), pins, reserved NodePorts; one that
+/// fails over an earlier agent's pins leaves them serving. Flags are checked first.
+#[test]
+fn a_failed_start_leaves_nothing_behind_and_an_earlier_datapath_serving() {
+    if !privileged("a_failed_start_leaves_nothing_behind_and_an_earlier_datapath_serving") {
+        return;
+    }
+    let (mut testbed, _pods, client) = Testbed::with_backends(2, 8888).unwrap();
+    let node = testbed.node();
+    let reserved = |testbed: &Testbed| {
+        let mut cat = testbed.netns_command(&node, "cat").unwrap();
+        cat.arg("/proc/sys/net/ipv4/ip_local_reserved_ports");
+        String::from_utf8(run(&mut cat).unwrap().stdout).unwrap()
+    };
+    let pins = |testbed: &Testbed| -> Vec<PathBuf> {
+        std::fs::read_dir(&testbed.bpffs)
+            .map(|dir| dir.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let attached = |testbed: &Testbed| {
+        let out = run(Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&testbed.cgroup)
+            .arg("-j"))
+        .unwrap();
+        serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+            .unwrap_or_default()
+            .len()
+    };
+
+    // Not a cgroup2 directory: said so, before anything is loaded.
+    let mut not_cgroup = Command::new(lb_tests::binary("lb").unwrap());
+    not_cgroup
+        .args(["agent", "--cgroup", "/tmp", "--bpffs"])
+        .arg(&testbed.bpffs)
+        .arg("--state-dir")
+        .arg(testbed.state_dir())
+        .arg("--manifests")
+        .arg(&testbed.manifests);
+    assert_fails(not_cgroup, "--cgroup /tmp: not a cgroup2 directory");
+    assert!(pins(&testbed).is_empty(), "{:?}", pins(&testbed));
+
+    // Fails after loading (the source cannot be read): everything it made goes.
+    testbed
+        .spawn_agent(&["--kubeconfig".as_ref(), "/nonexistent/kubeconfig".as_ref()])
+        .unwrap();
+    lb_tests::wait_for(
+        "the agent to fail",
+        std::time::Duration::from_secs(10),
+        || Ok((!testbed.agent_running()).then_some(())),
+    )
+    .unwrap();
+    let output = testbed.agent_output();
+    assert!(output.contains("the start failed: removed"), "{output}");
+    assert!(pins(&testbed).is_empty(), "{:?}", pins(&testbed));
+    assert_eq!(attached(&testbed), 0);
+    assert_eq!(reserved(&testbed).trim(), "");
+
+    // Over an earlier agent's datapath, a failed start leaves it serving.
+    testbed.write_manifest("known.yaml", KNOWN).unwrap();
+    testbed.start_agent().unwrap();
+    testbed.stop_agent().unwrap();
+    let before = pins(&testbed).len();
+    testbed
+        .spawn_agent(&["--kubeconfig".as_ref(), "/nonexistent/kubeconfig".as_ref()])
+        .unwrap();
+    lb_tests::wait_for(
+        "the agent to fail",
+        std::time::Duration::from_secs(10),
+        || Ok((!testbed.agent_running()).then_some(())),
+    )
+    .unwrap();
+    assert_eq!(pins(&testbed).len(), before);
+    assert_eq!(reserved(&testbed).trim(), "30000-32767");
+    let probes = testbed.probe(&client, "10.96.0.10:80", 4).unwrap();
+    assert!(probes.iter().all(|p| p.hostname().is_some()), "{probes:?}");
+}

@@ -783,6 +783,16 @@ pub struct Datapath {
     takeover: bool,
 }
 
+/// Whether `pin_dir` holds anything lb pins (of this layout or the previous one): a start
+/// that fails leaves what it found, and removes what it made only when it found nothing.
+pub fn anything_pinned(pin_dir: &Path) -> bool {
+    MAPS.iter()
+        .chain(&lb_common::PREVIOUS_LAYOUT_MAPS)
+        .map(|map| (*map).to_owned())
+        .chain(PROGRAMS.iter().map(|name| link_pin(name)))
+        .any(|pin| pin_dir.join(pin).exists())
+}
+
 /// Whether `pin_dir` holds the pins of an agent of the previous layout: its programs
 /// translate connects until this layout's maps are filled.
 fn previous_layout_pinned(pin_dir: &Path) -> bool {

@@ -23,6 +23,10 @@ pub enum MountError {
         path: PathBuf,
         source: nix::Error,
     },
+    #[error("--cgroup {path}: not a cgroup2 directory{mounted}")]
+    NotCgroup2 { path: PathBuf, mounted: String },
+    #[error("--cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: nix::Error },
     #[error("creating {path}: {source}")]
     CreateDir {
         path: PathBuf,
@@ -67,6 +71,27 @@ fn unescape_octal(field: &str) -> String {
     }
     out.push_str(rest);
     out
+}
+
+/// Makes sure `dir` is a directory of a cgroup2 hierarchy, where the programs can attach
+/// (a link on anything else fails with a bare EBADF).
+pub fn ensure_cgroup2(dir: &Path) -> Result<(), MountError> {
+    let fs = nix::sys::statfs::statfs(dir).map_err(|source| MountError::Cgroup {
+        path: dir.into(),
+        source,
+    })?;
+    if fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Ok(());
+    }
+    let mounted = mount_points("cgroup2")
+        .ok()
+        .and_then(|points| points.into_iter().next())
+        .map(|point| format!(" (cgroup2 is mounted at {})", point.display()))
+        .unwrap_or_default();
+    Err(MountError::NotCgroup2 {
+        path: dir.into(),
+        mounted,
+    })
 }
 
 /// Makes sure `dir` can hold pins: it must be on a bpffs. /sys/fs/bpf is mounted if missing.
