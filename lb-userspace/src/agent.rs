@@ -330,6 +330,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
     // From here on the agent runs: a failed sync is retried, never a reason to stop.
     fresh_start.done();
     let mut first_done = false;
@@ -363,6 +364,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
                 None => continue,
             },
+            _ = sighup.recv() => {
+                // As daemons do: read the configuration again. The maps are read back too,
+                // and whatever differs from the source is rewritten.
+                tracing::info!(
+                    "SIGHUP: reading {} again and checking the maps against it",
+                    source.describe()
+                );
+                source.reread();
+                syncer.read_back = true;
+                Some(Instant::now())
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         };

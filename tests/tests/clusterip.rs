@@ -429,3 +429,53 @@ fn a_manifest_directory_swapped_in_by_rename_is_followed() {
         testbed.agent_output()
     );
 }
+
+/// SIGHUP makes the agent read its source again and check the maps against it, as daemons
+/// re-read their configuration — it does not end the agent: an entry removed behind its
+/// back is written again.
+#[test]
+fn sighup_reads_the_source_again_and_repairs_the_maps() {
+    if !privileged("sighup_reads_the_source_again_and_repairs_the_maps") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8080);
+    testbed
+        .write_manifest("web.yaml", &service(80, 8080, &ips(&pods)))
+        .unwrap();
+    let pid = testbed.start_agent().unwrap();
+    assert_all_answered(&testbed.probe(&client, "10.96.0.10:80", 2).unwrap());
+
+    // The frontend's master entry deleted behind the agent's back: the Service is gone
+    // from the datapath (its clusterIP is refused as a port nobody has).
+    let master_key = "hex 0a 60 00 0a 00 50 00 00 06 00 00 00";
+    let mut delete = std::process::Command::new("bpftool");
+    delete
+        .args(["map", "delete", "pinned"])
+        .arg(testbed.bpffs.join(lb_common::SERVICE_MAP))
+        .args(["key"])
+        .args(master_key.split(' '));
+    lb_tests::run(&mut delete).unwrap();
+    let broken = testbed.probe(&client, "10.96.0.10:80", 1).unwrap();
+    assert!(broken[0].hostname().is_none(), "{broken:?}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for(
+        "the Service to answer again",
+        Duration::from_secs(10),
+        || {
+            let probes = testbed.probe(&client, "10.96.0.10:80", 1)?;
+            Ok(probes[0].hostname().is_some().then_some(()))
+        },
+    )
+    .unwrap();
+    assert!(testbed.agent_running(), "{}", testbed.agent_output());
+    assert!(
+        testbed.agent_output().contains("SIGHUP: reading manifests"),
+        "{}",
+        testbed.agent_output()
+    );
+}

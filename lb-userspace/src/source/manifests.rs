@@ -302,6 +302,15 @@ impl Manifests {
         Ok(self.file_problems.values().cloned().collect())
     }
 
+    /// Reads every file again at the next refresh, whatever their versions say, and watches
+    /// the directory anew (SIGHUP: an operator who suspects a missed change).
+    pub fn reread(&self) {
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.everything = true;
+        seen.replaced = true;
+        seen.named.extend(self.files.keys().cloned());
+    }
+
     /// A refresh that failed: what it took from the events is looked at by the next one,
     /// the whole directory too (and watched again, if it was `replaced`).
     fn again_next_time(&self, named: BTreeSet<PathBuf>, replaced: bool) {

@@ -55,6 +55,15 @@ impl Source {
         }
     }
 
+    /// Makes the next refresh read the source anew: every manifest file (the Kubernetes
+    /// watches deliver every change as it is, so there is nothing to read again).
+    pub fn reread(&self) {
+        match self {
+            Source::Manifests(manifests) => manifests.reread(),
+            Source::Kubernetes(_) => {}
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
             Source::Manifests(manifests) => format!("manifests in {}", manifests.dir().display()),
