@@ -185,6 +185,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     // Flags are checked before anything is loaded.
     mounts::ensure_cgroup2(&cgroup)?;
+    state::ensure_private_dir(&args.state_dir)?;
     let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
     let manifest_dir = match (&args.manifests, &args.kubeconfig) {
         (Some(dir), _) => Some(dir.clone()),

@@ -16,6 +16,7 @@
 #[allow(clippy::result_large_err)]
 pub mod agent;
 pub mod cli;
+pub mod dirs;
 pub mod features;
 pub mod hash;
 pub mod maps;

@@ -37,6 +37,13 @@ pub enum StateError {
     },
     #[error("reading {path}: {reason}")]
     Read { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Dir(#[from] crate::dirs::DirError),
+}
+
+/// Makes sure the state directory is the agent's alone ([`crate::dirs::ensure_private`]).
+pub fn ensure_private_dir(dir: &Path) -> Result<(), StateError> {
+    Ok(crate::dirs::ensure_private(dir, "--state-dir")?)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -308,17 +315,17 @@ fn shard_file(index: usize) -> String {
     format!("{index:03}.json")
 }
 
-/// Replaces `path` with `value` as JSON atomically, so a reader never sees half of it.
+/// Replaces `path` with `value` as JSON atomically, so a reader never sees half of it; the
+/// file is root's alone (0600: the Services and endpoints of the node are not for every
+/// user).
 fn write_atomically(path: &Path, value: &impl Serialize) -> Result<(), StateError> {
-    write_json(path, value, 0o644)
+    write_private(path, value)
 }
 
-/// As [`write_atomically`], for a file only root may read.
+/// Writes `value` as JSON to `path` through a temporary file created afresh beside it
+/// (O_EXCL, which follows no link) with mode 0600, then renamed over it.
 pub(crate) fn write_private(path: &Path, value: &impl Serialize) -> Result<(), StateError> {
-    write_json(path, value, 0o600)
-}
-
-fn write_json(path: &Path, value: &impl Serialize, mode: u32) -> Result<(), StateError> {
+    let mode = 0o600;
     use std::os::unix::fs::OpenOptionsExt as _;
     let error = |source| StateError::Write {
         path: path.into(),
@@ -479,8 +486,11 @@ impl AgentPid {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(error)?;
-        std::fs::write(&path, std::process::id().to_string()).map_err(error)?;
+        ensure_private_dir(dir)?;
+        write_private(&path, &std::process::id()).map_err(|e| match e {
+            StateError::Write { source, .. } => error(source),
+            other => other,
+        })?;
         Ok(Self { path })
     }
 }

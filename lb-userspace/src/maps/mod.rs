@@ -141,6 +141,8 @@ pub enum DatapathError {
         capacity: u32,
         source: crate::maps::bpf::BpfError,
     },
+    #[error(transparent)]
+    Dir(#[from] crate::dirs::DirError),
     #[error("opening the pinned {path}: {source}")]
     OpenPin {
         path: PathBuf,
@@ -752,7 +754,7 @@ pub fn lock(pin_dir: &Path) -> Result<PinLock, DatapathError> {
         path: pin_dir.into(),
         source,
     };
-    std::fs::create_dir_all(pin_dir).map_err(dir_error)?;
+    crate::dirs::ensure_private(pin_dir, "--bpffs")?;
     let dir = std::fs::File::open(pin_dir).map_err(dir_error)?;
     nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
         .map(|lock| PinLock { _lock: lock })
@@ -917,10 +919,7 @@ fn loaded_program<'a>(
 /// there.
 pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapath, DatapathError> {
     mounts::ensure_bpffs(pin_dir)?;
-    std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::CreateDir {
-        path: pin_dir.into(),
-        source,
-    })?;
+    crate::dirs::ensure_private(pin_dir, "--bpffs")?;
     remove_next_pins(pin_dir)?;
     let takeover = previous_layout_pinned(pin_dir);
     if takeover {

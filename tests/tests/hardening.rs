@@ -1,0 +1,124 @@
+//! A hostile non-root user on the node: what the root agent writes cannot be redirected
+//! by them, and what it keeps is not theirs to read.
+
+#![expect(
+    clippy::unwrap_used,
+    reason = "a test fails by panicking, with the error"
+)]
+
+use std::{
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use lb_tests::{Testbed, privileged, run, wait_for};
+
+/// The uid and gid of `nobody`, the hostile user here.
+const NOBODY: u32 = 65534;
+
+/// Starts the agent and waits for it to exit; its output.
+fn failed_start(testbed: &mut Testbed) -> String {
+    let manifests = testbed.manifests.clone();
+    testbed
+        .spawn_agent(&["--manifests".as_ref(), manifests.as_os_str()])
+        .unwrap();
+    wait_for("the agent to refuse", Duration::from_secs(10), || {
+        Ok((!testbed.agent_running()).then_some(()))
+    })
+    .unwrap();
+    testbed.agent_output()
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().mode() & 0o7777
+}
+
+#[test]
+fn a_state_dir_another_user_controls_is_refused_and_the_state_is_roots_alone() {
+    if !privileged("a_state_dir_another_user_controls_is_refused_and_the_state_is_roots_alone") {
+        return;
+    }
+    let mut testbed = Testbed::new().unwrap();
+    let dir = testbed.state_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // Owned by another user.
+    std::os::unix::fs::chown(&dir, Some(NOBODY), Some(NOBODY)).unwrap();
+    let output = failed_start(&mut testbed);
+    assert!(output.contains("owned by uid 65534"), "{output}");
+
+    // Root's, but writable by anyone: the other user plants a link where the agent
+    // writes, toward a file of root's.
+    std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let victim = dir.with_file_name("victim");
+    std::fs::write(&victim, "root's own\n").unwrap();
+    run(Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "ln",
+            "-s",
+        ])
+        .arg(&victim)
+        .arg(dir.join("services.json")))
+    .unwrap();
+    let output = failed_start(&mut testbed);
+    assert!(
+        output.contains("writable by group or others (mode 777)"),
+        "{output}"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "root's own\n");
+
+    // A link in place of the directory.
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::os::unix::fs::symlink(dir.with_file_name("manifests"), &dir).unwrap();
+    let output = failed_start(&mut testbed);
+    assert!(output.contains("a symbolic link"), "{output}");
+    std::fs::remove_file(&dir).unwrap();
+
+    // Made by the agent: the directory and every file in it are root's alone.
+    testbed.start_agent().unwrap();
+    assert_eq!(mode(&dir), 0o700);
+    for file in ["services.json", "agent.pid", "reserved-ports.json"] {
+        let path = dir.join(file);
+        if path.exists() {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+    assert_eq!(mode(&dir.join("services.json")), 0o600);
+}
+
+/// /sys/fs/bpf is world-writable (sticky): another user can make the agent's pin
+/// directory before it does, and then remove the links in it, which detaches the
+/// programs. The agent refuses a pin directory it does not own, saying why.
+#[test]
+fn a_pin_directory_another_user_made_is_refused() {
+    if !privileged("a_pin_directory_another_user_made_is_refused") {
+        return;
+    }
+    let mut testbed = Testbed::new().unwrap();
+    run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "mkdir"])
+        .arg(&testbed.bpffs))
+    .unwrap();
+    assert_eq!(std::fs::metadata(&testbed.bpffs).unwrap().uid(), NOBODY);
+    let output = failed_start(&mut testbed);
+    assert!(
+        output.contains(&format!(
+            "--bpffs {}: owned by uid 65534",
+            testbed.bpffs.display()
+        )),
+        "{output}"
+    );
+    // Nothing was loaded into it.
+    assert_eq!(std::fs::read_dir(&testbed.bpffs).unwrap().count(), 0);
+
+    // Made by the agent: root's alone.
+    std::fs::remove_dir(&testbed.bpffs).unwrap();
+    testbed.start_agent().unwrap();
+    assert_eq!(mode(&testbed.bpffs), 0o700);
+}
