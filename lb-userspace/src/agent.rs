@@ -327,6 +327,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         unwritten_services: Default::default(),
         unwritten_frontends: BTreeSet::new(),
         stale_sockets,
+        detached: None,
         metrics: metrics.clone(),
     };
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -339,6 +340,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     syncer.sync_and_report(&mut source, None, &mut retry, &mut first_done);
 
     let mut settle = Settle::default();
+    let mut pin_check = tokio::time::interval(PIN_CHECK);
+    pin_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // No batching window: a change is applied at once, and the changes that arrive
         // while a sync runs are coalesced into the next one.
@@ -364,6 +367,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     Some(at)
                 }
                 None => continue,
+            },
+            _ = pin_check.tick() => match syncer.repair_datapath() {
+                true => None,
+                false => continue,
             },
             _ = sighup.recv() => {
                 // As daemons do: read the configuration again. The maps are read back too,
@@ -582,8 +589,14 @@ struct Syncer {
     unwritten_services: crate::hash::Set<ObjectRef>,
     unwritten_frontends: BTreeSet<Frontend>,
     stale_sockets: StaleSockets,
+    /// Why the datapath is not whole, while programs or pins taken from under the agent
+    /// cannot be put back: not ready meanwhile.
+    detached: Option<String>,
     metrics: Arc<Metrics>,
 }
+
+/// How often the agent checks that its links and pins are all there.
+const PIN_CHECK: Duration = Duration::from_secs(1);
 
 /// Which connected sockets lb translated are destroyed when their backend leaves: those
 /// of the processes in `cgroup`, UDP, and TCP with `tcp`; none unless `enabled` (the
@@ -627,7 +640,7 @@ impl Syncer {
         match self.sync(source, changed_at) {
             Ok(()) => {
                 *retry = Retry::default();
-                let not_ready = self.refusal_summary();
+                let not_ready = self.detached.clone().or_else(|| self.refusal_summary());
                 if !*first_done {
                     *first_done = true;
                     match &not_ready {
@@ -656,6 +669,42 @@ impl Syncer {
         // maps are written and the sync reported.
         if started.elapsed() >= crate::memory::RELEASE_AFTER {
             crate::memory::release_freed();
+        }
+    }
+
+    /// Puts back programs and pins taken from under the agent (checked every
+    /// [`PIN_CHECK`]); `true` when something changed that readiness depends on, so that a
+    /// sync reports it.
+    fn repair_datapath(&mut self) -> bool {
+        match self.datapath.repair() {
+            Ok(repairs) if repairs.is_empty() => self.detached.take().is_some(),
+            Ok(repairs) => {
+                tracing::warn!(
+                    programs = ?repairs.programs,
+                    maps = ?repairs.maps,
+                    "links or pins were removed under the agent: programs attached and maps pinned again"
+                );
+                let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+                self.metrics
+                    .repairs
+                    .get_or_create(&metrics::RepairLabels { what: "program" })
+                    .inc_by(count(repairs.programs.len()));
+                self.metrics
+                    .repairs
+                    .get_or_create(&metrics::RepairLabels { what: "map_pin" })
+                    .inc_by(count(repairs.maps.len()));
+                self.detached = None;
+                true
+            }
+            Err(e) => {
+                let why = format!("the datapath was taken apart and cannot be put back: {e}");
+                if self.detached.as_ref() != Some(&why) {
+                    tracing::error!("{why}; trying again every {PIN_CHECK:?}");
+                }
+                self.metrics.set_readiness(Some(why.clone()));
+                self.detached = Some(why);
+                false
+            }
         }
     }
 

@@ -130,6 +130,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Unload(args) => {
+            // A running agent puts back what is taken from under it.
+            if let Some(pid) = lb_userspace::state::running_agent(&args.state_dir) {
+                anyhow::bail!(
+                    "the agent (pid {pid}) is running on {} and would attach the programs again; stop it first",
+                    args.bpffs.display()
+                );
+            }
             for path in maps::unload(&args.bpffs)? {
                 println!("removed {}", path.display());
             }

@@ -44,6 +44,11 @@ pub struct ProtocolLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    pub what: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: String,
 }
@@ -61,6 +66,8 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     /// Connected sockets destroyed because their backend left their frontend.
     pub sockets_terminated: Family<ProtocolLabels, Counter>,
+    /// Programs attached and maps pinned again after they were taken from under the agent.
+    pub repairs: Family<RepairLabels, Counter>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     /// When the kernel-filled maps were last walked.
@@ -91,6 +98,7 @@ impl Metrics {
         let event_to_map = Histogram::new(latency_buckets());
         let errors = Family::default();
         let sockets_terminated = Family::default();
+        let repairs = Family::default();
         let map_entries = Family::default();
         let map_capacity = Family::default();
         registry.register(
@@ -126,6 +134,11 @@ impl Metrics {
         );
         registry.register("errors", "Errors by kind", errors.clone());
         registry.register(
+            "datapath_repairs",
+            "Programs attached again (what = program) and maps pinned again (what = map_pin) after their pins were removed",
+            repairs.clone(),
+        );
+        registry.register(
             "sockets_terminated",
             "Connected sockets lb translated, destroyed when their backend left the frontend",
             sockets_terminated.clone(),
@@ -147,6 +160,7 @@ impl Metrics {
             event_to_map,
             errors,
             sockets_terminated,
+            repairs,
             map_entries,
             map_capacity,
             walked_at: Mutex::new(None),

@@ -122,3 +122,71 @@ fn a_pin_directory_another_user_made_is_refused() {
     testbed.start_agent().unwrap();
     assert_eq!(mode(&testbed.bpffs), 0o700);
 }
+
+/// Links unpinned under a running agent (which detaches its programs: `/sys/fs/bpf` is
+/// world-writable, and anyone with root on the node can do it by mistake) are attached
+/// again, and logged; so are map pins. `lb unload` refuses while the agent runs.
+#[test]
+fn programs_detached_under_the_agent_are_attached_again() {
+    if !privileged("programs_detached_under_the_agent_are_attached_again") {
+        return;
+    }
+    let (mut testbed, pods, client) = Testbed::with_backends(1, 8888).unwrap();
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: default}}\n\
+                 spec: {{clusterIP: 10.96.0.10, ports: [{{port: 80, targetPort: 8888}}]}}\n---\n\
+                 apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+                 metadata: {{name: web-a, namespace: default, labels: {{kubernetes.io/service-name: web}}}}\n\
+                 addressType: IPv4\nendpoints: [{{addresses: [\"{}\"]}}]\nports: [{{port: 8888}}]\n",
+                pods[0].ip
+            ),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    let answered = |testbed: &Testbed| {
+        testbed
+            .probe(&client, "10.96.0.10:80", 1)
+            .unwrap()
+            .iter()
+            .all(|p| p.hostname().is_some())
+    };
+    assert!(answered(&testbed));
+
+    let unload = testbed.lb_command(&["unload"]).unwrap().output().unwrap();
+    assert!(!unload.status.success());
+    assert!(
+        String::from_utf8_lossy(&unload.stderr).contains("is running"),
+        "{unload:?}"
+    );
+
+    // Every link pin and a map pin removed: the programs are detached at once.
+    for entry in std::fs::read_dir(&testbed.bpffs).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("lb_")
+            && !name.starts_with("lb_sock")
+            && !name.starts_with("lb_stats")
+            && !name.starts_with("lb_config")
+            || name == "lb4_backend_v1"
+        {
+            std::fs::remove_file(entry.path()).unwrap();
+        }
+    }
+    wait_for(
+        "the programs attached again",
+        Duration::from_secs(10),
+        || Ok(answered(&testbed).then_some(())),
+    )
+    .unwrap();
+    assert!(testbed.bpffs.join("lb4_backend_v1").exists());
+    assert!(testbed.bpffs.join("lb_connect4").exists());
+    let output = testbed.agent_output();
+    assert!(
+        output.contains("programs attached and maps pinned again"),
+        "{output}"
+    );
+    // The CLI reads the pins again.
+    assert!(testbed.lb(&["services"]).unwrap().contains("10.96.0.10:80"));
+}

@@ -779,6 +779,11 @@ pub struct Datapath {
     ebpf: Ebpf,
     pub maps: ServiceMaps,
     pin_dir: PathBuf,
+    /// Where the programs are attached: [`Datapath::repair`] attaches them there again.
+    cgroup: PathBuf,
+    /// Every map's kernel id, by pin name: a map whose pin was removed lives on (the
+    /// programs hold it) and is pinned again from its id.
+    map_ids: Vec<(&'static str, u32)>,
     /// The programs of the previous layout ([`lb_common::PREVIOUS_LAYOUT_MAPS`]) still hold
     /// the link pins: this layout's links are pinned at their [`next_pin`] until its maps
     /// are filled ([`Datapath::complete_takeover`]).
@@ -929,6 +934,7 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
         );
     }
     let mut ebpf = load_object(pin_dir, capacity, false)?;
+    let map_ids = map_ids(&ebpf);
     let maps = ServiceMaps::take(&mut ebpf)?;
 
     let cgroup_file = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
@@ -946,8 +952,42 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
         ebpf,
         maps,
         pin_dir: pin_dir.into(),
+        cgroup: cgroup.into(),
+        map_ids,
         takeover,
     })
+}
+
+/// The kernel id of every map of `ebpf` that lb pins.
+fn map_ids(ebpf: &Ebpf) -> Vec<(&'static str, u32)> {
+    MAPS.iter()
+        .filter_map(|name| {
+            let data = match ebpf.map(name)? {
+                Map::Array(data)
+                | Map::HashMap(data)
+                | Map::LruHashMap(data)
+                | Map::PerCpuArray(data)
+                | Map::SkStorage(data) => data,
+                _ => return None,
+            };
+            Some((*name, data.info().ok()?.id()))
+        })
+        .collect()
+}
+
+/// What [`Datapath::repair`] put back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Repairs {
+    /// Programs attached again (their link pin was gone, or its link detached).
+    pub programs: Vec<&'static str>,
+    /// Maps pinned again.
+    pub maps: Vec<&'static str>,
+}
+
+impl Repairs {
+    pub fn is_empty(&self) -> bool {
+        self.programs.is_empty() && self.maps.is_empty()
+    }
 }
 
 /// Where `program`'s link is pinned: at its [`link_pin`], or beside it while this layout
@@ -961,6 +1001,68 @@ fn link_path(pin_dir: &Path, program: &str, takeover: bool) -> PathBuf {
 }
 
 impl Datapath {
+    /// Puts back what was taken from under the agent: a link pin removed (which detached
+    /// its program) or a link detached (`bpftool link detach`) gets the program attached
+    /// again and pinned; a map pin removed is pinned again (the map itself lived on).
+    /// Nothing is done during a takeover, whose pins are in flux.
+    pub fn repair(&mut self) -> Result<Repairs, DatapathError> {
+        let mut repairs = Repairs::default();
+        if self.takeover {
+            return Ok(repairs);
+        }
+        let mut cgroup = None;
+        for name in PROGRAMS {
+            let pin = link_path(&self.pin_dir, name, false);
+            // A detached link keeps its pin but names no cgroup any more.
+            if links::cgroup_link(&pin).is_ok_and(|link| link.cgroup_id != 0) {
+                continue;
+            }
+            if cgroup.is_none() {
+                cgroup =
+                    Some(
+                        File::open(&self.cgroup).map_err(|source| DatapathError::Cgroup {
+                            path: self.cgroup.clone(),
+                            source,
+                        })?,
+                    );
+            }
+            let Some(cgroup) = cgroup.as_ref() else {
+                continue;
+            };
+            let program_error = |source| DatapathError::Program {
+                program: name,
+                source,
+            };
+            let program = match self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::Missing(name))?
+            {
+                Program::CgroupSockAddr(program) => LoadedProgram::SockAddr(program),
+                Program::CgroupSock(program) => LoadedProgram::Sock(program),
+                _ => return Err(program_error(ProgramError::UnexpectedProgramType)),
+            };
+            let link = program.attach(cgroup, name, &pin)?;
+            replace_pinned_link(&pin, link)?;
+            repairs.programs.push(name);
+        }
+        for (name, id) in &self.map_ids {
+            let pin = self.pin_dir.join(name);
+            if pin.exists() {
+                continue;
+            }
+            MapData::from_id(*id)
+                .map_err(map_error(name))?
+                .pin(&pin)
+                .map_err(|source| DatapathError::Pin {
+                    path: pin.clone(),
+                    source,
+                })?;
+            repairs.maps.push(name);
+        }
+        Ok(repairs)
+    }
+
     /// A descriptor of the socket storage map, [`SOCKET_MAP`].
     pub fn socket_storage(&self) -> Result<std::os::fd::OwnedFd, DatapathError> {
         let path = self.pin_dir.join(SOCKET_MAP);
@@ -1033,6 +1135,7 @@ impl Datapath {
         programmed: &Programmed,
     ) -> Result<(), DatapathError> {
         let mut ebpf = load_object(&self.pin_dir, capacity, true)?;
+        let new_map_ids = map_ids(&ebpf);
         let maps = ServiceMaps::take(&mut ebpf)?;
         maps.fill(programmed)?;
         let mut links = Vec::new();
@@ -1084,6 +1187,7 @@ impl Datapath {
         // Every hook runs the new programs on the new maps: from here on they are the
         // datapath, whatever happens to the pins. The old maps go with the old programs.
         drop(std::mem::replace(&mut self.ebpf, ebpf));
+        self.map_ids = new_map_ids;
         // The clusterIP map is not a growing one: both generations share it.
         let held = std::mem::take(&mut self.maps.held_cluster_ips);
         self.maps = maps;
