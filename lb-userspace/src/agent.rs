@@ -307,10 +307,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         enabled: terminate,
         tcp: args.terminate_tcp,
     };
-    let state = StateWriter::spawn(args.state_dir, cgroup, node.name.clone(), move |e| {
-        tracing::error!("{e}; `lb services` may show stale names");
-        state_errors.error(ErrorKind::StateFile);
-    })
+    let state = StateWriter::spawn(
+        args.state_dir.clone(),
+        cgroup,
+        node.name.clone(),
+        move |e| {
+            tracing::error!("{e}; `lb services` may show stale names");
+            state_errors.error(ErrorKind::StateFile);
+        },
+    )
     .context("starting the state file writer")?;
     let mut syncer = Syncer {
         store: Store::default(),
@@ -327,6 +332,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         unwritten_services: Default::default(),
         unwritten_frontends: BTreeSet::new(),
         stale_sockets,
+        incumbents_from: Some(args.state_dir.clone()),
         detached: None,
         metrics: metrics.clone(),
     };
@@ -589,6 +595,9 @@ struct Syncer {
     unwritten_services: crate::hash::Set<ObjectRef>,
     unwritten_frontends: BTreeSet<Frontend>,
     stale_sockets: StaleSockets,
+    /// The state directory, until the first sync has looked in it for who served the
+    /// frontends claimed twice ([`Syncer::prefer_incumbents`]).
+    incumbents_from: Option<PathBuf>,
     /// Why the datapath is not whole, while programs or pins taken from under the agent
     /// cannot be put back: not ready meanwhile.
     detached: Option<String>,
@@ -747,10 +756,15 @@ impl Syncer {
             .collect();
         let refreshed = started.elapsed();
         let changed = self.store.take_changed();
-        let touched = self.desired.update(
+        let mut touched = self.desired.update(
             changed.iter().map(|id| (id, self.store.service(id))),
             &self.node,
         );
+        if let Some(state_dir) = self.incumbents_from.take()
+            && self.desired.is_contested()
+        {
+            touched.extend(self.prefer_incumbents(&state_dir));
+        }
         // What the state file must say anew, should this sync fail before it is written.
         self.unwritten_services.extend(changed.iter().cloned());
         self.unwritten_frontends.extend(touched.iter().copied());
@@ -922,6 +936,29 @@ impl Syncer {
                 tracing::error!("terminating sockets on backends that left: {e}; {lasting}");
             }
         }
+    }
+
+    /// After a restart every claim arrives at once: a frontend two Services claim stays with
+    /// the one the previous agent's state file says it served. Read only when the first
+    /// sync finds a frontend claimed twice.
+    fn prefer_incumbents(&mut self, state_dir: &std::path::Path) -> BTreeSet<Frontend> {
+        let served = match state::State::read(state_dir) {
+            Ok(Some(state)) => state.frontends,
+            Ok(None) => return BTreeSet::new(),
+            Err(e) => {
+                tracing::warn!("{e}; frontends claimed twice go to the oldest claimant");
+                return BTreeSet::new();
+            }
+        };
+        let served: crate::hash::Map<Frontend, ObjectRef> = served
+            .into_iter()
+            .filter_map(|names| {
+                let (namespace, name) = names.service.split_once('/')?;
+                Some((names.frontend, ObjectRef::new(namespace, name)))
+            })
+            .collect();
+        self.desired
+            .prefer_incumbents(|frontend| served.get(frontend).cloned())
     }
 
     /// Tells the state file writer what the syncs since it was last told changed.

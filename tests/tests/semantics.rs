@@ -215,6 +215,68 @@ fn an_ipv6_socket_reaches_an_ipv4_service_through_its_v4_mapped_address() {
     assert_eq!(testbed.stat("unknown_port").unwrap(), 1);
 }
 
+/// A Service that claims a frontend another Service already has does not take it over,
+/// even when its name sorts first, and not after a restart either; the newcomer is named
+/// in the log.
+#[test]
+fn a_later_claim_never_takes_over_a_live_service() {
+    if !privileged("a_later_claim_never_takes_over_a_live_service") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web("", "port: 80, targetPort: 8888")
+                + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+
+    // A newcomer on web's clusterIP:port, whose name sorts first.
+    testbed
+        .write_manifest(
+            "zzz.yaml",
+            &(web("", "port: 80, targetPort: 8888").replace("name: web,", "name: aa-hijack,")
+                + &slice(
+                    "aa-hijack",
+                    "aa-hijack-a",
+                    8888,
+                    "TCP",
+                    &ready(&[pods[1].ip]),
+                )),
+        )
+        .unwrap();
+    let ignored =
+        "Service default/aa-hijack claims 10.96.0.10:80/TCP which Service default/web already has";
+    wait_for(
+        "the newcomer to be ignored",
+        Duration::from_secs(10),
+        || Ok(testbed.agent_output().contains(ignored).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
+    assert_eq!(
+        hostnames(&testbed.probe(&client, "10.96.0.10:80", 10).unwrap()),
+        BTreeSet::from(["web-0".into()])
+    );
+
+    // A restart sees both at once: web served the frontend, and keeps it.
+    testbed.stop_agent().unwrap();
+    testbed.start_agent().unwrap();
+    assert_eq!(
+        hostnames(&testbed.probe(&client, "10.96.0.10:80", 10).unwrap()),
+        BTreeSet::from(["web-0".into()])
+    );
+    assert!(
+        testbed.agent_output().contains(ignored),
+        "{}",
+        testbed.agent_output()
+    );
+}
+
 #[test]
 fn a_service_without_usable_endpoints_refuses_at_once() {
     if !privileged("a_service_without_usable_endpoints_refuses_at_once") {

@@ -286,6 +286,9 @@ pub struct ServiceModel {
     pub affinity_timeout_s: Option<u32>,
     /// `internalTrafficPolicy: Local`.
     pub internal_traffic_local: bool,
+    /// `metadata.creationTimestamp`, in seconds since the epoch: among claims on one
+    /// frontend that arrive together, the oldest Service keeps it.
+    pub created_s: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -551,6 +554,11 @@ impl ServiceModel {
             load_balancer_ips,
             affinity_timeout_s,
             internal_traffic_local,
+            created_s: service
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|time| time.0.as_second()),
         })
     }
 
@@ -845,7 +853,7 @@ impl fmt::Display for NotInDatapath {
     }
 }
 
-/// A frontend claimed by more than one Service: the first by name keeps it.
+/// A frontend claimed by more than one Service: the first to claim it keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("Service {ignored} claims {frontend} which Service {kept} already has; ignored")]
 pub struct Conflict {
@@ -864,8 +872,15 @@ pub struct Node {
 }
 
 /// Who claims a frontend, in precedence order: the stronger kind (see [`FrontendKind`]),
-/// then the first Service by name, then the Service's first claim.
-type Claim = (FrontendKind, ObjectRef, usize);
+/// then the earlier arrival (a live Service is never taken over by a later claim), then
+/// among claims that arrived together the oldest Service (`creationTimestamp`, one without
+/// last), then the first by namespace/name, then the Service's first claim.
+type Claim = (FrontendKind, Arrival, i64, ObjectRef, usize);
+
+/// When a claim arrived: the number of the [`Desired::update`] that first made it, kept
+/// while the Service goes on claiming the frontend; 0 for the claim of the Service the
+/// frontend served before the agent started ([`Desired::prefer_incumbents`]).
+type Arrival = u64;
 
 /// The claims on one frontend with their targets, in precedence order.
 type Claims = SmallVec<[(Claim, Arc<FrontendTarget>); 1]>;
@@ -883,6 +898,8 @@ pub struct Desired {
     /// conflicts costs what there are, not a walk over every claim.
     contested: BTreeSet<Frontend>,
     pub not_in_datapath: BTreeMap<ObjectRef, NotInDatapath>,
+    /// The number of the next [`Desired::update`]: the arrival of the claims it makes.
+    next_arrival: Arrival,
 }
 
 impl Desired {
@@ -901,16 +918,32 @@ impl Desired {
         let changed: Vec<_> = changed.into_iter().collect();
         let computed = claims_of_each(&changed, node);
         let mut touched = BTreeSet::new();
-        for ((id, _), computed) in changed.into_iter().zip(computed) {
+        // Claims made by this update share its number: they arrived together.
+        self.next_arrival = self.next_arrival.max(1);
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        for ((id, model), computed) in changed.into_iter().zip(computed) {
+            // The arrivals of the frontends it goes on claiming stay as they were.
+            let mut held: SmallVec<[(Frontend, Arrival); 1]> = SmallVec::new();
             for frontend in self.claimed_by.remove(id).unwrap_or_default() {
                 if let Some(claims) = self.claims.get_mut(&frontend) {
-                    claims.retain(|((_, service, _), _)| service != id);
+                    if let Some(((_, at, ..), _)) = claims
+                        .iter()
+                        .find(|((_, _, _, service, _), _)| service == id)
+                    {
+                        held.push((frontend, *at));
+                    }
+                    claims.retain(|((_, _, _, service, _), _)| service != id);
                     if claims.is_empty() {
                         self.claims.remove(&frontend);
                     }
                 }
                 touched.insert(frontend);
             }
+            let created = model
+                .as_ref()
+                .and_then(|(service, _)| service.created_s)
+                .unwrap_or(i64::MAX);
             self.not_in_datapath.remove(id);
             let Some(computed) = computed else {
                 continue;
@@ -919,7 +952,11 @@ impl Desired {
                 Ok(claims) => {
                     let mut frontends = SmallVec::with_capacity(claims.len());
                     for (seq, (frontend, target)) in claims.into_iter().enumerate() {
-                        let claim = (target.kind, id.clone(), seq);
+                        let at = held
+                            .iter()
+                            .find(|(held, _)| *held == frontend)
+                            .map_or(arrival, |(_, at)| *at);
+                        let claim = (target.kind, at, created, id.clone(), seq);
                         let claims = self.claims.entry(frontend).or_default();
                         let at = claims.partition_point(|(other, _)| *other < claim);
                         claims.insert(at, (claim, Arc::new(target)));
@@ -935,7 +972,7 @@ impl Desired {
         }
         for frontend in &touched {
             let contested = self.claims.get(frontend).is_some_and(|claims| {
-                let mut services = claims.iter().map(|((_, service, _), _)| service);
+                let mut services = claims.iter().map(|((_, _, _, service, _), _)| service);
                 services
                     .next()
                     .is_some_and(|first| services.any(|other| other != first))
@@ -947,6 +984,36 @@ impl Desired {
             }
         }
         touched
+    }
+
+    /// Whether any frontend is claimed by more than one Service.
+    pub fn is_contested(&self) -> bool {
+        !self.contested.is_empty()
+    }
+
+    /// After a restart, every claim arrives at once: on each contested frontend, the claim
+    /// of the Service that `served` it before (its last state file says) counts as the
+    /// earliest, so that a restart does not hand it to a later claimant that sorts first.
+    /// Returns the frontends whose claims were reordered.
+    pub fn prefer_incumbents(
+        &mut self,
+        served: impl Fn(&Frontend) -> Option<ObjectRef>,
+    ) -> BTreeSet<Frontend> {
+        let mut reordered = BTreeSet::new();
+        for frontend in &self.contested {
+            let (Some(incumbent), Some(claims)) = (served(frontend), self.claims.get_mut(frontend))
+            else {
+                continue;
+            };
+            for ((_, at, _, service, _), _) in claims.iter_mut() {
+                if *service == incumbent && *at != 0 {
+                    *at = 0;
+                    reordered.insert(*frontend);
+                }
+            }
+            claims.sort_by(|(a, _), (b, _)| a.cmp(b));
+        }
+        reordered
     }
 
     /// The frontends `service` claims, whether its claims are in effect or not.
@@ -972,7 +1039,7 @@ impl Desired {
             .iter()
             .filter_map(|frontend| Some((frontend, self.claims.get(frontend)?)))
             .flat_map(|(frontend, claims)| {
-                let mut services = claims.iter().map(|((_, service, _), _)| service);
+                let mut services = claims.iter().map(|((_, _, _, service, _), _)| service);
                 let kept = services.next();
                 services
                     .filter(move |service| Some(*service) != kept)
@@ -1558,6 +1625,85 @@ spec: {clusterIP: 10.96.0.11, externalIPs: [10.96.0.10], ports: [{port: 80}]}
         assert_eq!(
             desired.conflicts()[0].ignored,
             ObjectRef::new("default", "b")
+        );
+    }
+
+    /// Each Service given updated one at a time, in order, as a source delivers them.
+    fn desired_in_turn(desired: &mut Desired, yamls: &[&str]) {
+        for yaml in yamls {
+            let (services, _) = load(yaml);
+            let service = &services[0];
+            desired.update([(&service.id, Some((service, Vec::new())))], &node());
+        }
+    }
+
+    fn service_yaml(name: &str, created: Option<&str>) -> String {
+        let created = created
+            .map(|at| format!(", creationTimestamp: \"{at}\""))
+            .unwrap_or_default();
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}{created}}}\n\
+             spec: {{clusterIP: 10.96.0.10, ports: [{{port: 80}}]}}\n"
+        )
+    }
+
+    fn owner(desired: &Desired) -> String {
+        let frontend = fe([10, 96, 0, 10], 80, Protocol::Tcp);
+        desired.target(&frontend).unwrap().service.to_string()
+    }
+
+    #[test]
+    fn a_live_service_is_never_taken_over_by_a_later_claim() {
+        let mut desired = Desired::default();
+        let web = service_yaml("web", None);
+        let hijack = service_yaml("aa-hijack", None);
+        desired_in_turn(&mut desired, &[&web, &hijack]);
+        // aa-hijack sorts first, but came later.
+        assert_eq!(owner(&desired), "default/web");
+        assert_eq!(
+            desired.conflicts()[0].ignored,
+            ObjectRef::new("default", "aa-hijack")
+        );
+        // web changing (its endpoints, its ports) keeps its place.
+        desired_in_turn(&mut desired, &[&web]);
+        assert_eq!(owner(&desired), "default/web");
+        // Once web is gone, the next claimant has it.
+        let gone = ObjectRef::new("default", "web");
+        desired.update([(&gone, None)], &node());
+        assert_eq!(owner(&desired), "default/aa-hijack");
+        assert!(desired.conflicts().is_empty());
+    }
+
+    #[test]
+    fn among_claims_that_arrive_together_the_oldest_service_wins() {
+        let older = service_yaml("zz-older", Some("2025-01-01T00:00:00Z"));
+        let newer = service_yaml("aa-newer", Some("2026-01-01T00:00:00Z"));
+        let undated = service_yaml("aa-undated", None);
+        let desired = desired_of(&[newer.as_str(), &older, &undated].join("---\n"));
+        assert_eq!(owner(&desired), "default/zz-older");
+        // Without timestamps, by namespace/name.
+        let desired = desired_of(&[service_yaml("b", None), service_yaml("a", None)].join("---\n"));
+        assert_eq!(owner(&desired), "default/a");
+    }
+
+    #[test]
+    fn after_a_restart_the_service_the_maps_held_keeps_its_frontend() {
+        let mut desired = Desired::default();
+        let (services, _) =
+            load(&[service_yaml("web", None), service_yaml("aa-hijack", None)].join("---\n"));
+        desired.update(
+            services.iter().map(|s| (&s.id, Some((s, Vec::new())))),
+            &node(),
+        );
+        // Arrived together, aa-hijack sorts first; but the maps had web there.
+        assert_eq!(owner(&desired), "default/aa-hijack");
+        let web = ObjectRef::new("default", "web");
+        let reordered = desired.prefer_incumbents(|_| Some(web.clone()));
+        assert_eq!(reordered.len(), 1);
+        assert_eq!(owner(&desired), "default/web");
+        assert_eq!(
+            desired.conflicts()[0].ignored,
+            ObjectRef::new("default", "aa-hijack")
         );
     }
 
