@@ -289,13 +289,17 @@ fn key_of(object: &Value) -> anyhow::Result<Key> {
     Ok((namespace.to_owned(), name.to_owned()))
 }
 
-/// Whether `object` matches a label selector of bare keys ("a,b": each label present).
+/// Whether `object` matches a label selector of existence requirements ("a,!b": label a
+/// present, label b absent), as the API server reads them.
 fn selected(object: &Value, selector: Option<&str>) -> bool {
     selector.is_none_or(|selector| {
         selector
             .split(',')
             .filter(|k| !k.is_empty())
-            .all(|key| !object["metadata"]["labels"][key].is_null())
+            .all(|requirement| match requirement.strip_prefix('!') {
+                Some(key) => object["metadata"]["labels"][key].is_null(),
+                None => !object["metadata"]["labels"][requirement].is_null(),
+            })
     })
 }
 

@@ -191,6 +191,72 @@ pub enum Invalid {
     NoExternalName,
     #[error("not set: a Service must carry the clusterIP the API server allocated")]
     NoClusterIp,
+    #[error("{ip} is {what}, which the API server refuses for a Service address")]
+    SpecialAddress { ip: Ipv4Addr, what: &'static str },
+    #[error(
+        "{0:?} is not a port number (1-65535) or port name (IANA_SVC_NAME: 1-15 lowercase letters, digits and '-', a letter among them)"
+    )]
+    NotAPortOrName(String),
+}
+
+/// Why `ip` cannot be a Service address (clusterIP, external IP, load-balancer IP), as the
+/// API server's validation refuses it: it would capture the node's own traffic (loopback,
+/// the unspecified address) or traffic no socket addresses as a unicast peer.
+fn special_address(ip: Ipv4Addr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address")
+    } else if ip.is_loopback() {
+        Some("a loopback address")
+    } else if ip.is_broadcast() {
+        Some("the broadcast address")
+    } else if ip.is_multicast() {
+        Some("a multicast address")
+    } else if ip.is_link_local() {
+        Some("a link-local address")
+    } else {
+        None
+    }
+}
+
+/// A Service address: an IPv4 one that can be a frontend, `None` for IPv6 (served with
+/// the IPv6 frontends to come), or why not.
+fn service_address(ip: &str) -> Result<Option<Ipv4Addr>, Invalid> {
+    match ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => match special_address(ip) {
+            Some(what) => Err(Invalid::SpecialAddress { ip, what }),
+            None => Ok(Some(ip)),
+        },
+        Ok(IpAddr::V6(_)) => Ok(None),
+        Err(_) => Err(Invalid::NotAnIp(ip.to_owned())),
+    }
+}
+
+/// `targetPort` as the API server checks it: a port number, or the name of a container
+/// port (IANA_SVC_NAME).
+fn check_target_port(
+    target: &k8s_openapi::apimachinery::pkg::util::intstr::IntOrString,
+) -> Result<(), Invalid> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    match target {
+        IntOrString::Int(port) => port_number(*port).map(drop),
+        IntOrString::String(name) => {
+            let bytes = name.as_bytes();
+            let valid = (1..=15).contains(&bytes.len())
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+                && bytes.iter().any(u8::is_ascii_lowercase)
+                && bytes.first() != Some(&b'-')
+                && bytes.last() != Some(&b'-')
+                && !name.contains("--");
+            // A number written as a string ("8080") names no container port.
+            if valid {
+                Ok(())
+            } else {
+                Err(Invalid::NotAPortOrName(name.clone()))
+            }
+        }
+    }
 }
 
 /// Transport protocol of a Service port, as the API spells it.
@@ -289,6 +355,9 @@ pub struct ServiceModel {
     /// `metadata.creationTimestamp`, in seconds since the epoch: among claims on one
     /// frontend that arrive together, the oldest Service keeps it.
     pub created_s: Option<i64>,
+    /// The proxy `service.kubernetes.io/service-proxy-name` names: another proxy
+    /// implements the Service, and lb leaves it alone.
+    pub other_proxy: Option<Box<str>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -396,15 +465,6 @@ pub fn object_ref(
     Some(ObjectRef::new(namespace_of(meta), name))
 }
 
-/// An IPv4 address; `None` for an IPv6 one (IPv6 frontends come with the connect6 programs).
-fn ipv4_or_skip(ip: &str) -> Result<Option<Ipv4Addr>, Invalid> {
-    match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => Ok(Some(ip)),
-        Ok(IpAddr::V6(_)) => Ok(None),
-        Err(_) => Err(Invalid::NotAnIp(ip.to_owned())),
-    }
-}
-
 fn port_number(value: i32) -> Result<u16, Invalid> {
     u16::try_from(value)
         .ok()
@@ -450,6 +510,10 @@ impl ServiceModel {
                 ),
                 _ => None,
             };
+            if let Some(target) = &port.target_port {
+                check_target_port(target)
+                    .map_err(|r| error(format!("spec.ports[{i}].targetPort"), r))?;
+            }
             ports.push(ServicePortModel {
                 name: port.name.as_deref().unwrap_or_default().into(),
                 port: port_number(port.port)
@@ -463,7 +527,7 @@ impl ServiceModel {
         let mut external_ips = Vec::new();
         for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
             if let Some(ip) =
-                ipv4_or_skip(ip).map_err(|r| error(format!("spec.externalIPs[{i}]"), r))?
+                service_address(ip).map_err(|r| error(format!("spec.externalIPs[{i}]"), r))?
             {
                 external_ips.push(ip);
             }
@@ -482,7 +546,7 @@ impl ServiceModel {
                 let Some(ip) = ingress.ip.as_deref() else {
                     continue;
                 };
-                if let Some(ip) = ipv4_or_skip(ip)
+                if let Some(ip) = service_address(ip)
                     .map_err(|r| error(format!("status.loadBalancer.ingress[{i}].ip"), r))?
                 {
                     load_balancer_ips.push(ip);
@@ -559,6 +623,12 @@ impl ServiceModel {
                 .creation_timestamp
                 .as_ref()
                 .map(|time| time.0.as_second()),
+            other_proxy: service
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(crate::source::api::SERVICE_PROXY_NAME_LABEL))
+                .map(|name| name.as_str().into()),
         })
     }
 
@@ -579,17 +649,17 @@ impl ServiceModel {
             _ => {
                 let mut v4 = SmallVec::new();
                 for (i, ip) in ips.iter().enumerate() {
-                    match ip.parse::<IpAddr>() {
-                        Ok(IpAddr::V4(ip)) => v4.push(ip),
-                        // IPv6 frontends come with the connect6 programs.
-                        Ok(IpAddr::V6(_)) => {}
-                        Err(_) => {
+                    match service_address(ip) {
+                        Ok(Some(ip)) => v4.push(ip),
+                        // IPv6 frontends come with the native IPv6 programs.
+                        Ok(None) => {}
+                        Err(reason) => {
                             let field = if field == "spec.clusterIPs" {
                                 format!("{field}[{i}]")
                             } else {
                                 field.to_owned()
                             };
-                            return Err((field, Invalid::NotAnIp((*ip).to_owned())));
+                            return Err((field, reason));
                         }
                     }
                 }
@@ -613,12 +683,13 @@ impl SliceModel {
             field,
             reason,
         };
-        let service = slice
-            .metadata
-            .labels
-            .as_ref()
+        let labels = slice.metadata.labels.as_ref();
+        // A slice marked headless is none of the proxy's business, as kube-proxy's
+        // selector leaves it out.
+        let headless = labels.is_some_and(|l| l.contains_key(crate::source::api::HEADLESS_LABEL));
+        let service = labels
             .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-            .filter(|name| !name.is_empty())
+            .filter(|name| !name.is_empty() && !headless)
             .map(|name| ObjectRef::new(id.namespace(), name));
         let address_type = AddressType::from_api(&slice.address_type);
 
@@ -840,12 +911,18 @@ pub enum NotInDatapath {
     Headless,
     /// DNS answers with a CNAME to `name`.
     ExternalName { name: String },
+    /// Another proxy implements it (`service.kubernetes.io/service-proxy-name`).
+    OtherProxy { name: String },
 }
 
 impl fmt::Display for NotInDatapath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Headless => f.write_str("headless: DNS answers with the pod IPs"),
+            Self::OtherProxy { name } => write!(
+                f,
+                "service.kubernetes.io/service-proxy-name: {name:?} implements it, not lb"
+            ),
             Self::ExternalName { name } => {
                 write!(f, "ExternalName: DNS answers with a CNAME to {name}")
             }
@@ -1218,6 +1295,11 @@ fn claims_of(
     slices: &[&Arc<SliceModel>],
     node: &Node,
 ) -> Result<Vec<(Frontend, FrontendTarget)>, NotInDatapath> {
+    if let Some(name) = &service.other_proxy {
+        return Err(NotInDatapath::OtherProxy {
+            name: name.to_string(),
+        });
+    }
     let cluster_ips = match &service.kind {
         ServiceKind::ClusterIp(ips) => ips,
         ServiceKind::Headless => return Err(NotInDatapath::Headless),
@@ -1740,5 +1822,103 @@ spec: {clusterIP: 10.96.0.11, externalIPs: [10.96.0.10], ports: [{port: 80}]}
             error("{clusterIP: 10.96.0.10, type: Magic}"),
             "Service default/web: spec.type: unknown type \"Magic\""
         );
+    }
+
+    #[test]
+    fn addresses_and_target_ports_are_checked_as_the_api_server_does() {
+        let error = |spec: &str| {
+            let yaml =
+                format!("apiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec: {spec}\n");
+            let document = parse::parse(Path::new("t.yaml"), &yaml).unwrap().remove(0);
+            document.object.err().map(|e| e.to_string())
+        };
+        let refused = [
+            (
+                "{clusterIP: 127.0.0.1, ports: [{port: 80}]}",
+                "spec.clusterIP: 127.0.0.1 is a loopback address",
+            ),
+            (
+                "{clusterIP: 10.96.0.10, externalIPs: [0.0.0.0], ports: [{port: 80}]}",
+                "spec.externalIPs[0]: 0.0.0.0 is the unspecified address",
+            ),
+            (
+                "{clusterIP: 10.96.0.10, externalIPs: [1.2.3.4, 255.255.255.255], ports: [{port: 80}]}",
+                "spec.externalIPs[1]: 255.255.255.255 is the broadcast address",
+            ),
+            (
+                "{clusterIPs: [10.96.0.10, 224.0.0.1], ports: [{port: 80}]}",
+                "spec.clusterIPs[1]: 224.0.0.1 is a multicast address",
+            ),
+            (
+                "{clusterIP: 169.254.169.254, ports: [{port: 80}]}",
+                "spec.clusterIP: 169.254.169.254 is a link-local address",
+            ),
+            (
+                "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 0}]}",
+                "spec.ports[0].targetPort: 0 is not a port",
+            ),
+            (
+                "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 65536}]}",
+                "spec.ports[0].targetPort: 65536 is not a port",
+            ),
+            (
+                "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: -1}]}",
+                "spec.ports[0].targetPort: -1 is not a port",
+            ),
+            (
+                "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: Http}]}",
+                "spec.ports[0].targetPort: \"Http\" is not a port number",
+            ),
+            (
+                "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: \"8080\"}]}",
+                "spec.ports[0].targetPort: \"8080\" is not a port number",
+            ),
+        ];
+        for (spec, expected) in refused {
+            let error = error(spec).unwrap_or_else(|| panic!("{spec} accepted"));
+            assert!(error.contains(expected), "{spec}: {error}");
+        }
+        for spec in [
+            "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}",
+            "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: http-alt}]}",
+            "{clusterIP: 10.96.0.10, externalIPs: [203.0.113.7], ports: [{port: 80}]}",
+        ] {
+            assert_eq!(error(spec), None, "{spec}");
+        }
+    }
+
+    #[test]
+    fn services_of_another_proxy_and_headless_slices_are_left_alone() {
+        let desired = desired_of(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: cilium}}
+spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-a, labels: {kubernetes.io/service-name: web, service.kubernetes.io/headless: ""}}
+addressType: IPv4
+endpoints: [{addresses: ["10.244.0.9"]}]
+ports: [{port: 80}]
+"#,
+        );
+        assert!(
+            desired
+                .target(&fe([10, 96, 0, 20], 80, Protocol::Tcp))
+                .is_none()
+        );
+        assert_eq!(
+            desired.not_in_datapath[&ObjectRef::new("default", "other")].to_string(),
+            "service.kubernetes.io/service-proxy-name: \"cilium\" implements it, not lb"
+        );
+        // web is served, by no slice: the headless one is not the proxy's.
+        assert!(backends(&desired, &fe([10, 96, 0, 10], 80, Protocol::Tcp)).is_empty());
     }
 }

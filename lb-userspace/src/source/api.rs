@@ -17,10 +17,17 @@ use serde::{
 };
 
 /// The labels the agent reads; an object's other labels are skipped.
-pub const KEPT_LABELS: [&str; 2] = [crate::model::SERVICE_NAME_LABEL, HEADLESS_LABEL];
+pub const KEPT_LABELS: [&str; 3] = [
+    crate::model::SERVICE_NAME_LABEL,
+    HEADLESS_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+];
 /// Set by the control plane on the EndpointSlices of a headless Service; kube-proxy skips
 /// the objects that carry it.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// On a Service another proxy implements (its value names that proxy): kube-proxy, and lb,
+/// leave it alone.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 
 /// A v1 Service.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
@@ -57,6 +64,9 @@ pub struct ServicePort {
     pub name: Option<String>,
     #[serde(default, deserialize_with = "null_as_default")]
     pub port: i32,
+    /// Checked as the API server would; the backends' ports come from the EndpointSlices,
+    /// where the controller resolved it.
+    pub target_port: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
     pub protocol: Option<String>,
     pub node_port: Option<i32>,
 }

@@ -122,10 +122,14 @@ impl Kubernetes {
             watcher::Config::default(),
         )
         .default_backoff();
-        // Only slices that belong to a Service, as kube-proxy selects them.
+        // Only slices that belong to a Service and are not headless, as kube-proxy
+        // selects them.
         let slices = watcher(
             Api::<EndpointSlice>::all(client),
-            watcher::Config::default().labels(SERVICE_NAME_LABEL),
+            watcher::Config::default().labels(&format!(
+                "{SERVICE_NAME_LABEL},!{}",
+                crate::source::api::HEADLESS_LABEL
+            )),
         )
         .default_backoff();
         let tasks = vec![
