@@ -196,6 +196,7 @@ fn node() -> Node {
     Node {
         name: "node-1".into(),
         ips: vec![Ipv4Addr::new(192, 168, 0, 1)],
+        zone: None,
     }
 }
 

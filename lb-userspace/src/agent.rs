@@ -60,6 +60,11 @@ pub struct AgentArgs {
     /// `internalTrafficPolicy: Local` [default: the hostname, as kube-proxy].
     #[arg(long, value_name = "NAME")]
     pub node_name: Option<String>,
+    /// This node's zone, for endpoints' zone hints (`trafficDistribution: PreferSameZone`)
+    /// [default: the `topology.kubernetes.io/zone` label of its Node object, with the
+    /// Kubernetes source; none with manifests].
+    #[arg(long, value_name = "ZONE")]
+    pub node_zone: Option<String>,
     /// An address of this node that serves NodePorts; repeat for several
     /// [default: every non-loopback IPv4 address of the node's network namespace].
     #[arg(long = "node-ip", value_name = "IP")]
@@ -217,7 +222,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         }
     };
-    let node = Node {
+    let mut node = Node {
+        zone: args.node_zone.as_deref().map(std::sync::Arc::from),
         name: match args.node_name {
             Some(name) => name,
             // kube-proxy's default too: node names are lowercase, hostnames need not be.
@@ -289,8 +295,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let (changes, mut changed) = mpsc::unbounded_channel();
     let mut source = match (manifest_dir, args.kubeconfig) {
         (Some(dir), _) => manifests(&dir, changes)?,
-        (None, kubeconfig) => kubernetes(kubeconfig.as_deref(), changes).await?,
+        (None, kubeconfig) => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            if node.zone.is_none() {
+                node.zone = kubernetes::node_zone(&client, &node.name).await;
+            }
+            Source::Kubernetes(kubernetes::Kubernetes::start(client, changes).await?)
+        }
     };
+    if let Some(zone) = &node.zone {
+        tracing::info!(%zone, "node zone, for endpoints' zone hints");
+    }
 
     let _pid = AgentPid::create(&args.state_dir)?;
     let state_errors = metrics.clone();
@@ -559,16 +574,6 @@ fn manifests(dir: &std::path::Path, changes: crate::source::Changes) -> anyhow::
         dir.display()
     );
     Ok(Source::Manifests(Manifests::watch(dir, changes)?))
-}
-
-async fn kubernetes(
-    kubeconfig: Option<&std::path::Path>,
-    changes: crate::source::Changes,
-) -> anyhow::Result<Source> {
-    let client = kubernetes::client(kubeconfig).await?;
-    Ok(Source::Kubernetes(
-        kubernetes::Kubernetes::start(client, changes).await?,
-    ))
 }
 
 struct Syncer {

@@ -528,6 +528,7 @@ mod tests {
         let node = Node {
             name: "node-1".into(),
             ips: Vec::new(),
+            zone: None,
         };
         model::desired(&services, &slices, &node)
     }

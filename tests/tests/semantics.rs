@@ -277,6 +277,53 @@ fn a_later_claim_never_takes_over_a_live_service() {
     );
 }
 
+/// `trafficDistribution: PreferClose` (PreferSameZone): the EndpointSlice controller hints
+/// each endpoint for a zone, and a node's clients use the endpoints hinted for its zone
+/// (`--node-zone`, or its Node's `topology.kubernetes.io/zone`), as kube-proxy's
+/// CategorizeEndpoints does; `lb explain` says which rule chose them.
+#[test]
+fn zone_hints_keep_clients_in_their_zone() {
+    if !privileged("zone_hints_keep_clients_in_their_zone") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    let endpoints = format!(
+        "[{{addresses: [\"{}\"], hints: {{forZones: [{{name: zone-a}}]}}}}, \
+          {{addresses: [\"{}\"], hints: {{forZones: [{{name: zone-b}}]}}}}]",
+        pods[0].ip, pods[1].ip
+    );
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web(
+                "  trafficDistribution: PreferClose",
+                "port: 80, targetPort: 8888",
+            ) + &slice("web", "web-a", 8888, "TCP", &endpoints)),
+        )
+        .unwrap();
+    let manifests = testbed.manifests.clone();
+    testbed
+        .start_agent_with(&[
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--node-zone".as_ref(),
+            "zone-a".as_ref(),
+        ])
+        .unwrap();
+    testbed
+        .wait_for_frontend("10.96.0.10:80/TCP", Some(&["10.244.0.10:8888"]))
+        .unwrap();
+    assert_eq!(
+        hostnames(&testbed.probe(&client, "10.96.0.10:80", 20).unwrap()),
+        BTreeSet::from(["web-0".into()])
+    );
+    let explained = testbed.lb(&["explain", "10.96.0.10:80"]).unwrap();
+    assert!(
+        explained.contains("PreferSameZone: every ready endpoint has zone hints and one is for this node's zone zone-a"),
+        "{explained}"
+    );
+}
+
 #[test]
 fn a_service_without_usable_endpoints_refuses_at_once() {
     if !privileged("a_service_without_usable_endpoints_refuses_at_once") {

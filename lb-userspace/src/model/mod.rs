@@ -376,6 +376,83 @@ pub struct EndpointModel {
     pub terminating: bool,
     /// Shared: a cluster has few nodes and many endpoints on each.
     pub node_name: Option<Arc<str>>,
+    /// `hints`, which the EndpointSlice controller sets for `trafficDistribution`; most
+    /// endpoints have none, and then cost a pointer.
+    pub hints: Option<Box<Hints>>,
+}
+
+/// An endpoint's topology hints: the zones and nodes whose clients it is for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hints {
+    pub zones: SmallVec<[Arc<str>; 1]>,
+    pub nodes: SmallVec<[Arc<str>; 1]>,
+}
+
+/// Which endpoints a frontend's clients on this node use, as kube-proxy's
+/// `CategorizeEndpoints` decides from the hints (pkg/proxy/topology.go): a Service with
+/// `trafficDistribution: PreferSameNode`, `PreferSameZone` or `PreferClose` gets them
+/// from the EndpointSlice controller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Topology {
+    /// Every usable endpoint.
+    #[default]
+    All,
+    /// Every ready endpoint has node hints and one is for this node: those for it.
+    PreferSameNode,
+    /// Every ready endpoint has zone hints and one is for this node's zone (given): those
+    /// for it.
+    PreferSameZone(Arc<str>),
+}
+
+impl Topology {
+    /// The rule, as `lb explain` says it.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::All => "every endpoint (no topology hints apply)".into(),
+            Self::PreferSameNode => {
+                "PreferSameNode: every ready endpoint has node hints and one is for this node"
+                    .into()
+            }
+            Self::PreferSameZone(zone) => format!(
+                "PreferSameZone: every ready endpoint has zone hints and one is for this node's zone {zone}"
+            ),
+        }
+    }
+
+    /// Whether `endpoint` is for this node under this rule.
+    fn admits(&self, endpoint: &EndpointModel, node: &str) -> bool {
+        let hints = endpoint.hints.as_deref();
+        match self {
+            Self::All => true,
+            Self::PreferSameNode => hints.is_some_and(|h| h.nodes.iter().any(|n| **n == *node)),
+            Self::PreferSameZone(zone) => hints.is_some_and(|h| h.zones.contains(zone)),
+        }
+    }
+
+    /// The rule the hints of `endpoints` give a node named `node` in `zone`.
+    fn of(
+        endpoints: &[(BackendAddr, &EndpointModel)],
+        node: &str,
+        zone: Option<&Arc<str>>,
+    ) -> Self {
+        let (mut all_node, mut for_node, mut all_zone, mut for_zone) = (true, false, true, false);
+        for (_, endpoint) in endpoints.iter().filter(|(_, e)| e.ready) {
+            let hints = endpoint.hints.as_deref();
+            match hints.map(|h| &h.nodes).filter(|n| !n.is_empty()) {
+                None => all_node = false,
+                Some(nodes) => for_node |= nodes.iter().any(|n| **n == *node),
+            }
+            match hints.map(|h| &h.zones).filter(|z| !z.is_empty()) {
+                None => all_zone = false,
+                Some(zones) => for_zone |= zone.is_some_and(|zone| zones.contains(zone)),
+            }
+        }
+        match zone {
+            _ if all_node && for_node => Self::PreferSameNode,
+            Some(zone) if all_zone && for_zone => Self::PreferSameZone(zone.clone()),
+            _ => Self::All,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -725,6 +802,22 @@ impl SliceModel {
                 let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
                 let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
                 let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                let hints = endpoint.hints.as_ref().and_then(|hints| {
+                    let zones: SmallVec<[Arc<str>; 1]> = hints
+                        .for_zones
+                        .iter()
+                        .flatten()
+                        .map(|z| Arc::from(z.name.as_str()))
+                        .collect();
+                    let nodes: SmallVec<[Arc<str>; 1]> = hints
+                        .for_nodes
+                        .iter()
+                        .flatten()
+                        .map(|n| Arc::from(n.name.as_str()))
+                        .collect();
+                    (!zones.is_empty() || !nodes.is_empty())
+                        .then(|| Box::new(Hints { zones, nodes }))
+                });
                 endpoints.push(EndpointModel {
                     address,
                     ready,
@@ -735,6 +828,7 @@ impl SliceModel {
                         .as_deref()
                         .filter(|n| !n.is_empty())
                         .map(Arc::from),
+                    hints,
                 });
             }
         }
@@ -802,6 +896,8 @@ pub struct FrontendTarget {
     pub protocol: Protocol,
     pub kind: FrontendKind,
     pub spec: FrontendSpec,
+    /// Which endpoints the topology hints left for this node.
+    pub topology: Topology,
     /// The slices that serve the Service port, shared with the store: what its endpoints
     /// are, used or not, and why one is not a backend, is worked out from them when asked
     /// ([`Self::endpoint_states`]) rather than kept per frontend.
@@ -832,6 +928,11 @@ impl FrontendTarget {
                 Some(format!(
                     "on node {}, not {node} (internalTrafficPolicy: Local)",
                     e.node_name.as_deref().unwrap_or("<unset>"),
+                ))
+            } else if e.ready && !self.topology.admits(e, node) {
+                Some(format!(
+                    "not for this node under {}",
+                    self.topology.describe()
                 ))
             } else if e.serving && e.terminating {
                 Some("terminating: used only while no endpoint is ready".into())
@@ -946,6 +1047,8 @@ pub struct Node {
     pub name: String,
     /// Its addresses, each a NodePort frontend.
     pub ips: Vec<Ipv4Addr>,
+    /// Its `topology.kubernetes.io/zone`, for endpoints' zone hints.
+    pub zone: Option<Arc<str>>,
 }
 
 /// Who claims a frontend, in precedence order: the stronger kind (see [`FrontendKind`]),
@@ -1222,9 +1325,14 @@ fn port_endpoints<'s>(
     endpoints
 }
 
-/// The endpoints kube-proxy would use: the ready ones; if none is ready, the ones that are
-/// serving and terminating (so a rolling update's last pods keep answering).
-fn usable(endpoints: &[(BackendAddr, &EndpointModel)]) -> Backends {
+/// The endpoints kube-proxy would use: the ready ones `topology` admits; if none is,
+/// the ones that are serving and terminating (so a rolling update's last pods keep
+/// answering), whatever the topology.
+fn usable(
+    endpoints: &[(BackendAddr, &EndpointModel)],
+    topology: &Topology,
+    node: &str,
+) -> Backends {
     // `endpoints` are sorted and unique: so are the picks.
     let pick = |wanted: fn(&EndpointModel) -> bool| {
         Backends(
@@ -1235,7 +1343,13 @@ fn usable(endpoints: &[(BackendAddr, &EndpointModel)]) -> Backends {
                 .collect(),
         )
     };
-    let ready = pick(|e| e.ready);
+    let ready = Backends(
+        endpoints
+            .iter()
+            .filter(|(_, e)| e.ready && topology.admits(e, node))
+            .map(|(addr, _)| *addr)
+            .collect(),
+    );
     if ready.is_empty() {
         pick(|e| e.serving && e.terminating)
     } else {
@@ -1316,15 +1430,16 @@ fn claims_of(
             .map(|slice| Arc::clone(slice))
             .collect();
         let endpoints = port_endpoints(&port.name, port.protocol, serving.iter().map(|s| &**s));
-        let cluster_wide = usable(&endpoints);
+        let topology = Topology::of(&endpoints, &node.name, node.zone.as_ref());
+        let cluster_wide = usable(&endpoints, &topology, &node.name);
         let on_this_node = |e: &EndpointModel| e.node_name.as_deref() == Some(node.name.as_str());
         let local: Vec<(BackendAddr, &EndpointModel)> = endpoints
             .iter()
             .filter(|(_, e)| on_this_node(e))
             .copied()
             .collect();
-        let node_local = usable(&local);
-        let target = |kind, backends: &Backends, flags| FrontendTarget {
+        let node_local = usable(&local, &Topology::All, &node.name);
+        let target = |kind, backends: &Backends, flags: u16| FrontendTarget {
             service: service.id.clone(),
             port_name: port.name.clone(),
             protocol: port.protocol,
@@ -1333,6 +1448,12 @@ fn claims_of(
                 backends: backends.clone(),
                 flags,
                 affinity_timeout_s,
+            },
+            // internalTrafficPolicy: Local takes this node's endpoints, hints or not.
+            topology: if flags & lb_common::FLAG_NODE_LOCAL != 0 {
+                Topology::All
+            } else {
+                topology.clone()
             },
             slices: serving.clone(),
         };
@@ -1401,6 +1522,7 @@ mod tests {
         Node {
             name: "node-1".into(),
             ips: vec![Ipv4Addr::new(192, 168, 1, 10)],
+            zone: Some("zone-a".into()),
         }
     }
 
@@ -1787,6 +1909,84 @@ spec: {clusterIP: 10.96.0.11, externalIPs: [10.96.0.10], ports: [{port: 80}]}
             desired.conflicts()[0].ignored,
             ObjectRef::new("default", "aa-hijack")
         );
+    }
+
+    /// A Service whose slice has `endpoints` (YAML list items), on node-1 in zone-a.
+    fn hinted(endpoints: &str) -> Desired {
+        desired_of(&format!(
+            r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec: {{clusterIP: 10.96.0.10, trafficDistribution: PreferClose, ports: [{{port: 80}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-a, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+endpoints: {endpoints}
+ports: [{{port: 80}}]
+"#
+        ))
+    }
+
+    #[test]
+    fn topology_hints_choose_the_endpoints_as_kube_proxy_does() {
+        let web = fe([10, 96, 0, 10], 80, Protocol::Tcp);
+        let zoned = |a: &str, b: &str, c: &str| {
+            format!(
+                "[{{addresses: [10.0.0.1], hints: {{forZones: [{{name: {a}}}]}}}}, \
+                  {{addresses: [10.0.0.2], hints: {{forZones: [{{name: {b}}}]}}}}, \
+                  {{addresses: [10.0.0.3]{c}}}]"
+            )
+        };
+        // Every ready endpoint hinted, one for this zone: those for it.
+        let same_zone = hinted(&zoned(
+            "zone-a",
+            "zone-b",
+            ", hints: {forZones: [{name: zone-a}]}",
+        ));
+        assert_eq!(backends(&same_zone, &web), ["10.0.0.1:80", "10.0.0.3:80"]);
+        let target = same_zone.target(&web).unwrap();
+        assert_eq!(target.topology, Topology::PreferSameZone("zone-a".into()));
+        let excluded = target.endpoint_states("node-1");
+        assert!(
+            excluded[1]
+                .excluded
+                .as_deref()
+                .is_some_and(|why| why.contains("PreferSameZone")),
+            "{excluded:?}"
+        );
+        // One ready endpoint without hints: all of them.
+        let unhinted = hinted(&zoned("zone-a", "zone-b", ""));
+        assert_eq!(backends(&unhinted, &web).len(), 3);
+        assert_eq!(unhinted.target(&web).unwrap().topology, Topology::All);
+        // A not-ready endpoint without hints does not count.
+        let not_ready = hinted(&zoned("zone-a", "zone-b", ", conditions: {ready: false}"));
+        assert_eq!(backends(&not_ready, &web), ["10.0.0.1:80"]);
+        // None for this zone: all of them.
+        let elsewhere = hinted(&zoned(
+            "zone-b",
+            "zone-c",
+            ", hints: {forZones: [{name: zone-c}]}",
+        ));
+        assert_eq!(backends(&elsewhere, &web).len(), 3);
+        // Node hints win over zone hints when every ready endpoint has one for this node.
+        let same_node = hinted(
+            "[{addresses: [10.0.0.1], hints: {forZones: [{name: zone-a}], forNodes: [{name: node-2}]}}, \
+              {addresses: [10.0.0.2], hints: {forZones: [{name: zone-a}], forNodes: [{name: node-1}]}}]",
+        );
+        assert_eq!(backends(&same_node, &web), ["10.0.0.2:80"]);
+        assert_eq!(
+            same_node.target(&web).unwrap().topology,
+            Topology::PreferSameNode
+        );
+        // No ready endpoint for this zone's hints: the terminating ones, whatever the hints.
+        let terminating = hinted(
+            "[{addresses: [10.0.0.1], conditions: {ready: false, serving: true, terminating: true}, \
+               hints: {forZones: [{name: zone-b}]}}]",
+        );
+        assert_eq!(backends(&terminating, &web), ["10.0.0.1:80"]);
     }
 
     #[test]

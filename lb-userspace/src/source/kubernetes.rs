@@ -44,6 +44,39 @@ pub enum KubernetesError {
 
 /// The client for `--kubeconfig PATH`, or inferred: in-cluster when
 /// KUBERNETES_SERVICE_HOST is set, else $KUBECONFIG or ~/.kube/config.
+/// The zone of node `name` (its `topology.kubernetes.io/zone` label), for endpoints' zone
+/// hints; `None`, said once, when the Node cannot be read or has no zone.
+pub async fn node_zone(client: &Client, name: &str) -> Option<Arc<str>> {
+    const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let unused = "zone hints are not used (or pass --node-zone)";
+    match tokio::time::timeout(std::time::Duration::from_secs(5), nodes.get_opt(name)).await {
+        Ok(Ok(Some(node))) => {
+            let zone = node
+                .metadata
+                .labels
+                .and_then(|labels| labels.get(ZONE_LABEL).cloned())
+                .filter(|zone| !zone.is_empty());
+            if zone.is_none() {
+                tracing::info!("Node {name} has no {ZONE_LABEL} label: {unused}");
+            }
+            zone.map(Arc::from)
+        }
+        Ok(Ok(None)) => {
+            tracing::warn!("Node {name} not found: {unused}");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("reading Node {name}: {e}; {unused}");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("reading Node {name} took over 5 s; {unused}");
+            None
+        }
+    }
+}
+
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
     let config = match kubeconfig {
         Some(path) => {
