@@ -180,7 +180,11 @@ fn programs_detached_under_the_agent_are_attached_again() {
         || Ok(answered(&testbed).then_some(())),
     )
     .unwrap();
-    assert!(testbed.bpffs.join("lb4_backend_v1").exists());
+    // The map pin comes back in the same check, right after the links.
+    wait_for("the map pinned again", Duration::from_secs(5), || {
+        Ok(testbed.bpffs.join("lb4_backend_v1").exists().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
     assert!(testbed.bpffs.join("lb_connect4").exists());
     let output = testbed.agent_output();
     assert!(
