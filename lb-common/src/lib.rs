@@ -65,6 +65,23 @@ pub const MAPS: [&str; 8] = [
     STATS_MAP,
 ];
 
+/// The programs of this layout, by name (that of their function in lb-ebpf), each attached
+/// to the cgroup through a link pinned as `lb_<program>`; the attach point of each comes
+/// from its ELF section (`cgroup/connect4`, …). The IPv6 hooks serve AF_INET6 sockets that
+/// reach IPv4 frontends through v4-mapped addresses (their unconnected datagrams pass
+/// `sendmsg4`); `post_bind4`/`post_bind6` refuse the node's binds to Service addresses.
+pub const PROGRAMS: [&str; 9] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "connect6",
+    "recvmsg6",
+    "getpeername6",
+    "post_bind4",
+    "post_bind6",
+];
+
 /// The maps of the previous layouts that this one no longer has — before [`SocketState`]
 /// (`lb4_svc_v2` and the LRU maps it replaced) and before the bind counter
 /// (`lb_stats_v3`, 9 counters): an agent taking over from one removes their pins once its

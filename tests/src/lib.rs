@@ -480,6 +480,16 @@ impl Testbed {
         Ok(pid)
     }
 
+    /// Starts the agent with `args` (and the testbed's own), expecting it to give up, and
+    /// returns its output once it has exited (bounded wait).
+    pub fn failed_start(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<String> {
+        self.spawn_agent(args)?;
+        wait_for("the agent to give up", Duration::from_secs(10), || {
+            Ok((!self.agent_running()).then_some(()))
+        })?;
+        Ok(self.agent_output())
+    }
+
     /// Starts the agent without waiting for it to be ready.
     pub fn spawn_agent(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<u32> {
         ensure!(!self.agent_running(), "the agent is already running");

@@ -515,16 +515,8 @@ fn a_failed_start_leaves_nothing_behind_and_an_earlier_datapath_serving() {
     assert!(pins(&testbed).is_empty(), "{:?}", pins(&testbed));
 
     // Fails after loading (the source cannot be read): everything it made goes.
-    testbed
-        .spawn_agent(&["--kubeconfig".as_ref(), "/nonexistent/kubeconfig".as_ref()])
-        .unwrap();
-    lb_tests::wait_for(
-        "the agent to fail",
-        std::time::Duration::from_secs(10),
-        || Ok((!testbed.agent_running()).then_some(())),
-    )
-    .unwrap();
-    let output = testbed.agent_output();
+    let no_source = ["--kubeconfig".as_ref(), "/nonexistent/kubeconfig".as_ref()];
+    let output = testbed.failed_start(&no_source).unwrap();
     assert!(output.contains("the start failed: removed"), "{output}");
     assert!(pins(&testbed).is_empty(), "{:?}", pins(&testbed));
     assert_eq!(attached(&testbed), 0);
@@ -535,15 +527,7 @@ fn a_failed_start_leaves_nothing_behind_and_an_earlier_datapath_serving() {
     testbed.start_agent().unwrap();
     testbed.stop_agent().unwrap();
     let before = pins(&testbed).len();
-    testbed
-        .spawn_agent(&["--kubeconfig".as_ref(), "/nonexistent/kubeconfig".as_ref()])
-        .unwrap();
-    lb_tests::wait_for(
-        "the agent to fail",
-        std::time::Duration::from_secs(10),
-        || Ok((!testbed.agent_running()).then_some(())),
-    )
-    .unwrap();
+    testbed.failed_start(&no_source).unwrap();
     assert_eq!(pins(&testbed).len(), before);
     assert_eq!(reserved(&testbed).trim(), "30000-32767");
     let probes = testbed.probe(&client, "10.96.0.10:80", 4).unwrap();

@@ -18,17 +18,12 @@ use lb_tests::{Testbed, privileged, run, wait_for};
 /// The uid and gid of `nobody`, the hostile user here.
 const NOBODY: u32 = 65534;
 
-/// Starts the agent and waits for it to exit; its output.
+/// Starts the agent on the testbed's manifests and waits for it to give up; its output.
 fn failed_start(testbed: &mut Testbed) -> String {
     let manifests = testbed.manifests.clone();
     testbed
-        .spawn_agent(&["--manifests".as_ref(), manifests.as_os_str()])
-        .unwrap();
-    wait_for("the agent to refuse", Duration::from_secs(10), || {
-        Ok((!testbed.agent_running()).then_some(()))
-    })
-    .unwrap();
-    testbed.agent_output()
+        .failed_start(&["--manifests".as_ref(), manifests.as_os_str()])
+        .unwrap()
 }
 
 fn mode(path: &Path) -> u32 {

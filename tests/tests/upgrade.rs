@@ -21,7 +21,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
 use lb_common::{
-    Backend, IPPROTO_TCP, MASTER_SLOT, PREVIOUS_LAYOUT_MAPS, ServiceKey, ipv4_to_map, port_to_map,
+    Backend, IPPROTO_TCP, MASTER_SLOT, PREVIOUS_LAYOUT_MAPS, PROGRAMS, ServiceKey, ipv4_to_map,
+    port_to_map,
 };
 use lb_tests::{
     Probe, Testbed, assert_no_failed_connects, finish_probes, privileged, run, wait_for,
@@ -47,19 +48,6 @@ unsafe impl aya::Pod for PreviousServiceValue {}
 
 /// The previous layout's programs (it had no IPv6 hooks).
 const PREVIOUS_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
-
-/// This layout's programs.
-const PROGRAMS: [&str; 9] = [
-    "connect4",
-    "sendmsg4",
-    "recvmsg4",
-    "getpeername4",
-    "connect6",
-    "recvmsg6",
-    "getpeername6",
-    "post_bind4",
-    "post_bind6",
-];
 
 const SERVICE: &str = "\
 apiVersion: v1

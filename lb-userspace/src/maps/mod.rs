@@ -37,25 +37,7 @@ use crate::{
 /// The eBPF object built by build.rs from lb-ebpf.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// The programs, each attached to the cgroup through a link pinned as `lb_<program>`:
-/// removing the pin detaches the program.
-/// The attach point of each comes from its ELF section (`cgroup/connect4`, …). The IPv6
-/// hooks serve AF_INET6 sockets that reach IPv4 frontends through v4-mapped addresses
-/// (their unconnected datagrams pass `sendmsg4`).
-/// `post_bind4`/`post_bind6` refuse the node's binds to Service addresses and ports.
-pub const PROGRAMS: [&str; 9] = [
-    "connect4",
-    "sendmsg4",
-    "recvmsg4",
-    "getpeername4",
-    "connect6",
-    "recvmsg6",
-    "getpeername6",
-    "post_bind4",
-    "post_bind6",
-];
-
-pub use lb_common::MAPS;
+pub use lb_common::{MAPS, PROGRAMS};
 
 /// The maps with a capacity, whose fill [`occupancy`] reports: all but the socket storage,
 /// which holds an entry per translated socket, freed with it, and cannot be walked.
