@@ -82,6 +82,7 @@ fn quick_bench_gives_every_peer_figures_at_every_size() {
             if peer == "lb" {
                 for figure in [
                     "bpf_ns_per_call",
+                    "bpf_ns_per_connect6",
                     "endpoint_change_to_map_ms",
                     "agent_rss_mib",
                 ] {

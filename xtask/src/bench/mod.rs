@@ -117,6 +117,10 @@ pub struct Measurement {
     pub errors: u64,
     /// lb only: average BPF run time per connect4 call (kernel.bpf_stats_enabled).
     pub bpf_ns_per_call: Option<f64>,
+    /// lb only: the same for connect6, from an AF_INET6 client reaching the Service through
+    /// its v4-mapped address (`[::ffff:VIP]:port`).
+    #[serde(default)]
+    pub bpf_ns_per_connect6: Option<f64>,
     /// lb only: from an EndpointSlice change on disk to the maps written.
     pub endpoint_change_to_map_ms: Option<f64>,
     /// lb only: the agent's resident memory after the sync.
@@ -335,6 +339,7 @@ fn skipped(peer: Peer, services: u32, why: String) -> Measurement {
         skipped: Some(why),
         errors: 0,
         bpf_ns_per_call: None,
+        bpf_ns_per_connect6: None,
         endpoint_change_to_map_ms: None,
         agent_rss_mib: None,
     }
@@ -440,20 +445,29 @@ fn measure(
             )
         }
     };
-    let program_id = if peer == Peer::Lb {
-        connect4_program_id(testbed).ok()
+    let connect4 = if peer == Peer::Lb {
+        program_id(testbed, "connect4").ok()
     } else {
         None
     };
-    let before = program_id.and_then(|id| bpf_run_stats(id).ok());
+    let before = connect4.and_then(|id| bpf_run_stats(id).ok());
     let result = run_rounds(testbed, client, paired, &target, &direct, in_cgroup, plan);
-    let after = program_id.and_then(|id| bpf_run_stats(id).ok());
+    let after = connect4.and_then(|id| bpf_run_stats(id).ok());
+    // connect6, through the v4-mapped address: as many timed connects as one round.
+    let bpf_ns_per_connect6 = if peer == Peer::Lb && result.is_ok() {
+        let mapped = [format!("[::ffff:{}]:{}", under_test.vip, under_test.port)];
+        let id = program_id(testbed, "connect6").ok();
+        let before = id.and_then(|id| bpf_run_stats(id).ok());
+        let connects = (plan.connects / plan.rounds).max(1);
+        let ran = run_client(testbed, client, &mapped, true, connects, 0);
+        let after = id.and_then(|id| bpf_run_stats(id).ok());
+        ran.ok().and_then(|_| ns_per_call(before, after))
+    } else {
+        None
+    };
     teardown(testbed, client, peer)?;
     let result = result?;
-    let bpf_ns_per_call = match (before, after) {
-        (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => Some((t1 - t0) as f64 / (c1 - c0) as f64),
-        _ => None,
-    };
+    let bpf_ns_per_call = ns_per_call(before, after);
     ensure!(
         !result.peer.is_empty(),
         "no connect succeeded ({} errors)",
@@ -471,6 +485,7 @@ fn measure(
         skipped: None,
         errors: result.errors,
         bpf_ns_per_call,
+        bpf_ns_per_connect6,
         endpoint_change_to_map_ms: lb_extras.endpoint_change_to_map_ms,
         agent_rss_mib: lb_extras.agent_rss_mib,
     })
@@ -666,11 +681,22 @@ fn agent_rss_mib(testbed: &Testbed) -> anyhow::Result<f64> {
     Ok(kib / 1024.0)
 }
 
-fn connect4_program_id(testbed: &Testbed) -> anyhow::Result<u64> {
+/// The kernel id of lb's program `name`, as `lb status` reports it.
+fn program_id(testbed: &Testbed, name: &str) -> anyhow::Result<u64> {
     let status: serde_json::Value = serde_json::from_str(&testbed.lb(&["status", "-o", "json"])?)?;
-    status["programs"][0]["program_id"]
-        .as_u64()
-        .context("no connect4 program id")
+    status["programs"]
+        .as_array()
+        .and_then(|programs| programs.iter().find(|p| p["program"] == name))
+        .and_then(|program| program["program_id"].as_u64())
+        .with_context(|| format!("no {name} program id"))
+}
+
+/// The average run time per call between two (run_time_ns, run_cnt) readings.
+fn ns_per_call(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> Option<f64> {
+    match (before, after) {
+        (Some((t0, c0)), Some((t1, c1))) if c1 > c0 => Some((t1 - t0) as f64 / (c1 - c0) as f64),
+        _ => None,
+    }
 }
 
 /// run_time_ns and run_cnt of a program (kernel.bpf_stats_enabled must be on).
@@ -747,7 +773,8 @@ fn table(results: &[Measurement]) -> Table {
         "P99 µs",
         "CONN/S",
         "SETUP s",
-        "BPF ns/call",
+        "BPF ns/connect4",
+        "BPF ns/connect6",
         "CHANGE→MAP ms",
         "RSS MiB",
         "NOTE",
@@ -763,6 +790,7 @@ fn table(results: &[Measurement]) -> Table {
             f(m.conns_per_s, 0),
             f(m.setup_s, 2),
             f(m.bpf_ns_per_call, 0),
+            f(m.bpf_ns_per_connect6, 0),
             f(m.endpoint_change_to_map_ms, 1),
             f(m.agent_rss_mib, 1),
             m.skipped
