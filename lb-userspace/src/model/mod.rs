@@ -320,6 +320,9 @@ pub enum ServiceKind {
     Headless,
     /// `type: ExternalName`: a DNS CNAME to this name; there is nothing to translate.
     ExternalName(String),
+    /// Labelled `service.kubernetes.io/service-proxy-name` (its value): another proxy
+    /// implements it, and lb leaves it alone.
+    OtherProxy(Box<str>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -352,12 +355,9 @@ pub struct ServiceModel {
     pub affinity_timeout_s: Option<u32>,
     /// `internalTrafficPolicy: Local`.
     pub internal_traffic_local: bool,
-    /// `metadata.creationTimestamp`, in seconds since the epoch: among claims on one
-    /// frontend that arrive together, the oldest Service keeps it.
-    pub created_s: Option<i64>,
-    /// The proxy `service.kubernetes.io/service-proxy-name` names: another proxy
-    /// implements the Service, and lb leaves it alone.
-    pub other_proxy: Option<Box<str>>,
+    /// `metadata.creationTimestamp`, in seconds since the epoch (`i64::MAX` without one):
+    /// among claims on one frontend that arrive together, the oldest Service keeps it.
+    pub created_s: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -392,16 +392,15 @@ pub struct Hints {
 /// `CategorizeEndpoints` decides from the hints (pkg/proxy/topology.go): a Service with
 /// `trafficDistribution: PreferSameNode`, `PreferSameZone` or `PreferClose` gets them
 /// from the EndpointSlice controller.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Topology {
     /// Every usable endpoint.
     #[default]
     All,
     /// Every ready endpoint has node hints and one is for this node: those for it.
     PreferSameNode,
-    /// Every ready endpoint has zone hints and one is for this node's zone (given): those
-    /// for it.
-    PreferSameZone(Arc<str>),
+    /// Every ready endpoint has zone hints and one is for this node's zone: those for it.
+    PreferSameZone,
 }
 
 impl Topology {
@@ -413,19 +412,22 @@ impl Topology {
                 "PreferSameNode: every ready endpoint has node hints and one is for this node"
                     .into()
             }
-            Self::PreferSameZone(zone) => format!(
-                "PreferSameZone: every ready endpoint has zone hints and one is for this node's zone {zone}"
-            ),
+            Self::PreferSameZone => {
+                "PreferSameZone: every ready endpoint has zone hints and one is for this node's zone"
+                    .into()
+            }
         }
     }
 
-    /// Whether `endpoint` is for this node under this rule.
-    fn admits(&self, endpoint: &EndpointModel, node: &str) -> bool {
+    /// Whether `endpoint` is for this node (`node`, in `zone`) under this rule.
+    fn admits(&self, endpoint: &EndpointModel, node: &str, zone: Option<&Arc<str>>) -> bool {
         let hints = endpoint.hints.as_deref();
         match self {
             Self::All => true,
             Self::PreferSameNode => hints.is_some_and(|h| h.nodes.iter().any(|n| **n == *node)),
-            Self::PreferSameZone(zone) => hints.is_some_and(|h| h.zones.contains(zone)),
+            Self::PreferSameZone => {
+                hints.is_some_and(|h| zone.is_some_and(|zone| h.zones.contains(zone)))
+            }
         }
     }
 
@@ -449,7 +451,7 @@ impl Topology {
         }
         match zone {
             _ if all_node && for_node => Self::PreferSameNode,
-            Some(zone) if all_zone && for_zone => Self::PreferSameZone(zone.clone()),
+            Some(_) if all_zone && for_zone => Self::PreferSameZone,
             _ => Self::All,
         }
     }
@@ -676,7 +678,14 @@ impl ServiceModel {
             }
         };
 
-        let kind = if service_type == "ExternalName" {
+        let other_proxy = service
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(crate::source::api::SERVICE_PROXY_NAME_LABEL));
+        let kind = if let Some(name) = other_proxy {
+            ServiceKind::OtherProxy(name.as_str().into())
+        } else if service_type == "ExternalName" {
             let name = spec
                 .external_name
                 .clone()
@@ -699,13 +708,7 @@ impl ServiceModel {
                 .metadata
                 .creation_timestamp
                 .as_ref()
-                .map(|time| time.0.as_second()),
-            other_proxy: service
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(crate::source::api::SERVICE_PROXY_NAME_LABEL))
-                .map(|name| name.as_str().into()),
+                .map_or(i64::MAX, |time| time.0.as_second()),
         })
     }
 
@@ -929,7 +932,9 @@ impl FrontendTarget {
                     "on node {}, not {node} (internalTrafficPolicy: Local)",
                     e.node_name.as_deref().unwrap_or("<unset>"),
                 ))
-            } else if e.ready && !self.topology.admits(e, node) {
+            } else if e.ready && self.topology != Topology::All {
+                // Ready, not a backend, not left out by the traffic policy: the hints are
+                // for other nodes or zones.
                 Some(format!(
                     "not for this node under {}",
                     self.topology.describe()
@@ -1055,12 +1060,12 @@ pub struct Node {
 /// then the earlier arrival (a live Service is never taken over by a later claim), then
 /// among claims that arrived together the oldest Service (`creationTimestamp`, one without
 /// last), then the first by namespace/name, then the Service's first claim.
-type Claim = (FrontendKind, Arrival, i64, ObjectRef, usize);
+type Claim = (FrontendKind, Arrival, i64, ObjectRef, u16);
 
 /// When a claim arrived: the number of the [`Desired::update`] that first made it, kept
 /// while the Service goes on claiming the frontend; 0 for the claim of the Service the
 /// frontend served before the agent started ([`Desired::prefer_incumbents`]).
-type Arrival = u64;
+type Arrival = u32;
 
 /// The claims on one frontend with their targets, in precedence order.
 type Claims = SmallVec<[(Claim, Arc<FrontendTarget>); 1]>;
@@ -1122,8 +1127,7 @@ impl Desired {
             }
             let created = model
                 .as_ref()
-                .and_then(|(service, _)| service.created_s)
-                .unwrap_or(i64::MAX);
+                .map_or(i64::MAX, |(service, _)| service.created_s);
             self.not_in_datapath.remove(id);
             let Some(computed) = computed else {
                 continue;
@@ -1136,7 +1140,13 @@ impl Desired {
                             .iter()
                             .find(|(held, _)| *held == frontend)
                             .map_or(arrival, |(_, at)| *at);
-                        let claim = (target.kind, at, created, id.clone(), seq);
+                        let claim = (
+                            target.kind,
+                            at,
+                            created,
+                            id.clone(),
+                            u16::try_from(seq).unwrap_or(u16::MAX),
+                        );
                         let claims = self.claims.entry(frontend).or_default();
                         let at = claims.partition_point(|(other, _)| *other < claim);
                         claims.insert(at, (claim, Arc::new(target)));
@@ -1331,7 +1341,7 @@ fn port_endpoints<'s>(
 fn usable(
     endpoints: &[(BackendAddr, &EndpointModel)],
     topology: &Topology,
-    node: &str,
+    node: &Node,
 ) -> Backends {
     // `endpoints` are sorted and unique: so are the picks.
     let pick = |wanted: fn(&EndpointModel) -> bool| {
@@ -1346,7 +1356,7 @@ fn usable(
     let ready = Backends(
         endpoints
             .iter()
-            .filter(|(_, e)| e.ready && topology.admits(e, node))
+            .filter(|(_, e)| e.ready && topology.admits(e, &node.name, node.zone.as_ref()))
             .map(|(addr, _)| *addr)
             .collect(),
     );
@@ -1409,13 +1419,13 @@ fn claims_of(
     slices: &[&Arc<SliceModel>],
     node: &Node,
 ) -> Result<Vec<(Frontend, FrontendTarget)>, NotInDatapath> {
-    if let Some(name) = &service.other_proxy {
-        return Err(NotInDatapath::OtherProxy {
-            name: name.to_string(),
-        });
-    }
     let cluster_ips = match &service.kind {
         ServiceKind::ClusterIp(ips) => ips,
+        ServiceKind::OtherProxy(name) => {
+            return Err(NotInDatapath::OtherProxy {
+                name: name.to_string(),
+            });
+        }
         ServiceKind::Headless => return Err(NotInDatapath::Headless),
         ServiceKind::ExternalName(name) => {
             return Err(NotInDatapath::ExternalName { name: name.clone() });
@@ -1431,14 +1441,14 @@ fn claims_of(
             .collect();
         let endpoints = port_endpoints(&port.name, port.protocol, serving.iter().map(|s| &**s));
         let topology = Topology::of(&endpoints, &node.name, node.zone.as_ref());
-        let cluster_wide = usable(&endpoints, &topology, &node.name);
+        let cluster_wide = usable(&endpoints, &topology, node);
         let on_this_node = |e: &EndpointModel| e.node_name.as_deref() == Some(node.name.as_str());
         let local: Vec<(BackendAddr, &EndpointModel)> = endpoints
             .iter()
             .filter(|(_, e)| on_this_node(e))
             .copied()
             .collect();
-        let node_local = usable(&local, &Topology::All, &node.name);
+        let node_local = usable(&local, &Topology::All, node);
         let target = |kind, backends: &Backends, flags: u16| FrontendTarget {
             service: service.id.clone(),
             port_name: port.name.clone(),
@@ -1453,7 +1463,7 @@ fn claims_of(
             topology: if flags & lb_common::FLAG_NODE_LOCAL != 0 {
                 Topology::All
             } else {
-                topology.clone()
+                topology
             },
             slices: serving.clone(),
         };
@@ -1948,7 +1958,7 @@ ports: [{{port: 80}}]
         ));
         assert_eq!(backends(&same_zone, &web), ["10.0.0.1:80", "10.0.0.3:80"]);
         let target = same_zone.target(&web).unwrap();
-        assert_eq!(target.topology, Topology::PreferSameZone("zone-a".into()));
+        assert_eq!(target.topology, Topology::PreferSameZone);
         let excluded = target.endpoint_states("node-1");
         assert!(
             excluded[1]
