@@ -107,6 +107,33 @@ pub const AFFINITY_MAP_CAPACITY: u32 = 65_536;
 /// affinity, and of UDP frontends. The agent creates it as large as the service map.
 pub const AFFINITY_MATCH_MAP_CAPACITY: u32 = 65_536;
 
+/// Every map's key and value sizes in bytes, by name: an agent checks the maps pinned
+/// before it loads anything, so that a map of another build is named with its sizes
+/// instead of failing the verifier.
+pub const MAP_LAYOUTS: [(&str, usize, usize); 8] = [
+    (
+        SERVICE_MAP,
+        size_of::<ServiceKey>(),
+        size_of::<ServiceValue>(),
+    ),
+    (BACKEND_MAP, size_of::<u32>(), size_of::<Backend>()),
+    (CLUSTER_IP_MAP, size_of::<u32>(), size_of::<u32>()),
+    // Socket storage is keyed by a socket (a descriptor from user space).
+    (SOCKET_MAP, size_of::<i32>(), size_of::<SocketState>()),
+    (
+        AFFINITY_MAP,
+        size_of::<AffinityKey>(),
+        size_of::<AffinityValue>(),
+    ),
+    (
+        AFFINITY_MATCH_MAP,
+        size_of::<AffinityMatchKey>(),
+        size_of::<u32>(),
+    ),
+    (CONFIG_MAP, size_of::<u32>(), size_of::<Config>()),
+    (STATS_MAP, size_of::<u32>(), size_of::<u64>()),
+];
+
 /// Capacity of [`STATS_MAP`]: room for counters to come, so that adding one does not
 /// change the map (and its name); [`Reason::COUNT`] of them are used.
 pub const STATS_MAP_CAPACITY: u32 = 32;
@@ -632,6 +659,15 @@ mod tests {
         assert!(bind_conflicts(FLAG_NODE_LOCAL));
         assert!(!bind_conflicts(FLAG_CLUSTER_IP));
         assert!(!bind_conflicts(FLAG_CLUSTER_IP | FLAG_NODE_LOCAL));
+    }
+
+    #[test]
+    fn every_map_has_one_layout() {
+        let mut names: std::vec::Vec<&str> = MAP_LAYOUTS.iter().map(|(name, ..)| *name).collect();
+        names.sort_unstable();
+        let mut maps = MAPS.to_vec();
+        maps.sort_unstable();
+        assert_eq!(names, maps);
     }
 
     #[test]

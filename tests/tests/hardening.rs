@@ -189,3 +189,41 @@ fn programs_detached_under_the_agent_are_attached_again() {
     // The CLI reads the pins again.
     assert!(testbed.lb(&["services"]).unwrap().contains("10.96.0.10:80"));
 }
+
+/// A map pinned under one of lb's names by another build (other key or value sizes) is
+/// named with its sizes and what to do, before anything is loaded, where the verifier
+/// would print a program dump.
+#[test]
+fn a_pinned_map_of_another_build_is_named_with_its_sizes() {
+    if !privileged("a_pinned_map_of_another_build_is_named_with_its_sizes") {
+        return;
+    }
+    let mut testbed = Testbed::new().unwrap();
+    std::fs::create_dir_all(&testbed.bpffs).unwrap();
+    std::fs::set_permissions(&testbed.bpffs, std::fs::Permissions::from_mode(0o700)).unwrap();
+    run(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(testbed.bpffs.join("lb4_affinity_v1"))
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "8",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "lb4_affinity_v1",
+        ]))
+    .unwrap();
+    let output = failed_start(&mut testbed);
+    assert!(
+        output.contains("map lb4_affinity_v1 has (8, 8) byte keys and values, this lb (16, 16)"),
+        "{output}"
+    );
+    assert!(output.contains("lb unload"), "{output}");
+    assert!(!output.contains("verifier"), "{output}");
+    // Nothing else was made.
+    assert_eq!(std::fs::read_dir(&testbed.bpffs).unwrap().count(), 1);
+}

@@ -782,6 +782,35 @@ pub fn anything_pinned(pin_dir: &Path) -> bool {
         .any(|pin| pin_dir.join(pin).exists())
 }
 
+/// Checks the key and value sizes of every map pinned in `pin_dir` against this build's
+/// ([`lb_common::MAP_LAYOUTS`]) before the object reuses them: a map of another build is
+/// named with its sizes, where the verifier would print a program dump.
+fn check_pinned_layouts(pin_dir: &Path) -> Result<(), DatapathError> {
+    for (map, key, value) in lb_common::MAP_LAYOUTS {
+        let path = pin_dir.join(map);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .map_err(|source| DatapathError::NotPinned {
+                dir: pin_dir.into(),
+                map,
+                source,
+            })?
+            .info()
+            .map_err(map_error(map))?;
+        let found = (info.key_size() as usize, info.value_size() as usize);
+        if found != (key, value) {
+            return Err(DatapathError::Layout {
+                map,
+                expected: (key, value),
+                found,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether `pin_dir` holds the pins of an agent of the previous layout: its programs
 /// translate connects until this layout's maps are filled.
 fn previous_layout_pinned(pin_dir: &Path) -> bool {
@@ -908,6 +937,7 @@ pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapat
     mounts::ensure_bpffs(pin_dir)?;
     crate::dirs::ensure_private(pin_dir, "--bpffs")?;
     remove_next_pins(pin_dir)?;
+    check_pinned_layouts(pin_dir)?;
     let takeover = previous_layout_pinned(pin_dir);
     if takeover {
         tracing::info!(
