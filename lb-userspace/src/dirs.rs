@@ -30,28 +30,36 @@ pub fn ensure_private(dir: &Path, flag: &'static str) -> Result<(), DirError> {
         path: dir.into(),
         why,
     };
+    let create_error = |source| DirError::Create {
+        path: dir.into(),
+        source,
+    };
     match std::fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| DirError::Create {
-                path: dir.into(),
-                source,
-            }),
-        Err(source) => Err(DirError::Create {
-            path: dir.into(),
-            source,
-        }),
-        Ok(meta) if meta.file_type().is_symlink() => Err(refuse("a symbolic link".into())),
-        Ok(meta) if !meta.is_dir() => Err(refuse("not a directory".into())),
-        Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() => {
-            Err(refuse(format!("owned by uid {}", meta.uid())))
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(create_error)?;
         }
-        Ok(meta) if meta.mode() & 0o022 != 0 => Err(refuse(format!(
+        Err(source) => return Err(create_error(source)),
+        Ok(_) => {}
+    }
+    // Checked whether it was there or just made: another user may have made it (or a
+    // link) in between.
+    let meta = std::fs::symlink_metadata(dir).map_err(create_error)?;
+    if meta.file_type().is_symlink() {
+        Err(refuse("a symbolic link".into()))
+    } else if !meta.is_dir() {
+        Err(refuse("not a directory".into()))
+    } else if meta.uid() != nix::unistd::geteuid().as_raw() {
+        Err(refuse(format!("owned by uid {}", meta.uid())))
+    } else if meta.mode() & 0o022 != 0 {
+        Err(refuse(format!(
             "writable by group or others (mode {:o})",
             meta.mode() & 0o7777
-        ))),
-        Ok(_) => Ok(()),
+        )))
+    } else {
+        Ok(())
     }
 }

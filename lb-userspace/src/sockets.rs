@@ -206,8 +206,12 @@ fn parse_reply(datagram: &[u8], sockets: &mut Vec<Listed>) -> Result<bool, Optio
     Ok(false)
 }
 
-/// What the maps give each frontend now: its backends' ids and addresses, by frontend id.
-struct LiveBackends(HashMap<FrontendId, Vec<(BackendId, BackendAddr)>>);
+/// What the maps give each frontend now: its backends' ids and addresses, by frontend id;
+/// and every backend address in use, by (address, port) in the maps' byte order.
+struct LiveBackends(
+    HashMap<FrontendId, Vec<(BackendId, BackendAddr)>>,
+    std::collections::HashSet<(u32, u16)>,
+);
 
 impl LiveBackends {
     fn of(programmed: &Programmed) -> Self {
@@ -224,7 +228,22 @@ impl LiveBackends {
                     (frontend.id, backends)
                 })
                 .collect(),
+            programmed
+                .backends
+                .values()
+                .map(|addr| (ipv4_to_map(addr.address.octets()), port_to_map(addr.port)))
+                .collect(),
         )
+    }
+
+    /// Whether a socket connected to `peer:port` (maps' byte order) may be one lb sent to
+    /// a backend that left: only a socket connected to no backend in use is looked at
+    /// closer. Borrowing another process's socket (pidfd_getfd) is not without effects
+    /// (cgroup v1 net_cls and net_prio tags follow the borrower), so sockets to live pods,
+    /// whoever made them, are never borrowed. (A pod that left one Service but still backs
+    /// another keeps its sockets: the price of that.)
+    fn may_be_stale(&self, peer: u32, port: u16) -> bool {
+        !self.1.contains(&(peer, port))
     }
 
     /// Whether `entry`'s backend is still one of its frontend's (the same id at the same
@@ -241,23 +260,22 @@ impl LiveBackends {
 }
 
 /// The entry lb translated a listed socket by (its storage is `state`), if the socket is
-/// connected to that entry's backend and the backend is no longer the frontend's.
+/// connected to that entry's backend and the backend is no longer the frontend's — nor
+/// that of any other frontend the socket has an entry for with the same backend (a socket
+/// that reached one pod through two Services stays while one of them still has it).
 fn stale_entry(socket: &Listed, state: &SocketState, live: &LiveBackends) -> Option<SocketEntry> {
     let peer = match socket.family {
         AF_INET => socket.id.dst[0],
         AF_INET6 => ipv4_in_mapped(socket.id.dst)?,
         _ => return None,
     };
-    state
-        .entries
-        .iter()
-        .find(|entry| {
-            entry.family != 0
-                && entry.backend_address[0] == peer
-                && entry.backend_port == socket.id.dport
-        })
-        .filter(|entry| !live.holds(entry))
-        .copied()
+    let mut matching = state.entries.iter().filter(|entry| {
+        entry.family != 0
+            && entry.backend_address[0] == peer
+            && entry.backend_port == socket.id.dport
+    });
+    let first = matching.clone().next().copied()?;
+    matching.all(|entry| !live.holds(entry)).then_some(first)
 }
 
 /// How many sockets [`terminate_stale`] destroyed, by protocol.
@@ -351,12 +369,23 @@ fn terminate_in(
     if listed.is_empty() {
         return Ok(Terminated::default());
     }
+    let peer = |listed: &Listed| match listed.family {
+        AF_INET => Some(listed.id.dst[0]),
+        AF_INET6 => ipv4_in_mapped(listed.id.dst),
+        _ => None,
+    };
+    listed.retain(|(_, listed)| {
+        peer(listed).is_some_and(|peer| live.get().may_be_stale(peer, listed.id.dport))
+    });
+    if listed.is_empty() {
+        return Ok(Terminated::default());
+    }
     let mut owners = owners(pids, listed.iter().map(|(_, s)| s.inode).collect());
     let mut terminated = Terminated::default();
     for (protocol, listed) in listed {
         let Some(state) = owners
             .remove(&listed.inode)
-            .and_then(|(pid, fd)| storage_of(storage, pid, fd))
+            .and_then(|(pid, fd)| storage_of(storage, pid, fd, listed.inode))
         else {
             continue;
         };
@@ -383,7 +412,8 @@ fn terminate_in(
                 source: nix::Error::ENOENT,
                 ..
             }) => {}
-            Err(e) => return Err(e),
+            // One socket that cannot be destroyed does not keep the others.
+            Err(e) => tracing::warn!("destroying a socket connected to a backend that left: {e}"),
         }
     }
     Ok(terminated)
@@ -494,8 +524,9 @@ fn owners(pids: &[u32], mut inodes: BTreeSet<u32>) -> HashMap<u32, (u32, i32)> {
 }
 
 /// lb's storage of the socket that process `pid` holds as descriptor `fd`, looked up by a
-/// copy of that descriptor; `None` if it has none, or the process or descriptor is gone.
-fn storage_of(storage: BorrowedFd<'_>, pid: u32, fd: i32) -> Option<SocketState> {
+/// copy of that descriptor; `None` if it has none, or the process or descriptor is gone —
+/// or now names another socket than `inode` (the number was reused since it was read).
+fn storage_of(storage: BorrowedFd<'_>, pid: u32, fd: i32, inode: u32) -> Option<SocketState> {
     let pid = libc::pid_t::try_from(pid).ok()?;
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -508,6 +539,10 @@ fn storage_of(storage: BorrowedFd<'_>, pid: u32, fd: i32) -> Option<SocketState>
     let copy = i32::try_from(copy).ok().filter(|fd| *fd >= 0)?;
     // SAFETY: as above.
     let copy = unsafe { OwnedFd::from_raw_fd(copy) };
+    let same = nix::sys::stat::fstat(&copy).is_ok_and(|st| st.st_ino == u64::from(inode));
+    if !same {
+        return None;
+    }
     // The socket storage map's key is a socket's descriptor.
     crate::maps::bpf::lookup_one::<i32, SocketState>(storage, &copy.as_raw_fd())
         .ok()
@@ -547,7 +582,13 @@ fn namespaces_of(cgroup: &Path) -> Result<Vec<(PathBuf, Vec<u32>)>, SocketsError
                 }
             }
         }
-        for entry in std::fs::read_dir(&dir).map_err(error)?.flatten() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // Removed meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(error(e)),
+        };
+        for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 dirs.push(entry.path());
             }
@@ -647,6 +688,20 @@ mod tests {
         assert!(stale_entry(&listed(AF_INET, gone), &SocketState::zeroed(), &live).is_none());
         // Connected elsewhere since (a later connect() of its own).
         assert!(stale_entry(&listed(AF_INET, held), &to_gone, &live).is_none());
+        // The same pod reached through a second frontend that still has it: kept.
+        let mut through_two = to_gone;
+        through_two.remember(SocketEntry {
+            frontend_id: 9,
+            ..entry(2, [10, 244, 0, 11])
+        });
+        let live_for_9 = LiveBackends(
+            [(9, vec![(2, addr([10, 244, 0, 11], 5353))])].into(),
+            std::collections::HashSet::new(),
+        );
+        assert!(stale_entry(&listed(AF_INET, gone), &through_two, &live_for_9).is_none());
+        // Only sockets to no backend in use are looked at closer.
+        assert!(!live.may_be_stale(gone[0], port_to_map(5353)));
+        assert!(live.may_be_stale(ipv4_to_map([10, 244, 0, 99]), port_to_map(5353)));
     }
 
     #[test]

@@ -1106,7 +1106,9 @@ impl Desired {
         // Claims made by this update share its number: they arrived together.
         self.next_arrival = self.next_arrival.max(1);
         let arrival = self.next_arrival;
-        self.next_arrival += 1;
+        // Saturating: after 4 billion updates new claims arrive together, still after
+        // every earlier one.
+        self.next_arrival = self.next_arrival.saturating_add(1);
         for ((id, model), computed) in changed.into_iter().zip(computed) {
             // The arrivals of the frontends it goes on claiming stay as they were.
             let mut held: SmallVec<[(Frontend, Arrival); 1]> = SmallVec::new();
