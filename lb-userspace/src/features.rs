@@ -11,6 +11,11 @@ use std::os::fd::{FromRawFd as _, OwnedFd};
 
 use serde::Serialize;
 
+/// The features stale-socket termination needs, by name.
+const SOCK_DESTROY: &str = "sock_diag SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY)";
+/// See [`SOCK_DESTROY`].
+const PIDFD_GETFD: &str = "pidfd_getfd (Linux 5.6)";
+
 /// The kernel's BTF, where it has one (CONFIG_DEBUG_INFO_BTF).
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -93,13 +98,13 @@ pub fn probe() -> Vec<Feature> {
             used_for: "AF_INET6 sockets reaching IPv4 Services through v4-mapped addresses",
         },
         Feature {
-            name: "sock_diag SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY)",
+            name: SOCK_DESTROY,
             available: Some(sock_destroy()),
             required: false,
             used_for: "terminating connected sockets whose backend left; without it they wait for their own timeouts",
         },
         Feature {
-            name: "pidfd_getfd (Linux 5.6)",
+            name: PIDFD_GETFD,
             available: Some(pidfd_getfd()),
             required: false,
             used_for: "reading a UDP socket's storage to tell whether lb translated it, before terminating it",
@@ -117,7 +122,7 @@ pub fn probe() -> Vec<Feature> {
 pub fn can_terminate_sockets(features: &[Feature]) -> bool {
     features
         .iter()
-        .filter(|f| f.name.starts_with("sock_diag") || f.name.starts_with("pidfd_getfd"))
+        .filter(|f| [SOCK_DESTROY, PIDFD_GETFD].contains(&f.name))
         .all(|f| f.available == Some(true))
 }
 
@@ -160,14 +165,14 @@ mod tests {
             used_for: "",
         };
         let both = [
-            feature("sock_diag SOCK_DESTROY", Some(true)),
-            feature("pidfd_getfd", Some(true)),
+            feature(SOCK_DESTROY, Some(true)),
+            feature(PIDFD_GETFD, Some(true)),
             feature("IPv6 sockets", Some(false)),
         ];
         assert!(can_terminate_sockets(&both));
         let one = [
-            feature("sock_diag SOCK_DESTROY", Some(false)),
-            feature("pidfd_getfd", Some(true)),
+            feature(SOCK_DESTROY, Some(false)),
+            feature(PIDFD_GETFD, Some(true)),
         ];
         assert!(!can_terminate_sockets(&one));
     }

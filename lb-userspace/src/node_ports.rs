@@ -246,11 +246,8 @@ pub fn reserve(netns: &Path, range: &PortSet, state_dir: &Path) -> Result<PortSe
     let added = range.difference(&before);
     let ours = recorded.union(&added);
     if !ours.is_empty() {
+        // The agent made sure of its state directory before anything else.
         let path = record_path(state_dir);
-        std::fs::create_dir_all(state_dir).map_err(|e| NodePortsError::Record {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
         let record = Record {
             netns: netns.into(),
             ports: ours.to_string(),

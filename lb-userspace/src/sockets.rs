@@ -294,8 +294,8 @@ pub fn terminate_stale(
     programmed: &Programmed,
     tcp: bool,
 ) -> Result<Terminated, SocketsError> {
-    // Indexed only when a socket with lb's storage turns up.
-    let live = Lazy::new(programmed);
+    // Indexed only when a namespace has a connected socket to look at.
+    let live = std::sync::LazyLock::new(|| LiveBackends::of(programmed));
     let live = &live;
     let mut terminated = Terminated::default();
     for (netns, pids) in namespaces_of(cgroup)? {
@@ -309,32 +309,13 @@ pub fn terminate_stale(
     Ok(terminated)
 }
 
-/// [`LiveBackends`] of a [`Programmed`], made at first use.
-struct Lazy<'a> {
-    programmed: &'a Programmed,
-    live: std::sync::OnceLock<LiveBackends>,
-}
-
-impl<'a> Lazy<'a> {
-    fn new(programmed: &'a Programmed) -> Self {
-        Self {
-            programmed,
-            live: std::sync::OnceLock::new(),
-        }
-    }
-
-    fn get(&self) -> &LiveBackends {
-        self.live.get_or_init(|| LiveBackends::of(self.programmed))
-    }
-}
-
 /// [`terminate_stale`] in the network namespace of this thread, whose sockets belong to
 /// `pids` (of the cgroup; others' sockets are not lb's to end).
 fn terminate_in(
     netns: &Path,
     pids: &[u32],
     storage: BorrowedFd<'_>,
-    live: &Lazy<'_>,
+    live: &std::sync::LazyLock<LiveBackends, impl FnOnce() -> LiveBackends + Send>,
     tcp: bool,
 ) -> Result<Terminated, SocketsError> {
     let diag = |source| SocketsError::Diag {
@@ -375,7 +356,7 @@ fn terminate_in(
         _ => None,
     };
     listed.retain(|(_, listed)| {
-        peer(listed).is_some_and(|peer| live.get().may_be_stale(peer, listed.id.dport))
+        peer(listed).is_some_and(|peer| live.may_be_stale(peer, listed.id.dport))
     });
     if listed.is_empty() {
         return Ok(Terminated::default());
@@ -389,7 +370,7 @@ fn terminate_in(
         else {
             continue;
         };
-        if stale_entry(&listed, &state, live.get()).is_none() {
+        if stale_entry(&listed, &state, live).is_none() {
             continue;
         }
         let request = InetDiagReqV2 {

@@ -908,25 +908,35 @@ impl LoadedProgram<'_> {
     }
 }
 
+/// Program `name` of `ebpf`, by its type.
+fn program_of<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<LoadedProgram<'a>, DatapathError> {
+    match ebpf.program_mut(name).ok_or(DatapathError::Missing(name))? {
+        Program::CgroupSockAddr(program) => Ok(LoadedProgram::SockAddr(program)),
+        Program::CgroupSock(program) => Ok(LoadedProgram::Sock(program)),
+        _ => Err(DatapathError::Program {
+            program: name,
+            source: ProgramError::UnexpectedProgramType,
+        }),
+    }
+}
+
+/// Program `name` of `ebpf`, loaded into the kernel.
 fn loaded_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<LoadedProgram<'a>, DatapathError> {
-    let program_error = |source| DatapathError::Program {
+    let mut program = program_of(ebpf, name)?;
+    match &mut program {
+        LoadedProgram::SockAddr(program) => program.load(),
+        LoadedProgram::Sock(program) => program.load(),
+    }
+    .map_err(|source| DatapathError::Program {
         program: name,
         source,
-    };
-    let program = match ebpf.program_mut(name).ok_or(DatapathError::Missing(name))? {
-        Program::CgroupSockAddr(program) => {
-            program.load().map_err(program_error)?;
-            LoadedProgram::SockAddr(program)
-        }
-        Program::CgroupSock(program) => {
-            program.load().map_err(program_error)?;
-            LoadedProgram::Sock(program)
-        }
-        _ => return Err(program_error(ProgramError::UnexpectedProgramType)),
-    };
+    })?;
     Ok(program)
 }
 
@@ -934,8 +944,8 @@ fn loaded_program<'a>(
 /// attaches them to `cgroup` and pins their links, replacing links an earlier agent pinned
 /// there.
 pub fn load(pin_dir: &Path, cgroup: &Path, capacity: Capacity) -> Result<Datapath, DatapathError> {
+    // [`lock`], which the agent takes first, made sure the directory is its alone.
     mounts::ensure_bpffs(pin_dir)?;
-    crate::dirs::ensure_private(pin_dir, "--bpffs")?;
     remove_next_pins(pin_dir)?;
     check_pinned_layouts(pin_dir)?;
     let takeover = previous_layout_pinned(pin_dir);
@@ -1041,20 +1051,8 @@ impl Datapath {
             let Some(cgroup) = cgroup.as_ref() else {
                 continue;
             };
-            let program_error = |source| DatapathError::Program {
-                program: name,
-                source,
-            };
-            let program = match self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DatapathError::Missing(name))?
-            {
-                Program::CgroupSockAddr(program) => LoadedProgram::SockAddr(program),
-                Program::CgroupSock(program) => LoadedProgram::Sock(program),
-                _ => return Err(program_error(ProgramError::UnexpectedProgramType)),
-            };
-            let link = program.attach(cgroup, name, &pin)?;
+            // Loaded at start, and still: only its link went.
+            let link = program_of(&mut self.ebpf, name)?.attach(cgroup, name, &pin)?;
             replace_pinned_link(&pin, link)?;
             repairs.programs.push(name);
         }
