@@ -268,6 +268,25 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             .min(ceiling.affinity_matches),
     };
     let fresh_start = FreshStart::new(&args.bpffs, &args.state_dir);
+    // Changes are watched before the first read, so none between the two is missed.
+    let (changes, mut changed) = mpsc::unbounded_channel();
+    let source = match (manifest_dir, args.kubeconfig) {
+        (Some(dir), _) => manifests(&dir, changes)?,
+        (None, kubeconfig) => {
+            let client = kubernetes::client(kubeconfig.as_deref()).await?;
+            if node.zone.is_none() {
+                node.zone = kubernetes::node_zone(&client, &node.name).await;
+            }
+            Source::Kubernetes(kubernetes::Kubernetes::start(client, changes).await?)
+        }
+    };
+    if let Some(zone) = &node.zone {
+        tracing::info!(%zone, "node zone, for endpoints' zone hints");
+    }
+
+    // The source is read while the datapath loads: on a large cluster, the first sync
+    // starts with the objects already in the store.
+    let first_read = FirstRead::start(source)?;
     let mut datapath = datapath::load(&args.bpffs, &cgroup, initial)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
     tracing::info!(
@@ -289,22 +308,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 "{e}; a bind or connect on the node may draw a NodePort as its ephemeral port and fail"
             ),
         }
-    }
-
-    // Changes are watched before the first read, so none between the two is missed.
-    let (changes, mut changed) = mpsc::unbounded_channel();
-    let mut source = match (manifest_dir, args.kubeconfig) {
-        (Some(dir), _) => manifests(&dir, changes)?,
-        (None, kubeconfig) => {
-            let client = kubernetes::client(kubeconfig.as_deref()).await?;
-            if node.zone.is_none() {
-                node.zone = kubernetes::node_zone(&client, &node.name).await;
-            }
-            Source::Kubernetes(kubernetes::Kubernetes::start(client, changes).await?)
-        }
-    };
-    if let Some(zone) = &node.zone {
-        tracing::info!(%zone, "node zone, for endpoints' zone hints");
     }
 
     let _pid = AgentPid::create(&args.state_dir)?;
@@ -332,8 +335,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
     )
     .context("starting the state file writer")?;
+    let (mut source, store) = first_read.join();
     let mut syncer = Syncer {
-        store: Store::default(),
+        store,
         desired: Desired::default(),
         programmed: Programmed::default(),
         datapath,
@@ -411,6 +415,43 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopping; the datapath stays loaded and keeps the last state");
     Ok(())
+}
+
+/// The first read of a manifest directory, on a thread of its own while the datapath
+/// loads. (The Kubernetes source lists on the runtime's worker meanwhile.)
+enum FirstRead {
+    Reading(std::thread::JoinHandle<(Source, Store)>),
+    Later(Source),
+}
+
+impl FirstRead {
+    fn start(source: Source) -> anyhow::Result<Self> {
+        if !matches!(source, Source::Manifests(_)) {
+            return Ok(Self::Later(source));
+        }
+        let reading = std::thread::Builder::new()
+            .name("lb-first-read".into())
+            .spawn(move || {
+                let mut source = source;
+                let mut store = Store::default();
+                // Its problems and errors are the first sync's too: that sync refreshes
+                // again, which reports the files' problems anew and retries what failed.
+                drop(source.refresh(&mut store));
+                (source, store)
+            })
+            .context("starting the first read of the manifests")?;
+        Ok(Self::Reading(reading))
+    }
+
+    /// The source, and the store with what it read so far.
+    fn join(self) -> (Source, Store) {
+        match self {
+            Self::Reading(reading) => reading
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Self::Later(source) => (source, Store::default()),
+        }
+    }
 }
 
 /// The changes drained from the channel at once.
@@ -761,6 +802,7 @@ impl Syncer {
             .collect();
         let refreshed = started.elapsed();
         let changed = self.store.take_changed();
+        let modelling = Instant::now();
         let mut touched = self.desired.update(
             changed.iter().map(|id| (id, self.store.service(id))),
             &self.node,
@@ -774,6 +816,7 @@ impl Syncer {
         self.unwritten_services.extend(changed.iter().cloned());
         self.unwritten_frontends.extend(touched.iter().copied());
         problems.extend(self.desired.conflicts().iter().map(ToString::to_string));
+        let modelled = modelling.elapsed();
         if self.read_back
             && let Err(e) = self.reload()
         {
@@ -866,7 +909,7 @@ impl Syncer {
                 "maps grown; the programs use the new ones"
             );
         }
-        tracing::debug!(?refreshed, ?planned, "sync phases");
+        let writing = Instant::now();
         if let Err(e) = self.datapath.maps.apply(&ops, &self.programmed.backends) {
             self.read_back = true;
             return Err(SyncError::Write(Box::new(e)));
@@ -874,6 +917,7 @@ impl Syncer {
         // After a restart (a full plan), backends may have left while no agent ran.
         let may_strand = (self.full && self.stale_sockets.enabled)
             || ops.iter().any(|op| self.stale_sockets.may_strand(op));
+        let written = writing.elapsed();
         self.programmed.apply(&ops);
         let masters_changed = ops.iter().filter_map(|op| match op {
             plan::MapOp::PutMaster(frontend, _) | plan::MapOp::DeleteMaster(frontend) => {
@@ -889,6 +933,14 @@ impl Syncer {
             self.read_back = true;
             return Err(SyncError::Write(Box::new(e)));
         }
+        tracing::debug!(
+            ?refreshed,
+            ?modelled,
+            since_start_to_planned = ?planned,
+            ?written,
+            cluster_ips_and_programmed = ?writing.elapsed() - written,
+            "sync phases"
+        );
         self.full = false;
         if let Err(e) = self.datapath.complete_takeover() {
             // Both layouts' programs stay attached, which translates as either alone would.

@@ -114,11 +114,14 @@ fn one_line(error: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Agent(args) => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?
-            .block_on(agent::run(args)),
+        Command::Agent(args) => {
+            lb_userspace::memory::no_huge_pages();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?
+                .block_on(agent::run(args))
+        }
         Command::Services(args) => Ok(cli::services::run(args)?),
         Command::Backends(args) => Ok(cli::backends::run(args)?),
         Command::Affinity(args) => Ok(cli::affinity::run(args)?),

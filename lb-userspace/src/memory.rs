@@ -5,6 +5,16 @@
 
 use std::time::Duration;
 
+/// Keeps the agent's heap in small pages. A huge page is zeroed whole on first touch and
+/// split again when mimalloc hands 64 KiB of it back, so a heap that grows and shrinks as
+/// much as a full sync's does (a manifest parsed and dropped) zeroes several times what it
+/// uses: measured at 100k Services, the first sync took 15–20% longer with them.
+pub fn no_huge_pages() {
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::debug!("keeping transparent huge pages: {e}");
+    }
+}
+
 /// A sync or a write that took this long allocated and freed enough to be worth handing
 /// back at once (which costs a few milliseconds).
 pub const RELEASE_AFTER: Duration = Duration::from_millis(50);

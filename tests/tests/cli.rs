@@ -514,9 +514,25 @@ fn a_failed_start_leaves_nothing_behind_and_an_earlier_datapath_serving() {
     assert_fails(not_cgroup, "--cgroup /tmp: not a cgroup2 directory");
     assert!(pins(&testbed).is_empty(), "{:?}", pins(&testbed));
 
-    // Fails after loading (the source cannot be read): everything it made goes.
+    // A source that cannot be followed: said so before anything is loaded too.
     let no_source = ["--kubeconfig".as_ref(), "/nonexistent/kubeconfig".as_ref()];
     let output = testbed.failed_start(&no_source).unwrap();
+    assert!(output.contains("/nonexistent/kubeconfig"), "{output}");
+    assert!(!output.contains("the start failed"), "{output}");
+    assert!(pins(&testbed).is_empty(), "{:?}", pins(&testbed));
+
+    // Fails after loading (its pid file cannot be written: a directory is in its place):
+    // everything it made goes.
+    let pid_file = testbed.state_dir().join("agent.pid");
+    let manifests_dir = testbed.manifests.clone();
+    let manifests = ["--manifests".as_ref(), manifests_dir.as_os_str()];
+    let fail_after_loading = |testbed: &mut Testbed| {
+        std::fs::create_dir_all(&pid_file).unwrap();
+        let output = testbed.failed_start(&manifests).unwrap();
+        std::fs::remove_dir(&pid_file).unwrap();
+        output
+    };
+    let output = fail_after_loading(&mut testbed);
     assert!(output.contains("the start failed: removed"), "{output}");
     assert!(pins(&testbed).is_empty(), "{:?}", pins(&testbed));
     assert_eq!(attached(&testbed), 0);
@@ -527,7 +543,8 @@ fn a_failed_start_leaves_nothing_behind_and_an_earlier_datapath_serving() {
     testbed.start_agent().unwrap();
     testbed.stop_agent().unwrap();
     let before = pins(&testbed).len();
-    testbed.failed_start(&no_source).unwrap();
+    let output = fail_after_loading(&mut testbed);
+    assert!(output.contains("agent.pid"), "{output}");
     assert_eq!(pins(&testbed).len(), before);
     assert_eq!(reserved(&testbed).trim(), "30000-32767");
     let probes = testbed.probe(&client, "10.96.0.10:80", 4).unwrap();

@@ -156,6 +156,74 @@ pub fn update<K: Pod, V: Pod>(
     Ok(())
 }
 
+/// Below this many entries an update is written on one thread: more cost more than they
+/// save.
+pub const CONCURRENT_UPDATE_MIN: usize = 1 << 16;
+
+/// [`update`] of parts of `keys`/`values` at once, one thread each: `starts` are where the
+/// parts after the first begin (ascending). The kernel locks a hash map per bucket, so the
+/// parts are written side by side; the caller puts entries whose order matters in the same
+/// part. The first error of any part is returned (the others' writes stay).
+pub fn update_concurrently<K: Pod + Sync, V: Pod + Sync>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+    starts: &[usize],
+) -> Result<(), BpfError> {
+    debug_assert_eq!(keys.len(), values.len());
+    let mut bounds = Vec::with_capacity(starts.len() + 2);
+    bounds.push(0);
+    bounds.extend(starts.iter().map(|&start| start.min(keys.len())));
+    bounds.push(keys.len());
+    let parts: Vec<std::ops::Range<usize>> = bounds
+        .windows(2)
+        .map(|pair| pair[0]..pair[1].max(pair[0]))
+        .collect();
+    let Some((first, rest)) = parts.split_first() else {
+        return Ok(());
+    };
+    std::thread::scope(|scope| {
+        let others: Vec<_> = rest
+            .iter()
+            .map(|part| {
+                let (keys, values) = (&keys[part.clone()], &values[part.clone()]);
+                scope.spawn(move || update(map, keys, values))
+            })
+            .collect();
+        let mut result = update(map, &keys[first.clone()], &values[first.clone()]);
+        for other in others {
+            let written = other
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            result = result.and(written);
+        }
+        result
+    })
+}
+
+/// Where to cut `len` entries into one part per core for [`update_concurrently`]: the
+/// first index at or after each even share where `may_start` allows a part to begin.
+/// Empty (one part) below [`CONCURRENT_UPDATE_MIN`] or on one core.
+pub fn concurrent_starts(len: usize, may_start: impl Fn(usize) -> bool) -> Vec<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    starts_for(len, cores, may_start)
+}
+
+/// [`concurrent_starts`] on `cores` cores.
+fn starts_for(len: usize, cores: usize, may_start: impl Fn(usize) -> bool) -> Vec<usize> {
+    if len < CONCURRENT_UPDATE_MIN || cores < 2 {
+        return Vec::new();
+    }
+    let mut starts: Vec<usize> = Vec::with_capacity(cores - 1);
+    for share in 1..cores {
+        let from = (len * share / cores).max(starts.last().map_or(0, |last| last + 1));
+        if let Some(start) = (from..len).find(|&at| may_start(at)) {
+            starts.push(start);
+        }
+    }
+    starts
+}
+
 /// Deletes `keys` in order, batched; keys that are not there are skipped.
 pub fn delete<K: Pod>(map: BorrowedFd<'_>, keys: &[K]) -> Result<(), BpfError> {
     let mut rest = keys;
@@ -355,4 +423,28 @@ pub fn cgroup_link_info(link: BorrowedFd<'_>) -> Result<CgroupLinkInfo, BpfError
         source,
     })?;
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_parts_begin_only_where_allowed() {
+        let len = 3 * CONCURRENT_UPDATE_MIN;
+        // Runs of four entries (three slots, then their master): a part begins after a
+        // master only.
+        let after_master = |at: usize| at.is_multiple_of(4);
+        let starts = starts_for(len, 3, after_master);
+        assert_eq!(starts.len(), 2);
+        assert!(starts.iter().all(|&at| after_master(at)), "{starts:?}");
+        assert!(starts.windows(2).all(|pair| pair[0] < pair[1]));
+        assert!(starts[0] >= len / 3 && starts[0] < len / 3 + 4);
+
+        // Small, or one core: one part.
+        assert!(starts_for(CONCURRENT_UPDATE_MIN - 1, 4, |_| true).is_empty());
+        assert!(starts_for(len, 1, |_| true).is_empty());
+        // Nowhere allowed: one part.
+        assert!(starts_for(len, 2, |_| false).is_empty());
+    }
 }

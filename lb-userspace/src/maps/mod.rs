@@ -542,7 +542,12 @@ impl ServiceMaps {
                         _ => None,
                     })
                     .unzip();
-                bpf::update(fd, &keys, &values)
+                // A frontend's slots and then its master stay in one part, in that order:
+                // a master never counts slots not yet written.
+                let starts = bpf::concurrent_starts(ops.len(), |at| {
+                    matches!(ops.get(at.wrapping_sub(1)), Some(MapOp::PutMaster(..)))
+                });
+                bpf::update_concurrently(fd, &keys, &values, &starts)
             }
             OpClass::DeleteService => {
                 let keys: Vec<ServiceKey> = ops
@@ -659,7 +664,8 @@ impl ServiceMaps {
             }
         }
         if !added.is_empty() {
-            bpf::update(fd, &keys(&added), &vec![1u32; added.len()])
+            let starts = bpf::concurrent_starts(added.len(), |_| true);
+            bpf::update_concurrently(fd, &keys(&added), &vec![1u32; added.len()], &starts)
                 .map_err(write_error(added.len()))?;
             self.held_cluster_ips.extend(added);
         }

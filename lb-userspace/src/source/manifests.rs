@@ -358,7 +358,9 @@ impl Manifests {
             .iter()
             .map(|(path, version)| (path.as_path(), version.map_or(0, |v| v.len)))
             .collect();
+        let parse_started = std::time::Instant::now();
         let read = manifest::read_files(&sized);
+        let parsed = parse_started.elapsed();
         for ((path, version), read) in files.into_iter().zip(read) {
             match read {
                 Ok(documents) => {
@@ -398,6 +400,7 @@ impl Manifests {
                 }
             }
         }
+        tracing::debug!(?parsed, stored = ?parse_started.elapsed() - parsed, "files read");
     }
 }
 
