@@ -133,21 +133,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Unload(args) => {
-            // A running agent puts back what is taken from under it.
-            if let Some(pid) = lb_userspace::state::running_agent(&args.state_dir) {
-                anyhow::bail!(
-                    "the agent (pid {pid}) is running on {} and would attach the programs again; stop it first",
-                    args.bpffs.display()
-                );
-            }
+            // A running agent puts back what is taken from under it. It holds the pin
+            // directory's lock, whatever its state directory; held here until the end, so
+            // that no agent starts meanwhile.
+            let _lock = maps::lock_existing(&args.bpffs).map_err(|e| match e {
+                maps::DatapathError::Locked { .. } => {
+                    let pid = lb_userspace::state::running_agent(&args.state_dir)
+                        .map(|pid| format!(" (pid {pid})"))
+                        .unwrap_or_default();
+                    anyhow::anyhow!(
+                        "an agent{pid} is running on {} and would attach the programs again; stop it first",
+                        args.bpffs.display()
+                    )
+                }
+                other => other.into(),
+            })?;
             for path in maps::unload(&args.bpffs)? {
                 println!("removed {}", path.display());
             }
-            if let Some((netns, ports)) = node_ports::release(&args.state_dir)? {
-                println!(
+            match node_ports::release(&args.state_dir)? {
+                Some((netns, ports)) if ports.is_empty() => println!(
+                    "{} no longer names the network namespace NodePorts were reserved in: nothing to give back",
+                    netns.display()
+                ),
+                Some((netns, ports)) => println!(
                     "gave back NodePorts {ports} to the ephemeral ports of {} (net.ipv4.ip_local_reserved_ports)",
                     netns.display()
-                );
+                ),
+                None => {}
             }
             Ok(())
         }

@@ -173,15 +173,52 @@ impl fmt::Debug for PortSet {
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {
     netns: PathBuf,
+    /// Which namespace that path named: a path can name another namespace later (one
+    /// deleted and made again, a reboot), whose ports are not the agent's to give back.
+    /// Absent in records of agents before it was kept.
+    #[serde(default)]
+    identity: Option<NetnsIdentity>,
     /// As the sysctl lists ports.
     ports: String,
+}
+
+/// A network namespace as the kernel tells it apart: its nsfs inode, in this boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct NetnsIdentity {
+    dev: u64,
+    ino: u64,
+    boot_id: String,
+}
+
+impl NetnsIdentity {
+    /// The namespace `netns` names now; `None` if it names none.
+    fn of(netns: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let metadata = std::fs::metadata(netns).ok()?;
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        Some(Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            boot_id: boot_id.trim().to_owned(),
+        })
+    }
+}
+
+impl Record {
+    /// Whether the namespace recorded is the one `netns` names now.
+    fn is_of(&self, netns: &Path) -> bool {
+        match &self.identity {
+            Some(identity) => NetnsIdentity::of(netns).as_ref() == Some(identity),
+            None => self.netns == netns,
+        }
+    }
 }
 
 fn record_path(state_dir: &Path) -> PathBuf {
     state_dir.join(RECORD_FILE)
 }
 
-fn read_record(state_dir: &Path) -> Result<Option<(PathBuf, PortSet)>, NodePortsError> {
+fn read_record(state_dir: &Path) -> Result<Option<(Record, PortSet)>, NodePortsError> {
     let path = record_path(state_dir);
     let error = |reason: String| NodePortsError::Record {
         path: path.clone(),
@@ -197,14 +234,16 @@ fn read_record(state_dir: &Path) -> Result<Option<(PathBuf, PortSet)>, NodePorts
         .ports
         .parse()
         .map_err(|e: InvalidPorts| error(e.to_string()))?;
-    Ok(Some((record.netns, ports)))
+    Ok(Some((record, ports)))
 }
 
 /// The sysctl's ports, read and then replaced by `change` of them (unless that is the
-/// same), from a thread in the network namespace at `netns`. Returns the ports before.
+/// same), from a thread in the network namespace at `netns`; `before_write` is told the
+/// ports read and the new ones first, and may stop it. Returns the ports before.
 fn change_sysctl(
     netns: &Path,
     change: impl FnOnce(&PortSet) -> PortSet + Send,
+    before_write: impl FnOnce(&PortSet, &PortSet) -> Result<(), NodePortsError> + Send,
 ) -> Result<PortSet, NodePortsError> {
     netns::inside(netns, || {
         Ok((|| {
@@ -218,6 +257,7 @@ fn change_sysctl(
                 source,
             })?;
             let after = change(&before);
+            before_write(&before, &after)?;
             if after != before {
                 // With a newline: an empty write would leave the ports as they are.
                 std::fs::write(SYSCTL, format!("{after}\n")).map_err(|source| {
@@ -239,41 +279,55 @@ fn change_sysctl(
 pub fn reserve(netns: &Path, range: &PortSet, state_dir: &Path) -> Result<PortSet, NodePortsError> {
     let recorded = match read_record(state_dir)? {
         // The same namespace's, or the record of another one that is not ours to keep.
-        Some((recorded_netns, ports)) if recorded_netns == netns => ports,
+        Some((record, ports)) if record.is_of(netns) => ports,
         _ => PortSet::default(),
     };
-    let before = change_sysctl(netns, |before| before.union(range))?;
-    let added = range.difference(&before);
-    let ours = recorded.union(&added);
-    if !ours.is_empty() {
+    // Recorded before the sysctl is written: an agent stopped in between leaves a record
+    // of ports it may not have reserved (giving them back is then a no-op), never
+    // reserved ports without a record.
+    let record = |before: &PortSet, _: &PortSet| {
+        let ours = recorded.union(&range.difference(before));
+        if ours.is_empty() {
+            return Ok(());
+        }
         // The agent made sure of its state directory before anything else.
         let path = record_path(state_dir);
         let record = Record {
             netns: netns.into(),
+            identity: NetnsIdentity::of(netns),
             ports: ours.to_string(),
         };
         crate::state::write_private(&path, &record).map_err(|e| NodePortsError::Record {
             path,
             reason: e.to_string(),
-        })?;
-    }
-    Ok(added)
+        })
+    };
+    let before = change_sysctl(netns, |before| before.union(range), record)?;
+    Ok(range.difference(&before))
 }
 
 /// Gives back the ports the agent recorded in `state_dir` as reserved by it, in the
 /// namespace it reserved them in, and removes the record. Returns them, or `None` when
 /// there is no record.
 pub fn release(state_dir: &Path) -> Result<Option<(PathBuf, PortSet)>, NodePortsError> {
-    let Some((netns, ours)) = read_record(state_dir)? else {
+    let Some((record, ours)) = read_record(state_dir)? else {
         return Ok(None);
     };
-    change_sysctl(&netns, |before| before.difference(&ours))?;
+    let netns = record.netns.clone();
+    // The namespace the ports were reserved in is gone (and its ports with it) when its
+    // path names another one, or none: the record goes, nothing else is touched.
+    let released = if record.is_of(&netns) {
+        change_sysctl(&netns, |before| before.difference(&ours), |_, _| Ok(()))?;
+        ours
+    } else {
+        PortSet::default()
+    };
     let path = record_path(state_dir);
     std::fs::remove_file(&path).map_err(|e| NodePortsError::Record {
         path,
         reason: e.to_string(),
     })?;
-    Ok(Some((netns, ours)))
+    Ok(Some((netns, released)))
 }
 
 /// `--node-port-range`: the ports to reserve, if any.
@@ -323,6 +377,37 @@ mod tests {
         let added = range.difference(&before);
         assert_eq!(added.to_string(), "30000-30499,30501-32767");
         assert_eq!(reserved.difference(&added), before);
+    }
+
+    #[test]
+    fn a_record_is_of_the_namespace_it_was_made_in_not_of_its_path() {
+        let here = Path::new("/proc/self/ns/net");
+        let identity = NetnsIdentity::of(here).unwrap();
+        let record = |identity| Record {
+            netns: here.into(),
+            identity,
+            ports: "30000-32767".into(),
+        };
+        assert!(record(Some(identity.clone())).is_of(here));
+        // The same path naming another namespace (made again after a delete), or the
+        // same inode in another boot: not the agent's ports.
+        let other_inode = NetnsIdentity {
+            ino: identity.ino + 1,
+            ..identity.clone()
+        };
+        let other_boot = NetnsIdentity {
+            boot_id: "another boot".into(),
+            ..identity
+        };
+        assert!(!record(Some(other_inode)).is_of(here));
+        assert!(!record(Some(other_boot)).is_of(here));
+        assert!(!record(None).is_of(Path::new("/run/netns/gone")));
+        // A record from before identities were kept goes by its path.
+        assert!(record(None).is_of(here));
+        let old: Record =
+            serde_json::from_str(r#"{"netns": "/proc/self/ns/net", "ports": "30000-32767"}"#)
+                .unwrap();
+        assert!(old.is_of(here));
     }
 
     #[test]

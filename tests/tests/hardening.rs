@@ -156,6 +156,20 @@ fn programs_detached_under_the_agent_are_attached_again() {
         String::from_utf8_lossy(&unload.stderr).contains("is running"),
         "{unload:?}"
     );
+    // Whatever state directory it is told: the agent holds the pin directory's lock.
+    let unload = Command::new(lb_tests::binary("lb").unwrap())
+        .args(["unload", "--bpffs"])
+        .arg(&testbed.bpffs)
+        .arg("--state-dir")
+        .arg(testbed.state_dir().with_file_name("elsewhere"))
+        .output()
+        .unwrap();
+    assert!(!unload.status.success());
+    assert!(
+        String::from_utf8_lossy(&unload.stderr).contains("is running"),
+        "{unload:?}"
+    );
+    assert!(testbed.bpffs.join("lb_connect4").exists());
 
     // Every link pin and a map pin removed: the programs are detached at once.
     for entry in std::fs::read_dir(&testbed.bpffs).unwrap().flatten() {
@@ -188,6 +202,18 @@ fn programs_detached_under_the_agent_are_attached_again() {
     );
     // The CLI reads the pins again.
     assert!(testbed.lb(&["services"]).unwrap().contains("10.96.0.10:80"));
+
+    // A map pin replaced by another map (the config map moved over the backend map's
+    // pin): both are pinned again, and the CLI reads the backends, not the config.
+    let backends_pin = testbed.bpffs.join("lb4_backend_v1");
+    std::fs::rename(testbed.bpffs.join("lb_config_v1"), &backends_pin).unwrap();
+    wait_for("the map pins put right", Duration::from_secs(5), || {
+        Ok(testbed.bpffs.join("lb_config_v1").exists().then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
+    let backends = testbed.lb(&["backends"]).unwrap();
+    assert!(backends.contains(&pods[0].ip.to_string()), "{backends}");
+    assert!(answered(&testbed));
 }
 
 /// A map pinned under one of lb's names by another build (other key or value sizes) is

@@ -752,6 +752,28 @@ pub fn lock(pin_dir: &Path) -> Result<PinLock, DatapathError> {
         })
 }
 
+/// Locks `pin_dir` as an agent does, if it exists (without creating it): for `lb unload`,
+/// which must not take apart what a running agent would attach again. `Err(Locked)` while
+/// an agent holds it; `None` when there is no such directory.
+pub fn lock_existing(pin_dir: &Path) -> Result<Option<PinLock>, DatapathError> {
+    let dir = match std::fs::File::open(pin_dir) {
+        Ok(dir) => dir,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(DatapathError::CreateDir {
+                path: pin_dir.into(),
+                source,
+            });
+        }
+    };
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map(|lock| Some(PinLock { _lock: lock }))
+        .map_err(|(_, errno)| DatapathError::Locked {
+            dir: pin_dir.into(),
+            reason: errno.desc().to_owned(),
+        })
+}
+
 /// The maps that grow with the cluster, by pin name.
 const GROWING_MAPS: [&str; 3] = [SERVICE_MAP, BACKEND_MAP, AFFINITY_MATCH_MAP];
 
@@ -1031,7 +1053,8 @@ fn link_path(pin_dir: &Path, program: &str, takeover: bool) -> PathBuf {
 impl Datapath {
     /// Puts back what was taken from under the agent: a link pin removed (which detached
     /// its program) or a link detached (`bpftool link detach`) gets the program attached
-    /// again and pinned; a map pin removed is pinned again (the map itself lived on).
+    /// again and pinned; a map pin removed, or replaced by another map, is pinned again
+    /// (the map itself lived on).
     /// Nothing is done during a takeover, whose pins are in flux.
     pub fn repair(&mut self) -> Result<Repairs, DatapathError> {
         let mut repairs = Repairs::default();
@@ -1064,8 +1087,19 @@ impl Datapath {
         }
         for (name, id) in &self.map_ids {
             let pin = self.pin_dir.join(name);
-            if pin.exists() {
+            let pinned = MapData::from_pin(&pin)
+                .ok()
+                .and_then(|map| map.info().ok())
+                .map(|info| info.id());
+            if pinned == Some(*id) {
                 continue;
+            }
+            // Something else under its name (another map, a file): the CLI and the next
+            // agent would read that. The directory is the agent's own.
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(DatapathError::Unpin { path: pin, source }),
             }
             MapData::from_id(*id)
                 .map_err(map_error(name))?

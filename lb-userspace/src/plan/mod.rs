@@ -1000,6 +1000,57 @@ mod tests {
         assert!(!programmed.has_cluster_ip(Ipv4Addr::new(10, 96, 0, 12)));
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any sequence of desired states (four frontends, each absent or with any subset
+        /// of eight backends, with or without affinity), each planned from the last and
+        /// replayed op by op: after every single write, a connect to any frontend reaches
+        /// only backends of its old or its new set, and some backend while both have one
+        /// (see [`step`]); after the last write, exactly the new set.
+        #[test]
+        fn any_prefix_of_any_plan_reaches_only_old_or_new_backends(
+            states in proptest::collection::vec(
+                proptest::collection::vec(
+                    proptest::option::of((0u8..=u8::MAX, proptest::bool::ANY)),
+                    4,
+                ),
+                1..6,
+            )
+        ) {
+            let mut maps = Maps::default();
+            let mut current = Programmed::default();
+            for state in states {
+                let desired: BTreeMap<Frontend, FrontendSpec> = state
+                    .into_iter()
+                    .zip(1u8..)
+                    .filter_map(|(spec, last)| {
+                        let (members, affinity) = spec?;
+                        let mut spec = FrontendSpec {
+                            backends: (0..8u8)
+                                .filter(|i| members & (1 << i) != 0)
+                                .map(|i| BackendAddr {
+                                    address: Ipv4Addr::new(10, 244, 0, i + 1),
+                                    port: 8080,
+                                })
+                                .collect(),
+                            flags: 0,
+                            affinity_timeout_s: 0,
+                        };
+                        if affinity {
+                            spec = with_affinity(spec);
+                        }
+                        Some((frontend(last), spec))
+                    })
+                    .collect();
+                (current, _) = step(&mut maps, &current, &desired);
+            }
+            let (current, _) = step(&mut maps, &current, &BTreeMap::new());
+            proptest::prop_assert_eq!(current, Programmed::default());
+            proptest::prop_assert!(maps.services.is_empty() && maps.backends.is_empty());
+        }
+    }
+
     #[test]
     fn scaling_up_down_and_away_never_exposes_a_partial_set() {
         let mut maps = Maps::default();
