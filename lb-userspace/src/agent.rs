@@ -270,23 +270,23 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let fresh_start = FreshStart::new(&args.bpffs, &args.state_dir);
     // Changes are watched before the first read, so none between the two is missed.
     let (changes, mut changed) = mpsc::unbounded_channel();
-    let source = match (manifest_dir, args.kubeconfig) {
-        (Some(dir), _) => manifests(&dir, changes)?,
+    // The source is read while the datapath loads: on a large cluster, the first sync
+    // starts with the objects already in the store.
+    let first_read = match (manifest_dir, args.kubeconfig) {
+        (Some(dir), _) => FirstRead::start(manifests(&dir, changes)?)?,
         (None, kubeconfig) => {
             let client = kubernetes::client(kubeconfig.as_deref()).await?;
             if node.zone.is_none() {
                 node.zone = kubernetes::node_zone(&client, &node.name).await;
             }
-            Source::Kubernetes(kubernetes::Kubernetes::start(client, changes).await?)
+            let (source, lists) = kubernetes::Kubernetes::start(client, changes)?;
+            FirstRead::Listing(Source::Kubernetes(source), lists)
         }
     };
     if let Some(zone) = &node.zone {
         tracing::info!(%zone, "node zone, for endpoints' zone hints");
     }
 
-    // The source is read while the datapath loads: on a large cluster, the first sync
-    // starts with the objects already in the store.
-    let first_read = FirstRead::start(source)?;
     let mut datapath = datapath::load(&args.bpffs, &cgroup, initial)
         .with_context(|| format!("loading the datapath onto cgroup {}", cgroup.display()))?;
     tracing::info!(
@@ -335,7 +335,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
     )
     .context("starting the state file writer")?;
-    let (mut source, store) = first_read.join();
+    let (mut source, store) = first_read.join().await?;
     let mut syncer = Syncer {
         store,
         desired: Desired::default(),
@@ -417,18 +417,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first read of a manifest directory, on a thread of its own while the datapath
-/// loads. (The Kubernetes source lists on the runtime's worker meanwhile.)
+/// The first read of the source while the datapath loads: a manifest directory on a
+/// thread of its own, the Kubernetes lists on the runtime's workers.
 enum FirstRead {
     Reading(std::thread::JoinHandle<(Source, Store)>),
-    Later(Source),
+    Listing(Source, kubernetes::InitialLists),
 }
 
 impl FirstRead {
     fn start(source: Source) -> anyhow::Result<Self> {
-        if !matches!(source, Source::Manifests(_)) {
-            return Ok(Self::Later(source));
-        }
         let reading = std::thread::Builder::new()
             .name("lb-first-read".into())
             .spawn(move || {
@@ -443,13 +440,17 @@ impl FirstRead {
         Ok(Self::Reading(reading))
     }
 
-    /// The source, and the store with what it read so far.
-    fn join(self) -> (Source, Store) {
+    /// The source, and the store with what it read so far (the Kubernetes source's
+    /// events are in its queue, for the first sync).
+    async fn join(self) -> Result<(Source, Store), kubernetes::KubernetesError> {
         match self {
-            Self::Reading(reading) => reading
+            Self::Reading(reading) => Ok(reading
                 .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            Self::Later(source) => (source, Store::default()),
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))),
+            Self::Listing(source, lists) => {
+                lists.wait().await?;
+                Ok((source, Store::default()))
+            }
         }
     }
 }

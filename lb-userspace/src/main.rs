@@ -117,7 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => {
             lb_userspace::memory::no_huge_pages();
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
+                .worker_threads(2)
                 .enable_all()
                 .build()?
                 .block_on(agent::run(args))

@@ -143,26 +143,58 @@ impl Drop for Kubernetes {
     }
 }
 
+/// The initial lists of both watches, arriving.
+pub struct InitialLists {
+    services: oneshot::Receiver<()>,
+    slices: oneshot::Receiver<()>,
+}
+
+impl InitialLists {
+    /// Returns once both lists are in (the first sync waits for them: a partial list would
+    /// remove what the maps hold).
+    pub async fn wait(self) -> Result<(), KubernetesError> {
+        tracing::info!("waiting for the initial lists of Services and EndpointSlices");
+        self.services
+            .await
+            .map_err(|_| KubernetesError::WriterDropped)?;
+        self.slices
+            .await
+            .map_err(|_| KubernetesError::WriterDropped)?;
+        Ok(())
+    }
+}
+
+/// Objects per page of a list. kube-rs asks for 500, which at 100k Services is 400 round
+/// trips before the first sync; an object is a few hundred bytes to a few KiB, so a page
+/// stays a few MiB.
+const LIST_PAGE: u32 = 5000;
+
 impl Kubernetes {
-    /// Starts both watches and returns once both initial lists are in; every later change
-    /// is sent to `changes`. Watch errors are logged and retried with backoff.
-    pub async fn start(client: Client, changes: Changes) -> Result<Self, KubernetesError> {
+    /// Starts both watches; [`InitialLists::wait`] says when both initial lists are in.
+    /// Every later change is sent to `changes`. Watch errors are logged and retried with
+    /// backoff.
+    pub fn start(
+        client: Client,
+        changes: Changes,
+    ) -> Result<(Self, InitialLists), KubernetesError> {
         let (queue, events) = mpsc::unbounded_channel();
         let (services_listed, services_ready) = oneshot::channel();
         let (slices_listed, slices_ready) = oneshot::channel();
         let services = watcher(
             Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
+            watcher::Config::default().page_size(LIST_PAGE),
         )
         .default_backoff();
         // Only slices that belong to a Service and are not headless, as kube-proxy
         // selects them.
         let slices = watcher(
             Api::<EndpointSlice>::all(client),
-            watcher::Config::default().labels(&format!(
-                "{SERVICE_NAME_LABEL},!{}",
-                crate::source::api::HEADLESS_LABEL
-            )),
+            watcher::Config::default()
+                .page_size(LIST_PAGE)
+                .labels(&format!(
+                    "{SERVICE_NAME_LABEL},!{}",
+                    crate::source::api::HEADLESS_LABEL
+                )),
         )
         .default_backoff();
         let tasks = vec![
@@ -183,14 +215,13 @@ impl Kubernetes {
                 slices_listed,
             )),
         ];
-        tracing::info!("waiting for the initial lists of Services and EndpointSlices");
-        services_ready
-            .await
-            .map_err(|_| KubernetesError::WriterDropped)?;
-        slices_ready
-            .await
-            .map_err(|_| KubernetesError::WriterDropped)?;
-        Ok(Self { events, tasks })
+        Ok((
+            Self { events, tasks },
+            InitialLists {
+                services: services_ready,
+                slices: slices_ready,
+            },
+        ))
     }
 
     /// Applies the events seen since the last call to `store`; only objects whose
