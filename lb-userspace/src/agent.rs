@@ -353,6 +353,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         stale_sockets,
         incumbents_from: Some(args.state_dir.clone()),
         detached: None,
+        addresses_written: Vec::new(),
+        shared_addresses: BTreeSet::new(),
         metrics: metrics.clone(),
     };
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -648,6 +650,11 @@ struct Syncer {
     /// Why the datapath is not whole, while programs or pins taken from under the agent
     /// cannot be put back: not ready meanwhile.
     detached: Option<String>,
+    /// Addresses the last writes put a frontend or a backend on, to look at once the sync
+    /// is reported ([`Syncer::warn_shared_addresses`]).
+    addresses_written: Vec<std::net::Ipv4Addr>,
+    /// Service addresses that are also an endpoint's, warned about while they last.
+    shared_addresses: BTreeSet<std::net::Ipv4Addr>,
     metrics: Arc<Metrics>,
 }
 
@@ -708,6 +715,7 @@ impl Syncer {
                 }
                 self.metrics.set_readiness(not_ready);
                 self.write_state();
+                self.warn_shared_addresses();
             }
             Err(e) => {
                 let kind = match e {
@@ -920,6 +928,12 @@ impl Syncer {
             || ops.iter().any(|op| self.stale_sockets.may_strand(op));
         let written = writing.elapsed();
         self.programmed.apply(&ops);
+        self.addresses_written
+            .extend(ops.iter().filter_map(|op| match op {
+                plan::MapOp::PutMaster(frontend, _) => Some(frontend.address),
+                plan::MapOp::PutBackend(_, backend) => Some(backend.address),
+                _ => None,
+            }));
         let masters_changed = ops.iter().filter_map(|op| match op {
             plan::MapOp::PutMaster(frontend, _) | plan::MapOp::DeleteMaster(frontend) => {
                 Some(frontend.address)
@@ -955,6 +969,37 @@ impl Syncer {
         // of them, are what readiness waits for.
         self.unwritten_frontends.extend(scope);
         Ok(())
+    }
+
+    /// Warns (once, while it lasts) about a Service address that is also an endpoint's:
+    /// connects to that endpoint's address are then the Service's (translated, or refused
+    /// on a clusterIP's other ports), which the API server does not prevent. NodePorts are
+    /// left out: a hostNetwork pod's endpoint is a node address by design.
+    fn warn_shared_addresses(&mut self) {
+        use crate::model::FrontendKind;
+        let mut addresses = std::mem::take(&mut self.addresses_written);
+        // Those warned about are looked at again: they may have stopped sharing.
+        addresses.extend(std::mem::take(&mut self.shared_addresses));
+        addresses.sort_unstable();
+        addresses.dedup();
+        for address in addresses {
+            if !self.programmed.is_backend_address(address) {
+                continue;
+            }
+            let service = self
+                .programmed
+                .frontends_on(address)
+                .filter_map(|(frontend, _)| self.desired.target(frontend))
+                .find(|target| target.kind != FrontendKind::NodePort)
+                .map(|target| target.service.clone());
+            let Some(service) = service else { continue };
+            if !self.shared_addresses.contains(&address) {
+                tracing::warn!(
+                    "Service {service}: its address {address} is also an endpoint's address; connects to that endpoint are the Service's (translated, or refused on other ports)"
+                );
+            }
+            self.shared_addresses.insert(address);
+        }
     }
 
     /// Destroys the connected sockets lb sent to a backend that is no longer their

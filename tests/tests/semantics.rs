@@ -277,6 +277,48 @@ fn a_later_claim_never_takes_over_a_live_service() {
     );
 }
 
+/// A Service address that is also an endpoint's (the API server allows a clusterIP equal to
+/// a pod IP): connects to that pod become the Service's, so the agent warns, naming it.
+#[test]
+fn a_service_address_that_is_also_an_endpoints_is_warned_about() {
+    if !privileged("a_service_address_that_is_also_an_endpoints_is_warned_about") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    let shadow = web("", "port: 80, targetPort: 8888")
+        .replace("name: web,", "name: shadow,")
+        .replace("10.96.0.10", &pods[1].ip.to_string());
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web("", "port: 80, targetPort: 8888")
+                + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[1].ip]))
+                + "---\n"
+                + &shadow
+                + &slice("shadow", "shadow-a", 8888, "TCP", &ready(&[pods[0].ip]))),
+        )
+        .unwrap();
+    testbed.start_agent().unwrap();
+    let warning = format!(
+        "Service default/shadow: its address {} is also an endpoint's address",
+        pods[1].ip
+    );
+    wait_for("the warning", Duration::from_secs(10), || {
+        Ok(testbed.agent_output().contains(&warning).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
+    // What it warns about: a connect to that pod on the Service's port is the Service's.
+    assert_eq!(
+        hostnames(
+            &testbed
+                .probe(&client, &format!("{}:80", pods[1].ip), 4)
+                .unwrap()
+        ),
+        BTreeSet::from(["web-0".into()])
+    );
+    assert_eq!(testbed.agent_output().matches(&warning).count(), 1);
+}
+
 /// `trafficDistribution: PreferClose` (PreferSameZone): the EndpointSlice controller hints
 /// each endpoint for a zone, and a node's clients use the endpoints hinted for its zone
 /// (`--node-zone`, or its Node's `topology.kubernetes.io/zone`), as kube-proxy's

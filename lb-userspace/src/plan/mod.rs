@@ -111,6 +111,15 @@ impl Programmed {
 
     /// Whether a clusterIP frontend on `address` is in the maps.
     pub fn has_cluster_ip(&self, address: std::net::Ipv4Addr) -> bool {
+        self.frontends_on(address)
+            .any(|(_, programmed)| programmed.flags & lb_common::FLAG_CLUSTER_IP != 0)
+    }
+
+    /// The frontends on `address` in the maps, whatever their port and protocol.
+    pub fn frontends_on(
+        &self,
+        address: std::net::Ipv4Addr,
+    ) -> impl Iterator<Item = (&Frontend, &ProgrammedFrontend)> + '_ {
         let first = Frontend {
             address,
             port: 0,
@@ -118,8 +127,15 @@ impl Programmed {
         };
         self.frontends
             .range(first..)
-            .take_while(|(frontend, _)| frontend.address == address)
-            .any(|(_, programmed)| programmed.flags & lb_common::FLAG_CLUSTER_IP != 0)
+            .take_while(move |(frontend, _)| frontend.address == address)
+    }
+
+    /// Whether a backend on `address`, on any port, is in the maps.
+    pub fn is_backend_address(&self, address: std::net::Ipv4Addr) -> bool {
+        self.backend_ids
+            .range(BackendAddr { address, port: 0 }..)
+            .next()
+            .is_some_and(|(backend, _)| backend.address == address)
     }
 
     /// How many entries each map holds.
@@ -1049,6 +1065,25 @@ mod tests {
             proptest::prop_assert_eq!(current, Programmed::default());
             proptest::prop_assert!(maps.services.is_empty() && maps.backends.is_empty());
         }
+    }
+
+    #[test]
+    fn an_address_is_a_backends_whatever_its_port() {
+        let (_, programmed) = plan_all(
+            &Programmed::default(),
+            &BTreeMap::from([(frontend(1), backends(1..3))]),
+        )
+        .unwrap();
+        assert!(programmed.is_backend_address(Ipv4Addr::new(10, 244, 0, 2)));
+        assert!(!programmed.is_backend_address(Ipv4Addr::new(10, 244, 0, 3)));
+        assert!(!programmed.is_backend_address(Ipv4Addr::new(10, 96, 0, 1)));
+        assert_eq!(
+            programmed
+                .frontends_on(Ipv4Addr::new(10, 96, 0, 1))
+                .map(|(f, _)| *f)
+                .collect::<Vec<_>>(),
+            [frontend(1)]
+        );
     }
 
     #[test]
