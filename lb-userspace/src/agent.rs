@@ -824,7 +824,13 @@ impl Syncer {
         // What the state file must say anew, should this sync fail before it is written.
         self.unwritten_services.extend(changed.iter().cloned());
         self.unwritten_frontends.extend(touched.iter().copied());
-        problems.extend(self.desired.conflicts().iter().map(ToString::to_string));
+        // The Service ignored is named with its file, where it has one.
+        problems.extend(self.desired.conflicts().iter().map(|conflict| {
+            match self.store.service_file(&conflict.ignored) {
+                Some(file) => format!("{file}: {conflict}"),
+                None => conflict.to_string(),
+            }
+        }));
         let modelled = modelling.elapsed();
         if self.read_back
             && let Err(e) = self.reload()

@@ -258,6 +258,14 @@ fn a_later_claim_never_takes_over_a_live_service() {
         || Ok(testbed.agent_output().contains(ignored).then_some(())),
     )
     .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
+    // Named with the file it is in.
+    assert!(
+        testbed
+            .agent_output()
+            .contains(&format!("zzz.yaml: {ignored}")),
+        "{}",
+        testbed.agent_output()
+    );
     assert_eq!(
         hostnames(&testbed.probe(&client, "10.96.0.10:80", 10).unwrap()),
         BTreeSet::from(["web-0".into()])

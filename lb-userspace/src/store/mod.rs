@@ -641,6 +641,14 @@ impl Store {
         std::mem::take(&mut self.changed).into_iter().collect()
     }
 
+    /// The manifest file whose definition of Service `id` is in effect, to name it by;
+    /// `None` for a Service from the API, or none.
+    pub fn service_file(&self, id: &ObjectRef) -> Option<&str> {
+        let entry = self.services.get(id)?;
+        let (origin, _) = entry.definitions.get(entry.effective_index())?;
+        origin.0.file.then_some(&*origin.0.name)
+    }
+
     /// A Service and its slices, if it has a good version.
     pub fn service(&self, id: &ObjectRef) -> Option<(&ServiceModel, Vec<&Arc<SliceModel>>)> {
         let service = self.services.get(id)?.effective()?;
