@@ -64,6 +64,18 @@ pub struct State {
     /// keep what they held for them, if anything.
     #[serde(default)]
     pub refused: Vec<Unserved>,
+    /// Claims on a frontend another Service has: the first claimant keeps it.
+    #[serde(default)]
+    pub ignored_claims: Vec<IgnoredClaim>,
+}
+
+/// A Service's claim on a frontend that another Service has, ignored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IgnoredClaim {
+    #[serde(flatten)]
+    pub frontend: Frontend,
+    pub service: String,
+    pub kept_by: String,
 }
 
 /// One shard of the state: the frontends and Services that hash to it.
@@ -102,10 +114,13 @@ pub struct Delta {
     not_in_datapath: Vec<(ObjectRef, Option<NotInDatapath>)>,
     /// Every Service refused now (there are few).
     refused: Vec<(ObjectRef, String)>,
+    /// Every claim ignored now (there are few).
+    ignored_claims: Vec<crate::model::Conflict>,
 }
 
 impl Delta {
-    /// What `services` and `frontends` are now in `desired`, and the Services refused.
+    /// What `services` and `frontends` are now in `desired`, the Services refused and the
+    /// claims ignored.
     pub fn of<'a>(
         desired: &Desired,
         services: impl IntoIterator<Item = &'a ObjectRef>,
@@ -127,6 +142,7 @@ impl Delta {
                 })
                 .collect(),
             refused,
+            ignored_claims: desired.conflicts(),
         }
     }
 }
@@ -225,6 +241,7 @@ fn names_of(frontend: &Frontend, target: &FrontendTarget, node: &str) -> Fronten
 struct Names {
     shards: Vec<Shard>,
     refused: Vec<(ObjectRef, String)>,
+    ignored_claims: Vec<crate::model::Conflict>,
     /// No shard was written yet: all are, so that none keeps what an earlier agent wrote.
     first: bool,
 }
@@ -234,6 +251,7 @@ impl Default for Names {
         Self {
             shards: (0..SHARDS).map(|_| Shard::default()).collect(),
             refused: Vec::new(),
+            ignored_claims: Vec::new(),
             first: true,
         }
     }
@@ -268,6 +286,7 @@ impl Names {
             shard.dirty |= changed;
         }
         self.refused = delta.refused;
+        self.ignored_claims = delta.ignored_claims;
     }
 
     /// Writes the shards that changed, then the head file (what is not in shards).
@@ -304,6 +323,15 @@ impl Names {
                 .map(|(service, why)| Unserved {
                     service: service.to_string(),
                     why: why.clone(),
+                })
+                .collect(),
+            ignored_claims: self
+                .ignored_claims
+                .iter()
+                .map(|conflict| IgnoredClaim {
+                    frontend: conflict.frontend,
+                    service: conflict.ignored.to_string(),
+                    kept_by: conflict.kept.to_string(),
                 })
                 .collect(),
         };

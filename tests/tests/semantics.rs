@@ -258,7 +258,7 @@ fn a_later_claim_never_takes_over_a_live_service() {
         || Ok(testbed.agent_output().contains(ignored).then_some(())),
     )
     .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
-    // Named with the file it is in.
+    // Named with the file it is in, and listed by `lb services` on that frontend.
     assert!(
         testbed
             .agent_output()
@@ -266,6 +266,22 @@ fn a_later_claim_never_takes_over_a_live_service() {
         "{}",
         testbed.agent_output()
     );
+    let listed = |testbed: &Testbed| {
+        testbed.services().unwrap().iter().any(|entry| {
+            entry["service"] == "default/aa-hijack"
+                && entry["kind"] == "Ignored"
+                && entry["address"] == "10.96.0.10"
+                && entry["port"] == 80
+                && entry["why"]
+                    .as_str()
+                    .is_some_and(|why| why.contains("which Service default/web has"))
+        })
+    };
+    // The state file is written after the sync.
+    wait_for("lb services to list it", Duration::from_secs(5), || {
+        Ok(listed(&testbed).then_some(()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {:?}", testbed.services()));
     assert_eq!(
         hostnames(&testbed.probe(&client, "10.96.0.10:80", 10).unwrap()),
         BTreeSet::from(["web-0".into()])

@@ -178,6 +178,21 @@ pub fn entries(maps: &ServiceMaps, state: Option<&State>) -> Result<Vec<ServiceE
             ));
         }
     }
+    // Claims ignored: an entry of their own, on the frontend another Service has.
+    for claim in state.iter().flat_map(|s| &s.ignored_claims) {
+        let mut entry = ServiceEntry::not_in_datapath(
+            &claim.service,
+            "Ignored",
+            format!(
+                "claims {}, which Service {} has (the first claimant keeps it)",
+                claim.frontend, claim.kept_by
+            ),
+        );
+        entry.address = Some(claim.frontend.address);
+        entry.port = Some(claim.frontend.port);
+        entry.protocol = Some(claim.frontend.protocol);
+        entries.push(entry);
+    }
     entries.sort_by(|a, b| {
         (&a.service, a.address, a.port, a.protocol)
             .cmp(&(&b.service, b.address, b.port, b.protocol))
