@@ -335,7 +335,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         },
     )
     .context("starting the state file writer")?;
-    let (mut source, store) = first_read.join().await?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    // The Kubernetes lists may take long (an API server down): a stop meanwhile is a failed
+    // start, which takes back what it loaded.
+    let (mut source, store) = tokio::select! {
+        joined = first_read.join() => joined?,
+        _ = sigterm.recv() => anyhow::bail!("stopped before the source's first read was in"),
+        _ = sigint.recv() => anyhow::bail!("stopped before the source's first read was in"),
+    };
     let mut syncer = Syncer {
         store,
         desired: Desired::default(),
@@ -357,9 +366,6 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         shared_addresses: BTreeSet::new(),
         metrics: metrics.clone(),
     };
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sighup = signal(SignalKind::hangup())?;
     // From here on the agent runs: a failed sync is retried, never a reason to stop.
     fresh_start.done();
     let mut first_done = false;
@@ -934,6 +940,12 @@ impl Syncer {
             || ops.iter().any(|op| self.stale_sockets.may_strand(op));
         let written = writing.elapsed();
         self.programmed.apply(&ops);
+        if self.full {
+            // After a restart the maps may hold it all already: nothing is written, and
+            // every address is looked at.
+            self.addresses_written
+                .extend(self.programmed.frontends.keys().map(|f| f.address));
+        }
         self.addresses_written
             .extend(ops.iter().filter_map(|op| match op {
                 plan::MapOp::PutMaster(frontend, _) => Some(frontend.address),
@@ -977,10 +989,10 @@ impl Syncer {
         Ok(())
     }
 
-    /// Warns (once, while it lasts) about a Service address that is also an endpoint's:
+    /// Warns (once, while it lasts) about a clusterIP that is also an endpoint's address:
     /// connects to that endpoint's address are then the Service's (translated, or refused
-    /// on a clusterIP's other ports), which the API server does not prevent. NodePorts are
-    /// left out: a hostNetwork pod's endpoint is a node address by design.
+    /// on other ports), which the API server does not prevent. Other kinds are left out:
+    /// a NodePort's or a load balancer's node address is a hostNetwork pod's by design.
     fn warn_shared_addresses(&mut self) {
         use crate::model::FrontendKind;
         let mut addresses = std::mem::take(&mut self.addresses_written);
@@ -996,7 +1008,7 @@ impl Syncer {
                 .programmed
                 .frontends_on(address)
                 .filter_map(|(frontend, _)| self.desired.target(frontend))
-                .find(|target| target.kind != FrontendKind::NodePort)
+                .find(|target| target.kind == FrontendKind::ClusterIP)
                 .map(|target| target.service.clone());
             let Some(service) = service else { continue };
             if !self.shared_addresses.contains(&address) {

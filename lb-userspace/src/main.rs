@@ -148,10 +148,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 other => other.into(),
             })?;
+            // The NodePorts first: removing the pin directory ends the lock, and an agent
+            // that starts then reserves them anew.
+            let released = node_ports::release(&args.state_dir)?;
             for path in maps::unload(&args.bpffs)? {
                 println!("removed {}", path.display());
             }
-            match node_ports::release(&args.state_dir)? {
+            match released {
                 Some((netns, ports)) if ports.is_empty() => println!(
                     "{} no longer names the network namespace NodePorts were reserved in: nothing to give back",
                     netns.display()

@@ -67,6 +67,12 @@ pub fn inspect(path: &Path) -> Result<HostNetns, NetnsError> {
     })
 }
 
+/// The cookie of the network namespace at `path`: unique among this boot's namespaces
+/// (an inode number is reused once a namespace is gone).
+pub fn cookie_of(path: &Path) -> Result<u64, NetnsError> {
+    inside(path, cookie)
+}
+
 /// Runs `work` on a thread that entered the network namespace at `path`.
 pub(crate) fn inside<T: Send>(
     path: &Path,

@@ -48,6 +48,10 @@ pub enum NodePortsError {
     },
     #[error("the record of reserved ports {path}: {reason}")]
     Record { path: PathBuf, reason: String },
+    #[error(
+        "the NodePorts were reserved in the node's network namespace ({netns} of the agent), not this one: run lb unload there"
+    )]
+    Elsewhere { netns: PathBuf },
 }
 
 /// Why a port list (`8080,30000-32767`) is not one.
@@ -182,34 +186,63 @@ struct Record {
     ports: String,
 }
 
-/// A network namespace as the kernel tells it apart: its nsfs inode, in this boot.
+/// A network namespace as the kernel tells it apart: its cookie, in this boot (inode
+/// numbers of namespaces are reused; cookies are not).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct NetnsIdentity {
-    dev: u64,
-    ino: u64,
+    cookie: u64,
     boot_id: String,
 }
 
 impl NetnsIdentity {
     /// The namespace `netns` names now; `None` if it names none.
     fn of(netns: &Path) -> Option<Self> {
-        use std::os::unix::fs::MetadataExt as _;
-        let metadata = std::fs::metadata(netns).ok()?;
-        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
         Some(Self {
-            dev: metadata.dev(),
-            ino: metadata.ino(),
-            boot_id: boot_id.trim().to_owned(),
+            cookie: netns::cookie_of(netns).ok()?,
+            boot_id: boot_id()?,
         })
     }
 }
 
+fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    Some(id.trim().to_owned())
+}
+
+/// Where the namespace a record was made in is, seen from here.
+#[derive(Debug, PartialEq, Eq)]
+enum Whereabouts {
+    /// Its path names it still.
+    Here,
+    /// It is gone, with the ports reserved in it: another boot, no namespace at its path,
+    /// or another one made under its name.
+    Gone,
+    /// Its path is this process's own namespace, which is another one: the record is for
+    /// a process in the node's namespace to act on.
+    Elsewhere,
+}
+
 impl Record {
-    /// Whether the namespace recorded is the one `netns` names now.
-    fn is_of(&self, netns: &Path) -> bool {
-        match &self.identity {
-            Some(identity) => NetnsIdentity::of(netns).as_ref() == Some(identity),
-            None => self.netns == netns,
+    fn whereabouts(&self, netns: &Path) -> Whereabouts {
+        let Some(identity) = &self.identity else {
+            // A record from before identities were kept goes by its path.
+            return if self.netns == netns {
+                Whereabouts::Here
+            } else {
+                Whereabouts::Gone
+            };
+        };
+        if boot_id().as_ref() != Some(&identity.boot_id) {
+            return Whereabouts::Gone;
+        }
+        match NetnsIdentity::of(netns) {
+            Some(now) if now == *identity => Whereabouts::Here,
+            Some(_)
+                if netns.starts_with("/proc/self") || netns.starts_with("/proc/thread-self") =>
+            {
+                Whereabouts::Elsewhere
+            }
+            _ => Whereabouts::Gone,
         }
     }
 }
@@ -279,12 +312,13 @@ fn change_sysctl(
 pub fn reserve(netns: &Path, range: &PortSet, state_dir: &Path) -> Result<PortSet, NodePortsError> {
     let recorded = match read_record(state_dir)? {
         // The same namespace's, or the record of another one that is not ours to keep.
-        Some((record, ports)) if record.is_of(netns) => ports,
+        Some((record, ports)) if record.whereabouts(netns) == Whereabouts::Here => ports,
         _ => PortSet::default(),
     };
     // Recorded before the sysctl is written: an agent stopped in between leaves a record
     // of ports it may not have reserved (giving them back is then a no-op), never
     // reserved ports without a record.
+    let identity = NetnsIdentity::of(netns);
     let record = |before: &PortSet, _: &PortSet| {
         let ours = recorded.union(&range.difference(before));
         if ours.is_empty() {
@@ -294,7 +328,7 @@ pub fn reserve(netns: &Path, range: &PortSet, state_dir: &Path) -> Result<PortSe
         let path = record_path(state_dir);
         let record = Record {
             netns: netns.into(),
-            identity: NetnsIdentity::of(netns),
+            identity,
             ports: ours.to_string(),
         };
         crate::state::write_private(&path, &record).map_err(|e| NodePortsError::Record {
@@ -314,13 +348,15 @@ pub fn release(state_dir: &Path) -> Result<Option<(PathBuf, PortSet)>, NodePorts
         return Ok(None);
     };
     let netns = record.netns.clone();
-    // The namespace the ports were reserved in is gone (and its ports with it) when its
-    // path names another one, or none: the record goes, nothing else is touched.
-    let released = if record.is_of(&netns) {
-        change_sysctl(&netns, |before| before.difference(&ours), |_, _| Ok(()))?;
-        ours
-    } else {
-        PortSet::default()
+    // The namespace the ports were reserved in may be gone, and its ports with it: the
+    // record goes, nothing else is touched.
+    let released = match record.whereabouts(&netns) {
+        Whereabouts::Here => {
+            change_sysctl(&netns, |before| before.difference(&ours), |_, _| Ok(()))?;
+            ours
+        }
+        Whereabouts::Gone => PortSet::default(),
+        Whereabouts::Elsewhere => return Err(NodePortsError::Elsewhere { netns }),
     };
     let path = record_path(state_dir);
     std::fs::remove_file(&path).map_err(|e| NodePortsError::Record {
@@ -382,32 +418,42 @@ mod tests {
     #[test]
     fn a_record_is_of_the_namespace_it_was_made_in_not_of_its_path() {
         let here = Path::new("/proc/self/ns/net");
-        let identity = NetnsIdentity::of(here).unwrap();
-        let record = |identity| Record {
-            netns: here.into(),
+        let Some(identity) = NetnsIdentity::of(here) else {
+            // No SO_NETNS_COOKIE (Linux < 5.14): records go by their path.
+            return;
+        };
+        let record = |netns: &str, identity| Record {
+            netns: netns.into(),
             identity,
             ports: "30000-32767".into(),
         };
-        assert!(record(Some(identity.clone())).is_of(here));
-        // The same path naming another namespace (made again after a delete), or the
-        // same inode in another boot: not the agent's ports.
-        let other_inode = NetnsIdentity {
-            ino: identity.ino + 1,
+        let at = |netns: &str, identity| record(netns, identity).whereabouts(Path::new(netns));
+        assert_eq!(
+            at("/proc/self/ns/net", Some(identity.clone())),
+            Whereabouts::Here
+        );
+        // Another namespace behind a process's own path: for a process there to act on.
+        let other = NetnsIdentity {
+            cookie: identity.cookie + 1,
             ..identity.clone()
         };
+        assert_eq!(
+            at("/proc/self/ns/net", Some(other.clone())),
+            Whereabouts::Elsewhere
+        );
+        // Another boot, or no namespace at the path (a named one deleted): gone.
         let other_boot = NetnsIdentity {
             boot_id: "another boot".into(),
             ..identity
         };
-        assert!(!record(Some(other_inode)).is_of(here));
-        assert!(!record(Some(other_boot)).is_of(here));
-        assert!(!record(None).is_of(Path::new("/run/netns/gone")));
+        assert_eq!(at("/proc/self/ns/net", Some(other_boot)), Whereabouts::Gone);
+        assert_eq!(at("/run/netns/lb-gone", Some(other)), Whereabouts::Gone);
         // A record from before identities were kept goes by its path.
-        assert!(record(None).is_of(here));
+        assert_eq!(at("/proc/self/ns/net", None), Whereabouts::Here);
         let old: Record =
             serde_json::from_str(r#"{"netns": "/proc/self/ns/net", "ports": "30000-32767"}"#)
                 .unwrap();
-        assert!(old.is_of(here));
+        assert_eq!(old.whereabouts(here), Whereabouts::Here);
     }
 
     #[test]

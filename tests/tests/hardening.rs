@@ -208,11 +208,12 @@ fn programs_detached_under_the_agent_are_attached_again() {
     let backends_pin = testbed.bpffs.join("lb4_backend_v1");
     std::fs::rename(testbed.bpffs.join("lb_config_v1"), &backends_pin).unwrap();
     wait_for("the map pins put right", Duration::from_secs(5), || {
-        Ok(testbed.bpffs.join("lb_config_v1").exists().then_some(()))
+        let backends = testbed.lb(&["backends"]).unwrap_or_default();
+        Ok((testbed.bpffs.join("lb_config_v1").exists()
+            && backends.contains(&pods[0].ip.to_string()))
+        .then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
-    let backends = testbed.lb(&["backends"]).unwrap();
-    assert!(backends.contains(&pods[0].ip.to_string()), "{backends}");
     assert!(answered(&testbed));
 }
 

@@ -341,6 +341,16 @@ fn a_service_address_that_is_also_an_endpoints_is_warned_about() {
         BTreeSet::from(["web-0".into()])
     );
     assert_eq!(testbed.agent_output().matches(&warning).count(), 1);
+
+    // After a restart the maps already hold it all and nothing is written: warned again.
+    testbed.stop_agent().unwrap();
+    testbed.start_agent().unwrap();
+    wait_for(
+        "the warning after a restart",
+        Duration::from_secs(10),
+        || Ok(testbed.agent_output().contains(&warning).then_some(())),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
 }
 
 /// `trafficDistribution: PreferClose` (PreferSameZone): the EndpointSlice controller hints

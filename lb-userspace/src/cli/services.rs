@@ -184,7 +184,7 @@ pub fn entries(maps: &ServiceMaps, state: Option<&State>) -> Result<Vec<ServiceE
             &claim.service,
             "Ignored",
             format!(
-                "claims {}, which Service {} has (the first claimant keeps it)",
+                "claims {}, which Service {} has (a clusterIP wins, then the first claimant)",
                 claim.frontend, claim.kept_by
             ),
         );

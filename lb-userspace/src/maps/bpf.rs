@@ -145,13 +145,26 @@ pub fn update<K: Pod, V: Pod>(
             map_fd: fd_of(map),
             ..BatchAttr::default()
         };
-        // SAFETY: the batch layout, with `count` keys and values the kernel reads.
-        unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) }.map_err(|source| {
-            BpfError::Syscall {
-                command: "BPF_MAP_UPDATE_BATCH",
-                source,
+        let mut tries = 0;
+        loop {
+            // SAFETY: the batch layout, with `count` keys and values the kernel reads.
+            match unsafe { sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr) } {
+                Ok(_) => break,
+                // Kernels before 6.1 can refuse a bucket that another thread's update on
+                // the same CPU holds (htab `map_locked`): writing the batch again is
+                // harmless, its entries in the same order.
+                Err(source) if source.raw_os_error() == Some(libc::EBUSY) && tries < 3 => {
+                    tries += 1;
+                    attr.count = u32::try_from(keys.len()).unwrap_or(u32::MAX);
+                }
+                Err(source) => {
+                    return Err(BpfError::Syscall {
+                        command: "BPF_MAP_UPDATE_BATCH",
+                        source,
+                    });
+                }
             }
-        })?;
+        }
     }
     Ok(())
 }

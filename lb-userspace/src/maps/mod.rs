@@ -1094,20 +1094,31 @@ impl Datapath {
             if pinned == Some(*id) {
                 continue;
             }
-            // Something else under its name (another map, a file): the CLI and the next
-            // agent would read that. The directory is the agent's own.
-            match std::fs::remove_file(&pin) {
+            // Gone, or something else under its name (another map, a file) that the CLI
+            // and the next agent would read: pinned beside it, then renamed over it, so
+            // that a failure leaves what was there. The directory is the agent's own.
+            let beside = self.pin_dir.join(format!("{name}_repin"));
+            match std::fs::remove_file(&beside) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::Unpin { path: pin, source }),
+                Err(source) => {
+                    return Err(DatapathError::Unpin {
+                        path: beside,
+                        source,
+                    });
+                }
             }
             MapData::from_id(*id)
                 .map_err(map_error(name))?
-                .pin(&pin)
+                .pin(&beside)
                 .map_err(|source| DatapathError::Pin {
-                    path: pin.clone(),
+                    path: beside.clone(),
                     source,
                 })?;
+            std::fs::rename(&beside, &pin).map_err(|source| DatapathError::Unpin {
+                path: pin.clone(),
+                source,
+            })?;
             repairs.maps.push(name);
         }
         Ok(repairs)

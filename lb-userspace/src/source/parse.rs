@@ -617,7 +617,11 @@ fn object_id(namespace: Option<&str>, name: Option<&str>) -> ObjectRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TypeName {
     CoreV1,
+    /// The core group's other versions (`v1beta1`): not a kind's version lb reads.
+    CoreOther,
     DiscoveryV1,
+    /// discovery.k8s.io's other versions (`v1beta1`, removed in Kubernetes 1.25).
+    DiscoveryOther,
     Service,
     EndpointSlice,
     List,
@@ -648,6 +652,9 @@ impl Visitor<'_> for TypeNameVisitor {
         Ok(match value {
             "v1" => TypeName::CoreV1,
             "discovery.k8s.io/v1" => TypeName::DiscoveryV1,
+            _ if value.starts_with("discovery.k8s.io/") => TypeName::DiscoveryOther,
+            // `List` is a kind, not a version.
+            _ if !value.contains('/') && value.starts_with('v') => TypeName::CoreOther,
             "Service" => TypeName::Service,
             "EndpointSlice" => TypeName::EndpointSlice,
             "List" => TypeName::List,
@@ -797,11 +804,13 @@ impl<'de> Visitor<'de> for StreamedObject<'_> {
                 },
             ),
             // Read buffered, which explains them: a Service or EndpointSlice of another
-            // apiVersion, or none; a List inside a List; a typed list.
-            (_, Some(TypeName::Service | TypeName::EndpointSlice))
+            // version of its group, or of none; a List inside a List; a typed list.
+            (None | Some(TypeName::CoreOther), Some(TypeName::Service))
+            | (None | Some(TypeName::DiscoveryOther), Some(TypeName::EndpointSlice))
             | (_, Some(TypeName::List | TypeName::TypedList)) => {
                 return Err(A::Error::custom("read buffered"));
             }
+            // Other kinds, and other groups' kinds of those names (a Knative Service).
             _ => return Ok(()),
         };
         self.documents.push(document);
@@ -891,13 +900,14 @@ impl<'de> Visitor<'de> for BufferedObject<'_> {
         let Some(kind) = fields.get("kind").and_then(Value::as_str) else {
             return Ok(Buffered::NoKind);
         };
-        if is_list_kind(kind, items.is_some()) {
-            return Ok(match items.flatten() {
-                Some(items) => {
-                    items.unpack(self.path, kind, fields.get("apiVersion"), self.documents)
-                }
-                None => Buffered::ListWithoutItems,
-            });
+        match items.flatten() {
+            Some(items) if is_list_kind(kind) => {
+                return Ok(items.unpack(self.path, kind, fields.get("apiVersion"), self.documents));
+            }
+            None if kind == "List" => return Ok(Buffered::ListWithoutItems),
+            // A kind named like a list whose items are not a sequence (a custom
+            // resource's): not a list.
+            _ => {}
         }
         // `items` means nothing to the other kinds.
         self.documents
@@ -953,20 +963,24 @@ impl<'de> DeserializeSeed<'de> for BufferedItems<'_> {
     }
 }
 
-/// Whether an object of `kind` is a list to unpack: a `kind: List`, or a typed list
-/// (`ServiceList`, what the API returns) that has items.
-fn is_list_kind(kind: &str, has_items: bool) -> bool {
-    kind == "List" || (kind.ends_with("List") && has_items)
+/// Whether an object of `kind` with a sequence of items is a list to unpack: a `kind:
+/// List`, or a typed list (`ServiceList`, what the API returns).
+fn is_list_kind(kind: &str) -> bool {
+    kind.ends_with("List")
 }
 
-/// A List's items as read: the documents of those that say their kind, and the objects
-/// that do not (numbered from 1), which only a typed list gives a kind.
+/// A List's items as read, in their order: the documents of those that say their kind,
+/// and the objects that do not (numbered from 1), which only a typed list gives a kind.
 #[derive(Default)]
 struct Items {
-    documents: Vec<Document>,
-    kindless: Vec<(usize, serde_json::Map<String, Value>)>,
+    read: Vec<Item>,
     /// Why the first item that could not be read could not.
     failed: Option<Buffered>,
+}
+
+enum Item {
+    Documents(Vec<Document>),
+    Kindless(usize, serde_json::Map<String, Value>),
 }
 
 impl Items {
@@ -975,11 +989,15 @@ impl Items {
             // As a streamed read skips it.
             Value::Null => {}
             Value::Object(object) if !object.contains_key("kind") => {
-                self.kindless.push((number, object));
+                self.read.push(Item::Kindless(number, object));
             }
             Value::Object(_) => {
-                if let Err(failed) = unpack(path, item, &mut self.documents) {
-                    self.failed.get_or_insert(failed);
+                let mut documents = Vec::new();
+                match unpack(path, item, &mut documents) {
+                    Ok(()) => self.read.push(Item::Documents(documents)),
+                    Err(failed) => {
+                        self.failed.get_or_insert(failed);
+                    }
                 }
             }
             _ => {
@@ -1000,9 +1018,15 @@ impl Items {
         if let Some(failed) = self.failed {
             return failed;
         }
-        documents.extend(self.documents);
         let item_kind = kind.strip_suffix("List").filter(|k| !k.is_empty());
-        for (number, mut object) in self.kindless {
+        for item in self.read {
+            let (number, mut object) = match item {
+                Item::Documents(read) => {
+                    documents.extend(read);
+                    continue;
+                }
+                Item::Kindless(number, object) => (number, object),
+            };
             let Some(item_kind) = item_kind else {
                 return Buffered::ItemWithoutKind(number);
             };
@@ -1023,25 +1047,34 @@ impl Items {
 /// One object read whole into `documents`: a Service's or EndpointSlice's document, the
 /// items of a list inside a List (kubectl unpacks those too), nothing for other kinds.
 fn unpack(path: &Path, value: Value, documents: &mut Vec<Document>) -> Result<(), Buffered> {
-    let list_kind = value
-        .get("kind")
-        .and_then(Value::as_str)
-        .filter(|kind| is_list_kind(kind, value.get("items").is_some()))
-        .map(str::to_owned);
-    let (Some(kind), Value::Object(mut list)) = (list_kind, value.clone()) else {
-        documents.extend(buffered_object(path, value));
+    let Value::Object(mut object) = value else {
         return Ok(());
     };
-    let Some(Value::Array(items)) = list.remove("items") else {
-        return Err(Buffered::ListWithoutItems);
-    };
-    let mut read = Items::default();
-    for (index, item) in items.into_iter().enumerate() {
-        read.add(path, index + 1, item);
-    }
-    match read.unpack(path, &kind, list.get("apiVersion"), documents) {
-        Buffered::Read => Ok(()),
-        failed => Err(failed),
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .unwrap_or_default();
+    match object.remove("items") {
+        Some(Value::Array(items)) if is_list_kind(&kind) => {
+            let mut read = Items::default();
+            for (index, item) in items.into_iter().enumerate() {
+                read.add(path, index + 1, item);
+            }
+            match read.unpack(path, &kind, object.get("apiVersion"), documents) {
+                Buffered::Read => Ok(()),
+                failed => Err(failed),
+            }
+        }
+        _ if kind == "List" => Err(Buffered::ListWithoutItems),
+        // `items` means nothing to the other kinds.
+        items => {
+            if let Some(items) = items {
+                object.insert("items".into(), items);
+            }
+            documents.extend(buffered_object(path, Value::Object(object)));
+            Ok(())
+        }
     }
 }
 
@@ -1365,6 +1398,21 @@ spec:
              "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}}]}"#;
         let docs = parse(Path::new("raw.json"), typed).unwrap();
         assert_eq!(names(&docs), ["Service shop/raw true"]);
+
+        // A kind named like a list whose items are not a sequence (a custom resource's):
+        // not a list, and not lb's.
+        let custom = "apiVersion: example.com/v1\nkind: AllowList\nitems: {a: 1}\n";
+        assert!(parse(Path::new("c.yaml"), custom).unwrap().is_empty());
+        // Items keep their order, kindless ones of a typed list included.
+        let mixed = r#"{"apiVersion": "v1", "kind": "ServiceList", "items": [
+            {"metadata": {"name": "first"}, "spec": {"clusterIP": "10.96.0.13", "ports": [{"port": 80}]}},
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "second"},
+             "spec": {"clusterIP": "10.96.0.14", "ports": [{"port": 80}]}}]}"#;
+        let docs = parse(Path::new("raw.json"), mixed).unwrap();
+        assert_eq!(
+            names(&docs),
+            ["Service default/first true", "Service default/second true"]
+        );
 
         // An item of a plain List that says no kind: the file is refused, the item named.
         for item in ["{metadata: {name: x}}", "42"] {
