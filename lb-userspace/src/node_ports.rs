@@ -272,11 +272,11 @@ fn read_record(state_dir: &Path) -> Result<Option<(Record, PortSet)>, NodePortsE
 
 /// The sysctl's ports, read and then replaced by `change` of them (unless that is the
 /// same), from a thread in the network namespace at `netns`; `before_write` is told the
-/// ports read and the new ones first, and may stop it. Returns the ports before.
+/// ports read first, and may stop it. Returns the ports before.
 fn change_sysctl(
     netns: &Path,
     change: impl FnOnce(&PortSet) -> PortSet + Send,
-    before_write: impl FnOnce(&PortSet, &PortSet) -> Result<(), NodePortsError> + Send,
+    before_write: impl FnOnce(&PortSet) -> Result<(), NodePortsError> + Send,
 ) -> Result<PortSet, NodePortsError> {
     netns::inside(netns, || {
         Ok((|| {
@@ -290,7 +290,7 @@ fn change_sysctl(
                 source,
             })?;
             let after = change(&before);
-            before_write(&before, &after)?;
+            before_write(&before)?;
             if after != before {
                 // With a newline: an empty write would leave the ports as they are.
                 std::fs::write(SYSCTL, format!("{after}\n")).map_err(|source| {
@@ -319,7 +319,7 @@ pub fn reserve(netns: &Path, range: &PortSet, state_dir: &Path) -> Result<PortSe
     // of ports it may not have reserved (giving them back is then a no-op), never
     // reserved ports without a record.
     let identity = NetnsIdentity::of(netns);
-    let record = |before: &PortSet, _: &PortSet| {
+    let record = |before: &PortSet| {
         let ours = recorded.union(&range.difference(before));
         if ours.is_empty() {
             return Ok(());
@@ -352,7 +352,7 @@ pub fn release(state_dir: &Path) -> Result<Option<(PathBuf, PortSet)>, NodePorts
     // record goes, nothing else is touched.
     let released = match record.whereabouts(&netns) {
         Whereabouts::Here => {
-            change_sysctl(&netns, |before| before.difference(&ours), |_, _| Ok(()))?;
+            change_sysctl(&netns, |before| before.difference(&ours), |_| Ok(()))?;
             ours
         }
         Whereabouts::Gone => PortSet::default(),

@@ -64,7 +64,8 @@ pub struct State {
     /// keep what they held for them, if anything.
     #[serde(default)]
     pub refused: Vec<Unserved>,
-    /// Claims on a frontend another Service has: the first claimant keeps it.
+    /// Claims on a frontend another Service has (a clusterIP wins, then the first
+    /// claimant).
     #[serde(default)]
     pub ignored_claims: Vec<IgnoredClaim>,
 }

@@ -744,12 +744,19 @@ pub fn lock(pin_dir: &Path) -> Result<PinLock, DatapathError> {
     };
     crate::dirs::ensure_private(pin_dir, "--bpffs")?;
     let dir = std::fs::File::open(pin_dir).map_err(dir_error)?;
-    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map(|lock| PinLock { _lock: lock })
-        .map_err(|(_, errno)| DatapathError::Locked {
-            dir: pin_dir.into(),
-            reason: errno.desc().to_owned(),
-        })
+    PinLock::take(dir, pin_dir)
+}
+
+impl PinLock {
+    /// The lock of the open directory `dir` (`pin_dir`), unless another process holds it.
+    fn take(dir: std::fs::File, pin_dir: &Path) -> Result<Self, DatapathError> {
+        nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map(|lock| Self { _lock: lock })
+            .map_err(|(_, errno)| DatapathError::Locked {
+                dir: pin_dir.into(),
+                reason: errno.desc().to_owned(),
+            })
+    }
 }
 
 /// Locks `pin_dir` as an agent does, if it exists (without creating it): for `lb unload`,
@@ -766,12 +773,7 @@ pub fn lock_existing(pin_dir: &Path) -> Result<Option<PinLock>, DatapathError> {
             });
         }
     };
-    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock)
-        .map(|lock| Some(PinLock { _lock: lock }))
-        .map_err(|(_, errno)| DatapathError::Locked {
-            dir: pin_dir.into(),
-            reason: errno.desc().to_owned(),
-        })
+    PinLock::take(dir, pin_dir).map(Some)
 }
 
 /// The maps that grow with the cluster, by pin name.
@@ -883,13 +885,23 @@ fn remove_next_pins(pin_dir: &Path) -> Result<(), DatapathError> {
         .chain(links)
     {
         let path = next_pin(pin_dir, &pin);
-        match std::fs::remove_file(&path) {
-            Ok(()) => tracing::info!("removed {} left by an interrupted update", path.display()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(DatapathError::Unpin { path, source }),
+        if unpin(&path)? {
+            tracing::info!("removed {} left by an interrupted update", path.display());
         }
     }
     Ok(())
+}
+
+/// Removes the pin at `path`; `false` if there was none.
+fn unpin(path: &Path) -> Result<bool, DatapathError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(DatapathError::Unpin {
+            path: path.into(),
+            source,
+        }),
+    }
 }
 
 /// One of the datapath's programs, loaded: the socket-address hooks (connect, sendmsg,
@@ -1098,16 +1110,7 @@ impl Datapath {
             // and the next agent would read: pinned beside it, then renamed over it, so
             // that a failure leaves what was there. The directory is the agent's own.
             let beside = self.pin_dir.join(format!("{name}_repin"));
-            match std::fs::remove_file(&beside) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(DatapathError::Unpin {
-                        path: beside,
-                        source,
-                    });
-                }
-            }
+            unpin(&beside)?;
             MapData::from_id(*id)
                 .map_err(map_error(name))?
                 .pin(&beside)
@@ -1153,12 +1156,7 @@ impl Datapath {
         }
         self.takeover = false;
         for map in lb_common::PREVIOUS_LAYOUT_MAPS {
-            let path = self.pin_dir.join(map);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(DatapathError::Unpin { path, source }),
-            }
+            unpin(&self.pin_dir.join(map))?;
         }
         tracing::info!(
             "took over from the previous layout: its programs are detached and its maps unpinned"

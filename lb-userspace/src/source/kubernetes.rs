@@ -42,8 +42,6 @@ pub enum KubernetesError {
     WriterDropped,
 }
 
-/// The client for `--kubeconfig PATH`, or inferred: in-cluster when
-/// KUBERNETES_SERVICE_HOST is set, else $KUBECONFIG or ~/.kube/config.
 /// The zone of node `name` (its `topology.kubernetes.io/zone` label), for endpoints' zone
 /// hints; `None`, said once, when the Node cannot be read or has no zone.
 pub async fn node_zone(client: &Client, name: &str) -> Option<Arc<str>> {
@@ -77,6 +75,8 @@ pub async fn node_zone(client: &Client, name: &str) -> Option<Arc<str>> {
     }
 }
 
+/// The client for `--kubeconfig PATH`, or inferred: in-cluster when
+/// KUBERNETES_SERVICE_HOST is set, else $KUBECONFIG or ~/.kube/config.
 pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, KubernetesError> {
     let config = match kubeconfig {
         Some(path) => {
