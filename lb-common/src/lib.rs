@@ -8,10 +8,19 @@
 //! # Byte order
 //!
 //! Addresses and ports are stored in **network byte order**, exactly as the kernel hands them
-//! to a `cgroup/connect4` program in `bpf_sock_addr.user_ip4` / `user_port`. The eBPF side
-//! therefore copies them into keys without conversion; the host side builds them with
-//! [`ipv4_to_map`] and [`port_to_map`] and reads them back with [`ipv4_from_map`] and
-//! [`port_from_map`].
+//! to a `cgroup/connect4` or `connect6` program in `bpf_sock_addr.user_ip4`, `user_ip6` and
+//! `user_port`. The eBPF side therefore copies them into keys without conversion; the host
+//! side builds them with [`ip_to_map`] and [`port_to_map`] and reads them back with
+//! [`ip_from_map`] and [`port_from_map`].
+//!
+//! # One map for both families
+//!
+//! Every address in a map is an IPv6 address ([`MapAddress`], 16 bytes); an IPv4 address is
+//! held v4-mapped (`::ffff:a.b.c.d`). An AF_INET6 socket that reaches an IPv4 Service through
+//! its mapped address (what many runtimes do by default) then finds the IPv4 frontend with
+//! the very key it asked for, and a dual-stack Service is two frontends in the same maps.
+//! (Cilium keeps a map per family; one map costs a longer key per lookup and spares the
+//! agent a second set of maps to size, grow and write.)
 //!
 //! # The service map (after Cilium's `lb4_services`)
 //!
@@ -34,9 +43,9 @@ use bytemuck::{Pod, Zeroable};
 
 /// Map names carry the layout version: a layout change gets new names, so an agent never
 /// reads maps pinned by an incompatible build (BPF object names are at most 15 bytes).
-pub const SERVICE_MAP: &str = "lb4_svc_v3";
+pub const SERVICE_MAP: &str = "lb_svc_v4";
 /// See [`SERVICE_MAP`].
-pub const BACKEND_MAP: &str = "lb4_backend_v1";
+pub const BACKEND_MAP: &str = "lb_backend_v2";
 /// See [`SERVICE_MAP`].
 pub const AFFINITY_MAP: &str = "lb4_affinity_v1";
 /// See [`SERVICE_MAP`].
@@ -48,10 +57,10 @@ pub const SOCKET_MAP: &str = "lb_sock_v1";
 pub const CONFIG_MAP: &str = "lb_config_v1";
 /// See [`SERVICE_MAP`].
 pub const STATS_MAP: &str = "lb_stats_v4";
-/// The addresses that are the clusterIP of a frontend in [`SERVICE_MAP`] (key: the IPv4
-/// address, network byte order; value `u32`, unused): a connect to one of them on a port
-/// no Service has is refused, as kube-proxy rejects it. See [`SERVICE_MAP`] for the name.
-pub const CLUSTER_IP_MAP: &str = "lb4_cip_v1";
+/// The addresses that are the clusterIP of a frontend in [`SERVICE_MAP`] (key: the
+/// [`MapAddress`]; value `u32`, unused): a connect to one of them on a port no Service has
+/// is refused, as kube-proxy rejects it. See [`SERVICE_MAP`] for the name.
+pub const CLUSTER_IP_MAP: &str = "lb_cip_v2";
 
 /// Every map of this layout, all pinned by name in the agent's bpffs directory.
 pub const MAPS: [&str; 8] = [
@@ -67,26 +76,31 @@ pub const MAPS: [&str; 8] = [
 
 /// The programs of this layout, by name (that of their function in lb-ebpf), each attached
 /// to the cgroup through a link pinned as `lb_<program>`; the attach point of each comes
-/// from its ELF section (`cgroup/connect4`, …). The IPv6 hooks serve AF_INET6 sockets that
-/// reach IPv4 frontends through v4-mapped addresses (their unconnected datagrams pass
-/// `sendmsg4`); `post_bind4`/`post_bind6` refuse the node's binds to Service addresses.
-pub const PROGRAMS: [&str; 9] = [
+/// from its ELF section (`cgroup/connect4`, …). The IPv6 hooks serve IPv6 frontends, and
+/// IPv4 ones reached through v4-mapped addresses (whose unconnected datagrams the kernel
+/// sends as IPv4, through `sendmsg4`); `post_bind4`/`post_bind6` refuse the node's binds to
+/// Service addresses.
+pub const PROGRAMS: [&str; 10] = [
     "connect4",
     "sendmsg4",
     "recvmsg4",
     "getpeername4",
     "connect6",
+    "sendmsg6",
     "recvmsg6",
     "getpeername6",
     "post_bind4",
     "post_bind6",
 ];
 
-/// The maps of the previous layouts that this one no longer has — before [`SocketState`]
-/// (`lb4_svc_v2` and the LRU maps it replaced) and before the bind counter
-/// (`lb_stats_v3`, 9 counters): an agent taking over from one removes their pins once its
-/// own maps are filled.
-pub const PREVIOUS_LAYOUT_MAPS: [&str; 5] = [
+/// The maps of the previous layouts that this one no longer has — the IPv4-only service,
+/// backend and clusterIP maps (`lb4_svc_v3`, …), before [`SocketState`] (`lb4_svc_v2` and
+/// the LRU maps it replaced) and before the bind counter (`lb_stats_v3`, 9 counters): an
+/// agent taking over from one removes their pins once its own maps are filled.
+pub const PREVIOUS_LAYOUT_MAPS: [&str; 8] = [
+    "lb4_svc_v3",
+    "lb4_backend_v1",
+    "lb4_cip_v1",
     "lb4_svc_v2",
     "lb4_revnat_v1",
     "lb4_udpsock_v1",
@@ -117,7 +131,7 @@ pub const MAP_LAYOUTS: [(&str, usize, usize); 8] = [
         size_of::<ServiceValue>(),
     ),
     (BACKEND_MAP, size_of::<u32>(), size_of::<Backend>()),
-    (CLUSTER_IP_MAP, size_of::<u32>(), size_of::<u32>()),
+    (CLUSTER_IP_MAP, size_of::<MapAddress>(), size_of::<u32>()),
     // Socket storage is keyed by a socket (a descriptor from user space).
     (SOCKET_MAP, size_of::<i32>(), size_of::<SocketState>()),
     (
@@ -158,12 +172,16 @@ pub const IPPROTO_UDP: u8 = 17;
 /// See [`IPPROTO_TCP`].
 pub const IPPROTO_SCTP: u8 = 132;
 
+/// An address as every map holds it: the 16 bytes of an IPv6 address, as four words in
+/// network byte order (`bpf_sock_addr.user_ip6`); an IPv4 address v4-mapped.
+pub type MapAddress = [u32; 4];
+
 /// Key of [`SERVICE_MAP`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
 pub struct ServiceKey {
-    /// Frontend IPv4 address, network byte order.
-    pub address: u32,
+    /// Frontend address.
+    pub address: MapAddress,
     /// Frontend port, network byte order.
     pub port: u16,
     /// [`MASTER_SLOT`] or a backend slot `1..=count`.
@@ -176,7 +194,7 @@ pub struct ServiceKey {
 impl ServiceKey {
     /// Builds a key from raw (network byte order) fields, as the eBPF side reads them.
     #[inline(always)]
-    pub const fn new(address: u32, port: u16, protocol: u8, slot: u16) -> Self {
+    pub const fn new(address: MapAddress, port: u16, protocol: u8, slot: u16) -> Self {
         Self {
             address,
             port,
@@ -209,10 +227,10 @@ pub const FLAG_CLUSTER_IP: u16 = 1 << 2;
 pub struct ServiceValue {
     /// In a backend slot: the key of [`BACKEND_MAP`]. Zero in the master entry.
     pub backend_id: u32,
-    /// In a backend slot: the backend's IPv4 address, network byte order, so that a connect
-    /// needs no lookup of [`BACKEND_MAP`]. Zero in the master entry, and in a slot whose
-    /// backend the writer could not resolve (the datapath then leaves the connect alone).
-    pub backend_address: u32,
+    /// In a backend slot: the backend's address, so that a connect needs no lookup of
+    /// [`BACKEND_MAP`]. Zero in the master entry, and in a slot whose backend the writer
+    /// could not resolve (the datapath then leaves the connect alone).
+    pub backend_address: MapAddress,
     /// In a backend slot: the backend's port, network byte order.
     pub backend_port: u16,
     /// In the master entry: the number of backend slots. Zero in backend slots.
@@ -232,7 +250,7 @@ impl ServiceValue {
     pub const fn master(count: u16, flags: u16, frontend_id: u32, affinity_timeout_s: u32) -> Self {
         Self {
             backend_id: 0,
-            backend_address: 0,
+            backend_address: [0; 4],
             backend_port: 0,
             count,
             flags,
@@ -259,7 +277,7 @@ impl ServiceValue {
     /// A backend slot's backend; `None` if the writer could not resolve it.
     #[inline(always)]
     pub const fn backend(&self) -> Option<Backend> {
-        if self.backend_address == 0 {
+        if is_zero(&self.backend_address) {
             None
         } else {
             Some(Backend::new(self.backend_address, self.backend_port))
@@ -269,6 +287,29 @@ impl ServiceValue {
 
 /// [`SocketEntry::family`] of an entry in use for an IPv4 frontend (`AF_INET`).
 pub const FAMILY_IPV4: u8 = 2;
+/// [`SocketEntry::family`] of an entry in use for an IPv6 frontend (`AF_INET6`).
+pub const FAMILY_IPV6: u8 = 10;
+
+/// A map address as a [`SocketEntry`] holds it: an IPv4 one ([`FAMILY_IPV4`]) in the first
+/// word, the rest zero, as the layout before IPv6 frontends had it (so that the storage of a
+/// socket translated then still reads right); an IPv6 one ([`FAMILY_IPV6`]) whole.
+#[inline(always)]
+pub const fn socket_address(address: &MapAddress) -> (u8, [u32; 4]) {
+    match ipv4_in_mapped(*address) {
+        Some(ipv4) => (FAMILY_IPV4, [ipv4, 0, 0, 0]),
+        None => (FAMILY_IPV6, *address),
+    }
+}
+
+/// The map address of a [`SocketEntry`]'s `address` of `family`.
+#[inline(always)]
+pub const fn socket_address_to_map(family: u8, address: &[u32; 4]) -> MapAddress {
+    if family == FAMILY_IPV4 {
+        mapped_ipv4(address[0])
+    } else {
+        *address
+    }
+}
 
 /// How many frontends one socket remembers: a connected socket has one; an unconnected UDP
 /// socket that sends to more than this forgets the one added longest ago (its replies from
@@ -279,8 +320,7 @@ pub const SOCKET_ENTRIES: usize = 4;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct SocketEntry {
-    /// The frontend the application addressed, network byte order: IPv4 in the first word,
-    /// the rest zero.
+    /// The frontend the application addressed, as [`socket_address`] holds it.
     pub frontend_address: [u32; 4],
     /// The backend it was sent to, likewise.
     pub backend_address: [u32; 4],
@@ -290,28 +330,30 @@ pub struct SocketEntry {
     /// the backend is still one of the frontend's ([`AFFINITY_MATCH_MAP`]).
     pub frontend_id: u32,
     pub backend_id: u32,
-    /// 0 for an unused entry, else the address family ([`FAMILY_IPV4`]).
+    /// 0 for an unused entry, else the address family ([`FAMILY_IPV4`], [`FAMILY_IPV6`]).
     pub family: u8,
     pub _pad: [u8; 3],
 }
 
 impl SocketEntry {
-    /// An IPv4 frontend and the backend a socket was sent to, network byte order.
+    /// A frontend and the backend a socket was sent to (of the frontend's family).
     #[inline(always)]
-    pub const fn ipv4(
+    pub const fn new(
         frontend: &ServiceKey,
         frontend_id: u32,
         backend_id: u32,
         backend: &Backend,
     ) -> Self {
+        let (family, frontend_address) = socket_address(&frontend.address);
+        let (_, backend_address) = socket_address(&backend.address);
         Self {
-            frontend_address: [frontend.address, 0, 0, 0],
-            backend_address: [backend.address, 0, 0, 0],
+            frontend_address,
+            backend_address,
             frontend_port: frontend.port,
             backend_port: backend.port,
             frontend_id,
             backend_id,
-            family: FAMILY_IPV4,
+            family,
             _pad: [0; 3],
         }
     }
@@ -439,8 +481,8 @@ pub const fn affinity_holds(last_used_ns: u64, now_ns: u64, timeout_s: u32) -> b
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Pod, Zeroable)]
 pub struct Backend {
-    /// Backend (pod) IPv4 address, network byte order.
-    pub address: u32,
+    /// Backend (pod) address.
+    pub address: MapAddress,
     /// Backend (target) port, network byte order.
     pub port: u16,
     pub _pad: [u8; 2],
@@ -448,7 +490,7 @@ pub struct Backend {
 
 impl Backend {
     /// Builds a backend from raw (network byte order) fields.
-    pub const fn new(address: u32, port: u16) -> Self {
+    pub const fn new(address: MapAddress, port: u16) -> Self {
         Self {
             address,
             port,
@@ -530,9 +572,52 @@ pub const fn backend_slot(count: u16, entropy: u32) -> Option<u16> {
     Some((entropy % count as u32) as u16 + 1)
 }
 
-/// IPv4 octets to the map's network-byte-order `u32`.
+/// IPv4 octets to the network-byte-order `u32` of `bpf_sock_addr.user_ip4`.
 pub const fn ipv4_to_map(octets: [u8; 4]) -> u32 {
     u32::from_ne_bytes(octets)
+}
+
+/// An address as the maps hold it: IPv6 as is, IPv4 v4-mapped.
+pub const fn ip_to_map(ip: core::net::IpAddr) -> MapAddress {
+    let octets = match ip {
+        core::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+        core::net::IpAddr::V6(ip) => ip.octets(),
+    };
+    let mut words = [0u32; 4];
+    let mut i = 0;
+    while i < 4 {
+        words[i] = u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ]);
+        i += 1;
+    }
+    words
+}
+
+/// A map address back: a v4-mapped one as the IPv4 address it holds.
+pub const fn ip_from_map(address: MapAddress) -> core::net::IpAddr {
+    if let Some(ipv4) = ipv4_in_mapped(address) {
+        return core::net::IpAddr::V4(core::net::Ipv4Addr::from_octets(ipv4.to_ne_bytes()));
+    }
+    let mut octets = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let bytes = address[i].to_ne_bytes();
+        octets[4 * i] = bytes[0];
+        octets[4 * i + 1] = bytes[1];
+        octets[4 * i + 2] = bytes[2];
+        octets[4 * i + 3] = bytes[3];
+        i += 1;
+    }
+    core::net::IpAddr::V6(core::net::Ipv6Addr::from_octets(octets))
+}
+
+#[inline(always)]
+const fn is_zero(address: &MapAddress) -> bool {
+    address[0] == 0 && address[1] == 0 && address[2] == 0 && address[3] == 0
 }
 
 /// The map's network-byte-order `u32` to IPv4 octets.
@@ -560,24 +645,34 @@ pub const fn mapped_ipv4(address: u32) -> [u32; 4] {
     [0, 0, 0xffff_u32.to_be(), address]
 }
 
-/// 127.0.0.1 in the map's byte order.
-pub const IPV4_LOOPBACK: u32 = ipv4_to_map([127, 0, 0, 1]);
+/// 127.0.0.1 as the maps hold it (v4-mapped).
+pub const IPV4_LOOPBACK: MapAddress = mapped_ipv4(ipv4_to_map([127, 0, 0, 1]));
+/// `::1` as the maps hold it.
+pub const IPV6_LOOPBACK: MapAddress = [0, 0, 0, 1_u32.to_be()];
 
-/// Whether a bind() in the node's network namespace to `address` (the map's byte order;
-/// 0 for the wildcard) would take traffic of the frontend on that port whose master
-/// entry `frontend_flags` are, found at [`bind_frontend_address`]. A clusterIP is never
-/// a local address, so only NodePort, LoadBalancer and external IP frontends conflict.
+/// Whether a bind() in the node's network namespace would take traffic of the frontend on
+/// that port whose master entry `frontend_flags` are, found at [`bind_frontend_addresses`].
+/// A clusterIP is never a local address, so only NodePort, LoadBalancer and external IP
+/// frontends conflict.
 #[inline(always)]
 pub const fn bind_conflicts(frontend_flags: u16) -> bool {
     frontend_flags & FLAG_CLUSTER_IP == 0
 }
 
-/// The frontend address a bind() to `address` is checked against: the address itself, or
-/// for the wildcard (which also receives a NodePort's traffic on every node address)
-/// 127.0.0.1, where every NodePort has a frontend and nothing else does.
+/// The frontend addresses a bind() to `address` is checked against: the address itself;
+/// for a wildcard (which also receives a NodePort's traffic on every node address) the
+/// loopback address of its family, where every NodePort of that family has a frontend and
+/// nothing else does — both for the IPv6 wildcard `::`, which receives IPv4 too (unless the
+/// socket is `IPV6_V6ONLY`, which a bind hook cannot see).
 #[inline(always)]
-pub const fn bind_frontend_address(address: u32) -> u32 {
-    if address == 0 { IPV4_LOOPBACK } else { address }
+pub const fn bind_frontend_addresses(address: MapAddress) -> (MapAddress, Option<MapAddress>) {
+    if is_zero(&address) {
+        (IPV4_LOOPBACK, Some(IPV6_LOOPBACK))
+    } else if matches!(ipv4_in_mapped(address), Some(0)) {
+        (IPV4_LOOPBACK, None)
+    } else {
+        (address, None)
+    }
 }
 
 /// A host-order port to the map's network-byte-order `u16`.
@@ -590,9 +685,9 @@ pub const fn port_from_map(port: u16) -> u16 {
     u16::from_be(port)
 }
 
-const _: () = assert!(core::mem::size_of::<ServiceKey>() == 12);
-const _: () = assert!(core::mem::size_of::<ServiceValue>() == 24);
-const _: () = assert!(core::mem::size_of::<Backend>() == 8);
+const _: () = assert!(core::mem::size_of::<ServiceKey>() == 24);
+const _: () = assert!(core::mem::size_of::<ServiceValue>() == 36);
+const _: () = assert!(core::mem::size_of::<Backend>() == 20);
 const _: () = assert!(core::mem::size_of::<AffinityKey>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityValue>() == 16);
 const _: () = assert!(core::mem::size_of::<AffinityMatchKey>() == 8);
@@ -631,27 +726,66 @@ mod tests {
     #[test]
     fn v4_mapped_addresses_carry_their_ipv4_address() {
         let vip = ipv4_to_map([10, 96, 0, 10]);
-        let words = |address: std::net::Ipv6Addr| -> [u32; 4] {
-            let o = address.octets();
-            core::array::from_fn(|i| {
-                u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-            })
-        };
         let mapped = std::net::Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped();
-        assert_eq!(words(mapped), mapped_ipv4(vip));
-        assert_eq!(ipv4_in_mapped(words(mapped)), Some(vip));
+        assert_eq!(ip_to_map(mapped.into()), mapped_ipv4(vip));
+        assert_eq!(ipv4_in_mapped(ip_to_map(mapped.into())), Some(vip));
         // IPv4-compatible (deprecated ::a.b.c.d), NAT64 and plain IPv6 addresses are not.
         for other in ["::10.96.0.10", "64:ff9b::a60:a", "fd00::a60:a", "::1", "::"] {
             let other: std::net::Ipv6Addr = other.parse().unwrap();
-            assert_eq!(ipv4_in_mapped(words(other)), None, "{other}");
+            assert_eq!(ipv4_in_mapped(ip_to_map(other.into())), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn map_addresses_round_trip_in_both_families() {
+        for ip in [
+            "10.96.0.10",
+            "0.0.0.0",
+            "255.255.255.255",
+            "fd00::a",
+            "::1",
+            "::",
+            "2001:db8::ffff:0:1",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_from_map(ip_to_map(ip)), ip, "{ip}");
+        }
+        // The words are the address's bytes in order (network byte order), as in user_ip6.
+        let words = ip_to_map("fd00::a".parse().unwrap());
+        assert_eq!(words[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
+        assert_eq!(words[3].to_ne_bytes(), [0, 0, 0, 0x0a]);
+        assert_eq!(ip_to_map("::1".parse().unwrap()), IPV6_LOOPBACK);
+        assert_eq!(ip_to_map("127.0.0.1".parse().unwrap()), IPV4_LOOPBACK);
+    }
+
+    #[test]
+    fn a_socket_entry_holds_ipv4_in_its_first_word_and_ipv6_whole() {
+        let v4 = ip_to_map("10.244.0.7".parse().unwrap());
+        assert_eq!(
+            socket_address(&v4),
+            (FAMILY_IPV4, [ipv4_to_map([10, 244, 0, 7]), 0, 0, 0])
+        );
+        let v6 = ip_to_map("fd00::7".parse().unwrap());
+        assert_eq!(socket_address(&v6), (FAMILY_IPV6, v6));
+        for address in [v4, v6] {
+            let (family, held) = socket_address(&address);
+            assert_eq!(socket_address_to_map(family, &held), address);
         }
     }
 
     #[test]
     fn a_wildcard_bind_is_checked_against_the_node_ports_on_loopback() {
-        let node_ip = ipv4_to_map([10, 244, 0, 1]);
-        assert_eq!(bind_frontend_address(0), ipv4_to_map([127, 0, 0, 1]));
-        assert_eq!(bind_frontend_address(node_ip), node_ip);
+        let node_ip = ip_to_map("10.244.0.1".parse().unwrap());
+        let node_ip6 = ip_to_map("fd00::1".parse().unwrap());
+        let any4 = ip_to_map("0.0.0.0".parse().unwrap());
+        let any6 = ip_to_map("::".parse().unwrap());
+        assert_eq!(bind_frontend_addresses(any4), (IPV4_LOOPBACK, None));
+        assert_eq!(
+            bind_frontend_addresses(any6),
+            (IPV4_LOOPBACK, Some(IPV6_LOOPBACK))
+        );
+        assert_eq!(bind_frontend_addresses(node_ip), (node_ip, None));
+        assert_eq!(bind_frontend_addresses(node_ip6), (node_ip6, None));
         // NodePorts (on loopback: host netns only), LoadBalancer and external IPs conflict;
         // clusterIPs never do.
         assert!(bind_conflicts(FLAG_HOST_NETNS_ONLY));
@@ -746,15 +880,19 @@ mod tests {
         }
     }
 
+    fn v4(octets: [u8; 4]) -> MapAddress {
+        mapped_ipv4(ipv4_to_map(octets))
+    }
+
     fn entry(frontend_id: u32, backend: u8) -> SocketEntry {
         let frontend = ServiceKey::new(
-            ipv4_to_map([10, 96, 0, frontend_id as u8]),
+            v4([10, 96, 0, frontend_id as u8]),
             port_to_map(53),
             IPPROTO_UDP,
             MASTER_SLOT,
         );
-        let to = Backend::new(ipv4_to_map([10, 244, 0, backend]), port_to_map(5353));
-        SocketEntry::ipv4(&frontend, frontend_id, u32::from(backend), &to)
+        let to = Backend::new(v4([10, 244, 0, backend]), port_to_map(5353));
+        SocketEntry::new(&frontend, frontend_id, u32::from(backend), &to)
     }
 
     #[test]
@@ -809,17 +947,17 @@ mod tests {
 
     #[test]
     fn a_slot_holds_its_backend_and_a_master_none() {
-        let backend = Backend::new(ipv4_to_map([10, 244, 0, 7]), port_to_map(8080));
+        let backend = Backend::new(v4([10, 244, 0, 7]), port_to_map(8080));
         assert_eq!(ServiceValue::slot(7, backend).backend(), Some(backend));
         assert_eq!(ServiceValue::master(3, 0, 1, 0).backend(), None);
     }
 
     #[test]
     fn keys_differ_only_by_slot() {
-        let master = ServiceKey::new(ipv4_to_map([10, 96, 0, 1]), port_to_map(80), IPPROTO_TCP, 0);
+        let master = ServiceKey::new(v4([10, 96, 0, 1]), port_to_map(80), IPPROTO_TCP, 0);
         let slot = master.with_slot(3);
         assert_eq!(slot.slot, 3);
         assert_eq!(ServiceKey { slot: 0, ..slot }, master);
-        assert_eq!(bytemuck::bytes_of(&master).len(), 12);
+        assert_eq!(bytemuck::bytes_of(&master).len(), 24);
     }
 }

@@ -9,11 +9,12 @@
 //! - `cgroup/recvmsg4` and `cgroup/getpeername4` show the frontend again where the
 //!   application would otherwise see the backend, from the socket's own storage
 //!   (`SocketState`), which the first two fill and the kernel frees with the socket;
-//! - `cgroup/connect6`, `cgroup/recvmsg6` and `cgroup/getpeername6` do the same for an
-//!   AF_INET6 socket that reaches an IPv4 frontend through its v4-mapped address
-//!   (`::ffff:10.96.0.10`, the default of many runtimes). Such a socket's unconnected UDP
-//!   datagrams to a mapped address pass through `cgroup/sendmsg4`: the kernel sends them
-//!   as IPv4 before the IPv6 hook would run;
+//! - `cgroup/connect6`, `cgroup/sendmsg6`, `cgroup/recvmsg6` and `cgroup/getpeername6` do
+//!   the same for AF_INET6 sockets: IPv6 frontends, and IPv4 ones reached through their
+//!   v4-mapped address (`::ffff:10.96.0.10`, the default of many runtimes), which the maps
+//!   hold as such (every map address is 16 bytes, IPv4 v4-mapped). Such a socket's
+//!   unconnected UDP datagrams to a mapped address pass through `cgroup/sendmsg4`: the
+//!   kernel sends them as IPv4 before the IPv6 hook would run;
 //! - `cgroup/post_bind4` and `cgroup/post_bind6` fail a bind() in the node's network
 //!   namespace to a NodePort, or to a LoadBalancer or external IP and its port, with
 //!   EADDRINUSE: the process would take the Service's traffic from off-node clients.
@@ -40,10 +41,11 @@ mod datapath {
     use lb_common::{
         AFFINITY_MAP_CAPACITY, AFFINITY_MATCH_MAP_CAPACITY, AffinityKey, AffinityMatchKey,
         AffinityValue, BACKEND_MAP_CAPACITY, Backend, CLUSTER_IP_MAP_CAPACITY, Config,
-        ERRNO_ADDRESS_IN_USE, ERRNO_NO_BACKENDS, FAMILY_IPV4, FLAG_HOST_NETNS_ONLY,
-        FLAG_NODE_LOCAL, MASTER_SLOT, Reason, SERVICE_MAP_CAPACITY, STATS_MAP_CAPACITY, ServiceKey,
+        ERRNO_ADDRESS_IN_USE, ERRNO_NO_BACKENDS, FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL,
+        MASTER_SLOT, MapAddress, Reason, SERVICE_MAP_CAPACITY, STATS_MAP_CAPACITY, ServiceKey,
         ServiceValue, SocketEntry, SocketState, affinity_holds, backend_slot, bind_conflicts,
-        bind_frontend_address, ipv4_in_mapped, port_to_map,
+        bind_frontend_addresses, ipv4_in_mapped, mapped_ipv4, port_to_map, socket_address,
+        socket_address_to_map,
     };
 
     /// Verdict that lets the syscall proceed (with whatever address we left in the context).
@@ -51,10 +53,10 @@ mod datapath {
     /// Verdict that fails the syscall with the errno set by `bpf_set_retval`.
     const REJECT: i32 = 0;
 
-    #[map(name = "lb4_svc_v3")]
+    #[map(name = "lb_svc_v4")]
     static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(SERVICE_MAP_CAPACITY, 0);
 
-    #[map(name = "lb4_backend_v1")]
+    #[map(name = "lb_backend_v2")]
     static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(BACKEND_MAP_CAPACITY, 0);
 
     #[map(name = "lb4_affinity_v1")]
@@ -71,8 +73,8 @@ mod datapath {
     static SOCKETS: SkStorage<SocketState> = SkStorage::new();
 
     /// Created without preallocation: its memory follows the clusterIPs it holds.
-    #[map(name = "lb4_cip_v1")]
-    static CLUSTER_IPS: HashMap<u32, u32> =
+    #[map(name = "lb_cip_v2")]
+    static CLUSTER_IPS: HashMap<MapAddress, u32> =
         HashMap::pinned(CLUSTER_IP_MAP_CAPACITY, BPF_F_NO_PREALLOC);
 
     #[map(name = "lb_config_v1")]
@@ -83,41 +85,46 @@ mod datapath {
 
     #[cgroup_sock_addr(connect4)]
     pub fn connect4(ctx: SockAddrContext) -> i32 {
-        forward(&ctx, Ipv4Field::Ip4, Reason::ConnectTranslated, false)
+        forward(&ctx, AddressField::Ip4, Reason::ConnectTranslated, false)
     }
 
     #[cgroup_sock_addr(sendmsg4)]
     pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-        forward(&ctx, Ipv4Field::Ip4, Reason::SendmsgTranslated, true)
+        forward(&ctx, AddressField::Ip4, Reason::SendmsgTranslated, true)
     }
 
     #[cgroup_sock_addr(recvmsg4)]
     pub fn recvmsg4(ctx: SockAddrContext) -> i32 {
-        restore(&ctx, Ipv4Field::Ip4, Reason::RecvmsgRestored);
+        restore(&ctx, AddressField::Ip4, Reason::RecvmsgRestored);
         // recvmsg hooks must allow: the datagram has already arrived.
         ALLOW
     }
 
     #[cgroup_sock_addr(getpeername4)]
     pub fn getpeername4(ctx: SockAddrContext) -> i32 {
-        restore(&ctx, Ipv4Field::Ip4, Reason::PeernameRestored);
+        restore(&ctx, AddressField::Ip4, Reason::PeernameRestored);
         ALLOW
     }
 
     #[cgroup_sock_addr(connect6)]
     pub fn connect6(ctx: SockAddrContext) -> i32 {
-        forward(&ctx, Ipv4Field::MappedIp6, Reason::ConnectTranslated, false)
+        forward(&ctx, AddressField::Ip6, Reason::ConnectTranslated, false)
+    }
+
+    #[cgroup_sock_addr(sendmsg6)]
+    pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+        forward(&ctx, AddressField::Ip6, Reason::SendmsgTranslated, true)
     }
 
     #[cgroup_sock_addr(recvmsg6)]
     pub fn recvmsg6(ctx: SockAddrContext) -> i32 {
-        restore(&ctx, Ipv4Field::MappedIp6, Reason::RecvmsgRestored);
+        restore(&ctx, AddressField::Ip6, Reason::RecvmsgRestored);
         ALLOW
     }
 
     #[cgroup_sock_addr(getpeername6)]
     pub fn getpeername6(ctx: SockAddrContext) -> i32 {
-        restore(&ctx, Ipv4Field::MappedIp6, Reason::PeernameRestored);
+        restore(&ctx, AddressField::Ip6, Reason::PeernameRestored);
         ALLOW
     }
 
@@ -125,7 +132,12 @@ mod datapath {
     pub fn post_bind4(ctx: SockContext) -> i32 {
         // SAFETY: the kernel passes a valid `bpf_sock` for the program's lifetime.
         let sock = unsafe { &*ctx.sock };
-        refuse_service_bind(&ctx, sock.src_ip4, sock.src_port, sock.protocol)
+        refuse_service_bind(
+            &ctx,
+            mapped_ipv4(sock.src_ip4),
+            sock.src_port,
+            sock.protocol,
+        )
     }
 
     #[cgroup_sock(post_bind6)]
@@ -139,76 +151,88 @@ mod datapath {
             sock.src_ip6[2],
             sock.src_ip6[3],
         ];
-        // The IPv6 wildcard also receives IPv4 (unless the socket is IPV6_V6ONLY, which
-        // this hook cannot see); a v4-mapped address is that IPv4 address.
-        let address = if words == [0; 4] {
-            0
-        } else {
-            match ipv4_in_mapped(words) {
-                Some(address) => address,
-                None => return ALLOW,
-            }
-        };
-        refuse_service_bind(&ctx, address, sock.src_port, sock.protocol)
+        // The wildcard `::` also receives IPv4 (see `bind_frontend_addresses`).
+        refuse_service_bind(&ctx, words, sock.src_port, sock.protocol)
     }
 
-    /// Fails a bind() of the node's netns to `address` (network order, 0 for the wildcard)
-    /// and `port` (host order, as `bpf_sock.src_port` has it) when a NodePort, LoadBalancer
-    /// or external IP frontend has them; pods' binds are their own netns's business.
+    /// Fails a bind() of the node's netns to `address` and `port` (host order, as
+    /// `bpf_sock.src_port` has it) when a NodePort, LoadBalancer or external IP frontend
+    /// has them; pods' binds are their own netns's business.
     #[inline(always)]
-    fn refuse_service_bind(ctx: &SockContext, address: u32, port: u32, protocol: u32) -> i32 {
+    fn refuse_service_bind(
+        ctx: &SockContext,
+        address: MapAddress,
+        port: u32,
+        protocol: u32,
+    ) -> i32 {
         if !in_host_netns(ctx) {
             return ALLOW;
         }
-        let frontend = ServiceKey::new(
-            bind_frontend_address(address),
-            port_to_map(port as u16),
-            protocol as u8,
-            MASTER_SLOT,
-        );
-        // SAFETY: plain data read at once.
-        match unsafe { SERVICES.get(frontend) } {
-            Some(master) if bind_conflicts(master.flags) => {
-                count(Reason::BindRefused);
-                // SAFETY: a helper valid for cgroup sock programs (Linux ≥ 5.18); the
-                // errno is negated, as the kernel expects.
-                unsafe { bpf_set_retval(-ERRNO_ADDRESS_IN_USE) };
-                REJECT
-            }
-            _ => ALLOW,
+        let (address, other) = bind_frontend_addresses(address);
+        let conflicts = |address: MapAddress| {
+            let frontend = ServiceKey::new(
+                address,
+                port_to_map(port as u16),
+                protocol as u8,
+                MASTER_SLOT,
+            );
+            // SAFETY: plain data read at once.
+            matches!(unsafe { SERVICES.get(frontend) }, Some(master) if bind_conflicts(master.flags))
+        };
+        if conflicts(address) || other.is_some_and(conflicts) {
+            count(Reason::BindRefused);
+            // SAFETY: a helper valid for cgroup sock programs (Linux ≥ 5.18); the errno is
+            // negated, as the kernel expects.
+            unsafe { bpf_set_retval(-ERRNO_ADDRESS_IN_USE) };
+            REJECT
+        } else {
+            ALLOW
         }
     }
 
-    /// Where a hook finds the IPv4 address it translates: `user_ip4` (AF_INET sockets), or
-    /// the last word of a v4-mapped `user_ip6` (AF_INET6 sockets reaching IPv4 addresses).
+    /// Where a hook finds the address it translates: `user_ip4` (AF_INET sockets, seen as
+    /// v4-mapped like the maps hold them), or `user_ip6` (AF_INET6 sockets, an IPv4
+    /// destination among them v4-mapped already).
     #[derive(Clone, Copy)]
-    enum Ipv4Field {
+    enum AddressField {
         Ip4,
-        MappedIp6,
+        Ip6,
     }
 
-    impl Ipv4Field {
-        /// The IPv4 address, `None` for an IPv6 address that is not v4-mapped.
+    impl AddressField {
         #[inline(always)]
-        fn read(self, sock_addr: &bpf_sock_addr) -> Option<u32> {
+        fn read(self, sock_addr: &bpf_sock_addr) -> MapAddress {
             match self {
-                Self::Ip4 => Some(sock_addr.user_ip4),
+                Self::Ip4 => mapped_ipv4(sock_addr.user_ip4),
                 // Word by word: the verifier allows 4-byte context accesses here.
-                Self::MappedIp6 => ipv4_in_mapped([
+                Self::Ip6 => [
                     sock_addr.user_ip6[0],
                     sock_addr.user_ip6[1],
                     sock_addr.user_ip6[2],
                     sock_addr.user_ip6[3],
-                ]),
+                ],
             }
         }
 
-        /// Replaces the IPv4 address (the mapped prefix of an IPv6 one stays).
+        /// Replaces the address; `false` (nothing written) for an IPv6 address where an
+        /// AF_INET socket has room for IPv4 only, which the maps never pair.
         #[inline(always)]
-        fn write(self, sock_addr: &mut bpf_sock_addr, address: u32) {
+        fn write(self, sock_addr: &mut bpf_sock_addr, address: MapAddress) -> bool {
             match self {
-                Self::Ip4 => sock_addr.user_ip4 = address,
-                Self::MappedIp6 => sock_addr.user_ip6[3] = address,
+                Self::Ip4 => match ipv4_in_mapped(address) {
+                    Some(ipv4) => {
+                        sock_addr.user_ip4 = ipv4;
+                        true
+                    }
+                    None => false,
+                },
+                Self::Ip6 => {
+                    sock_addr.user_ip6[0] = address[0];
+                    sock_addr.user_ip6[1] = address[1];
+                    sock_addr.user_ip6[2] = address[2];
+                    sock_addr.user_ip6[3] = address[3];
+                    true
+                }
             }
         }
     }
@@ -234,15 +258,13 @@ mod datapath {
     #[inline(always)]
     fn forward(
         ctx: &SockAddrContext,
-        field: Ipv4Field,
+        field: AddressField,
         translated: Reason,
         per_datagram: bool,
     ) -> i32 {
         // SAFETY: the kernel passes a valid `bpf_sock_addr` for the program's lifetime.
         let sock_addr = unsafe { &mut *ctx.sock_addr };
-        let Some(address) = field.read(sock_addr) else {
-            return ALLOW;
-        };
+        let address = field.read(sock_addr);
         // The kernel keeps the network-order port in the low 16 bits of `user_port`.
         let frontend = ServiceKey::new(
             address,
@@ -258,9 +280,12 @@ mod datapath {
                 frontend_id,
                 affinity_hit,
             } => {
-                field.write(sock_addr, backend.address);
+                if !field.write(sock_addr, backend.address) {
+                    count(Reason::BackendMissing);
+                    return ALLOW;
+                }
                 sock_addr.user_port = u32::from(backend.port);
-                remember(ctx, SocketEntry::ipv4(&frontend, frontend_id, id, &backend));
+                remember(ctx, SocketEntry::new(&frontend, frontend_id, id, &backend));
                 count(translated);
                 if affinity_hit {
                     count(Reason::AffinityHit);
@@ -269,8 +294,8 @@ mod datapath {
             }
             Choice::Refuse(reason) => {
                 count(reason);
-                // SAFETY: a helper valid for connect4/sendmsg4; the errno is negated, as the
-                // kernel expects.
+                // SAFETY: a helper valid for connect and sendmsg hooks; the errno is negated,
+                // as the kernel expects.
                 unsafe { bpf_set_retval(-ERRNO_NO_BACKENDS) };
                 REJECT
             }
@@ -402,13 +427,17 @@ mod datapath {
         let state = unsafe { SOCKETS.get_ptr_mut(ctx) };
         if !state.is_null() {
             // SAFETY: non-null storage of this socket, valid for the program's run.
+            let (family, _) = socket_address(&frontend.address);
             let held = unsafe { &*state }
-                .entry_of(FAMILY_IPV4, master.frontend_id)
+                .entry_of(family, master.frontend_id)
                 .copied();
             if let Some(entry) = held
                 && still_a_backend(entry.backend_id, master.frontend_id)
             {
-                let backend = Backend::new(entry.backend_address[0], entry.backend_port);
+                let backend = Backend::new(
+                    socket_address_to_map(entry.family, &entry.backend_address),
+                    entry.backend_port,
+                );
                 return Some((entry.backend_id, backend, false));
             }
         }
@@ -434,7 +463,7 @@ mod datapath {
 
     /// Shows the frontend where the socket would show the backend it was translated to.
     #[inline(always)]
-    fn restore(ctx: &SockAddrContext, field: Ipv4Field, reason: Reason) {
+    fn restore(ctx: &SockAddrContext, field: AddressField, reason: Reason) {
         // SAFETY: the kernel's socket of this call; without the create flag, nothing is
         // allocated for sockets lb never translated.
         let state = unsafe { SOCKETS.get_ptr_mut(ctx) };
@@ -443,18 +472,15 @@ mod datapath {
         }
         // SAFETY: as in `forward`.
         let sock_addr = unsafe { &mut *ctx.sock_addr };
-        let Some(address) = field.read(sock_addr) else {
-            return;
-        };
-        let backend = [address, 0, 0, 0];
+        let (family, backend) = socket_address(&field.read(sock_addr));
         // SAFETY: non-null storage of this socket, valid for the program's run.
         let state = unsafe { &*state };
-        if let Some(entry) =
-            state.entry_for_backend(FAMILY_IPV4, &backend, sock_addr.user_port as u16)
-        {
-            field.write(sock_addr, entry.frontend_address[0]);
-            sock_addr.user_port = u32::from(entry.frontend_port);
-            count(reason);
+        if let Some(entry) = state.entry_for_backend(family, &backend, sock_addr.user_port as u16) {
+            let frontend = socket_address_to_map(entry.family, &entry.frontend_address);
+            if field.write(sock_addr, frontend) {
+                sock_addr.user_port = u32::from(entry.frontend_port);
+                count(reason);
+            }
         }
     }
 

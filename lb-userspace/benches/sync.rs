@@ -195,7 +195,7 @@ fn list_json(n: u32) -> String {
 fn node() -> Node {
     Node {
         name: "node-1".into(),
-        ips: vec![Ipv4Addr::new(192, 168, 0, 1)],
+        ips: vec![Ipv4Addr::new(192, 168, 0, 1).into()],
         zone: None,
     }
 }

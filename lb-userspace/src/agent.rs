@@ -3,7 +3,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -68,7 +68,7 @@ pub struct AgentArgs {
     /// An address of this node that serves NodePorts; repeat for several
     /// [default: every non-loopback IPv4 address of the node's network namespace].
     #[arg(long = "node-ip", value_name = "IP")]
-    pub node_ips: Vec<Ipv4Addr>,
+    pub node_ips: Vec<IpAddr>,
     /// The node's own network namespace: its sockets, and only they, reach NodePorts on
     /// 127.0.0.1 [default: the agent's, as when it runs with hostNetwork].
     #[arg(long, value_name = "PATH", default_value = "/proc/self/ns/net")]
@@ -576,7 +576,7 @@ impl NodeAddresses {
 
     /// The node's addresses, if they differ from `current`. A failed read is tried again
     /// a little later: the change that prompted it will not be notified twice.
-    fn read(&mut self, current: &[std::net::Ipv4Addr]) -> Option<Vec<std::net::Ipv4Addr>> {
+    fn read(&mut self, current: &[std::net::IpAddr]) -> Option<Vec<std::net::IpAddr>> {
         match netns::addresses_of(&self.netns) {
             Ok(ips) => (ips != current).then_some(ips),
             Err(e) => {
@@ -658,9 +658,9 @@ struct Syncer {
     detached: Option<String>,
     /// Addresses the last writes put a frontend or a backend on, to look at once the sync
     /// is reported ([`Syncer::warn_shared_addresses`]).
-    addresses_written: Vec<std::net::Ipv4Addr>,
+    addresses_written: Vec<std::net::IpAddr>,
     /// Service addresses that are also an endpoint's, warned about while they last.
-    shared_addresses: BTreeSet<std::net::Ipv4Addr>,
+    shared_addresses: BTreeSet<std::net::IpAddr>,
     metrics: Arc<Metrics>,
 }
 
@@ -1099,7 +1099,7 @@ impl Syncer {
 
     /// NodePort frontends follow the node's addresses: the Services with a NodePort are
     /// recomputed at the next sync.
-    fn node_ips_changed(&mut self, ips: Vec<std::net::Ipv4Addr>) {
+    fn node_ips_changed(&mut self, ips: Vec<std::net::IpAddr>) {
         tracing::info!(was = ?self.node.ips, now = ?ips, "node addresses changed");
         self.node.ips = ips;
         self.store.node_addresses_changed();

@@ -4,7 +4,7 @@
 
 use std::{
     fs::File,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
@@ -52,7 +52,7 @@ pub enum NetnsError {
 pub struct HostNetns {
     pub cookie: u64,
     /// Its IPv4 addresses other than loopback.
-    pub addresses: Vec<Ipv4Addr>,
+    pub addresses: Vec<IpAddr>,
 }
 
 /// Reads the cookie and addresses of the network namespace at `path` (e.g.
@@ -99,7 +99,7 @@ pub(crate) fn inside<T: Send>(
 }
 
 /// The IPv4 addresses (other than loopback) of the network namespace at `path`.
-pub fn addresses_of(path: &Path) -> Result<Vec<Ipv4Addr>, NetnsError> {
+pub fn addresses_of(path: &Path) -> Result<Vec<IpAddr>, NetnsError> {
     inside(path, addresses)
 }
 
@@ -202,11 +202,18 @@ fn cookie() -> Result<u64, NetnsError> {
     Ok(cookie)
 }
 
-fn addresses() -> Result<Vec<Ipv4Addr>, NetnsError> {
-    let mut out: Vec<Ipv4Addr> = nix::ifaddrs::getifaddrs()
+fn addresses() -> Result<Vec<IpAddr>, NetnsError> {
+    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
         .map_err(NetnsError::Addresses)?
         .filter_map(|ifaddr| {
-            let ip = ifaddr.address?.as_sockaddr_in()?.ip();
+            let address = ifaddr.address?;
+            let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                (Some(v4), _) => IpAddr::V4(v4.ip()),
+                // A link-local address needs a scope (an interface) to be reached, which a
+                // NodePort frontend cannot carry; kube-proxy leaves them out too.
+                (None, Some(v6)) if !v6.ip().is_unicast_link_local() => IpAddr::V6(v6.ip()),
+                _ => return None,
+            };
             (!ip.is_loopback()).then_some(ip)
         })
         .collect();

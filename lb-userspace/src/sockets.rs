@@ -30,7 +30,9 @@ use std::{
 };
 
 use bytemuck::{Pod, Zeroable};
-use lb_common::{SocketEntry, SocketState, ipv4_in_mapped, ipv4_to_map, port_to_map};
+use lb_common::{
+    MapAddress, SocketEntry, SocketState, ip_to_map, mapped_ipv4, port_to_map, socket_address,
+};
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, recv, sendto, socket,
 };
@@ -210,7 +212,7 @@ fn parse_reply(datagram: &[u8], sockets: &mut Vec<Listed>) -> Result<bool, Optio
 /// and every backend address in use, by (address, port) in the maps' byte order.
 struct LiveBackends(
     HashMap<FrontendId, Vec<(BackendId, BackendAddr)>>,
-    std::collections::HashSet<(u32, u16)>,
+    std::collections::HashSet<(MapAddress, u16)>,
 );
 
 impl LiveBackends {
@@ -231,7 +233,7 @@ impl LiveBackends {
             programmed
                 .backends
                 .values()
-                .map(|addr| (ipv4_to_map(addr.address.octets()), port_to_map(addr.port)))
+                .map(|addr| (ip_to_map(addr.address), port_to_map(addr.port)))
                 .collect(),
         )
     }
@@ -242,7 +244,7 @@ impl LiveBackends {
     /// (cgroup v1 net_cls and net_prio tags follow the borrower), so sockets to live pods,
     /// whoever made them, are never borrowed. (A pod that left one Service but still backs
     /// another keeps its sockets: the price of that.)
-    fn may_be_stale(&self, peer: u32, port: u16) -> bool {
+    fn may_be_stale(&self, peer: MapAddress, port: u16) -> bool {
         !self.1.contains(&(peer, port))
     }
 
@@ -252,7 +254,8 @@ impl LiveBackends {
         self.0.get(&entry.frontend_id).is_some_and(|backends| {
             backends.iter().any(|(id, addr)| {
                 *id == entry.backend_id
-                    && ipv4_to_map(addr.address.octets()) == entry.backend_address[0]
+                    && socket_address(&ip_to_map(addr.address))
+                        == (entry.family, entry.backend_address)
                     && port_to_map(addr.port) == entry.backend_port
             })
         })
@@ -264,18 +267,23 @@ impl LiveBackends {
 /// that of any other frontend the socket has an entry for with the same backend (a socket
 /// that reached one pod through two Services stays while one of them still has it).
 fn stale_entry(socket: &Listed, state: &SocketState, live: &LiveBackends) -> Option<SocketEntry> {
-    let peer = match socket.family {
-        AF_INET => socket.id.dst[0],
-        AF_INET6 => ipv4_in_mapped(socket.id.dst)?,
-        _ => return None,
-    };
+    let (family, peer) = socket_address(&peer_of(socket)?);
     let mut matching = state.entries.iter().filter(|entry| {
-        entry.family != 0
-            && entry.backend_address[0] == peer
+        entry.family == family
+            && entry.backend_address == peer
             && entry.backend_port == socket.id.dport
     });
     let first = matching.clone().next().copied()?;
     matching.all(|entry| !live.holds(entry)).then_some(first)
+}
+
+/// The address a listed socket is connected to, as the maps hold it.
+fn peer_of(socket: &Listed) -> Option<MapAddress> {
+    match socket.family {
+        AF_INET => Some(mapped_ipv4(socket.id.dst[0])),
+        AF_INET6 => Some(socket.id.dst),
+        _ => None,
+    }
 }
 
 /// How many sockets [`terminate_stale`] destroyed, by protocol.
@@ -350,13 +358,8 @@ fn terminate_in(
     if listed.is_empty() {
         return Ok(Terminated::default());
     }
-    let peer = |listed: &Listed| match listed.family {
-        AF_INET => Some(listed.id.dst[0]),
-        AF_INET6 => ipv4_in_mapped(listed.id.dst),
-        _ => None,
-    };
     listed.retain(|(_, listed)| {
-        peer(listed).is_some_and(|peer| live.may_be_stale(peer, listed.id.dport))
+        peer_of(listed).is_some_and(|peer| live.may_be_stale(peer, listed.id.dport))
     });
     if listed.is_empty() {
         return Ok(Terminated::default());
@@ -580,16 +583,16 @@ fn namespaces_of(cgroup: &Path) -> Result<Vec<(PathBuf, Vec<u32>)>, SocketsError
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::IpAddr;
 
-    use lb_common::{Backend, ServiceKey, mapped_ipv4};
+    use lb_common::{Backend, ServiceKey, ipv4_to_map};
 
     use super::*;
     use crate::{model::Protocol, plan::ProgrammedFrontend};
 
     fn addr(ip: [u8; 4], port: u16) -> BackendAddr {
         BackendAddr {
-            address: Ipv4Addr::from(ip),
+            address: IpAddr::from(ip),
             port,
         }
     }
@@ -597,7 +600,7 @@ mod tests {
     /// Frontend 7 (10.96.0.10:53) with backend 1 (10.244.0.10:5353).
     fn programmed() -> Programmed {
         let frontend = crate::model::Frontend {
-            address: Ipv4Addr::new(10, 96, 0, 10),
+            address: IpAddr::from([10, 96, 0, 10]),
             port: 53,
             protocol: Protocol::Udp,
         };
@@ -621,12 +624,13 @@ mod tests {
     }
 
     fn entry(backend_id: u32, backend: [u8; 4]) -> SocketEntry {
-        let frontend = ServiceKey::new(ipv4_to_map([10, 96, 0, 10]), port_to_map(53), 17, 0);
-        SocketEntry::ipv4(
+        let vip = ip_to_map(IpAddr::from([10, 96, 0, 10]));
+        let frontend = ServiceKey::new(vip, port_to_map(53), 17, 0);
+        SocketEntry::new(
             &frontend,
             7,
             backend_id,
-            &Backend::new(ipv4_to_map(backend), port_to_map(5353)),
+            &Backend::new(ip_to_map(IpAddr::from(backend)), port_to_map(5353)),
         )
     }
 
@@ -681,8 +685,50 @@ mod tests {
         );
         assert!(stale_entry(&listed(AF_INET, gone), &through_two, &live_for_9).is_none());
         // Only sockets to no backend in use are looked at closer.
-        assert!(!live.may_be_stale(gone[0], port_to_map(5353)));
-        assert!(live.may_be_stale(ipv4_to_map([10, 244, 0, 99]), port_to_map(5353)));
+        assert!(!live.may_be_stale(mapped_ipv4(gone[0]), port_to_map(5353)));
+        let unknown = ip_to_map(IpAddr::from([10, 244, 0, 99]));
+        assert!(live.may_be_stale(unknown, port_to_map(5353)));
+    }
+
+    #[test]
+    fn an_ipv6_socket_to_an_ipv6_backend_that_left_is_stale() {
+        let frontend = crate::model::Frontend {
+            address: "fd00:96::10".parse().unwrap(),
+            port: 53,
+            protocol: Protocol::Udp,
+        };
+        let backend = |last: u16| BackendAddr {
+            address: IpAddr::from([0xfd00, 0x244, 0, 0, 0, 0, 0, last]),
+            port: 5353,
+        };
+        let programmed = Programmed::new(
+            [(
+                frontend,
+                ProgrammedFrontend {
+                    id: 7,
+                    slots: vec![1],
+                    ..ProgrammedFrontend::default()
+                },
+            )]
+            .into(),
+            [(1, backend(10))].into(),
+            BTreeSet::new(),
+        );
+        let live = LiveBackends::of(&programmed);
+        let key = ServiceKey::new(ip_to_map(frontend.address), port_to_map(53), 17, 0);
+        let sent_to = |id, addr: BackendAddr| {
+            let to = Backend::new(ip_to_map(addr.address), port_to_map(addr.port));
+            state(SocketEntry::new(&key, 7, id, &to))
+        };
+        let gone = ip_to_map(backend(11).address);
+        let held = ip_to_map(backend(10).address);
+        assert!(stale_entry(&listed(AF_INET6, gone), &sent_to(2, backend(11)), &live).is_some());
+        assert!(stale_entry(&listed(AF_INET6, held), &sent_to(1, backend(10)), &live).is_none());
+        // An IPv4 socket whose first word equals the IPv6 backend's is not that socket.
+        let first_word = listed(AF_INET, [gone[0], 0, 0, 0]);
+        assert!(stale_entry(&first_word, &sent_to(2, backend(11)), &live).is_none());
+        assert!(live.may_be_stale(gone, port_to_map(5353)));
+        assert!(!live.may_be_stale(held, port_to_map(5353)));
     }
 
     #[test]

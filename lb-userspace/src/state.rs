@@ -150,9 +150,14 @@ impl Delta {
 
 /// Which shard a frontend is in: stable across agents, which rewrite each other's shards.
 fn shard_of_frontend(frontend: &Frontend) -> usize {
-    let key = (u64::from(u32::from(frontend.address)) << 24)
-        | (u64::from(frontend.port) << 8)
-        | u64::from(frontend.protocol.number());
+    // The low 64 bits of the address as the maps hold it: an IPv4 address whole, and the
+    // interface identifier of an IPv6 one, which is where IPv6 Service addresses differ.
+    let address = match frontend.address {
+        std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        std::net::IpAddr::V6(v6) => (u128::from(v6) & u128::from(u64::MAX)) as u64,
+    };
+    let key =
+        (address << 24) ^ (u64::from(frontend.port) << 8) ^ u64::from(frontend.protocol.number());
     shard_of(key)
 }
 

@@ -276,6 +276,15 @@ pub struct Testbed {
     /// The agent finds the node's addresses itself (and follows them) instead of being
     /// told [`NODE_IP`].
     pub discover_node_ips: bool,
+    /// The node and its pods have an IPv6 address each too ([`ipv6_of`]).
+    dual_stack: bool,
+}
+
+/// The IPv6 address a dual-stack testbed gives the node or pod at `ip`: `fd00::` and the
+/// IPv4 address in its last 32 bits (`fd00::a.b.c.d`), in the node's IPv6 pod network
+/// `fd00::/96`.
+pub fn ipv6_of(ip: Ipv4Addr) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from((0xfd00_u128 << 112) | u128::from(u32::from(ip)))
 }
 
 impl Testbed {
@@ -300,6 +309,7 @@ impl Testbed {
             servers: Vec::new(),
             agent: None,
             discover_node_ips: false,
+            dual_stack: false,
             id,
         };
         // From here on, Drop removes whatever was created.
@@ -327,7 +337,23 @@ impl Testbed {
     /// A node with backend pods `web-0..n` at 10.244.0.(10+i), each serving httpenv on
     /// `port` (TCP and UDP), and a client pod `client` at 10.244.1.1.
     pub fn with_backends(backends: u8, port: u16) -> anyhow::Result<(Self, Vec<Pod>, Pod)> {
+        Self::new()?.populated(backends, port)
+    }
+
+    /// [`Self::with_backends`] on a dual-stack node: the node and every pod also have the
+    /// IPv6 address [`ipv6_of`] theirs, and the servers listen on both.
+    pub fn dual_stack_with_backends(
+        backends: u8,
+        port: u16,
+    ) -> anyhow::Result<(Self, Vec<Pod>, Pod)> {
         let mut testbed = Self::new()?;
+        testbed.dual_stack = true;
+        testbed.add_ipv6(&testbed.node_netns, "br0", NODE_IP)?;
+        testbed.populated(backends, port)
+    }
+
+    fn populated(self, backends: u8, port: u16) -> anyhow::Result<(Self, Vec<Pod>, Pod)> {
+        let mut testbed = self;
         let mut pods = Vec::new();
         for i in 0..backends {
             let pod = testbed.add_pod(&format!("web-{i}"), Ipv4Addr::new(10, 244, 0, 10 + i))?;
@@ -336,6 +362,21 @@ impl Testbed {
         }
         let client = testbed.add_pod("client", Ipv4Addr::new(10, 244, 1, 1))?;
         Ok((testbed, pods, client))
+    }
+
+    /// Gives `device` in `netns` the IPv6 address of `ip` ([`ipv6_of`]), usable at once
+    /// (no duplicate address detection: nothing else is on this network).
+    fn add_ipv6(&self, netns: &str, device: &str, address: Ipv4Addr) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            netns,
+            "addr",
+            "add",
+            &format!("{}/96", ipv6_of(address)),
+            "dev",
+            device,
+            "nodad",
+        ])
     }
 
     fn mount_bpffs(&self) -> anyhow::Result<()> {
@@ -394,16 +435,27 @@ impl Testbed {
             "eth0",
         ])?;
         ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
+        if self.dual_stack {
+            self.add_ipv6(&netns, "eth0", ip_address)?;
+        }
         Ok(pod)
     }
 
     /// Starts the httpenv server in `pod` on `port` (TCP, and UDP too), with HOSTNAME set
     /// to the pod's name, and waits until it accepts connections.
     pub fn serve_httpenv(&mut self, pod: &Pod, port: u16) -> anyhow::Result<()> {
+        let mut listen = vec!["--listen".to_owned(), format!("0.0.0.0:{port}")];
+        if self.dual_stack {
+            listen.extend([
+                "--listen".to_owned(),
+                format!("[{}]:{port}", ipv6_of(pod.ip)),
+            ]);
+        }
         let server = Command::new("ip")
             .args(["netns", "exec", &pod.netns])
             .arg(binary("httpenv")?)
-            .args(["--udp", "--listen", &format!("0.0.0.0:{port}")])
+            .arg("--udp")
+            .args(listen)
             .env_clear()
             .env("HOSTNAME", &pod.name)
             .env(

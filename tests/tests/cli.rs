@@ -203,7 +203,7 @@ fn every_command_works_with_the_agent_running_and_stopped() {
         serde_json::from_str(&testbed.lb(&["status", "-o", "json"]).unwrap()).unwrap();
     assert_eq!(status["agent_running"], true, "{status}");
     assert_eq!(status["node"], "node-1");
-    assert_eq!(status["layout"], "v3");
+    assert_eq!(status["layout"], "v4");
     // The datapath loaded, so the kernel has what it requires; the optional features are
     // told one way or the other (the kernel has BTF).
     let features = status["features"].as_array().unwrap();
@@ -237,6 +237,7 @@ fn every_command_works_with_the_agent_running_and_stopped() {
             "cgroup/recvmsg4",
             "cgroup/getpeername4",
             "cgroup/connect6",
+            "cgroup/sendmsg6",
             "cgroup/recvmsg6",
             "cgroup/getpeername6",
             "cgroup/post_bind4",
@@ -260,8 +261,8 @@ fn every_command_works_with_the_agent_running_and_stopped() {
     // Frontends 10.96.0.10:80 (2 slots), 10.96.0.53:53, 10.244.0.1:30053, 127.0.0.1:30053
     // (1 slot each), 10.96.0.20:8080 (1 slot): 5 masters + 6 slots.
     // A small node's worth: the maps grow only when the source needs more.
-    assert_eq!(occupancy(&status, "lb4_svc_v3"), (11, 4096));
-    assert_eq!(occupancy(&status, "lb4_backend_v1").0, 2);
+    assert_eq!(occupancy(&status, lb_common::SERVICE_MAP), (11, 4096));
+    assert_eq!(occupancy(&status, lb_common::BACKEND_MAP).0, 2);
 
     let affinity: serde_json::Value =
         serde_json::from_str(&testbed.lb(&["affinity", "-o", "json"]).unwrap()).unwrap();
@@ -350,7 +351,7 @@ fn errors_are_one_line_with_what_to_do() {
     mismatch.args(["services", "--bpffs"]).arg(&old.0);
     assert_fails(
         mismatch,
-        "pinned by another lb version (found lb4_svc_v1, this lb reads lb4_svc_v3)",
+        "pinned by another lb version (found lb4_svc_v1, this lb reads lb_svc_v4)",
     );
 
     // Bad arguments and unknown names.
@@ -358,7 +359,7 @@ fn errors_are_one_line_with_what_to_do() {
     bad_destination.env("NO_COLOR", "1");
     let output = bad_destination.output().unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("not an IPv4 ADDRESS:PORT"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not an ADDRESS:PORT"));
     assert_fails(
         testbed.lb_command(&["services", "shop/nope"]).unwrap(),
         "no Service shop/nope",
@@ -444,7 +445,7 @@ fn the_cli_only_reads() {
     // Stopped, so that nothing but the CLI could touch the maps.
     testbed.stop_agent().unwrap();
     let before = dump_maps(&testbed);
-    assert!(before.contains("lb4_svc_v3"), "{before}");
+    assert!(before.contains(lb_common::SERVICE_MAP), "{before}");
     every_command_in_every_format(&testbed);
     drop(testbed.lb(&["services", "shop/web", "-o", "wide"]).unwrap());
     assert_eq!(before, dump_maps(&testbed));

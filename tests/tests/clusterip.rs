@@ -447,13 +447,27 @@ fn sighup_reads_the_source_again_and_repairs_the_maps() {
 
     // The frontend's master entry deleted behind the agent's back: the Service is gone
     // from the datapath (its clusterIP is refused as a port nobody has).
-    let master_key = "hex 0a 60 00 0a 00 50 00 00 06 00 00 00";
+    let master = lb_common::ServiceKey::new(
+        lb_common::ip_to_map([10, 96, 0, 10].into()),
+        lb_common::port_to_map(80),
+        lb_common::IPPROTO_TCP,
+        lb_common::MASTER_SLOT,
+    );
+    // The key's bytes as the kernel holds them: address words and port in network order.
+    let mut key_bytes: Vec<u8> = master
+        .address
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+    key_bytes.extend(master.port.to_ne_bytes());
+    key_bytes.extend(master.slot.to_ne_bytes());
+    key_bytes.extend([master.protocol, 0, 0, 0]);
     let mut delete = std::process::Command::new("bpftool");
     delete
         .args(["map", "delete", "pinned"])
         .arg(testbed.bpffs.join(lb_common::SERVICE_MAP))
-        .args(["key"])
-        .args(master_key.split(' '));
+        .args(["key", "hex"])
+        .args(key_bytes.iter().map(|byte| format!("{byte:02x}")));
     lb_tests::run(&mut delete).unwrap();
     let broken = testbed.probe(&client, "10.96.0.10:80", 1).unwrap();
     assert!(broken[0].hostname().is_none(), "{broken:?}");

@@ -178,7 +178,7 @@ fn programs_detached_under_the_agent_are_attached_again() {
             && !name.starts_with("lb_sock")
             && !name.starts_with("lb_stats")
             && !name.starts_with("lb_config")
-            || name == "lb4_backend_v1"
+            || name == lb_common::BACKEND_MAP
         {
             std::fs::remove_file(entry.path()).unwrap();
         }
@@ -191,7 +191,11 @@ fn programs_detached_under_the_agent_are_attached_again() {
     .unwrap();
     // The map pin comes back in the same check, right after the links.
     wait_for("the map pinned again", Duration::from_secs(5), || {
-        Ok(testbed.bpffs.join("lb4_backend_v1").exists().then_some(()))
+        Ok(testbed
+            .bpffs
+            .join(lb_common::BACKEND_MAP)
+            .exists()
+            .then_some(()))
     })
     .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
     assert!(testbed.bpffs.join("lb_connect4").exists());
@@ -205,7 +209,7 @@ fn programs_detached_under_the_agent_are_attached_again() {
 
     // A map pin replaced by another map (the config map moved over the backend map's
     // pin): both are pinned again, and the CLI reads the backends, not the config.
-    let backends_pin = testbed.bpffs.join("lb4_backend_v1");
+    let backends_pin = testbed.bpffs.join(lb_common::BACKEND_MAP);
     std::fs::rename(testbed.bpffs.join("lb_config_v1"), &backends_pin).unwrap();
     wait_for("the map pins put right", Duration::from_secs(5), || {
         let backends = testbed.lb(&["backends"]).unwrap_or_default();

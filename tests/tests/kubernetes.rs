@@ -308,8 +308,8 @@ fn metrics_health_and_unusable_objects() {
         "lb_frontends 1",
         "lb_backends 1",
         "lb_errors_total{kind=\"InvalidObject\"} 1",
-        "lb_map_entries{map=\"lb4_svc_v3\"} 2",
-        "lb_map_capacity{map=\"lb4_svc_v3\"} 4096",
+        "lb_map_entries{map=\"lb_svc_v4\"} 2",
+        "lb_map_capacity{map=\"lb_svc_v4\"} 4096",
         "lb_sync_duration_seconds_count",
         "lb_event_to_map_seconds_count",
     ] {

@@ -1,8 +1,8 @@
-//! An agent of this map layout starting over the pins of the previous one (`lb4_svc_v2`,
-//! with the reverse-NAT and UDP-socket LRU maps, before per-socket storage): the previous
-//! layout's programs keep translating until the new agent's maps are filled, then they are
-//! detached and their maps unpinned — and a client connecting back to back throughout never
-//! fails.
+//! An agent of this map layout starting over the pins of the previous one (`lb4_svc_v3`,
+//! `lb4_backend_v1` and `lb4_cip_v1`, IPv4 addresses in 4 bytes, before IPv6 frontends):
+//! the previous layout's programs keep translating until the new agent's maps are filled,
+//! then they are detached and their maps unpinned — and a client connecting back to back
+//! throughout never fails.
 //!
 //! The previous layout is the real one: its eBPF object is built from this repository's
 //! history (the last commit with that layout), then loaded, attached, pinned and filled
@@ -18,36 +18,71 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::HashMap,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, links::FdLink},
 };
 use lb_common::{
-    Backend, IPPROTO_TCP, MASTER_SLOT, PREVIOUS_LAYOUT_MAPS, PROGRAMS, ServiceKey, ipv4_to_map,
-    port_to_map,
+    IPPROTO_TCP, MASTER_SLOT, PREVIOUS_LAYOUT_MAPS, PROGRAMS, ipv4_to_map, port_to_map,
 };
 use lb_tests::{
     Probe, Testbed, assert_no_failed_connects, finish_probes, privileged, run, wait_for,
 };
 
 /// The last commit whose datapath has the previous layout.
-const PREVIOUS_LAYOUT_COMMIT: &str = "34027127a950d4b2b479243372b16decb52fa48a";
+const PREVIOUS_LAYOUT_COMMIT: &str = "c0b032a4b454236a2ca0c6a0e496fd8056138ac2";
 
-/// The previous layout's service map value: a slot named its backend by id only.
+/// The previous layout's service map key: an IPv4 frontend.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PreviousServiceKey {
+    address: u32,
+    port: u16,
+    slot: u16,
+    protocol: u8,
+    _pad: [u8; 3],
+}
+
+/// The previous layout's service map value: a slot held its IPv4 backend.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct PreviousServiceValue {
     backend_id: u32,
+    backend_address: u32,
+    backend_port: u16,
     count: u16,
     flags: u16,
+    _pad: u16,
     frontend_id: u32,
     affinity_timeout_s: u32,
 }
 
-// SAFETY: `#[repr(C)]` with no padding (4 + 2 + 2 + 4 + 4 bytes): every bit pattern is a
-// valid value.
-unsafe impl aya::Pod for PreviousServiceValue {}
+/// The previous layout's backend map value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PreviousBackend {
+    address: u32,
+    port: u16,
+    _pad: u16,
+}
 
-/// The previous layout's programs (it had no IPv6 hooks).
-const PREVIOUS_PROGRAMS: [&str; 4] = ["connect4", "sendmsg4", "recvmsg4", "getpeername4"];
+// SAFETY: `#[repr(C)]` with no padding (4 + 2 + 2 + 1 + 3, 4 + 4 + 2 + 2 + 2 + 2 + 4 + 4 and
+// 4 + 2 + 2 bytes): every bit pattern is a valid value.
+unsafe impl aya::Pod for PreviousServiceKey {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PreviousServiceValue {}
+// SAFETY: as above.
+unsafe impl aya::Pod for PreviousBackend {}
+
+/// The previous layout's programs: this one's but `sendmsg6`.
+const PREVIOUS_SOCK_ADDR_PROGRAMS: [&str; 7] = [
+    "connect4",
+    "sendmsg4",
+    "recvmsg4",
+    "getpeername4",
+    "connect6",
+    "recvmsg6",
+    "getpeername6",
+];
+const PREVIOUS_SOCK_PROGRAMS: [&str; 2] = ["post_bind4", "post_bind6"];
 
 const SERVICE: &str = "\
 apiVersion: v1
@@ -144,60 +179,78 @@ fn load_previous_layout(
         .default_map_pin_directory(bpffs)
         .load_file(object)?;
     let cgroup = std::fs::File::open(cgroup)?;
-    for name in PREVIOUS_PROGRAMS {
+    let pin = |link: FdLink, name: &str| link.pin(bpffs.join(format!("lb_{name}")));
+    for name in PREVIOUS_SOCK_ADDR_PROGRAMS {
         let program: &mut CgroupSockAddr = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow::anyhow!("no program {name}"))?
             .try_into()?;
         program.load()?;
         let link = program.attach(&cgroup, CgroupAttachMode::Single)?;
-        let link: FdLink = program.take_link(link)?.try_into()?;
-        link.pin(bpffs.join(format!("lb_{name}")))?;
+        pin(program.take_link(link)?.try_into()?, name)?;
     }
-    let mut ids = Vec::new();
+    for name in PREVIOUS_SOCK_PROGRAMS {
+        let program: &mut CgroupSock = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow::anyhow!("no program {name}"))?
+            .try_into()?;
+        program.load()?;
+        let link = program.attach(&cgroup, CgroupAttachMode::Single)?;
+        pin(program.take_link(link)?.try_into()?, name)?;
+    }
+    let mut slots = Vec::new();
     {
-        let mut map: HashMap<_, u32, Backend> = ebpf
+        let mut map: HashMap<_, u32, PreviousBackend> = ebpf
             .map_mut("lb4_backend_v1")
             .ok_or_else(|| anyhow::anyhow!("no backend map"))?
             .try_into()?;
         for (index, address) in backends.iter().enumerate() {
             let id = u32::try_from(index)? + 1;
-            map.insert(
-                id,
-                Backend::new(ipv4_to_map(*address), port_to_map(8888)),
-                0,
-            )?;
-            ids.push(id);
+            let backend = PreviousBackend {
+                address: ipv4_to_map(*address),
+                port: port_to_map(8888),
+                _pad: 0,
+            };
+            map.insert(id, backend, 0)?;
+            slots.push(PreviousServiceValue {
+                backend_id: id,
+                backend_address: backend.address,
+                backend_port: backend.port,
+                count: 0,
+                flags: 0,
+                _pad: 0,
+                frontend_id: 0,
+                affinity_timeout_s: 0,
+            });
         }
     }
-    let mut services: HashMap<_, ServiceKey, PreviousServiceValue> = ebpf
-        .map_mut("lb4_svc_v2")
+    let mut services: HashMap<_, PreviousServiceKey, PreviousServiceValue> = ebpf
+        .map_mut("lb4_svc_v3")
         .ok_or_else(|| anyhow::anyhow!("no service map"))?
         .try_into()?;
-    let frontend = ServiceKey::new(
-        ipv4_to_map([10, 96, 0, 10]),
-        port_to_map(80),
-        IPPROTO_TCP,
-        MASTER_SLOT,
-    );
-    for (index, id) in ids.iter().enumerate() {
-        let slot = PreviousServiceValue {
-            backend_id: *id,
-            count: 0,
-            flags: 0,
-            frontend_id: 0,
-            affinity_timeout_s: 0,
-        };
-        services.insert(frontend.with_slot(u16::try_from(index)? + 1), slot, 0)?;
+    let frontend = |slot: usize| -> anyhow::Result<PreviousServiceKey> {
+        Ok(PreviousServiceKey {
+            address: ipv4_to_map([10, 96, 0, 10]),
+            port: port_to_map(80),
+            slot: u16::try_from(slot)?,
+            protocol: IPPROTO_TCP,
+            _pad: [0; 3],
+        })
+    };
+    for (index, slot) in slots.iter().enumerate() {
+        services.insert(frontend(index + 1)?, slot, 0)?;
     }
     let master = PreviousServiceValue {
         backend_id: 0,
-        count: u16::try_from(ids.len())?,
-        flags: 0,
+        backend_address: 0,
+        backend_port: 0,
+        count: u16::try_from(slots.len())?,
+        flags: lb_common::FLAG_CLUSTER_IP,
+        _pad: 0,
         frontend_id: 1,
         affinity_timeout_s: 0,
     };
-    services.insert(frontend, master, 0)?;
+    services.insert(frontend(usize::from(MASTER_SLOT))?, master, 0)?;
     // The pinned links keep the programs attached, and the pins keep the maps, once the
     // loader's descriptors close: as an agent of that version leaves them when it stops.
     Ok(())
@@ -279,5 +332,5 @@ fn an_agent_takes_over_from_the_previous_layout_without_a_failed_connect() {
     assert_eq!(served, BTreeSet::from(["web-0", "web-1"]));
     let status: serde_json::Value =
         serde_json::from_str(&testbed.lb(&["status", "-o", "json"]).unwrap()).unwrap();
-    assert_eq!(status["layout"], "v3");
+    assert_eq!(status["layout"], "v4");
 }

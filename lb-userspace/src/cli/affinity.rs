@@ -1,7 +1,7 @@
 //! `lb affinity`: the session-affinity entries — which client (network namespace) sticks to
 //! which backend of which frontend, since when, and whether the entry still holds.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use lb_common::{AffinityMatchKey, affinity_holds};
 use serde::Serialize;
@@ -26,7 +26,7 @@ pub struct AffinityRow {
     pub frontend: Option<String>,
     pub service: Option<String>,
     pub backend_id: u32,
-    pub backend_address: Option<Ipv4Addr>,
+    pub backend_address: Option<IpAddr>,
     pub backend_port: Option<u16>,
     /// Seconds since the client last connected through the entry.
     pub age_s: f64,

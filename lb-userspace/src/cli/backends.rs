@@ -1,7 +1,7 @@
 //! `lb backends`: every backend in the backend map, the frontends whose slots name it, and
 //! its endpoint state.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::Serialize;
 
@@ -18,7 +18,7 @@ pub struct BackendsArgs {
 #[derive(Debug, PartialEq, Eq, Serialize)]
 pub struct BackendRow {
     pub id: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     /// Frontends (`ip:port/PROTO`) with a slot naming this backend.
     pub frontends: Vec<String>,

@@ -27,7 +27,7 @@ pub struct ExplainArgs {
 pub enum DestinationError {
     #[error(transparent)]
     Protocol(#[from] crate::model::Invalid),
-    #[error("{0:?} is not an IPv4 ADDRESS:PORT (or a v4-mapped [::ffff:ADDRESS]:PORT)")]
+    #[error("{0:?} is not an ADDRESS:PORT (IPv4, or IPv6 in brackets: [fd00::10]:80)")]
     Address(String),
 }
 
@@ -38,14 +38,17 @@ fn parse_destination(text: &str) -> Result<Frontend, DestinationError> {
     };
     let protocol = Protocol::from_api(Some(&protocol))?;
     let not_one = || DestinationError::Address(address.to_owned());
+    let destination = address.parse::<SocketAddr>().map_err(|_| not_one())?;
     // The datapath translates a v4-mapped destination through the IPv4 frontends.
-    let (ip, port) = match address.parse::<SocketAddr>().map_err(|_| not_one())? {
-        SocketAddr::V4(v4) => (*v4.ip(), v4.port()),
-        SocketAddr::V6(v6) => (v6.ip().to_ipv4_mapped().ok_or_else(not_one)?, v6.port()),
+    let ip = match destination.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
     };
     Ok(Frontend {
         address: ip,
-        port,
+        port: destination.port(),
         protocol,
     })
 }
@@ -295,7 +298,7 @@ fn text(explanation: &Explanation, wide: bool) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::IpAddr;
 
     use super::*;
 
@@ -304,7 +307,7 @@ mod tests {
         assert_eq!(
             parse_destination("10.96.0.10:53/udp").unwrap(),
             Frontend {
-                address: Ipv4Addr::new(10, 96, 0, 10),
+                address: IpAddr::from([10, 96, 0, 10]),
                 port: 53,
                 protocol: Protocol::Udp
             }
@@ -317,13 +320,16 @@ mod tests {
             parse_destination("10.96.0.10")
                 .unwrap_err()
                 .to_string()
-                .contains("not an IPv4 ADDRESS:PORT")
+                .contains("not an ADDRESS:PORT")
         );
         assert_eq!(
             parse_destination("[::ffff:10.96.0.10]:53/UDP").unwrap(),
             parse_destination("10.96.0.10:53/UDP").unwrap()
         );
-        assert!(parse_destination("[fd00::10]:80").is_err());
+        assert_eq!(
+            parse_destination("[fd00::10]:80").unwrap().address,
+            "fd00::10".parse::<IpAddr>().unwrap()
+        );
         assert!(
             parse_destination("10.96.0.10:80/ICMP")
                 .unwrap_err()

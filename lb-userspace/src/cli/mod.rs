@@ -99,13 +99,17 @@ fn check_layout(dir: &Path) -> Result<(), CliError> {
     if dir.join(lb_common::SERVICE_MAP).exists() {
         return Ok(());
     }
-    let family = lb_common::SERVICE_MAP.trim_end_matches(|c: char| c.is_ascii_digit());
+    // A service map of any layout: `lb_svc_v4`, and before IPv6 frontends `lb4_svc_v3`, …
+    let is_service_map = |name: &str| {
+        let unversioned = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        (unversioned == "lb_svc_v" || unversioned == "lb4_svc_v") && unversioned != name
+    };
     let other = std::fs::read_dir(dir)
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|entry| entry.file_name().into_string().ok())
-        .find(|name| name.starts_with(family));
+        .find(|name| is_service_map(name));
     match other {
         Some(found) => Err(CliError::LayoutMismatch {
             path: dir.into(),

@@ -3,7 +3,7 @@
 //! not in the datapath, with why. Frontends and backends come from the maps, names and
 //! endpoint states from the agent's state file.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use comfy_table::Table;
 use lb_common::{FLAG_HOST_NETNS_ONLY, FLAG_NODE_LOCAL};
@@ -30,7 +30,7 @@ pub struct ServicesArgs {
 /// One backend of a frontend; the states are `null` when the state file does not know it.
 #[derive(Debug, PartialEq, Eq, Serialize)]
 pub struct BackendEntry {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
@@ -46,7 +46,7 @@ pub struct ServiceEntry {
     /// ClusterIP, NodePort, LoadBalancer, ExternalIP — or Headless, ExternalName.
     pub kind: Option<String>,
     /// The frontend; `null` for a Service that is not in the datapath.
-    pub address: Option<Ipv4Addr>,
+    pub address: Option<IpAddr>,
     pub port: Option<u16>,
     pub protocol: Option<Protocol>,
     /// The backends a connect can reach, in slot order.

@@ -9,7 +9,7 @@ pub mod mounts;
 use std::{
     collections::BTreeMap,
     fs::File,
-    net::Ipv4Addr,
+    net::IpAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -24,8 +24,8 @@ use aya::{
 };
 use lb_common::{
     AFFINITY_MAP, AFFINITY_MATCH_MAP, AffinityMatchKey, BACKEND_MAP, Backend, CLUSTER_IP_MAP,
-    CONFIG_MAP, Config, MASTER_SLOT, Reason, SERVICE_MAP, SOCKET_MAP, STATS_MAP, ServiceKey,
-    ServiceValue, ipv4_from_map, ipv4_to_map, port_from_map, port_to_map,
+    CONFIG_MAP, Config, MASTER_SLOT, MapAddress, Reason, SERVICE_MAP, SOCKET_MAP, STATS_MAP,
+    ServiceKey, ServiceValue, ip_from_map, ip_to_map, port_from_map, port_to_map,
 };
 
 use self::mounts::MountError;
@@ -213,7 +213,7 @@ pub fn map_occupancy(dir: &Path, name: &'static str) -> Result<Occupancy, Datapa
     let entries = match name {
         SERVICE_MAP => count::<ServiceKey, ServiceValue>(open_pinned_map(dir, name)?, name)?,
         BACKEND_MAP => count::<BackendId, Backend>(open_pinned_map(dir, name)?, name)?,
-        CLUSTER_IP_MAP => count::<u32, u32>(open_pinned_map(dir, name)?, name)?,
+        CLUSTER_IP_MAP => count::<MapAddress, u32>(open_pinned_map(dir, name)?, name)?,
         AFFINITY_MAP => count::<lb_common::AffinityKey, lb_common::AffinityValue>(
             open_pinned_map(dir, name)?,
             name,
@@ -258,7 +258,7 @@ pub struct ServiceMaps {
     affinity_matches: MapData,
     cluster_ips: MapData,
     /// What [`CLUSTER_IP_MAP`] holds, as the agent last wrote or read it.
-    held_cluster_ips: std::collections::BTreeSet<Ipv4Addr>,
+    held_cluster_ips: std::collections::BTreeSet<IpAddr>,
     config: Array<MapData, Config>,
     stats: PerCpuArray<MapData, u64>,
 }
@@ -315,7 +315,7 @@ impl OpClass {
 }
 
 fn backend_value(addr: &BackendAddr) -> Backend {
-    Backend::new(ipv4_to_map(addr.address.octets()), port_to_map(addr.port))
+    Backend::new(ip_to_map(addr.address), port_to_map(addr.port))
 }
 
 fn master_value(master: &ProgrammedFrontend) -> ServiceValue {
@@ -347,7 +347,7 @@ impl ServiceMaps {
                 get(AFFINITY_MATCH_MAP)?,
                 AFFINITY_MATCH_MAP,
             )?,
-            cluster_ips: hash_map::<u32, u32>(get(CLUSTER_IP_MAP)?, CLUSTER_IP_MAP)?,
+            cluster_ips: hash_map::<MapAddress, u32>(get(CLUSTER_IP_MAP)?, CLUSTER_IP_MAP)?,
             held_cluster_ips: std::collections::BTreeSet::new(),
             config: get(CONFIG_MAP)?.try_into().map_err(map_error(CONFIG_MAP))?,
             stats: get(STATS_MAP)?.try_into().map_err(map_error(STATS_MAP))?,
@@ -391,7 +391,7 @@ impl ServiceMaps {
             backends.insert(
                 id,
                 BackendAddr {
-                    address: Ipv4Addr::from(ipv4_from_map(backend.address)),
+                    address: ip_from_map(backend.address),
                     port: port_from_map(backend.port),
                 },
             );
@@ -533,7 +533,8 @@ impl ServiceMaps {
                             // which the datapath leaves untranslated and counts.
                             ServiceValue::slot(
                                 *id,
-                                resolve(id).map_or(Backend::new(0, 0), |addr| backend_value(&addr)),
+                                resolve(id)
+                                    .map_or(Backend::new([0; 4], 0), |addr| backend_value(&addr)),
                             ),
                         )),
                         MapOp::PutMaster(frontend, master) => {
@@ -624,14 +625,14 @@ impl ServiceMaps {
     pub fn update_cluster_ips(
         &mut self,
         programmed: &Programmed,
-        changed: impl IntoIterator<Item = Ipv4Addr>,
+        changed: impl IntoIterator<Item = IpAddr>,
         all: bool,
     ) -> Result<(), DatapathError> {
-        let (added, removed): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) = if all {
+        let (added, removed): (Vec<IpAddr>, Vec<IpAddr>) = if all {
             // One pass over the frontends, not a look per address: at 100k Services this is
             // the first sync.
             self.held_cluster_ips = self.cluster_ips()?;
-            let wanted: std::collections::BTreeSet<Ipv4Addr> = programmed
+            let wanted: std::collections::BTreeSet<IpAddr> = programmed
                 .frontends
                 .iter()
                 .filter(|(_, frontend)| frontend.flags & lb_common::FLAG_CLUSTER_IP != 0)
@@ -642,7 +643,7 @@ impl ServiceMaps {
                 self.held_cluster_ips.difference(&wanted).copied().collect(),
             )
         } else {
-            let changed: std::collections::BTreeSet<Ipv4Addr> = changed.into_iter().collect();
+            let changed: std::collections::BTreeSet<IpAddr> = changed.into_iter().collect();
             let held = &self.held_cluster_ips;
             changed
                 .into_iter()
@@ -651,10 +652,10 @@ impl ServiceMaps {
         };
         let fd = self.cluster_ips.fd().as_fd();
         let write_error = |entries| write_error(&self.cluster_ips, CLUSTER_IP_MAP, entries);
-        let keys = |addresses: &[Ipv4Addr]| -> Vec<u32> {
+        let keys = |addresses: &[IpAddr]| -> Vec<MapAddress> {
             addresses
                 .iter()
-                .map(|address| ipv4_to_map(address.octets()))
+                .map(|address| ip_to_map(*address))
                 .collect()
         };
         if !removed.is_empty() {
@@ -673,15 +674,17 @@ impl ServiceMaps {
     }
 
     /// The addresses [`CLUSTER_IP_MAP`] holds, read from the map.
-    pub fn cluster_ips(&self) -> Result<std::collections::BTreeSet<Ipv4Addr>, DatapathError> {
-        Ok(bpf::lookup_all::<u32, u32>(self.cluster_ips.fd().as_fd())
-            .map_err(|source| DatapathError::Read {
-                map: CLUSTER_IP_MAP,
-                source,
-            })?
-            .into_iter()
-            .map(|(address, _)| Ipv4Addr::from(ipv4_from_map(address)))
-            .collect())
+    pub fn cluster_ips(&self) -> Result<std::collections::BTreeSet<IpAddr>, DatapathError> {
+        Ok(
+            bpf::lookup_all::<MapAddress, u32>(self.cluster_ips.fd().as_fd())
+                .map_err(|source| DatapathError::Read {
+                    map: CLUSTER_IP_MAP,
+                    source,
+                })?
+                .into_iter()
+                .map(|(address, _)| ip_from_map(address))
+                .collect(),
+        )
     }
 
     /// How many addresses [`CLUSTER_IP_MAP`] holds.
@@ -715,7 +718,7 @@ impl ServiceMaps {
 
 fn key_of(frontend: &Frontend, slot: u16) -> ServiceKey {
     ServiceKey::new(
-        ipv4_to_map(frontend.address.octets()),
+        ip_to_map(frontend.address),
         port_to_map(frontend.port),
         frontend.protocol.number(),
         slot,
@@ -724,7 +727,7 @@ fn key_of(frontend: &Frontend, slot: u16) -> ServiceKey {
 
 fn frontend_of(key: &ServiceKey) -> Option<Frontend> {
     Some(Frontend {
-        address: Ipv4Addr::from(ipv4_from_map(key.address)),
+        address: ip_from_map(key.address),
         port: port_from_map(key.port),
         protocol: Protocol::from_number(key.protocol)?,
     })

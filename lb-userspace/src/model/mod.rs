@@ -6,7 +6,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
 };
 
@@ -174,8 +174,11 @@ pub enum Invalid {
     NotAPort(i32),
     #[error("{0:?} is not an IP address")]
     NotAnIp(String),
-    #[error("{0:?} is not an IPv4 address")]
-    NotAnIpv4(String),
+    #[error("{address:?} is not an {family} address (addressType {family})")]
+    NotOfAddressType {
+        address: String,
+        family: &'static str,
+    },
     #[error("unknown protocol {0:?} (expected TCP, UDP or SCTP)")]
     UnknownProtocol(String),
     #[error("unknown type {0:?}")]
@@ -192,7 +195,7 @@ pub enum Invalid {
     #[error("not set: a Service must carry the clusterIP the API server allocated")]
     NoClusterIp,
     #[error("{ip} is {what}, which the API server refuses for a Service address")]
-    SpecialAddress { ip: Ipv4Addr, what: &'static str },
+    SpecialAddress { ip: IpAddr, what: &'static str },
     #[error(
         "{0:?} is not a port number (1-65535) or port name (IANA_SVC_NAME: 1-15 lowercase letters, digits and '-', a letter among them)"
     )]
@@ -202,32 +205,34 @@ pub enum Invalid {
 /// Why `ip` cannot be a Service address (clusterIP, external IP, load-balancer IP), as the
 /// API server's validation refuses it: it would capture the node's own traffic (loopback,
 /// the unspecified address) or traffic no socket addresses as a unicast peer.
-fn special_address(ip: Ipv4Addr) -> Option<&'static str> {
+fn special_address(ip: IpAddr) -> Option<&'static str> {
     if ip.is_unspecified() {
         Some("the unspecified address")
     } else if ip.is_loopback() {
         Some("a loopback address")
-    } else if ip.is_broadcast() {
-        Some("the broadcast address")
     } else if ip.is_multicast() {
         Some("a multicast address")
-    } else if ip.is_link_local() {
-        Some("a link-local address")
     } else {
-        None
+        match ip {
+            IpAddr::V4(ip) if ip.is_broadcast() => Some("the broadcast address"),
+            IpAddr::V4(ip) if ip.is_link_local() => Some("a link-local address"),
+            IpAddr::V6(ip) if ip.is_unicast_link_local() => Some("a link-local address"),
+            // The maps hold IPv4 addresses v4-mapped: a mapped one is the IPv4 address's
+            // frontend under another name, which the API server refuses as well.
+            IpAddr::V6(ip) if ip.to_ipv4_mapped().is_some() => Some("a v4-mapped address"),
+            _ => None,
+        }
     }
 }
 
-/// A Service address: an IPv4 one that can be a frontend, `None` for IPv6 (served with
-/// the IPv6 frontends to come), or why not.
-fn service_address(ip: &str) -> Result<Option<Ipv4Addr>, Invalid> {
-    match ip.parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => match special_address(ip) {
-            Some(what) => Err(Invalid::SpecialAddress { ip, what }),
-            None => Ok(Some(ip)),
-        },
-        Ok(IpAddr::V6(_)) => Ok(None),
-        Err(_) => Err(Invalid::NotAnIp(ip.to_owned())),
+/// A Service address that can be a frontend, or why not.
+fn service_address(ip: &str) -> Result<IpAddr, Invalid> {
+    let ip = ip
+        .parse::<IpAddr>()
+        .map_err(|_| Invalid::NotAnIp(ip.to_owned()))?;
+    match special_address(ip) {
+        Some(what) => Err(Invalid::SpecialAddress { ip, what }),
+        None => Ok(ip),
     }
 }
 
@@ -314,8 +319,9 @@ impl fmt::Display for Protocol {
 /// How a Service is served.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ServiceKind {
-    /// Virtual IPs (the IPv4 ones of `spec.clusterIPs`) that the datapath translates.
-    ClusterIp(SmallVec<[Ipv4Addr; 2]>),
+    /// Virtual IPs (`spec.clusterIPs`, one per family) that the datapath translates; each
+    /// family's are served by the slices of that address type.
+    ClusterIp(SmallVec<[IpAddr; 2]>),
     /// `clusterIP: None`: DNS returns the pod IPs; there is nothing to translate.
     Headless,
     /// `type: ExternalName`: a DNS CNAME to this name; there is nothing to translate.
@@ -346,11 +352,11 @@ pub struct ServiceModel {
     pub id: ObjectRef,
     pub kind: ServiceKind,
     pub ports: SmallVec<[ServicePortModel; 1]>,
-    /// `spec.externalIPs` (IPv4).
-    pub external_ips: Vec<Ipv4Addr>,
-    /// `status.loadBalancer.ingress[].ip` whose `ipMode` is `VIP` or unset (IPv4). With
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` whose `ipMode` is `VIP` or unset. With
     /// `ipMode: Proxy` the load balancer delivers to the node, so the IP is not a VIP here.
-    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub load_balancer_ips: Vec<IpAddr>,
     /// `sessionAffinity: ClientIP`: its timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
     /// `internalTrafficPolicy: Local`.
@@ -370,7 +376,7 @@ pub struct SlicePort {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointModel {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
@@ -462,7 +468,8 @@ pub struct SliceModel {
     pub id: ObjectRef,
     /// The Service named by [`SERVICE_NAME_LABEL`]; `None` for a slice that belongs to none.
     pub service: Option<ObjectRef>,
-    /// Only IPv4 slices contribute backends; the others are kept, unused.
+    /// IPv4 slices serve a Service's IPv4 frontends, IPv6 ones its IPv6 frontends; the
+    /// others (FQDN) are kept, unused.
     pub address_type: AddressType,
     pub ports: SmallVec<[SlicePort; 1]>,
     pub endpoints: SmallVec<[EndpointModel; 3]>,
@@ -485,6 +492,14 @@ impl AddressType {
             "IPv6" => Self::Ipv6,
             "FQDN" => Self::Fqdn,
             other => Self::Other(other.into()),
+        }
+    }
+
+    /// The address type of `ip`'s family.
+    pub const fn of(ip: &IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Self::Ipv4,
+            IpAddr::V6(_) => Self::Ipv6,
         }
     }
 
@@ -605,11 +620,8 @@ impl ServiceModel {
 
         let mut external_ips = Vec::new();
         for (i, ip) in spec.external_ips.iter().flatten().enumerate() {
-            if let Some(ip) =
-                service_address(ip).map_err(|r| error(format!("spec.externalIPs[{i}]"), r))?
-            {
-                external_ips.push(ip);
-            }
+            external_ips
+                .push(service_address(ip).map_err(|r| error(format!("spec.externalIPs[{i}]"), r))?);
         }
         let mut load_balancer_ips = Vec::new();
         if service_type == "LoadBalancer" {
@@ -625,11 +637,10 @@ impl ServiceModel {
                 let Some(ip) = ingress.ip.as_deref() else {
                     continue;
                 };
-                if let Some(ip) = service_address(ip)
-                    .map_err(|r| error(format!("status.loadBalancer.ingress[{i}].ip"), r))?
-                {
-                    load_balancer_ips.push(ip);
-                }
+                load_balancer_ips.push(
+                    service_address(ip)
+                        .map_err(|r| error(format!("status.loadBalancer.ingress[{i}].ip"), r))?,
+                );
             }
         }
 
@@ -727,12 +738,10 @@ impl ServiceModel {
             [] | [""] => Err((field.to_owned(), Invalid::NoClusterIp)),
             ["None", ..] => Ok(ServiceKind::Headless),
             _ => {
-                let mut v4 = SmallVec::new();
+                let mut vips = SmallVec::new();
                 for (i, ip) in ips.iter().enumerate() {
                     match service_address(ip) {
-                        Ok(Some(ip)) => v4.push(ip),
-                        // IPv6 frontends come with the native IPv6 programs.
-                        Ok(None) => {}
+                        Ok(ip) => vips.push(ip),
                         Err(reason) => {
                             let field = if field == "spec.clusterIPs" {
                                 format!("{field}[{i}]")
@@ -743,7 +752,7 @@ impl ServiceModel {
                         }
                     }
                 }
-                Ok(ServiceKind::ClusterIp(v4))
+                Ok(ServiceKind::ClusterIp(vips))
             }
         }
     }
@@ -787,18 +796,33 @@ impl SliceModel {
         }
 
         let mut endpoints = SmallVec::new();
-        if address_type == AddressType::Ipv4 {
+        if matches!(address_type, AddressType::Ipv4 | AddressType::Ipv6) {
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
                 // Addresses of one endpoint are fungible; kube-proxy uses the first.
                 let Some(address) = endpoint.addresses.first() else {
                     return Err(error(format!("endpoints[{i}].addresses"), Invalid::Empty));
                 };
-                let address = address.parse::<Ipv4Addr>().map_err(|_| {
-                    error(
-                        format!("endpoints[{i}].addresses[0]"),
-                        Invalid::NotAnIpv4(address.clone()),
-                    )
-                })?;
+                let address = address
+                    .parse::<IpAddr>()
+                    .ok()
+                    // A v4-mapped address in an IPv6 slice would be an IPv4 backend.
+                    .filter(|ip| {
+                        AddressType::of(ip) == address_type
+                            && !matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some())
+                    })
+                    .ok_or_else(|| {
+                        error(
+                            format!("endpoints[{i}].addresses[0]"),
+                            Invalid::NotOfAddressType {
+                                address: address.clone(),
+                                family: if address_type == AddressType::Ipv4 {
+                                    "IPv4"
+                                } else {
+                                    "IPv6"
+                                },
+                            },
+                        )
+                    })?;
                 // As kube-proxy reads them: ready and serving unset mean true, terminating
                 // unset means false.
                 let conditions = endpoint.conditions.as_ref();
@@ -848,27 +872,32 @@ impl SliceModel {
 /// A Service frontend: what a client connects to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Frontend {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub protocol: Protocol,
 }
 
 impl fmt::Display for Frontend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.address, self.port),
+            self.protocol
+        )
     }
 }
 
 /// A backend: a pod address and the port the Service port resolves to there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct BackendAddr {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
 }
 
 impl fmt::Display for BackendAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.address, self.port)
+        write!(f, "{}", SocketAddr::new(self.address, self.port))
     }
 }
 
@@ -953,7 +982,7 @@ impl FrontendTarget {
 /// backend, `None` when it is one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointState {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub port: u16,
     pub ready: bool,
     pub serving: bool,
@@ -1050,8 +1079,8 @@ pub struct Conflict {
 pub struct Node {
     /// Its name, for `internalTrafficPolicy: Local` (endpoints' `nodeName`).
     pub name: String,
-    /// Its addresses, each a NodePort frontend.
-    pub ips: Vec<Ipv4Addr>,
+    /// Its addresses, each a NodePort frontend of the Services of its family.
+    pub ips: Vec<IpAddr>,
     /// Its `topology.kubernetes.io/zone`, for endpoints' zone hints.
     pub zone: Option<Arc<str>>,
 }
@@ -1296,10 +1325,10 @@ fn claims_of_each(
 }
 
 /// The port that slice `slice` gives for the Service port `name`/`protocol`, if it serves
-/// it: an IPv4 slice's port of the same name and protocol (the EndpointSlice controller has
+/// it: an IP slice's port of the same name and protocol (the EndpointSlice controller has
 /// resolved `targetPort` into it, named ports too).
 fn target_port(slice: &SliceModel, name: &str, protocol: Protocol) -> Option<u16> {
-    if slice.address_type != AddressType::Ipv4 {
+    if !matches!(slice.address_type, AddressType::Ipv4 | AddressType::Ipv6) {
         return None;
     }
     slice
@@ -1435,10 +1464,26 @@ fn claims_of(
     };
     let affinity_timeout_s = service.affinity_timeout_s.unwrap_or(0);
     let mut out = Vec::new();
-    for port in &service.ports {
+    // A family is served when the Service has a clusterIP of it, with the slices of its
+    // address type, as kube-proxy's proxier of each family does; an external or
+    // load-balancer IP of a family the Service has no clusterIP of is left alone there too.
+    let mut families: SmallVec<[AddressType; 2]> = SmallVec::new();
+    for ip in cluster_ips {
+        if !families.contains(&AddressType::of(ip)) {
+            families.push(AddressType::of(ip));
+        }
+    }
+    for (family, port) in families
+        .iter()
+        .flat_map(|family| service.ports.iter().map(move |port| (family, port)))
+    {
+        let of_family = |ip: &&IpAddr| AddressType::of(ip) == *family;
         let serving: SmallVec<[Arc<SliceModel>; 1]> = slices
             .iter()
-            .filter(|slice| target_port(slice, &port.name, port.protocol).is_some())
+            .filter(|slice| {
+                slice.address_type == *family
+                    && target_port(slice, &port.name, port.protocol).is_some()
+            })
             .map(|slice| Arc::clone(slice))
             .collect();
         let endpoints = port_endpoints(&port.name, port.protocol, serving.iter().map(|s| &**s));
@@ -1485,33 +1530,38 @@ fn claims_of(
         } else {
             (&cluster_wide, lb_common::FLAG_CLUSTER_IP)
         };
-        for ip in cluster_ips {
+        for ip in cluster_ips.iter().filter(of_family) {
             out.push((
                 frontend(*ip, port.port),
                 target(FrontendKind::ClusterIP, internal, internal_flags),
             ));
         }
-        for ip in &service.external_ips {
+        for ip in service.external_ips.iter().filter(of_family) {
             out.push((
                 frontend(*ip, port.port),
                 target(FrontendKind::ExternalIP, &cluster_wide, 0),
             ));
         }
-        for ip in &service.load_balancer_ips {
+        for ip in service.load_balancer_ips.iter().filter(of_family) {
             out.push((
                 frontend(*ip, port.port),
                 target(FrontendKind::LoadBalancer, &cluster_wide, 0),
             ));
         }
         if let Some(node_port) = port.node_port {
-            for ip in &node.ips {
+            for ip in node.ips.iter().filter(of_family) {
                 out.push((
                     frontend(*ip, node_port),
                     target(FrontendKind::NodePort, &cluster_wide, 0),
                 ));
             }
+            let loopback = if *family == AddressType::Ipv4 {
+                IpAddr::V4(Ipv4Addr::LOCALHOST)
+            } else {
+                IpAddr::V6(Ipv6Addr::LOCALHOST)
+            };
             out.push((
-                frontend(Ipv4Addr::LOCALHOST, node_port),
+                frontend(loopback, node_port),
                 target(
                     FrontendKind::NodePort,
                     &cluster_wide,
@@ -1533,7 +1583,7 @@ mod tests {
     fn node() -> Node {
         Node {
             name: "node-1".into(),
-            ips: vec![Ipv4Addr::new(192, 168, 1, 10)],
+            ips: vec![IpAddr::from([192, 168, 1, 10])],
             zone: Some("zone-a".into()),
         }
     }
@@ -1545,7 +1595,7 @@ mod tests {
 
     fn fe(address: [u8; 4], port: u16, protocol: Protocol) -> Frontend {
         Frontend {
-            address: Ipv4Addr::from(address),
+            address: IpAddr::from(address),
             port,
             protocol,
         }
@@ -1604,6 +1654,117 @@ endpoints:
 ports:
 - {name: http, port: 8080}
 "#;
+
+    const DUAL_STACK: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIP: "fd00:96::10"
+  clusterIPs: ["fd00:96::10", 10.96.0.10]
+  externalIPs: [203.0.113.7, "2001:db8::7"]
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v4, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.0.1]}]
+ports: [{name: http, port: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-v6, labels: {kubernetes.io/service-name: web}}
+addressType: IPv6
+endpoints: [{addresses: ["fd00:244::1"]}, {addresses: ["fd00:244::2"]}]
+ports: [{name: http, port: 8080}]
+"#;
+
+    #[test]
+    fn a_dual_stack_service_has_a_frontend_per_family_with_that_familys_slices() {
+        let (services, slices) = load(DUAL_STACK);
+        let node = Node {
+            ips: vec![
+                IpAddr::from([192, 168, 1, 10]),
+                "fd00:1::10".parse().unwrap(),
+            ],
+            ..node()
+        };
+        let dual = desired(&services, &slices, &node);
+        let at = |address: &str, port: u16| Frontend {
+            address: address.parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        };
+        let v4 = vec!["10.244.0.1:8080".to_owned()];
+        let v6 = vec![
+            "[fd00:244::1]:8080".to_owned(),
+            "[fd00:244::2]:8080".to_owned(),
+        ];
+        for (frontend, expected) in [
+            (at("10.96.0.10", 80), &v4),
+            (at("203.0.113.7", 80), &v4),
+            (at("192.168.1.10", 30080), &v4),
+            (at("127.0.0.1", 30080), &v4),
+            (at("fd00:96::10", 80), &v6),
+            (at("2001:db8::7", 80), &v6),
+            (at("fd00:1::10", 30080), &v6),
+            (at("::1", 30080), &v6),
+        ] {
+            assert_eq!(&backends(&dual, &frontend), expected, "{frontend}");
+        }
+        assert_eq!(dual.frontends().count(), 8);
+        let loopback6 = dual.target(&at("::1", 30080)).unwrap();
+        assert_eq!(loopback6.spec.flags, lb_common::FLAG_HOST_NETNS_ONLY);
+        assert_eq!(at("fd00:96::10", 80).to_string(), "[fd00:96::10]:80/TCP");
+
+        // Single-stack IPv4: the IPv6 external IP, node IP and slice serve nothing.
+        let single = DUAL_STACK
+            .replace(
+                "clusterIPs: [\"fd00:96::10\", 10.96.0.10]",
+                "clusterIPs: [10.96.0.10]",
+            )
+            .replace("clusterIP: \"fd00:96::10\"", "clusterIP: 10.96.0.10");
+        let (services, slices) = load(&single);
+        let single = desired(&services, &slices, &node);
+        assert_eq!(single.frontends().count(), 4);
+        assert!(
+            single
+                .frontends()
+                .all(|(frontend, _)| frontend.address.is_ipv4())
+        );
+    }
+
+    #[test]
+    fn an_endpoint_of_another_family_than_its_slice_is_named() {
+        let slice = |address_type: &str, address: &str| {
+            format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: s}}\naddressType: {address_type}\nendpoints: [{{addresses: [\"{address}\"]}}]\n"
+            )
+        };
+        let error = |yaml: String| {
+            let document = parse::parse(Path::new("t.yaml"), &yaml).unwrap().remove(0);
+            document.object.err().map(|e| e.to_string())
+        };
+        assert!(error(slice("IPv4", "10.244.0.1")).is_none());
+        assert!(error(slice("IPv6", "fd00::1")).is_none());
+        for (address_type, address) in [
+            ("IPv4", "fd00::1"),
+            ("IPv6", "10.244.0.1"),
+            ("IPv6", "::ffff:10.244.0.1"),
+        ] {
+            let error = error(slice(address_type, address)).unwrap_or_default();
+            assert!(
+                error.contains(&format!(
+                    "endpoints[0].addresses[0]: \"{address}\" is not an {address_type} address"
+                )),
+                "{address_type} {address}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn slices_are_merged_by_port_name_and_protocol_with_duplicates_once() {
@@ -2064,6 +2225,26 @@ ports: [{{port: 80}}]
             (
                 "{clusterIP: 169.254.169.254, ports: [{port: 80}]}",
                 "spec.clusterIP: 169.254.169.254 is a link-local address",
+            ),
+            (
+                "{clusterIPs: [10.96.0.10, \"::1\"], ports: [{port: 80}]}",
+                "spec.clusterIPs[1]: ::1 is a loopback address",
+            ),
+            (
+                "{clusterIP: \"fe80::1\", ports: [{port: 80}]}",
+                "spec.clusterIP: fe80::1 is a link-local address",
+            ),
+            (
+                "{clusterIP: \"ff02::1\", ports: [{port: 80}]}",
+                "spec.clusterIP: ff02::1 is a multicast address",
+            ),
+            (
+                "{clusterIP: \"fd00::10\", externalIPs: [\"::\"], ports: [{port: 80}]}",
+                "spec.externalIPs[0]: :: is the unspecified address",
+            ),
+            (
+                "{clusterIP: \"::ffff:10.96.0.10\", ports: [{port: 80}]}",
+                "spec.clusterIP: ::ffff:10.96.0.10 is a v4-mapped address",
             ),
             (
                 "{clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 0}]}",

@@ -110,7 +110,7 @@ impl Programmed {
     }
 
     /// Whether a clusterIP frontend on `address` is in the maps.
-    pub fn has_cluster_ip(&self, address: std::net::Ipv4Addr) -> bool {
+    pub fn has_cluster_ip(&self, address: std::net::IpAddr) -> bool {
         self.frontends_on(address)
             .any(|(_, programmed)| programmed.flags & lb_common::FLAG_CLUSTER_IP != 0)
     }
@@ -118,7 +118,7 @@ impl Programmed {
     /// The frontends on `address` in the maps, whatever their port and protocol.
     pub fn frontends_on(
         &self,
-        address: std::net::Ipv4Addr,
+        address: std::net::IpAddr,
     ) -> impl Iterator<Item = (&Frontend, &ProgrammedFrontend)> + '_ {
         let first = Frontend {
             address,
@@ -131,7 +131,7 @@ impl Programmed {
     }
 
     /// Whether a backend on `address`, on any port, is in the maps.
-    pub fn is_backend_address(&self, address: std::net::Ipv4Addr) -> bool {
+    pub fn is_backend_address(&self, address: std::net::IpAddr) -> bool {
         self.backend_ids
             .range(BackendAddr { address, port: 0 }..)
             .next()
@@ -817,7 +817,7 @@ fn slot_number(index: usize) -> u16 {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::IpAddr;
 
     use super::*;
 
@@ -917,7 +917,7 @@ mod tests {
 
     fn frontend(last: u8) -> Frontend {
         Frontend {
-            address: Ipv4Addr::new(10, 96, 0, last),
+            address: IpAddr::from([10, 96, 0, last]),
             port: 80,
             protocol: Protocol::Tcp,
         }
@@ -927,7 +927,7 @@ mod tests {
         FrontendSpec {
             backends: range
                 .map(|i| BackendAddr {
-                    address: Ipv4Addr::new(10, 244, 0, i),
+                    address: IpAddr::from([10, 244, 0, i]),
                     port: 8080,
                 })
                 .collect(),
@@ -978,7 +978,7 @@ mod tests {
 
     #[test]
     fn an_address_is_a_cluster_ip_while_a_cluster_ip_frontend_on_it_is_in_the_maps() {
-        let address = Ipv4Addr::new(10, 96, 0, 10);
+        let address = IpAddr::from([10, 96, 0, 10]);
         let on = |port, flags| {
             (
                 Frontend {
@@ -997,7 +997,7 @@ mod tests {
         // A neighbour's clusterIP is not this address's.
         frontends.insert(
             Frontend {
-                address: Ipv4Addr::new(10, 96, 0, 11),
+                address: IpAddr::from([10, 96, 0, 11]),
                 port: 53,
                 protocol: Protocol::Tcp,
             },
@@ -1012,8 +1012,8 @@ mod tests {
         frontends.insert(frontend, clusterip);
         let programmed = Programmed::new(frontends, BTreeMap::new(), BTreeSet::new());
         assert!(programmed.has_cluster_ip(address));
-        assert!(programmed.has_cluster_ip(Ipv4Addr::new(10, 96, 0, 11)));
-        assert!(!programmed.has_cluster_ip(Ipv4Addr::new(10, 96, 0, 12)));
+        assert!(programmed.has_cluster_ip(IpAddr::from([10, 96, 0, 11])));
+        assert!(!programmed.has_cluster_ip(IpAddr::from([10, 96, 0, 12])));
     }
 
     proptest::proptest! {
@@ -1046,7 +1046,7 @@ mod tests {
                             backends: (0..8u8)
                                 .filter(|i| members & (1 << i) != 0)
                                 .map(|i| BackendAddr {
-                                    address: Ipv4Addr::new(10, 244, 0, i + 1),
+                                    address: IpAddr::from([10, 244, 0, i + 1]),
                                     port: 8080,
                                 })
                                 .collect(),
@@ -1074,12 +1074,12 @@ mod tests {
             &BTreeMap::from([(frontend(1), backends(1..3))]),
         )
         .unwrap();
-        assert!(programmed.is_backend_address(Ipv4Addr::new(10, 244, 0, 2)));
-        assert!(!programmed.is_backend_address(Ipv4Addr::new(10, 244, 0, 3)));
-        assert!(!programmed.is_backend_address(Ipv4Addr::new(10, 96, 0, 1)));
+        assert!(programmed.is_backend_address(IpAddr::from([10, 244, 0, 2])));
+        assert!(!programmed.is_backend_address(IpAddr::from([10, 244, 0, 3])));
+        assert!(!programmed.is_backend_address(IpAddr::from([10, 96, 0, 1])));
         assert_eq!(
             programmed
-                .frontends_on(Ipv4Addr::new(10, 96, 0, 1))
+                .frontends_on(IpAddr::from([10, 96, 0, 1]))
                 .map(|(f, _)| *f)
                 .collect::<Vec<_>>(),
             [frontend(1)]
@@ -1180,7 +1180,7 @@ mod tests {
         let id_of = |p: &Programmed, i: u8| {
             p.backends
                 .iter()
-                .find(|(_, a)| a.address == Ipv4Addr::new(10, 244, 0, i))
+                .find(|(_, a)| a.address == IpAddr::from([10, 244, 0, i]))
                 .map(|(id, _)| *id)
         };
         // Dropping backend 1 must not renumber the others.

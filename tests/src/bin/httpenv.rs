@@ -14,9 +14,10 @@ use clap::Parser;
 
 #[derive(Parser)]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on; repeat for several (an IPv4 and an IPv6 one for a dual-stack
+    /// pod).
     #[arg(long, default_value = "0.0.0.0:8888")]
-    listen: String,
+    listen: Vec<String>,
     /// Also answer UDP datagrams on the same address.
     #[arg(long)]
     udp: bool,
@@ -25,27 +26,41 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let env: BTreeMap<String, String> = std::env::vars().collect();
-    if args.udp {
-        let socket = UdpSocket::bind(&args.listen)?;
-        let hostname = env.get("HOSTNAME").cloned().unwrap_or_default();
-        std::thread::spawn(move || {
-            let mut buffer = [0u8; 1500];
-            while let Ok((_, from)) = socket.recv_from(&mut buffer) {
-                if let Err(e) = socket.send_to(hostname.as_bytes(), from) {
-                    eprintln!("httpenv: udp reply to {from}: {e}");
+    let mut listeners = Vec::new();
+    for address in &args.listen {
+        if args.udp {
+            let socket = UdpSocket::bind(address)?;
+            let hostname = env.get("HOSTNAME").cloned().unwrap_or_default();
+            std::thread::spawn(move || {
+                let mut buffer = [0u8; 1500];
+                while let Ok((_, from)) = socket.recv_from(&mut buffer) {
+                    if let Err(e) = socket.send_to(hostname.as_bytes(), from) {
+                        eprintln!("httpenv: udp reply to {from}: {e}");
+                    }
                 }
-            }
-        });
+            });
+        }
+        listeners.push(TcpListener::bind(address)?);
     }
-    let listener = TcpListener::bind(&args.listen)?;
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let env = env.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = serve(stream, env) {
-                eprintln!("httpenv: {e}");
-            }
-        });
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let env = env.clone();
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let env = env.clone();
+                    std::thread::spawn(move || {
+                        if let Err(e) = serve(stream, env) {
+                            eprintln!("httpenv: {e}");
+                        }
+                    });
+                }
+            })
+        })
+        .collect();
+    for thread in accepting {
+        let _ = thread.join();
     }
     Ok(())
 }
