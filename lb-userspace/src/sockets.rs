@@ -597,10 +597,11 @@ mod tests {
         }
     }
 
-    /// Frontend 7 (10.96.0.10:53) with backend 1 (10.244.0.10:5353).
-    fn programmed() -> Programmed {
+    /// Frontend 7 (`address`:53/UDP) whose one slot is backend 1, with `backends` in the
+    /// backend map.
+    fn programmed_on(address: IpAddr, backends: &[(u32, BackendAddr)]) -> Programmed {
         let frontend = crate::model::Frontend {
-            address: IpAddr::from([10, 96, 0, 10]),
+            address,
             port: 53,
             protocol: Protocol::Udp,
         };
@@ -614,12 +615,19 @@ mod tests {
                 },
             )]
             .into(),
-            [
+            backends.iter().copied().collect(),
+            BTreeSet::new(),
+        )
+    }
+
+    /// Frontend 7 (10.96.0.10:53) with backend 1 (10.244.0.10:5353).
+    fn programmed() -> Programmed {
+        programmed_on(
+            IpAddr::from([10, 96, 0, 10]),
+            &[
                 (1, addr([10, 244, 0, 10], 5353)),
                 (2, addr([10, 244, 0, 11], 5353)),
-            ]
-            .into(),
-            BTreeSet::new(),
+            ],
         )
     }
 
@@ -692,30 +700,13 @@ mod tests {
 
     #[test]
     fn an_ipv6_socket_to_an_ipv6_backend_that_left_is_stale() {
-        let frontend = crate::model::Frontend {
-            address: "fd00:96::10".parse().unwrap(),
-            port: 53,
-            protocol: Protocol::Udp,
-        };
+        let vip: IpAddr = "fd00:96::10".parse().unwrap();
         let backend = |last: u16| BackendAddr {
             address: IpAddr::from([0xfd00, 0x244, 0, 0, 0, 0, 0, last]),
             port: 5353,
         };
-        let programmed = Programmed::new(
-            [(
-                frontend,
-                ProgrammedFrontend {
-                    id: 7,
-                    slots: vec![1],
-                    ..ProgrammedFrontend::default()
-                },
-            )]
-            .into(),
-            [(1, backend(10))].into(),
-            BTreeSet::new(),
-        );
-        let live = LiveBackends::of(&programmed);
-        let key = ServiceKey::new(ip_to_map(frontend.address), port_to_map(53), 17, 0);
+        let live = LiveBackends::of(&programmed_on(vip, &[(1, backend(10))]));
+        let key = ServiceKey::new(ip_to_map(vip), port_to_map(53), 17, 0);
         let sent_to = |id, addr: BackendAddr| {
             let to = Backend::new(ip_to_map(addr.address), port_to_map(addr.port));
             state(SocketEntry::new(&key, 7, id, &to))

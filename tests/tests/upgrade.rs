@@ -179,25 +179,23 @@ fn load_previous_layout(
         .default_map_pin_directory(bpffs)
         .load_file(object)?;
     let cgroup = std::fs::File::open(cgroup)?;
-    let pin = |link: FdLink, name: &str| link.pin(bpffs.join(format!("lb_{name}")));
-    for name in PREVIOUS_SOCK_ADDR_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow::anyhow!("no program {name}"))?
-            .try_into()?;
-        program.load()?;
-        let link = program.attach(&cgroup, CgroupAttachMode::Single)?;
-        pin(program.take_link(link)?.try_into()?, name)?;
+    // The two program types share no trait for loading and attaching.
+    macro_rules! attach_and_pin {
+        ($kind:ty, $names:expr) => {
+            for name in $names {
+                let program: &mut $kind = ebpf
+                    .program_mut(name)
+                    .ok_or_else(|| anyhow::anyhow!("no program {name}"))?
+                    .try_into()?;
+                program.load()?;
+                let link = program.attach(&cgroup, CgroupAttachMode::Single)?;
+                let link: FdLink = program.take_link(link)?.try_into()?;
+                link.pin(bpffs.join(format!("lb_{name}")))?;
+            }
+        };
     }
-    for name in PREVIOUS_SOCK_PROGRAMS {
-        let program: &mut CgroupSock = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow::anyhow!("no program {name}"))?
-            .try_into()?;
-        program.load()?;
-        let link = program.attach(&cgroup, CgroupAttachMode::Single)?;
-        pin(program.take_link(link)?.try_into()?, name)?;
-    }
+    attach_and_pin!(CgroupSockAddr, PREVIOUS_SOCK_ADDR_PROGRAMS);
+    attach_and_pin!(CgroupSock, PREVIOUS_SOCK_PROGRAMS);
     let mut slots = Vec::new();
     {
         let mut map: HashMap<_, u32, PreviousBackend> = ebpf
