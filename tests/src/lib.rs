@@ -7,8 +7,10 @@
 pub mod apiserver;
 pub mod demo;
 pub mod generate;
+pub mod objects;
 
 use std::{
+    collections::BTreeSet,
     fs::File,
     io::Write as _,
     net::Ipv4Addr,
@@ -861,6 +863,67 @@ impl Testbed {
     }
 }
 
+/// A client sending from one socket in the background, whose first attempt is in: see
+/// [`Testbed::one_socket_prober`].
+pub struct OneSocket {
+    child: Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl OneSocket {
+    /// Stops the client and returns its attempts after the first, with when each started.
+    pub fn finish(mut self) -> anyhow::Result<Vec<TimedProbe>> {
+        use std::io::Read as _;
+        drop(self.child.kill());
+        let mut rest = String::new();
+        self.stdout.read_to_string(&mut rest)?;
+        drop(self.child.wait());
+        parse_probes(&rest)
+    }
+}
+
+impl Testbed {
+    /// A client in `client` sending to `address` from one socket (`lb-probe --same-socket`,
+    /// `mode` `udp` or `connected-udp`) every `interval_ms`, for at most `for_ms`, in the
+    /// background; returned with its first attempt, which tells the backend the socket has.
+    pub fn one_socket_prober(
+        &self,
+        client: &Pod,
+        address: &str,
+        mode: &str,
+        interval_ms: u64,
+        for_ms: u64,
+    ) -> anyhow::Result<(OneSocket, Probe)> {
+        use std::io::BufRead as _;
+        let count = u32::try_from(for_ms / interval_ms.max(1) + 1)?;
+        let (interval, until) = (interval_ms.to_string(), for_ms.to_string());
+        let args = [
+            "--mode",
+            mode,
+            "--same-socket",
+            "--interval-ms",
+            &interval,
+            "--for-ms",
+            &until,
+        ];
+        let mut child = self.probe_command(client, address, count, &args)?.spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("the prober's stdout is not piped")?;
+        let mut prober = OneSocket {
+            child,
+            stdout: std::io::BufReader::new(stdout),
+        };
+        let mut first = String::new();
+        prober.stdout.read_line(&mut first)?;
+        let first = parse_probes(&first)?
+            .pop()
+            .context("the prober exited before its first attempt")?;
+        Ok((prober, first.probe))
+    }
+}
+
 /// A client probing in the background: see [`Testbed::background_prober`].
 pub struct Prober {
     child: Child,
@@ -886,17 +949,46 @@ pub fn assert_no_failed_connects(probes: &[Probe], at_least: usize, while_: &str
 }
 
 /// Stops a background prober and returns every attempt it made.
-pub fn finish_probes(mut prober: Prober) -> anyhow::Result<Vec<Probe>> {
+pub fn finish_probes(prober: Prober) -> anyhow::Result<Vec<Probe>> {
+    Ok(finish_timed_probes(prober)?
+        .into_iter()
+        .map(|timed| timed.probe)
+        .collect())
+}
+
+/// Stops a background prober and returns every attempt it made, with when it started.
+pub fn finish_timed_probes(mut prober: Prober) -> anyhow::Result<Vec<TimedProbe>> {
     drop(prober.child.kill());
     drop(prober.child.wait());
     let output = prober
         .output
         .join()
         .map_err(|_| anyhow::anyhow!("the prober's reader panicked"))??;
-    Ok(parse_probes(&output)?
-        .into_iter()
-        .map(|timed| timed.probe)
-        .collect())
+    parse_probes(&output)
+}
+
+/// The pods that answered `probes`.
+pub fn hostnames(probes: &[Probe]) -> BTreeSet<String> {
+    probes
+        .iter()
+        .filter_map(|p| p.hostname().map(str::to_owned))
+        .collect()
+}
+
+/// Fails unless every one of `probes` was answered.
+pub fn assert_all_answered(probes: &[Probe]) {
+    let failed: Vec<_> = probes.iter().filter(|p| p.hostname().is_none()).collect();
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}
+
+/// Fails unless every one of `probes` failed at once with "Connection refused".
+pub fn assert_refused(probes: &[Probe]) {
+    for probe in probes {
+        assert!(
+            probe.error().is_some_and(|e| e.contains("refused")),
+            "expected Connection refused, got {probe:?}"
+        );
+    }
 }
 
 /// Kills every process in `cgroup` and waits (bounded) until it is empty.

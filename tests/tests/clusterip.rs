@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeSet, net::Ipv4Addr, time::Duration};
 
-use lb_tests::{Pod, Probe, Testbed, privileged, wait_for};
+use lb_tests::{Pod, Probe, Testbed, assert_all_answered, hostnames, privileged, wait_for};
 
 const VIP: &str = "10.96.0.10";
 
@@ -49,59 +49,6 @@ fn node(backends: u8, port: u16) -> (Testbed, Vec<Pod>, Pod) {
 
 fn ips(pods: &[Pod]) -> Vec<Ipv4Addr> {
     pods.iter().map(|p| p.ip).collect()
-}
-
-fn hostnames(probes: &[Probe]) -> BTreeSet<String> {
-    probes
-        .iter()
-        .filter_map(|p| p.hostname().map(str::to_owned))
-        .collect()
-}
-
-fn assert_all_answered(probes: &[Probe]) {
-    let failed: Vec<_> = probes.iter().filter(|p| p.hostname().is_none()).collect();
-    assert!(failed.is_empty(), "failed connects: {failed:?}");
-}
-
-#[test]
-fn both_backends_of_a_two_endpoint_service_are_reached() {
-    if !privileged("both_backends_of_a_two_endpoint_service_are_reached") {
-        return;
-    }
-    let (mut testbed, pods, client) = node(2, 8888);
-    testbed
-        .write_manifest("web.yaml", &service(8888, 8888, &ips(&pods)))
-        .unwrap();
-    testbed.start_agent().unwrap();
-    testbed
-        .wait_for_frontend(
-            "10.96.0.10:8888/TCP",
-            Some(&["10.244.0.10:8888", "10.244.0.11:8888"]),
-        )
-        .unwrap();
-
-    // Random choice: both backends answer within a bounded number of connects
-    // (the chance that 40 connects all pick one of two is 2^-39).
-    let probes = testbed.probe(&client, "10.96.0.10:8888", 40).unwrap();
-    assert_all_answered(&probes);
-    assert_eq!(
-        hostnames(&probes),
-        BTreeSet::from(["web-0".to_owned(), "web-1".to_owned()])
-    );
-    // The application sees the Service as its peer (getpeername4), the pod sees the
-    // client's own address: no NAT on either side.
-    for probe in &probes {
-        let Probe::Answered {
-            peer, remote_addr, ..
-        } = probe
-        else {
-            unreachable!()
-        };
-        assert_eq!(peer, "10.96.0.10:8888");
-        assert!(remote_addr.starts_with("10.244.1.1:"), "{remote_addr}");
-    }
-    assert_eq!(testbed.stat("connect_translated").unwrap(), 40);
-    assert_eq!(testbed.stat("peername_restored").unwrap(), 40);
 }
 
 #[test]
@@ -246,43 +193,6 @@ fn other_destinations_are_left_alone() {
     let probes = testbed.probe(&client, "10.96.0.10:8889", 1).unwrap();
     assert!(unreachable(&probes), "{probes:?}");
     assert_eq!(testbed.stat("unknown_port").unwrap(), 2);
-}
-
-#[test]
-fn a_stopped_agent_leaves_the_datapath_and_lb_services_working() {
-    if !privileged("a_stopped_agent_leaves_the_datapath_and_lb_services_working") {
-        return;
-    }
-    let (mut testbed, pods, client) = node(2, 8888);
-    testbed
-        .write_manifest("web.yaml", &service(8888, 8888, &ips(&pods)))
-        .unwrap();
-    testbed.start_agent().unwrap();
-    testbed
-        .wait_for_frontend(
-            "10.96.0.10:8888/TCP",
-            Some(&["10.244.0.10:8888", "10.244.0.11:8888"]),
-        )
-        .unwrap();
-    testbed.stop_agent().unwrap();
-
-    let services = testbed.services().unwrap();
-    assert_eq!(services.len(), 1, "{services:?}");
-    assert_eq!(services[0]["address"], VIP);
-    assert_eq!(services[0]["port"], 8888);
-    assert_eq!(services[0]["protocol"], "TCP");
-    assert_eq!(services[0]["backends"].as_array().map(Vec::len), Some(2));
-    let table = testbed.lb(&["services"]).unwrap();
-    assert!(table.contains("10.96.0.10:8888/TCP"), "{table}");
-
-    let probes = testbed.probe(&client, "10.96.0.10:8888", 5).unwrap();
-    assert_all_answered(&probes);
-
-    // A restarted agent takes over the pinned state without rewriting it.
-    testbed.start_agent().unwrap();
-    let log = testbed.agent_output();
-    assert!(log.contains("map_writes=0"), "{log}");
-    assert_all_answered(&testbed.probe(&client, "10.96.0.10:8888", 5).unwrap());
 }
 
 #[test]

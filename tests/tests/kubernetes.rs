@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, ffi::OsStr, time::Duration};
 use lb_tests::{
     Pod, Probe, Prober, Testbed,
     apiserver::{ApiServer, Resource},
-    finish_probes, http_get, privileged, wait_for,
+    finish_probes, hostnames, http_get, privileged, wait_for,
 };
 
 fn service(ips: &[&str]) -> String {
@@ -64,13 +64,6 @@ fn start(testbed: &mut Testbed, api: &ApiServer) {
     let args = agent_args(testbed, api);
     let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
     testbed.start_agent_with(&args).unwrap();
-}
-
-fn hostnames(probes: &[Probe]) -> BTreeSet<String> {
-    probes
-        .iter()
-        .filter_map(|p| p.hostname().map(str::to_owned))
-        .collect()
 }
 
 /// A client connecting back to back in the background, bounded in count and in time.

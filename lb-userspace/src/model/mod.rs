@@ -329,6 +329,11 @@ pub enum ServiceKind {
     /// Labelled `service.kubernetes.io/service-proxy-name` (its value): another proxy
     /// implements it, and lb leaves it alone.
     OtherProxy(Box<str>),
+    /// Labelled `service.kubernetes.io/headless`: kube-proxy's selector leaves the Service
+    /// out whatever its clusterIP, so lb does too. (The EndpointSlice controller keeps the
+    /// label off the slices of a Service with a clusterIP: there it is on the Service alone,
+    /// and leaving out its slices would not be enough.)
+    HeadlessLabel,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -694,8 +699,15 @@ impl ServiceModel {
             .labels
             .as_ref()
             .and_then(|labels| labels.get(crate::source::api::SERVICE_PROXY_NAME_LABEL));
+        let headless_label = service
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.contains_key(crate::source::api::HEADLESS_LABEL));
         let kind = if let Some(name) = other_proxy {
             ServiceKind::OtherProxy(name.as_str().into())
+        } else if headless_label {
+            ServiceKind::HeadlessLabel
         } else if service_type == "ExternalName" {
             let name = spec
                 .external_name
@@ -773,12 +785,16 @@ impl SliceModel {
             reason,
         };
         let labels = slice.metadata.labels.as_ref();
-        // A slice marked headless is none of the proxy's business, as kube-proxy's
-        // selector leaves it out.
-        let headless = labels.is_some_and(|l| l.contains_key(crate::source::api::HEADLESS_LABEL));
+        // A slice marked headless, or as another proxy's (the EndpointSlice controller
+        // copies the Service's labels), is none of the proxy's business: kube-proxy's
+        // selector leaves both out, also while the Service's own label is already gone.
+        let left_out = labels.is_some_and(|l| {
+            l.contains_key(crate::source::api::HEADLESS_LABEL)
+                || l.contains_key(crate::source::api::SERVICE_PROXY_NAME_LABEL)
+        });
         let service = labels
             .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
-            .filter(|name| !name.is_empty() && !headless)
+            .filter(|name| !name.is_empty() && !left_out)
             .map(|name| ObjectRef::new(id.namespace(), name));
         let address_type = AddressType::from_api(&slice.address_type);
 
@@ -1048,6 +1064,8 @@ pub enum NotInDatapath {
     ExternalName { name: String },
     /// Another proxy implements it (`service.kubernetes.io/service-proxy-name`).
     OtherProxy { name: String },
+    /// Labelled `service.kubernetes.io/headless`, which kube-proxy leaves alone.
+    HeadlessLabel,
 }
 
 impl fmt::Display for NotInDatapath {
@@ -1061,6 +1079,9 @@ impl fmt::Display for NotInDatapath {
             Self::ExternalName { name } => {
                 write!(f, "ExternalName: DNS answers with a CNAME to {name}")
             }
+            Self::HeadlessLabel => f.write_str(
+                "service.kubernetes.io/headless: labelled headless, which kube-proxy leaves alone",
+            ),
         }
     }
 }
@@ -1458,6 +1479,7 @@ fn claims_of(
             });
         }
         ServiceKind::Headless => return Err(NotInDatapath::Headless),
+        ServiceKind::HeadlessLabel => return Err(NotInDatapath::HeadlessLabel),
         ServiceKind::ExternalName(name) => {
             return Err(NotInDatapath::ExternalName { name: name.clone() });
         }
@@ -2291,6 +2313,18 @@ spec: {clusterIP: 10.96.0.20, ports: [{port: 80}]}
 ---
 apiVersion: v1
 kind: Service
+metadata: {name: marked, labels: {service.kubernetes.io/headless: ""}}
+spec: {clusterIP: 10.96.0.30, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-b, labels: {kubernetes.io/service-name: web, service.kubernetes.io/service-proxy-name: cilium}}
+addressType: IPv4
+endpoints: [{addresses: ["10.244.0.8"]}]
+ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
 metadata: {name: web}
 spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
 ---
@@ -2302,16 +2336,30 @@ endpoints: [{addresses: ["10.244.0.9"]}]
 ports: [{port: 80}]
 "#,
         );
-        assert!(
-            desired
-                .target(&fe([10, 96, 0, 20], 80, Protocol::Tcp))
-                .is_none()
-        );
-        assert_eq!(
-            desired.not_in_datapath[&ObjectRef::new("default", "other")].to_string(),
-            "service.kubernetes.io/service-proxy-name: \"cilium\" implements it, not lb"
-        );
-        // web is served, by no slice: the headless one is not the proxy's.
+        // Another proxy's Service, and one labelled headless whatever its clusterIP (as
+        // kube-proxy's selector leaves it out), are left alone, with why.
+        for (address, name, why) in [
+            (
+                20,
+                "other",
+                "service.kubernetes.io/service-proxy-name: \"cilium\" implements it, not lb",
+            ),
+            (
+                30,
+                "marked",
+                "service.kubernetes.io/headless: labelled headless, which kube-proxy leaves alone",
+            ),
+        ] {
+            assert!(
+                desired
+                    .target(&fe([10, 96, 0, address], 80, Protocol::Tcp))
+                    .is_none()
+            );
+            let reason = &desired.not_in_datapath[&ObjectRef::new("default", name)];
+            assert_eq!(reason.to_string(), why);
+        }
+        // web is served, by no slice: neither the headless one nor the other proxy's is the
+        // proxy's.
         assert!(backends(&desired, &fe([10, 96, 0, 10], 80, Protocol::Tcp)).is_empty());
     }
 }

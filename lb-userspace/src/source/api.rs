@@ -22,8 +22,8 @@ pub const KEPT_LABELS: [&str; 3] = [
     HEADLESS_LABEL,
     SERVICE_PROXY_NAME_LABEL,
 ];
-/// Set by the control plane on the EndpointSlices of a headless Service; kube-proxy skips
-/// the objects that carry it.
+/// Set by the control plane on the EndpointSlices of a headless Service (and by hand on a
+/// Service, to have it left alone); kube-proxy skips the objects that carry it.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// On a Service another proxy implements (its value names that proxy): kube-proxy, and lb,
 /// leave it alone.

@@ -186,15 +186,17 @@ impl Kubernetes {
             watcher::Config::default().page_size(LIST_PAGE),
         )
         .default_backoff();
-        // Only slices that belong to a Service and are not headless, as kube-proxy
-        // selects them.
+        // Only slices that belong to a Service, are not headless and not another proxy's,
+        // as kube-proxy selects them. Services are all watched: the labelled ones are
+        // listed by `lb services` with why they are left alone.
         let slices = watcher(
             Api::<EndpointSlice>::all(client),
             watcher::Config::default()
                 .page_size(LIST_PAGE)
                 .labels(&format!(
-                    "{SERVICE_NAME_LABEL},!{}",
-                    crate::source::api::HEADLESS_LABEL
+                    "{SERVICE_NAME_LABEL},!{},!{}",
+                    crate::source::api::HEADLESS_LABEL,
+                    crate::source::api::SERVICE_PROXY_NAME_LABEL
                 )),
         )
         .default_backoff();
