@@ -95,7 +95,7 @@ pub fn probe() -> Vec<Feature> {
             name: "IPv6 sockets",
             available: Some(ipv6_sockets()),
             required: false,
-            used_for: "AF_INET6 sockets reaching IPv4 Services through v4-mapped addresses",
+            used_for: "IPv6 Services, and AF_INET6 sockets reaching IPv4 Services through v4-mapped addresses",
         },
         Feature {
             name: SOCK_DESTROY,
