@@ -162,6 +162,90 @@ fn an_ipv6_socket_reaches_an_ipv4_service_through_its_v4_mapped_address() {
 /// A Service that claims a frontend another Service already has does not take it over,
 /// even when its name sorts first, and not after a restart either; the newcomer is named
 /// in the log.
+/// Services with addresses or ports the API server would refuse — a loopback clusterIP, an
+/// unspecified external IP, an IPv6 loopback clusterIP, a targetPort 0 — are refused with
+/// the field named, and change nothing: a pod's connect to its own 127.0.0.1 is not
+/// diverted to the refused Service's pod, and a Service that is fine keeps answering.
+#[test]
+fn services_the_api_server_would_refuse_change_nothing() {
+    if !privileged("services_the_api_server_would_refuse_change_nothing") {
+        return;
+    }
+    let (mut testbed, pods, client) = node(2, 8888);
+    let to_web_1 = |name: &str| {
+        slice(
+            name,
+            &format!("{name}-a"),
+            8888,
+            "TCP",
+            &ready(&[pods[1].ip]),
+        )
+    };
+    let service = |name: &str, cluster_ip: &str, spec: &str, port: &str| {
+        lb_tests::objects::service(name, cluster_ip, spec, &[&format!("{{name: p, {port}}}")])
+            + &to_web_1(name)
+            + "---\n"
+    };
+    let bad = [
+        service("loop", "127.0.0.1", "", "port: 8888, targetPort: 8888"),
+        service(
+            "anywhere",
+            "10.96.0.20",
+            "  externalIPs: [0.0.0.0]",
+            "port: 8888, targetPort: 8888",
+        ),
+        service("loop6", "\"::1\"", "", "port: 8888, targetPort: 8888"),
+        service("zero", "10.96.0.30", "", "port: 8888, targetPort: 0"),
+    ]
+    .concat();
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &(web("", "port: 80, targetPort: 8888")
+                + &slice("web", "web-a", 8888, "TCP", &ready(&[pods[0].ip]))),
+        )
+        .unwrap();
+    testbed.write_manifest("bad.yaml", &bad).unwrap();
+    testbed.start_agent().unwrap();
+    for expected in [
+        "Service default/loop: spec.clusterIP: 127.0.0.1 is a loopback address",
+        "Service default/anywhere: spec.externalIPs[0]: 0.0.0.0 is the unspecified address",
+        "Service default/loop6: spec.clusterIP: ::1 is a loopback address",
+        "Service default/zero: spec.ports[0].targetPort: 0 is not a port",
+    ] {
+        assert!(
+            testbed.agent_output().contains(expected),
+            "{expected}: {}",
+            testbed.agent_output()
+        );
+    }
+    // Nothing of theirs is in the maps: the pod's own loopback (nothing listens there) and
+    // the refused Services' addresses are left alone.
+    for address in [
+        "127.0.0.1:8888",
+        "[::1]:8888",
+        "10.96.0.20:8888",
+        "10.96.0.30:8888",
+    ] {
+        let probe = testbed.probe(&client, address, 1).unwrap().remove(0);
+        assert!(probe.hostname().is_none(), "{address}: {probe:?}");
+    }
+    let services: Vec<String> = testbed
+        .services()
+        .unwrap()
+        .iter()
+        .filter_map(|entry| entry["service"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        services.iter().all(|service| service == "default/web"),
+        "{services:?}"
+    );
+    assert_eq!(
+        hostnames(&testbed.probe(&client, "10.96.0.10:80", 5).unwrap()),
+        BTreeSet::from(["web-0".to_owned()])
+    );
+}
+
 #[test]
 fn a_later_claim_never_takes_over_a_live_service() {
     if !privileged("a_later_claim_never_takes_over_a_live_service") {
