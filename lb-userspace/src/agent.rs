@@ -89,6 +89,14 @@ pub struct AgentArgs {
     /// Serve Prometheus /metrics, /healthz and /readyz on this address (e.g. 0.0.0.0:9965).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Serve the cluster DNS zone from the agent's model on this address, UDP and TCP, in
+    /// the node's network namespace (e.g. the node's address:53 for its pods' resolv.conf):
+    /// Services' names resolve to exactly what the maps serve.
+    #[arg(long, value_name = "ADDR")]
+    pub dns: Option<SocketAddr>,
+    /// The cluster's DNS domain (kubelet's `--cluster-domain`), under which `--dns` answers.
+    #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
     /// Upper bound of the service map (one entry per frontend plus one per backend slot).
     /// The maps are sized from what the source needs and grow while the agent runs; a
     /// Service that would take a map past its bound is refused, whole, and reported.
@@ -205,6 +213,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             dir.display()
         );
     }
+    // The DNS addresses are bound now, so that a taken port fails the start before anything
+    // is loaded; they are served once the first sync has filled the zone (queries wait in
+    // the sockets meanwhile).
+    let dns = match args.dns {
+        Some(addr) => {
+            let zone = crate::dns::Zone::new(&args.cluster_domain)?;
+            let sockets = crate::dns::bind(addr, &args.host_netns)?;
+            Some((Arc::new(std::sync::RwLock::new(zone)), sockets))
+        }
+        None => None,
+    };
     // Given addresses stay; discovered ones are followed, from before they are first read
     // so that no change in between is missed.
     let mut node_addresses = NodeAddresses::follow(args.node_ips.is_empty(), &args.host_netns);
@@ -365,12 +384,22 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         addresses_written: Vec::new(),
         shared_addresses: BTreeSet::new(),
         metrics: metrics.clone(),
+        dns_zone: dns.as_ref().map(|(zone, _)| zone.clone()),
+        dns_pending: Default::default(),
     };
     // From here on the agent runs: a failed sync is retried, never a reason to stop.
     fresh_start.done();
     let mut first_done = false;
     let mut retry = Retry::default();
     syncer.sync_and_report(&mut source, None, &mut retry, &mut first_done);
+    let _dns_server = match dns {
+        Some((zone, sockets)) => {
+            let server = crate::dns::serve(sockets, zone, metrics.dns_queries.clone())?;
+            tracing::info!(addr = ?args.dns, domain = %args.cluster_domain, "DNS serving");
+            Some(server)
+        }
+        None => None,
+    };
 
     let mut settle = Settle::default();
     let mut pin_check = tokio::time::interval(PIN_CHECK);
@@ -662,6 +691,11 @@ struct Syncer {
     /// Service addresses that are also an endpoint's, warned about while they last.
     shared_addresses: BTreeSet<std::net::IpAddr>,
     metrics: Arc<Metrics>,
+    /// The DNS zone (`--dns`), told of the Services a sync changed once it wrote the maps.
+    dns_zone: Option<Arc<std::sync::RwLock<crate::dns::Zone>>>,
+    /// Services changed since the zone was last told: a sync that fails keeps them for the
+    /// next.
+    dns_pending: crate::hash::Set<ObjectRef>,
 }
 
 /// How often the agent checks that its links and pins are all there.
@@ -817,6 +851,9 @@ impl Syncer {
             .collect();
         let refreshed = started.elapsed();
         let changed = self.store.take_changed();
+        if self.dns_zone.is_some() {
+            self.dns_pending.extend(changed.iter().cloned());
+        }
         let modelling = Instant::now();
         let mut touched = self.desired.update(
             changed.iter().map(|id| (id, self.store.service(id))),
@@ -979,6 +1016,7 @@ impl Syncer {
             // Both layouts' programs stay attached, which translates as either alone would.
             tracing::error!("{e}; taking over from the previous layout again at the next sync");
         }
+        self.publish_dns();
         self.record(started, changed_at, changed.len(), ops.len());
         if may_strand {
             self.terminate_stale_sockets();
@@ -987,6 +1025,31 @@ impl Syncer {
         // of them, are what readiness waits for.
         self.unwritten_frontends.extend(scope);
         Ok(())
+    }
+
+    /// Tells the DNS zone the records of the Services changed since it was last told, in
+    /// the sync that wrote their frontends: a name resolves to what the maps serve.
+    fn publish_dns(&mut self) {
+        let Some(zone) = &self.dns_zone else {
+            return;
+        };
+        // Computed before the zone is locked, so that queries wait only for the swap.
+        let records: Vec<_> =
+            self.dns_pending
+                .drain()
+                .map(|id| {
+                    let records = self.store.service(&id).and_then(|(service, slices)| {
+                        crate::dns::ServiceRecords::of(service, &slices)
+                    });
+                    (id, records)
+                })
+                .collect();
+        let mut zone = zone
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (id, records) in records {
+            zone.update(&id, records);
+        }
     }
 
     /// Warns (once, while it lasts) about a clusterIP that is also an endpoint's address:

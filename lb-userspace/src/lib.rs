@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod cli;
 pub mod dirs;
+pub mod dns;
 pub mod features;
 pub mod hash;
 pub mod maps;

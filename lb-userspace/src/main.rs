@@ -26,7 +26,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Load the datapath and keep its maps in sync with Services and EndpointSlices.
-    Agent(agent::AgentArgs),
+    // Boxed: the agent's flags outweigh every other command's.
+    Agent(Box<agent::AgentArgs>),
     /// Frontends, their Services, backends and endpoint states; Services outside the datapath.
     Services(cli::services::ServicesArgs),
     /// Backends in the backend map, with the frontends that use them.
@@ -120,7 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?
-                .block_on(agent::run(args))
+                .block_on(agent::run(*args))
         }
         Command::Services(args) => Ok(cli::services::run(args)?),
         Command::Backends(args) => Ok(cli::backends::run(args)?),

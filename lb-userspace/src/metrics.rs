@@ -48,6 +48,12 @@ pub struct RepairLabels {
     pub what: &'static str,
 }
 
+/// `lb_dns_queries_total`'s label: the response code answered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsLabels {
+    pub rcode: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: String,
@@ -68,6 +74,8 @@ pub struct Metrics {
     pub sockets_terminated: Family<ProtocolLabels, Counter>,
     /// Programs attached and maps pinned again after they were taken from under the agent.
     pub repairs: Family<RepairLabels, Counter>,
+    /// DNS queries answered (`--dns`), by response code.
+    pub dns_queries: Family<DnsLabels, Counter>,
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     /// When the kernel-filled maps were last walked.
@@ -99,6 +107,7 @@ impl Metrics {
         let errors = Family::default();
         let sockets_terminated = Family::default();
         let repairs = Family::default();
+        let dns_queries = Family::default();
         let map_entries = Family::default();
         let map_capacity = Family::default();
         registry.register(
@@ -134,6 +143,11 @@ impl Metrics {
         );
         registry.register("errors", "Errors by kind", errors.clone());
         registry.register(
+            "dns_queries",
+            "DNS queries answered (--dns), by response code",
+            dns_queries.clone(),
+        );
+        registry.register(
             "datapath_repairs",
             "Programs attached again (what = program) and maps pinned again (what = map_pin) after their pins were removed",
             repairs.clone(),
@@ -161,6 +175,7 @@ impl Metrics {
             errors,
             sockets_terminated,
             repairs,
+            dns_queries,
             map_entries,
             map_capacity,
             walked_at: Mutex::new(None),

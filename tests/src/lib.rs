@@ -731,6 +731,42 @@ impl Testbed {
         self.command_in(pod, program, true)
     }
 
+    /// Gives `pod` the resolv.conf kubelet gives a pod of `namespace` whose cluster DNS is
+    /// `nameserver` (`/etc/netns/NETNS/resolv.conf`, which `ip netns exec` mounts over
+    /// /etc/resolv.conf; removed with the testbed).
+    pub fn set_resolver(
+        &self,
+        pod: &Pod,
+        nameserver: Ipv4Addr,
+        namespace: &str,
+    ) -> anyhow::Result<()> {
+        let dir = Path::new(NETNS_ETC).join(&pod.netns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!(
+                "search {namespace}.svc.cluster.local svc.cluster.local cluster.local\n\
+                 nameserver {nameserver}\noptions ndots:5\n"
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// A command that runs in the test cgroup and, through `ip netns exec`, in `pod`'s netns
+    /// with its resolv.conf ([`Testbed::set_resolver`]): a pod's process that resolves
+    /// names. (The cgroup is joined first: `ip netns exec` remounts /sys.)
+    pub fn resolving_command(&self, pod: &Pod, program: &str) -> Command {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(r#"echo $$ > "$0" && exec ip netns exec "$@""#)
+            .arg(self.cgroup.join("cgroup.procs"))
+            .arg(&pod.netns)
+            .arg(program)
+            .stdin(Stdio::null());
+        command
+    }
+
     /// A command that runs in `pod`'s netns only, outside the test cgroup, seeing this
     /// machine's mounts (unlike `ip netns exec`): a daemon of the "host" `pod` stands for.
     pub fn netns_command(
@@ -1011,6 +1047,9 @@ fn owner_pid(name: &str) -> Option<u32> {
     name.strip_prefix(PREFIX)?.split('x').next()?.parse().ok()
 }
 
+/// Where `ip netns exec NAME` finds files to mount over /etc (resolv.conf).
+const NETNS_ETC: &str = "/etc/netns";
+
 /// Removes what runs of the harness that died without cleaning up (killed by a timeout or a
 /// signal) left: netns, cgroups, pins and temp dirs named after a process that is gone.
 fn sweep_leftovers(cgroup_root: &Path) {
@@ -1042,6 +1081,9 @@ fn sweep_leftovers(cgroup_root: &Path) {
             drop(std::fs::remove_file(dir.join(pin)));
         }
         drop(std::fs::remove_dir(dir));
+    }
+    for name in names(Path::new(NETNS_ETC)).iter().filter(|n| dead(n)) {
+        drop(std::fs::remove_dir_all(Path::new(NETNS_ETC).join(name)));
     }
     let temp = std::env::temp_dir();
     for name in names(&temp).iter().filter(|n| dead(n)) {
@@ -1084,6 +1126,7 @@ impl Drop for Testbed {
             .map(|p| p.netns.as_str())
             .chain([self.node_netns.as_str()])
         {
+            drop(std::fs::remove_dir_all(Path::new(NETNS_ETC).join(netns)));
             if let Err(e) = ip(&["netns", "del", netns]) {
                 // A netns that was never created is not a leftover.
                 if !e.to_string().contains("No such file") {

@@ -387,16 +387,28 @@ pub struct EndpointModel {
     pub terminating: bool,
     /// Shared: a cluster has few nodes and many endpoints on each.
     pub node_name: Option<Arc<str>>,
-    /// `hints`, which the EndpointSlice controller sets for `trafficDistribution`; most
-    /// endpoints have none, and then cost a pointer.
-    pub hints: Option<Box<Hints>>,
+    /// Its hints and hostname, which most endpoints lack: they then cost a pointer.
+    pub extras: Option<Box<EndpointExtras>>,
 }
 
-/// An endpoint's topology hints: the zones and nodes whose clients it is for.
+impl EndpointModel {
+    fn hints(&self) -> Option<&EndpointExtras> {
+        self.extras.as_deref()
+    }
+
+    /// `hostname`, which DNS serves as `<hostname>.<service>.<namespace>.svc.<zone>`.
+    pub fn hostname(&self) -> Option<&str> {
+        self.extras.as_deref().and_then(|e| e.hostname.as_deref())
+    }
+}
+
+/// What few endpoints have: topology hints — the zones and nodes whose clients it is for,
+/// which the EndpointSlice controller sets for `trafficDistribution` — and a hostname.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Hints {
+pub struct EndpointExtras {
     pub zones: SmallVec<[Arc<str>; 1]>,
     pub nodes: SmallVec<[Arc<str>; 1]>,
+    pub hostname: Option<Box<str>>,
 }
 
 /// Which endpoints a frontend's clients on this node use, as kube-proxy's
@@ -432,7 +444,7 @@ impl Topology {
 
     /// Whether `endpoint` is for this node (`node`, in `zone`) under this rule.
     fn admits(&self, endpoint: &EndpointModel, node: &str, zone: Option<&Arc<str>>) -> bool {
-        let hints = endpoint.hints.as_deref();
+        let hints = endpoint.hints();
         match self {
             Self::All => true,
             Self::PreferSameNode => hints.is_some_and(|h| h.nodes.iter().any(|n| **n == *node)),
@@ -450,7 +462,7 @@ impl Topology {
     ) -> Self {
         let (mut all_node, mut for_node, mut all_zone, mut for_zone) = (true, false, true, false);
         for (_, endpoint) in endpoints.iter().filter(|(_, e)| e.ready) {
-            let hints = endpoint.hints.as_deref();
+            let hints = endpoint.hints();
             match hints.map(|h| &h.nodes).filter(|n| !n.is_empty()) {
                 None => all_node = false,
                 Some(nodes) => for_node |= nodes.iter().any(|n| **n == *node),
@@ -845,22 +857,32 @@ impl SliceModel {
                 let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
                 let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
                 let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-                let hints = endpoint.hints.as_ref().and_then(|hints| {
-                    let zones: SmallVec<[Arc<str>; 1]> = hints
-                        .for_zones
-                        .iter()
-                        .flatten()
-                        .map(|z| Arc::from(z.name.as_str()))
-                        .collect();
-                    let nodes: SmallVec<[Arc<str>; 1]> = hints
-                        .for_nodes
-                        .iter()
-                        .flatten()
-                        .map(|n| Arc::from(n.name.as_str()))
-                        .collect();
-                    (!zones.is_empty() || !nodes.is_empty())
-                        .then(|| Box::new(Hints { zones, nodes }))
-                });
+                let hostname = endpoint
+                    .hostname
+                    .as_deref()
+                    .filter(|h| !h.is_empty())
+                    .map(Box::from);
+                let hints = endpoint.hints.as_ref();
+                let zones: SmallVec<[Arc<str>; 1]> = hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|z| Arc::from(z.name.as_str()))
+                    .collect();
+                let nodes: SmallVec<[Arc<str>; 1]> = hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|n| Arc::from(n.name.as_str()))
+                    .collect();
+                let extras =
+                    (!zones.is_empty() || !nodes.is_empty() || hostname.is_some()).then(|| {
+                        Box::new(EndpointExtras {
+                            zones,
+                            nodes,
+                            hostname,
+                        })
+                    });
                 endpoints.push(EndpointModel {
                     address,
                     ready,
@@ -871,7 +893,7 @@ impl SliceModel {
                         .as_deref()
                         .filter(|n| !n.is_empty())
                         .map(Arc::from),
-                    hints,
+                    extras,
                 });
             }
         }
