@@ -1,6 +1,6 @@
 //! The cluster DNS the agent serves (`--dns`), asked by real resolvers in a pod: glibc's
-//! (`getent`) with the resolv.conf kubelet writes, and the seeds' `curl httpenv:8888`
-//! through the name.
+//! (`getent`) with the resolv.conf kubelet writes, `dig` for the other record kinds and
+//! response codes, and the seeds' `curl httpenv:8888` through the name.
 
 #![expect(
     clippy::unwrap_used,
@@ -30,6 +30,15 @@ fn headless(pods: &[&Pod]) -> String {
             "TCP",
             &format!("[{}]", endpoints.join(", ")),
         )
+}
+
+/// What `dig ARGS` prints in `pod` (with its resolv.conf), one line per record.
+fn dig(testbed: &Testbed, pod: &Pod, args: &[&str]) -> Vec<String> {
+    let output = run(testbed.resolving_command(pod, "dig").args(args)).unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// What `getent DATABASE NAME` prints in `pod` (with its resolv.conf): the lines' first
@@ -73,6 +82,13 @@ fn names_resolve_through_the_agents_dns_as_a_pods_resolver_asks() {
     testbed
         .write_manifest("pods.yaml", &headless(&all))
         .unwrap();
+    testbed
+        .write_manifest(
+            "docs.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: docs, namespace: default}\n\
+             spec: {type: ExternalName, externalName: kubernetes.io}\n",
+        )
+        .unwrap();
     let dns = format!("{NODE_IP}:53");
     testbed
         .start_agent_with(&[
@@ -107,6 +123,34 @@ fn names_resolve_through_the_agents_dns_as_a_pods_resolver_asks() {
         BTreeSet::from([pods[1].ip.to_string()])
     );
     assert!(getent(&testbed, &client, "hosts", "nothing-here").is_empty());
+
+    // SRV for the named port, PTR of the clusterIP, the ExternalName's CNAME, over UDP
+    // and TCP; NXDOMAIN for a name in the zone that does not exist, REFUSED outside it.
+    let short = |args: &[&str]| dig(&testbed, &client, &[&["+short"], args].concat());
+    assert_eq!(
+        short(&["SRV", "_p._tcp.httpenv.default.svc.cluster.local"]),
+        ["0 100 8888 httpenv.default.svc.cluster.local."]
+    );
+    assert_eq!(
+        short(&["-x", "10.96.0.10"]),
+        ["httpenv.default.svc.cluster.local."]
+    );
+    assert_eq!(short(&["+search", "docs"]), ["kubernetes.io."]);
+    assert_eq!(
+        short(&["+tcp", "httpenv.default.svc.cluster.local"]),
+        ["10.96.0.10"]
+    );
+    let status = |name: &str| {
+        dig(&testbed, &client, &[name])
+            .into_iter()
+            .find_map(|line| {
+                let (_, after) = line.split_once("status: ")?;
+                Some(after.split(',').next()?.to_owned())
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(status("nothing.default.svc.cluster.local"), "NXDOMAIN");
+    assert_eq!(status("example.com"), "REFUSED");
 
     // The seeds' exercise: `curl httpenv:8888`, through the name and the datapath.
     let mut served = BTreeSet::new();

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 
 /// Debian packages: LLVM 22 for bpf-linker, and the tools the tests, the demo and the
-/// benchmarks drive (ssh for `deploy --ssh` and its test).
+/// benchmarks drive (ssh for `deploy --ssh` and its test, dig for the cluster DNS).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -20,6 +20,7 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "bpftool",
     "curl",
+    "dnsutils",
     "openssh-client",
     "openssh-server",
 ];
