@@ -97,6 +97,10 @@ pub struct AgentArgs {
     /// The cluster's DNS domain (kubelet's `--cluster-domain`), under which `--dns` answers.
     #[arg(long, value_name = "DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// Forward `--dns` queries for names outside the cluster domain to this server (e.g.
+    /// the node's resolver, 10.0.0.2:53), over UDP; without it they are refused.
+    #[arg(long, value_name = "ADDR", requires = "dns")]
+    pub dns_upstream: Option<SocketAddr>,
     /// Upper bound of the service map (one entry per frontend plus one per backend slot).
     /// The maps are sized from what the source needs and grow while the agent runs; a
     /// Service that would take a map past its bound is refused, whole, and reported.
@@ -394,7 +398,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     syncer.sync_and_report(&mut source, None, &mut retry, &mut first_done);
     let _dns_server = match dns {
         Some((zone, sockets)) => {
-            let server = crate::dns::serve(sockets, zone, metrics.dns_queries.clone())?;
+            let server = crate::dns::serve(
+                sockets,
+                zone,
+                args.dns_upstream,
+                metrics.dns_queries.clone(),
+            )?;
             tracing::info!(addr = ?args.dns, domain = %args.cluster_domain, "DNS serving");
             Some(server)
         }

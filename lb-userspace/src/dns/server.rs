@@ -13,7 +13,7 @@ use hickory_server::{
     Server,
     net::runtime::Time,
     proto::{
-        op::{Edns, Header, HeaderCounts, Metadata, OpCode, ResponseCode},
+        op::{Edns, Header, HeaderCounts, Message, Metadata, OpCode, ResponseCode},
         rr::Name,
     },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
@@ -23,6 +23,9 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 
 use super::{Answer, Zone};
 use crate::{metrics::DnsLabels, netns};
+
+/// How long a query forwarded to `--dns-upstream` may take before it is answered SERVFAIL.
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A TCP client that sends nothing for this long is dropped.
 const TCP_IDLE: Duration = Duration::from_secs(5);
@@ -43,10 +46,52 @@ pub enum DnsError {
     Runtime { source: std::io::Error },
 }
 
-/// Answers queries from `zone`, counting them by response code.
+/// Answers queries from `zone`, and forwards those for names outside it to `upstream`
+/// when there is one; counts them by response code.
 struct ZoneHandler {
     zone: Arc<RwLock<Zone>>,
+    upstream: Option<SocketAddr>,
     queries: Family<DnsLabels, Counter>,
+}
+
+/// Why a forwarded query got no answer.
+#[derive(Debug, thiserror::Error)]
+enum UpstreamError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("no answer within {UPSTREAM_TIMEOUT:?}")]
+    Timeout,
+    #[error("answer not DNS: {0}")]
+    Decode(String),
+    #[error("answer to another query (id {0})")]
+    OtherId(u16),
+}
+
+/// Sends `query` (a whole DNS message) to `upstream` over UDP and reads its answer.
+async fn ask_upstream(
+    upstream: SocketAddr,
+    query: &[u8],
+    id: u16,
+) -> Result<Message, UpstreamError> {
+    let any: SocketAddr = if upstream.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = tokio::net::UdpSocket::bind(any).await?;
+    // Connected: an unreachable upstream is an error at once, and only it can answer.
+    socket.connect(upstream).await?;
+    socket.send(query).await?;
+    let mut buffer = vec![0u8; 65_535];
+    let len = tokio::time::timeout(UPSTREAM_TIMEOUT, socket.recv(&mut buffer))
+        .await
+        .map_err(|_| UpstreamError::Timeout)??;
+    let answer = Message::from_vec(buffer.get(..len).unwrap_or_default())
+        .map_err(|e| UpstreamError::Decode(e.to_string()))?;
+    if answer.metadata.id != id {
+        return Err(UpstreamError::OtherId(answer.metadata.id));
+    }
+    Ok(answer)
 }
 
 #[async_trait::async_trait]
@@ -72,6 +117,9 @@ impl RequestHandler for ZoneHandler {
             }
             None => Answer::NotOurs,
         };
+        if let (Answer::NotOurs, Some(_), Some(upstream)) = (&answer, &info, self.upstream) {
+            return self.forward(request, upstream, response_handle).await;
+        }
         let records = match answer {
             Answer::Records(records) => {
                 metadata.authoritative = true;
@@ -109,19 +157,63 @@ impl RequestHandler for ZoneHandler {
             builder.edns(edns);
         }
         let response = builder.build(metadata, records.iter(), [], [], []);
-        match response_handle.send_response(response).await {
-            Ok(info) => info,
-            Err(error) => {
-                tracing::debug!(%error, "DNS answer not sent");
-                let mut failed = Metadata::response_from_request(&request.metadata);
-                failed.response_code = ResponseCode::ServFail;
-                ResponseInfo::from(Header {
-                    metadata: failed,
-                    counts: HeaderCounts::default(),
+        sent(request, response_handle.send_response(response).await)
+    }
+}
+
+impl ZoneHandler {
+    /// Relays `request` to `upstream` and its answer back (SERVFAIL without one).
+    async fn forward<R: ResponseHandler>(
+        &self,
+        request: &Request,
+        upstream: SocketAddr,
+        mut response_handle: R,
+    ) -> ResponseInfo {
+        let answer = ask_upstream(upstream, request.as_slice(), request.metadata.id).await;
+        let builder = MessageResponseBuilder::from_message_request(request);
+        let count = |code| {
+            self.queries
+                .get_or_create(&DnsLabels {
+                    rcode: rcode_label(code),
                 })
+                .inc();
+        };
+        match answer {
+            Ok(answer) => {
+                count(answer.metadata.response_code);
+                let response = builder.build(
+                    answer.metadata,
+                    answer.answers.iter(),
+                    answer.authorities.iter(),
+                    [],
+                    answer.additionals.iter(),
+                );
+                sent(request, response_handle.send_response(response).await)
+            }
+            Err(error) => {
+                tracing::debug!(%upstream, %error, "DNS query forwarded without an answer");
+                count(ResponseCode::ServFail);
+                let response = builder.error_msg(&request.metadata, ResponseCode::ServFail);
+                sent(request, response_handle.send_response(response).await)
             }
         }
     }
+}
+
+/// What was sent, or SERVFAIL if nothing could be.
+fn sent(
+    request: &Request,
+    result: Result<ResponseInfo, hickory_server::net::NetError>,
+) -> ResponseInfo {
+    result.unwrap_or_else(|error| {
+        tracing::debug!(%error, "DNS answer not sent");
+        let mut failed = Metadata::response_from_request(&request.metadata);
+        failed.response_code = ResponseCode::ServFail;
+        ResponseInfo::from(Header {
+            metadata: failed,
+            counts: HeaderCounts::default(),
+        })
+    })
 }
 
 fn rcode_label(code: ResponseCode) -> &'static str {
@@ -163,16 +255,22 @@ pub fn bind(addr: SocketAddr, host_netns: &Path) -> Result<Sockets, DnsError> {
     Ok(Sockets { udp, tcp })
 }
 
-/// Serves `zone` on `sockets` on this tokio runtime until the returned server is dropped.
+/// Serves `zone` on `sockets` on this tokio runtime until the returned server is dropped,
+/// forwarding names outside it to `upstream` if given (refused otherwise).
 pub fn serve(
     sockets: Sockets,
     zone: Arc<RwLock<Zone>>,
+    upstream: Option<SocketAddr>,
     queries: Family<DnsLabels, Counter>,
 ) -> Result<Server<impl RequestHandler>, DnsError> {
     let tokio_error = |source| DnsError::Runtime { source };
     let udp = tokio::net::UdpSocket::from_std(sockets.udp).map_err(tokio_error)?;
     let tcp = tokio::net::TcpListener::from_std(sockets.tcp).map_err(tokio_error)?;
-    let mut server = Server::new(ZoneHandler { zone, queries });
+    let mut server = Server::new(ZoneHandler {
+        zone,
+        upstream,
+        queries,
+    });
     server.register_socket(udp);
     server.register_listener(tcp, TCP_IDLE, TCP_RESPONSE_BUFFER);
     Ok(server)
@@ -186,7 +284,7 @@ mod tests {
     };
 
     use hickory_server::proto::{
-        op::{Message, MessageType, Query},
+        op::{MessageType, Query},
         rr::RecordType,
     };
 
@@ -237,7 +335,7 @@ mod tests {
         tcp.set_nonblocking(true).unwrap();
         let queries = Family::<DnsLabels, Counter>::default();
         let zone = Arc::new(RwLock::new(zone_with_headless(60)));
-        let _server = serve(Sockets { udp, tcp }, zone, queries.clone()).unwrap();
+        let _server = serve(Sockets { udp, tcp }, zone, None, queries.clone()).unwrap();
 
         let ask_udp = |packet: Vec<u8>| {
             tokio::task::spawn_blocking(move || {
@@ -296,5 +394,75 @@ mod tests {
         assert_eq!(count("NOERROR"), 3);
         assert_eq!(count("NXDOMAIN"), 1);
         assert_eq!(count("REFUSED"), 1);
+    }
+
+    /// Names outside the zone go to `--dns-upstream`, whose answer comes back under the
+    /// client's query id; an upstream that does not answer gives SERVFAIL.
+    #[tokio::test]
+    async fn names_outside_the_zone_are_forwarded_upstream() {
+        // A fake upstream on loopback: every query answered with 192.0.2.1.
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let upstream_addr = upstream.local_addr().unwrap();
+        upstream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let fake = std::thread::spawn(move || {
+            let mut buffer = [0u8; 1500];
+            let (len, from) = upstream.recv_from(&mut buffer).unwrap();
+            let asked = Message::from_vec(&buffer[..len]).unwrap();
+            let mut answer = Message::new(asked.metadata.id, MessageType::Response, OpCode::Query);
+            answer.metadata.recursion_available = true;
+            let name = asked.queries[0].name().clone();
+            answer.add_query(asked.queries[0].clone());
+            answer
+                .answers
+                .push(hickory_server::proto::rr::Record::from_rdata(
+                    name,
+                    60,
+                    hickory_server::proto::rr::RData::A(hickory_server::proto::rr::rdata::A(
+                        std::net::Ipv4Addr::new(192, 0, 2, 1),
+                    )),
+                ));
+            upstream.send_to(&answer.to_vec().unwrap(), from).unwrap();
+        });
+        // An upstream that is not there: its port is closed.
+        let closed = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let closed_addr = closed.local_addr().unwrap();
+        drop(closed);
+
+        let ask = |upstream: SocketAddr| async move {
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = udp.local_addr().unwrap();
+            udp.set_nonblocking(true).unwrap();
+            tcp.set_nonblocking(true).unwrap();
+            let queries = Family::<DnsLabels, Counter>::default();
+            let zone = Arc::new(RwLock::new(Zone::new("cluster.local").unwrap()));
+            let server = serve(Sockets { udp, tcp }, zone, Some(upstream), queries).unwrap();
+            let answer = tokio::task::spawn_blocking(move || {
+                let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                client
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                client
+                    .send_to(&query("example.com.", RecordType::A, false), addr)
+                    .unwrap();
+                let mut buffer = [0u8; 1500];
+                let len = client.recv(&mut buffer).unwrap();
+                Message::from_vec(&buffer[..len]).unwrap()
+            })
+            .await
+            .unwrap();
+            drop(server);
+            answer
+        };
+        let forwarded = ask(upstream_addr).await;
+        fake.join().unwrap();
+        assert_eq!(forwarded.metadata.id, 7);
+        assert_eq!(forwarded.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(forwarded.answers.len(), 1);
+        assert_eq!(forwarded.answers[0].data.to_string(), "192.0.2.1");
+        let failed = ask(closed_addr).await;
+        assert_eq!(failed.metadata.response_code, ResponseCode::ServFail);
     }
 }
