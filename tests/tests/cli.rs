@@ -173,6 +173,37 @@ fn golden_output_for_a_known_set_of_services() {
         "explain-none.txt",
         &testbed.lb(&["explain", "10.96.0.53:53"]).unwrap(),
     );
+    // By name: every frontend of the Service, each as by its address.
+    let by_name: serde_json::Value =
+        serde_json::from_str(&testbed.lb(&["explain", "shop/web", "-o", "json"]).unwrap()).unwrap();
+    let frontends: std::collections::BTreeSet<String> = testbed
+        .services()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["service"] == "shop/web")
+        .map(|entry| {
+            format!(
+                "{}:{}/{}",
+                entry["address"].as_str().unwrap(),
+                entry["port"],
+                entry["protocol"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let explained: std::collections::BTreeSet<String> = by_name
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["destination"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(explained, frontends);
+    let web_by_address: serde_json::Value = serde_json::from_str(
+        &testbed
+            .lb(&["explain", "10.96.0.10:80", "-o", "json"])
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(by_name.as_array().unwrap().contains(&web_by_address));
 
     // The same with the agent stopped: the CLI reads pins and the state file only.
     testbed.stop_agent().unwrap();

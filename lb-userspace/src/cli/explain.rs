@@ -1,6 +1,7 @@
 //! `lb explain ADDRESS:PORT[/PROTO]`: what the datapath does with a connect() or sendmsg()
 //! to that destination — the frontend it matches, the slot table, each candidate endpoint and
 //! why it is or is not a backend — computed with the lb-common code the programs run.
+//! `lb explain [NAMESPACE/]NAME` does so for every frontend of a Service.
 
 use std::net::SocketAddr;
 
@@ -13,13 +14,46 @@ use crate::model::{EndpointState, Frontend, Protocol};
 #[derive(Debug, clap::Args)]
 pub struct ExplainArgs {
     /// The destination, e.g. 10.96.0.10:80 or 10.96.0.10:53/UDP (TCP if no protocol); an
-    /// AF_INET6 socket's v4-mapped [::ffff:10.96.0.10]:80 is the same frontend.
-    #[arg(value_name = "ADDRESS:PORT[/PROTO]", value_parser = parse_destination)]
-    pub destination: Frontend,
+    /// AF_INET6 socket's v4-mapped [::ffff:10.96.0.10]:80 is the same frontend. Or a
+    /// Service, `NAMESPACE/NAME` (or `NAME` in `default`): each of its frontends.
+    #[arg(value_name = "ADDRESS:PORT[/PROTO] | [NAMESPACE/]NAME", value_parser = parse_target)]
+    pub destination: Target,
     #[command(flatten)]
     pub format: Format,
     #[command(flatten)]
     pub pins: Pins,
+}
+
+/// What `lb explain` is asked about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    Destination(Frontend),
+    /// A Service, `namespace/name`.
+    Service(String),
+}
+
+/// A destination, else a Service name (`[NAMESPACE/]NAME`, DNS labels as the API has
+/// them), else the destination's error.
+fn parse_target(text: &str) -> Result<Target, DestinationError> {
+    let destination_error = match parse_destination(text) {
+        Ok(frontend) => return Ok(Target::Destination(frontend)),
+        Err(e) => e,
+    };
+    let (namespace, name) = text.split_once('/').unwrap_or(("default", text));
+    let is_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if is_label(namespace) && is_label(name) && !name.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(Target::Service(format!("{namespace}/{name}")))
+    } else {
+        Err(destination_error)
+    }
 }
 
 /// Why `lb explain`'s destination is not one.
@@ -27,7 +61,9 @@ pub struct ExplainArgs {
 pub enum DestinationError {
     #[error(transparent)]
     Protocol(#[from] crate::model::Invalid),
-    #[error("{0:?} is not an ADDRESS:PORT (IPv4, or IPv6 in brackets: [fd00::10]:80)")]
+    #[error(
+        "{0:?} is not an ADDRESS:PORT (IPv4, or IPv6 in brackets: [fd00::10]:80) nor a Service's [NAMESPACE/]NAME"
+    )]
     Address(String),
 }
 
@@ -105,7 +141,47 @@ pub fn run(args: ExplainArgs) -> Result<(), CliError> {
     let maps = open(&args.pins)?;
     let state = state(&args.pins)?;
     let programmed = maps.read()?.programmed;
-    let wanted = args.destination;
+    let cluster_ips = maps.cluster_ips()?;
+    let explain = |wanted: Frontend| explain(wanted, &programmed, state.as_ref(), &cluster_ips);
+    match args.destination {
+        Target::Destination(wanted) => {
+            let explanation = explain(wanted);
+            emit(args.format.output, &explanation, |wide| {
+                text(&explanation, wide)
+            })
+        }
+        Target::Service(service) => {
+            let explanations: Vec<Explanation> = state
+                .iter()
+                .flat_map(|s| &s.frontends)
+                .filter(|n| n.service == service)
+                .map(|n| explain(n.frontend))
+                .collect();
+            if explanations.is_empty() {
+                return Err(CliError::NoService {
+                    service,
+                    state_dir: args.pins.state_dir,
+                });
+            }
+            emit(args.format.output, &explanations, |wide| {
+                explanations
+                    .iter()
+                    .map(|e| text(e, wide))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+    }
+}
+
+/// What the datapath does with a connect() or sendmsg() to `wanted`, given the maps
+/// (`programmed`, `cluster_ips`) and the agent's names for them (`state`).
+fn explain(
+    wanted: Frontend,
+    programmed: &crate::plan::Programmed,
+    state: Option<&crate::state::State>,
+    cluster_ips: &std::collections::BTreeSet<std::net::IpAddr>,
+) -> Explanation {
     let destination = wanted.to_string();
     let other_protocols = programmed
         .frontends
@@ -116,11 +192,11 @@ pub fn run(args: ExplainArgs) -> Result<(), CliError> {
         .map(ToString::to_string)
         .collect();
 
-    let explanation = match programmed.frontends.get(&wanted) {
+    match programmed.frontends.get(&wanted) {
         None => Explanation {
             // As the programs decide: a clusterIP on a port none of its Services has is
             // refused; any other destination is not theirs.
-            verdict: if maps.cluster_ips()?.contains(&wanted.address) {
+            verdict: if cluster_ips.contains(&wanted.address) {
                 format!(
                     "a clusterIP on a port none of its Services has: a connect() or sendmsg() to {}:{} fails at once with ECONNREFUSED (unknown_port)",
                     wanted.address, wanted.port
@@ -178,10 +254,7 @@ pub fn run(args: ExplainArgs) -> Result<(), CliError> {
                 other_protocols,
             }
         }
-    };
-    emit(args.format.output, &explanation, |wide| {
-        text(&explanation, wide)
-    })
+    }
 }
 
 fn verdict(frontend: &Frontend, flags: u16, affinity_timeout_s: u32, slots: &[SlotView]) -> String {
@@ -301,6 +374,25 @@ mod tests {
     use std::net::IpAddr;
 
     use super::*;
+
+    #[test]
+    fn a_service_name_is_explained_by_its_frontends() {
+        assert_eq!(
+            parse_target("web").unwrap(),
+            Target::Service("default/web".into())
+        );
+        assert_eq!(
+            parse_target("shop/web-2").unwrap(),
+            Target::Service("shop/web-2".into())
+        );
+        assert!(matches!(
+            parse_target("10.96.0.10:80/udp").unwrap(),
+            Target::Destination(_)
+        ));
+        for bad in ["10.96.0.10", "Web", "shop/", "-web", "80"] {
+            assert!(parse_target(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn destinations_parse_with_and_without_protocol() {

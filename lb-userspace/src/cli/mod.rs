@@ -71,6 +71,11 @@ pub enum CliError {
         found: String,
         expected: String,
     },
+    #[error(
+        "no Service {service} (names come from the agent's state file in {})",
+        state_dir.display()
+    )]
+    NoService { service: String, state_dir: PathBuf },
     #[error(transparent)]
     Datapath(#[from] DatapathError),
     #[error(transparent)]

@@ -207,10 +207,10 @@ pub fn run(args: ServicesArgs) -> Result<(), CliError> {
     if let Some(wanted) = &args.service {
         entries.retain(|e| e.service.as_deref() == Some(wanted.as_str()));
         if entries.is_empty() {
-            return Err(CliError::Output(format!(
-                "no Service {wanted} (names come from the agent's state file in {})",
-                args.pins.state_dir.display()
-            )));
+            return Err(CliError::NoService {
+                service: wanted.clone(),
+                state_dir: args.pins.state_dir.clone(),
+            });
         }
     }
     emit(args.format.output, &entries, |wide| {
