@@ -151,6 +151,15 @@ fn names_resolve_through_the_agents_dns_as_a_pods_resolver_asks() {
     };
     assert_eq!(status("nothing.default.svc.cluster.local"), "NXDOMAIN");
     assert_eq!(status("example.com"), "REFUSED");
+    // ANY is answered with what the name has; a name of the greatest length (253
+    // characters, 118 labels) in the zone that does not exist is NXDOMAIN.
+    assert_eq!(
+        short(&["ANY", "httpenv.default.svc.cluster.local"]),
+        ["10.96.0.10"]
+    );
+    let huge = format!("{}default.svc.cluster.local", "a.".repeat(114));
+    assert_eq!(huge.len(), 253);
+    assert_eq!(status(&huge), "NXDOMAIN");
 
     // The seeds' exercise: `curl httpenv:8888`, through the name and the datapath.
     let mut served = BTreeSet::new();
