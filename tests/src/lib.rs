@@ -984,6 +984,56 @@ pub fn assert_no_failed_connects(probes: &[Probe], at_least: usize, while_: &str
     );
 }
 
+/// The line the agent logs when it destroys connected sockets whose backend left.
+const SOCKETS_TERMINATED: &str = "terminated connected sockets whose backend left their Service";
+
+impl Testbed {
+    /// Once the agent says it terminated connected sockets (within `timeout`), and the
+    /// client has had time to see it, stops `socket`'s client and returns its attempts after
+    /// the first.
+    pub fn attempts_until_terminated(
+        &self,
+        socket: OneSocket,
+        timeout: Duration,
+    ) -> anyhow::Result<Vec<Probe>> {
+        wait_for("the socket's termination", timeout, || {
+            Ok(self
+                .agent_output()
+                .contains(SOCKETS_TERMINATED)
+                .then_some(()))
+        })
+        .with_context(|| self.agent_output())?;
+        // The client's next attempt sees it.
+        std::thread::sleep(Duration::from_millis(200));
+        Ok(socket
+            .finish()?
+            .into_iter()
+            .map(|timed| timed.probe)
+            .collect())
+    }
+}
+
+/// Where the attempts of one socket lb terminated switch from answers by `backend` to
+/// failures: the index of the first failure. Panics (a test failure) if they never fail,
+/// if one answer comes from another backend, or if one succeeds after the first failure.
+pub fn termination_point(attempts: &[Probe], backend: &str) -> usize {
+    let failed_at = attempts
+        .iter()
+        .position(|p| p.error().is_some())
+        .unwrap_or_else(|| panic!("the socket was never terminated: {attempts:?}"));
+    assert!(
+        attempts[failed_at..].iter().all(|p| p.error().is_some()),
+        "{attempts:?}"
+    );
+    assert!(
+        attempts[..failed_at]
+            .iter()
+            .all(|p| p.hostname() == Some(backend)),
+        "{attempts:?}"
+    );
+    failed_at
+}
+
 /// Stops a background prober and returns every attempt it made.
 pub fn finish_probes(prober: Prober) -> anyhow::Result<Vec<Probe>> {
     Ok(finish_timed_probes(prober)?

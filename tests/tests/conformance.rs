@@ -2004,38 +2004,15 @@ fn preserve_udp_traffic(
     assert!(all_from(&last, "web-1"), "{last:?}");
 
     if let Some((translated, direct)) = kept {
-        let terminated = "terminated connected sockets whose backend left their Service";
-        wait_for("the socket's termination", Duration::from_secs(5), || {
-            Ok(testbed.agent_output().contains(terminated).then_some(()))
-        })
-        .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
-        // The application's next attempt sees it.
-        std::thread::sleep(Duration::from_millis(200));
-        let after: Vec<Probe> = translated
-            .finish()
-            .unwrap()
-            .into_iter()
-            .map(|timed| timed.probe)
-            .collect();
+        let after = testbed
+            .attempts_until_terminated(translated, Duration::from_secs(5))
+            .unwrap();
         // Answered by pod-server-1 until the socket was terminated; nothing after that.
-        let failed_at = after
-            .iter()
-            .position(|p| p.error().is_some())
-            .unwrap_or_else(|| panic!("the socket was never terminated: {after:?}"));
+        let failed_at = lb_tests::termination_point(&after, "web-0");
         let error = after[failed_at].error().unwrap_or_default();
         assert!(
             error.contains("connection abort") || error.contains("Destination address required"),
             "{error}"
-        );
-        assert!(
-            after[failed_at..].iter().all(|p| p.error().is_some()),
-            "{after:?}"
-        );
-        assert!(
-            after[..failed_at]
-                .iter()
-                .all(|p| p.hostname() == Some("web-0")),
-            "{after:?}"
         );
         // The other program's socket was not touched.
         let direct = finish_probes(direct).unwrap();

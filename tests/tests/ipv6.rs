@@ -210,63 +210,19 @@ fn an_ipv6_connected_udp_socket_whose_backend_left_is_terminated() {
     let v6_dns = format!("[{VIP6}]:53");
     wait_answered(&testbed, &client, &format!("[{VIP6}]:80"));
 
-    let mut translated = testbed
-        .probe_command(
-            &client,
-            &v6_dns,
-            1_000,
-            &[
-                "--mode",
-                "connected-udp",
-                "--same-socket",
-                "--interval-ms",
-                "20",
-                "--for-ms",
-                "6000",
-            ],
-        )
-        .unwrap()
-        .spawn()
+    let (translated, first) = testbed
+        .one_socket_prober(&client, &v6_dns, "connected-udp", 20, 6000)
         .unwrap();
-    let mut stdout = std::io::BufReader::new(translated.stdout.take().unwrap());
-    let mut first = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
-    let first = lb_tests::parse_probes(&first).unwrap().remove(0).probe;
     let backend = first.hostname().unwrap().to_owned();
     let stays: Vec<Pod> = pods.into_iter().filter(|p| p.name != backend).collect();
 
     testbed
         .write_manifest("web.yaml", &manifest(&stays))
         .unwrap();
-    let terminated = "terminated connected sockets whose backend left their Service";
-    wait_for("the socket's termination", Duration::from_secs(10), || {
-        Ok(testbed.agent_output().contains(terminated).then_some(()))
-    })
-    .unwrap_or_else(|e| panic!("{e}: {}", testbed.agent_output()));
-    std::thread::sleep(Duration::from_millis(200));
-    drop(translated.kill());
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    drop(translated.wait());
-    let after: Vec<Probe> = lb_tests::parse_probes(&rest)
-        .unwrap()
-        .into_iter()
-        .map(|timed| timed.probe)
-        .collect();
-    let failed_at = after
-        .iter()
-        .position(|p| p.error().is_some())
-        .unwrap_or_else(|| panic!("the socket was never terminated: {after:?}"));
-    assert!(
-        after[..failed_at]
-            .iter()
-            .all(|p| p.hostname() == Some(backend.as_str())),
-        "{after:?}"
-    );
-    assert!(
-        after[failed_at..].iter().all(|p| p.error().is_some()),
-        "{after:?}"
-    );
+    let after = testbed
+        .attempts_until_terminated(translated, Duration::from_secs(10))
+        .unwrap();
+    lb_tests::termination_point(&after, &backend);
     let again = testbed
         .probe_with(&client, &v6_dns, 5, &["--mode", "connected-udp"])
         .unwrap();
