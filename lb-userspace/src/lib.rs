@@ -18,6 +18,8 @@ pub mod agent;
 pub mod cli;
 pub mod dirs;
 pub mod features;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod maps;
 pub mod memory;

@@ -28,7 +28,7 @@ mod parts;
 
 use std::{
     fmt,
-    io::{Read, Seek as _},
+    io::{Read, Seek},
     path::{Path, PathBuf},
 };
 
@@ -124,23 +124,12 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 /// Reads one file. `Err` means the file as a whole could not be read or parsed; errors of
 /// single objects are in their [`Document`].
 pub fn read_file(path: &Path) -> Result<Vec<Document>, ManifestError> {
-    let read_error = |source| ManifestError::Read {
-        path: path.to_owned(),
-        source,
-    };
     let reader = Reader { path };
-    let mut file = std::fs::File::open(path).map_err(read_error)?;
-    let len = file.metadata().map_err(read_error)?.len();
+    let file = std::fs::File::open(path).map_err(|e| reader.read_error(e))?;
+    let len = file.metadata().map_err(|e| reader.read_error(e))?.len();
     let len = usize::try_from(len).unwrap_or(usize::MAX);
-    if let Some(documents) = reader.in_parts(&mut file, len).map_err(read_error)? {
-        return Ok(documents);
-    }
-    // Small, or not to be read in parts: read whole, from the start of the same file (a
-    // deploy tool may have put another one in its place meanwhile).
-    file.rewind().map_err(read_error)?;
-    let mut text = String::with_capacity(len.min(PARALLEL_PARSE_MIN_BYTES));
-    file.read_to_string(&mut text).map_err(read_error)?;
-    reader.whole(&text)
+    let threads = parse_threads(len);
+    reader.read(file, len, threads, part_size(len, threads))
 }
 
 /// Below this many bytes in all, files are read one after another: threads would cost
@@ -200,10 +189,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
     let reader = Reader { path };
     if let Some(documents) = reader
         .in_parts(text.as_bytes(), text.len())
-        .map_err(|source| ManifestError::Read {
-            path: path.to_owned(),
-            source,
-        })?
+        .map_err(|e| reader.read_error(e))?
     {
         return Ok(documents);
     }
@@ -376,6 +362,38 @@ impl Reader<'_> {
         }
     }
 
+    fn read_error(&self, source: std::io::Error) -> ManifestError {
+        ManifestError::Read {
+            path: self.path.to_owned(),
+            source,
+        }
+    }
+
+    /// The text of `input`, `len` bytes long: read in parts of `part_size` bytes on
+    /// `threads` threads where it can be (see [`Self::in_parts`]), else whole.
+    fn read(
+        &self,
+        mut input: impl Read + Seek,
+        len: usize,
+        threads: usize,
+        part_size: usize,
+    ) -> Result<Vec<Document>, ManifestError> {
+        if let Some(documents) = self
+            .in_parts_on(threads, &mut input, part_size)
+            .map_err(|e| self.read_error(e))?
+        {
+            return Ok(documents);
+        }
+        // Small, or not to be read in parts: read whole, from the start of the same file (a
+        // deploy tool may have put another one in its place meanwhile).
+        input.rewind().map_err(|e| self.read_error(e))?;
+        let mut text = String::with_capacity(len.min(PARALLEL_PARSE_MIN_BYTES));
+        input
+            .read_to_string(&mut text)
+            .map_err(|e| self.read_error(e))?;
+        self.whole(&text)
+    }
+
     /// The text read whole, on this thread.
     fn whole(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
         if !looks_like_json(self.path, text.as_bytes()) {
@@ -419,15 +437,16 @@ impl Reader<'_> {
     /// be read buffered: then the caller reads it whole, which decides the results and
     /// the errors.
     fn in_parts(&self, input: impl Read, len: usize) -> std::io::Result<Option<Vec<Document>>> {
-        self.in_parts_on(parse_threads(len), input, len)
+        let threads = parse_threads(len);
+        self.in_parts_on(threads, input, part_size(len, threads))
     }
 
-    /// [`Self::in_parts`] on `threads` threads.
+    /// [`Self::in_parts`] on `threads` threads, reading `size` bytes at a time.
     fn in_parts_on(
         &self,
         threads: usize,
         mut input: impl Read,
-        len: usize,
+        size: usize,
     ) -> std::io::Result<Option<Vec<Document>>> {
         if threads < 2 {
             return Ok(None);
@@ -436,7 +455,6 @@ impl Reader<'_> {
         (&mut input).take(HEAD as u64).read_to_end(&mut head)?;
         let json = looks_like_json(self.path, &head);
         let input = head.as_slice().chain(input);
-        let size = part_size(len, threads);
         let parse = |part: Part| {
             if json {
                 self.streamed_json_items(part)
@@ -571,6 +589,46 @@ impl Reader<'_> {
             }
             Some(documents)
         })
+    }
+}
+
+/// Every reading of a file's bytes that must agree, for the fuzz targets
+/// (`lb_userspace::fuzzing`): the buffered reading defines the results and the errors, and
+/// the parts and the streamed readings reach the same.
+#[doc(hidden)]
+pub struct Readings {
+    /// As the agent reads a small file of these bytes: whole.
+    pub whole: Reading,
+    /// As the agent reads a big one: in parts where it can, on two threads.
+    pub in_parts: Reading,
+    /// Each streamed reading that did not give up (as YAML, and as JSON), with the buffered
+    /// reading of the same syntax.
+    pub streamed: Vec<(Vec<Document>, Reading)>,
+}
+
+/// One reading of a file: its documents, or why it cannot be read.
+#[doc(hidden)]
+pub type Reading = Result<Vec<Document>, ManifestError>;
+
+/// The [`Readings`] of `bytes` as the file `path`, the parts read `part_size` bytes at a
+/// time.
+#[doc(hidden)]
+pub fn readings(path: &Path, bytes: &[u8], part_size: usize) -> Readings {
+    let reader = Reader { path };
+    let read = |threads| reader.read(std::io::Cursor::new(bytes), bytes.len(), threads, part_size);
+    let mut streamed = Vec::new();
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        if let Some(documents) = reader.streamed_yaml(text) {
+            streamed.push((documents, reader.buffered_yaml(text)));
+        }
+        if let Ok(documents) = reader.streamed_json(text) {
+            streamed.push((documents, reader.buffered_json(text)));
+        }
+    }
+    Readings {
+        whole: read(1),
+        in_parts: read(2),
+        streamed,
     }
 }
 
@@ -1483,9 +1541,8 @@ spec:
     }
 
     #[test]
-    fn flow_yaml_that_looks_like_json_is_read_as_yaml() {
-        let docs = parse(Path::new("flow.yaml"), SERVICE_FLOW).unwrap();
-        assert_eq!(docs[0].id, ObjectRef::new("default", "flow"));
+    fn a_list_whose_items_are_null_is_refused_streamed_as_buffered() {
+        // Found by the `manifests` fuzz target: streamed, YAML read the null!(docs[0].id, ObjectRef::new("default", "flow"));
         let err = parse(Path::new("bad.json"), r#"{"kind": "Service", "#).unwrap_err();
         assert!(
             err.to_string()
@@ -1552,7 +1609,7 @@ spec:
             Reader {
                 path: Path::new(file),
             }
-            .in_parts_on(2, text.as_bytes(), text.len())
+            .in_parts_on(2, text.as_bytes(), part_size(text.len(), 2))
             .unwrap()
         };
         let whole_json = reader.streamed_json(&json).unwrap();
