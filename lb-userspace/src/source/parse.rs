@@ -885,7 +885,9 @@ impl<'de> DeserializeSeed<'de> for StreamedItems<'_> {
     type Value = Vec<Document>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<Document>, D::Error> {
-        deserializer.deserialize_seq(self)
+        // `any`, not `seq`: YAML would hand over `items:` with no value (null) as an empty
+        // sequence, which a buffered read does not take for items.
+        deserializer.deserialize_any(self)
     }
 }
 
@@ -1542,7 +1544,26 @@ spec:
 
     #[test]
     fn a_list_whose_items_are_null_is_refused_streamed_as_buffered() {
-        // Found by the `manifests` fuzz target: streamed, YAML read the null!(docs[0].id, ObjectRef::new("default", "flow"));
+        // Found by the `manifests` fuzz target: streamed, YAML read the null `items` as an
+        // empty sequence and took the List for an empty one.
+        let found = "kind: List\nitems:\n-apiVersion: v1\nk {apiindVe[: ";
+        for text in [found, "kind: List\nitems:\n", "kind: List\nitems: ~\n"] {
+            let reader = Reader {
+                path: Path::new("l.yaml"),
+            };
+            assert!(reader.streamed_yaml(text).is_none(), "{text}");
+            assert_eq!(
+                parse(Path::new("l.yaml"), text).unwrap_err().to_string(),
+                "l.yaml: document 1: kind List without an items sequence",
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn flow_yaml_that_looks_like_json_is_read_as_yaml() {
+        let docs = parse(Path::new("flow.yaml"), SERVICE_FLOW).unwrap();
+        assert_eq!(docs[0].id, ObjectRef::new("default", "flow"));
         let err = parse(Path::new("bad.json"), r#"{"kind": "Service", "#).unwrap_err();
         assert!(
             err.to_string()
