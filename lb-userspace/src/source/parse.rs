@@ -724,7 +724,7 @@ impl Visitor<'_> for TypeNameVisitor {
 
 /// The fields of any object the reader looks at: the union of a Service's, an
 /// EndpointSlice's and a List's.
-#[derive(Deserialize)]
+#[derive(Clone, Copy, Deserialize)]
 #[serde(field_identifier, rename_all = "camelCase")]
 enum ObjectField {
     ApiVersion,
@@ -738,6 +738,16 @@ enum ObjectField {
     Items,
     #[serde(other)]
     Other,
+}
+
+impl ObjectField {
+    /// This field's bit in a set of the fields read; none for the fields not read.
+    fn bit(self) -> u16 {
+        match self {
+            Self::Other => 0,
+            field => 1 << field as u16,
+        }
+    }
 }
 
 /// `apiVersion` and `kind` as far as they are read: `kubectl get -o json|yaml` sorts the
@@ -808,8 +818,15 @@ impl<'de> Visitor<'de> for StreamedObject<'_> {
         let mut endpoints: Option<Vec<api::Endpoint>> = None;
         let mut ports: Option<Vec<api::EndpointPort>> = None;
         let mut items: Option<Vec<Document>> = None;
+        let mut read = 0;
         // A field is typed as what the object may still be, and skipped once it cannot be.
         while let Some(field) = map.next_key::<ObjectField>()? {
+            // A field given twice (which YAML forbids): what the first said may have
+            // decided how others were read. The buffered reading says which counts.
+            if read & field.bit() != 0 {
+                return Err(A::Error::custom("read buffered"));
+            }
+            read |= field.bit();
             match field {
                 ObjectField::ApiVersion => type_name.api_version = Some(map.next_value()?),
                 ObjectField::Kind => type_name.kind = Some(map.next_value()?),
@@ -1558,6 +1575,31 @@ spec:
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn a_field_given_twice_is_read_as_the_buffered_reading_reads_it() {
+        // Found by the `manifests` fuzz target: streamed, the first `kind` (no kind lb
+        // reads) had the first `spec` skipped, and the second made it a Service without
+        // one; buffered, the last of each field counts.
+        let found = "apiVersion: v1\nkind: Servic$\nmetadata: {name: web, namespace: default}\nspec:\n  clapiVersion: v1\nkind: Service\nmetadata:\n    name: nginx  # Name oLocausterl";
+        let reader = Reader {
+            path: Path::new("m.json"),
+        };
+        assert!(reader.streamed_yaml(found).is_none());
+        let docs = parse(Path::new("m.json"), found).unwrap();
+        assert_eq!(
+            summary(&docs),
+            summary(&reader.buffered_yaml(found).unwrap())
+        );
+        assert_eq!(
+            docs[0].object.as_ref().unwrap_err().to_string(),
+            "m.json: Service default/nginx: spec.clusterIP: not set: a Service must carry the clusterIP the API server allocated"
+        );
+        let json = r#"{"kind": "Deployment", "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}, "kind": "Service", "apiVersion": "v1", "metadata": {"name": "twice"}}"#;
+        assert!(reader.streamed_json(json).is_err());
+        let docs = parse(Path::new("m.json"), json).unwrap();
+        assert!(docs[0].object.is_ok(), "{:?}", docs[0].object);
     }
 
     #[test]
