@@ -675,8 +675,6 @@ fn object_id(namespace: Option<&str>, name: Option<&str>) -> ObjectRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TypeName {
     CoreV1,
-    /// The core group's other versions (`v1beta1`): not a kind's version lb reads.
-    CoreOther,
     DiscoveryV1,
     /// discovery.k8s.io's other versions (`v1beta1`, removed in Kubernetes 1.25).
     DiscoveryOther,
@@ -686,6 +684,9 @@ enum TypeName {
     /// `ServiceList`, `EndpointSliceList`, …: what the API itself returns, whose items
     /// need not say their kind.
     TypedList,
+    /// Any other value without a group (no `/`): as an apiVersion, another version of the
+    /// core group (`v1beta1`) or no version at all (`-v1`); as a kind, one lb does not read.
+    Ungrouped,
     Other,
 }
 
@@ -711,12 +712,11 @@ impl Visitor<'_> for TypeNameVisitor {
             "v1" => TypeName::CoreV1,
             "discovery.k8s.io/v1" => TypeName::DiscoveryV1,
             _ if value.starts_with("discovery.k8s.io/") => TypeName::DiscoveryOther,
-            // `List` is a kind, not a version.
-            _ if !value.contains('/') && value.starts_with('v') => TypeName::CoreOther,
             "Service" => TypeName::Service,
             "EndpointSlice" => TypeName::EndpointSlice,
             "List" => TypeName::List,
             _ if value.ends_with("List") => TypeName::TypedList,
+            _ if !value.contains('/') => TypeName::Ungrouped,
             _ => TypeName::Other,
         })
     }
@@ -878,9 +878,21 @@ impl<'de> Visitor<'de> for StreamedObject<'_> {
                     ports,
                 },
             ),
-            // Read buffered, which explains them: a Service or EndpointSlice of another
+            // Read buffered, which explains them: a Service whose apiVersion has no group
+            // and is not v1 (another version, or none at all: any value without a `/`,
+            // a kind's name included), or that has none; an EndpointSlice of another
             // version of its group, or of none; a List inside a List; a typed list.
-            (None | Some(TypeName::CoreOther), Some(TypeName::Service))
+            (
+                None
+                | Some(
+                    TypeName::Ungrouped
+                    | TypeName::Service
+                    | TypeName::EndpointSlice
+                    | TypeName::List
+                    | TypeName::TypedList,
+                ),
+                Some(TypeName::Service),
+            )
             | (None | Some(TypeName::DiscoveryOther), Some(TypeName::EndpointSlice))
             | (_, Some(TypeName::List | TypeName::TypedList)) => {
                 return Err(A::Error::custom("read buffered"));
@@ -1600,6 +1612,46 @@ spec:
         assert!(reader.streamed_json(json).is_err());
         let docs = parse(Path::new("m.json"), json).unwrap();
         assert!(docs[0].object.is_ok(), "{:?}", docs[0].object);
+    }
+
+    #[test]
+    fn a_service_of_an_odd_core_version_is_named_streamed_as_buffered() {
+        // Found by the `manifests` fuzz target (in a copy of KUBECTL_LIST): streamed, an
+        // apiVersion without a group that is neither v1 nor starts with `v` read as
+        // another group's, and the Service was skipped; buffered, it is the core group's,
+        // of a version lb does not read, and named.
+        let found = KUBECTL_LIST.replace(
+            r#""apiVersion": "v1",
+            "kind": "Service""#,
+            r#""apiVersion": -v1",
+            "kind": "Service""#,
+        );
+        assert_ne!(found, KUBECTL_LIST);
+        let reader = Reader {
+            path: Path::new("m.json"),
+        };
+        assert!(reader.streamed_yaml(&found).is_none());
+        for version in [r#""-v1\"""#, r#""Service""#, r#""List""#, r#""vFooList""#] {
+            let text = format!(
+                r#"{{"apiVersion": {version}, "kind": "Service", "metadata": {{"name": "odd"}}}}"#
+            );
+            assert!(reader.streamed_json(&text).is_err(), "{text}");
+            let docs = parse(Path::new("m.json"), &text).unwrap();
+            let error = docs[0].object.as_ref().unwrap_err().to_string();
+            assert!(
+                error.starts_with("m.json: Service default/odd: apiVersion: "),
+                "{error}"
+            );
+        }
+        let docs = parse(Path::new("m.json"), &found).unwrap();
+        assert_eq!(
+            docs[0].object.as_ref().unwrap_err().to_string(),
+            "m.json: Service shop/web: apiVersion: \"-v1\\\"\"; lb reads the Services of v1"
+        );
+        // A kind named like a list, whatever it starts with, is a list whichever way it
+        // is read.
+        let typed = r#"{"kind": "vServiceList", "apiVersion": "v1", "items": [{"metadata": {"name": "raw"}, "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}}]}"#;
+        assert!(reader.streamed_json(typed).is_err());
     }
 
     #[test]
