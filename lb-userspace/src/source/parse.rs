@@ -983,7 +983,7 @@ impl<'de> Visitor<'de> for BufferedObject<'_> {
             if key == "items" {
                 items = Some(map.next_value_seed(BufferedItems { path: self.path })?);
             } else {
-                fields.insert(key, map.next_value()?);
+                fields.insert(key, map.next_value_seed(JsonValue)?);
             }
         }
         let Some(kind) = fields.get("kind").and_then(Value::as_str) else {
@@ -1177,7 +1177,7 @@ impl<'de> Visitor<'de> for BufferedItems<'_> {
     fn visit_seq<S: SeqAccess<'de>>(self, mut items: S) -> Result<Self::Value, S::Error> {
         let mut read = Items::default();
         let mut number = 0;
-        while let Some(item) = items.next_element::<Value>()? {
+        while let Some(item) = items.next_element_seed(JsonValue)? {
             number += 1;
             read.add(self.path, number, item);
         }
@@ -1215,6 +1215,111 @@ impl<'de> Visitor<'de> for BufferedItems<'_> {
 
     fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
         Ok(None)
+    }
+}
+
+/// A value of a document as JSON holds it, whatever YAML has that JSON has not: a key that
+/// is not a string is keyed by its JSON text, a tagged value is the value, an integer
+/// beyond 64 bits is a float. So a buffered reading, like a streamed one, fails only on
+/// what it reads: not on a field of an object whose kind lb does not read, or one lb skips.
+struct JsonValue;
+
+impl<'de> DeserializeSeed<'de> for JsonValue {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonValue {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a YAML or JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    // JSON has no integers beyond 64 bits: a float is as close as it gets.
+    fn visit_i128<E: serde::de::Error>(self, value: i128) -> Result<Value, E> {
+        Ok(i64::try_from(value).map_or_else(|_| (value as f64).into(), Value::from))
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, value: u128) -> Result<Value, E> {
+        Ok(u64::try_from(value).map_or_else(|_| (value as f64).into(), Value::from))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::String(value.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, value: &[u8]) -> Result<Value, E> {
+        Ok(Value::String(String::from_utf8_lossy(value).into_owned()))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Value, S::Error> {
+        let mut values = Vec::new();
+        while let Some(value) = seq.next_element_seed(JsonValue)? {
+            values.push(value);
+        }
+        Ok(Value::Array(values))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key_seed(JsonValue)? {
+            let key = match key {
+                Value::String(key) => key,
+                other => other.to_string(),
+            };
+            object.insert(key, map.next_value_seed(JsonValue)?);
+        }
+        Ok(Value::Object(object))
+    }
+
+    /// A tagged YAML value (`!thing 1`).
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+        use serde::de::VariantAccess as _;
+        let (_tag, value): (IgnoredAny, _) = data.variant()?;
+        value.newtype_variant_seed(JsonValue)
     }
 }
 
@@ -1652,6 +1757,31 @@ spec:
         // is read.
         let typed = r#"{"kind": "vServiceList", "apiVersion": "v1", "items": [{"metadata": {"name": "raw"}, "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}}]}"#;
         assert!(reader.streamed_json(typed).is_err());
+    }
+
+    #[test]
+    fn what_json_cannot_hold_fails_a_buffered_reading_only_where_it_is_read() {
+        // Found by the `manifests` fuzz target: a mapping as a key (which JSON cannot
+        // hold) in the items of a kind lb does not read. Streamed, they were skipped;
+        // buffered, they failed the whole file.
+        let found = "kind: Lirt\nitems:\n- {apiVersion: v1, kind: Service, metakubernetes.io/service-namedata: {name: flow}, spec: {clusterIP: 10.96.0.1;, ports: [{port: eighty}]}}: {name: old}\naddressType: IPv4\nendpoints: []\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: knative}\n";
+        let reader = Reader {
+            path: Path::new("m.yaml"),
+        };
+        assert_eq!(summary(&reader.streamed_yaml(found).unwrap()), []);
+        assert_eq!(summary(&reader.buffered_yaml(found).unwrap()), []);
+        // Tags, keys that are sequences, and huge numbers where lb does not look, beside
+        // a field that makes the reading buffered: the Service is read all the same.
+        let odd = format!(
+            "{}  annotations: {{? [a, b]: c, d: !thing 1, e: 123456789012345678901234567890}}\n",
+            SERVICE.replace(
+                "  namespace: default\n",
+                "  namespace: default\n  namespace: default\n"
+            )
+        );
+        assert!(reader.streamed_yaml(&odd).is_none());
+        let docs = reader.buffered_yaml(&odd).unwrap();
+        assert!(docs[0].object.is_ok(), "{:?}", docs[0].object);
     }
 
     #[test]
