@@ -707,6 +707,55 @@ struct Syncer {
     dns_pending: crate::hash::Set<ObjectRef>,
 }
 
+/// A sync's plan from `programmed` to `desired`, and the frontends it covers: those the
+/// model `touched`, or every frontend the maps or the model have when the maps were read
+/// back (`full`, which also sweeps what an interrupted plan left); and those of the
+/// Services `refused` before, tried again since what took their room may have gone. Those
+/// that no longer own any frontend (gone from the source, or every frontend taken by
+/// another Service) are no longer refused. A Service's frontends are written together or
+/// not at all, within `ceiling`.
+pub fn plan_sync<'a>(
+    programmed: &Programmed,
+    desired: &'a Desired,
+    touched: BTreeSet<Frontend>,
+    full: bool,
+    refused: &mut BTreeMap<ObjectRef, PlanError>,
+    ceiling: &Capacity,
+) -> (BTreeSet<Frontend>, plan::Plan<&'a ObjectRef>) {
+    let mut scope: BTreeSet<Frontend> = if full {
+        programmed
+            .frontends
+            .keys()
+            .chain(desired.frontends().map(|(frontend, _)| frontend))
+            .copied()
+            .collect()
+    } else {
+        touched
+    };
+    refused.retain(|service, _| {
+        desired.frontends_of(service).any(|frontend| {
+            desired
+                .target(&frontend)
+                .is_some_and(|t| &t.service == service)
+        })
+    });
+    for service in refused.keys() {
+        scope.extend(desired.frontends_of(service));
+    }
+    let plan = plan::plan(
+        programmed,
+        |frontend| {
+            desired
+                .target(frontend)
+                .map(|target| (&target.service, &target.spec))
+        },
+        &scope,
+        ceiling,
+        full,
+    );
+    (scope, plan)
+}
+
 /// How often the agent checks that its links and pins are all there.
 const PIN_CHECK: Duration = Duration::from_secs(1);
 
@@ -890,42 +939,15 @@ impl Syncer {
             self.report(problems);
             return Err(SyncError::ReadBack(Box::new(e)));
         }
-        let mut scope: BTreeSet<Frontend> = if self.full {
-            self.programmed
-                .frontends
-                .keys()
-                .chain(self.desired.frontends().map(|(frontend, _)| frontend))
-                .copied()
-                .collect()
-        } else {
-            touched
-        };
-        // Services refused before are tried again: what took their room may have gone.
-        // Those that no longer own any frontend (gone from the source, or every frontend
-        // taken by another Service) are no longer refused.
-        let desired = &self.desired;
-        self.refused.retain(|service, _| {
-            desired.frontends_of(service).any(|frontend| {
-                desired
-                    .target(&frontend)
-                    .is_some_and(|t| &t.service == service)
-            })
-        });
-        for service in self.refused.keys() {
-            scope.extend(self.desired.frontends_of(service));
-        }
-        let desired = &self.desired;
-        let plan::Plan { ops, refused, peak } = plan::plan(
+        let (scope, plan::Plan { ops, refused, peak }) = plan_sync(
             &self.programmed,
-            |frontend| {
-                desired
-                    .target(frontend)
-                    .map(|target| (&target.service, &target.spec))
-            },
-            &scope,
-            &self.ceiling,
+            &self.desired,
+            touched,
             self.full,
+            &mut self.refused,
+            &self.ceiling,
         );
+        let desired = &self.desired;
         let before = std::mem::take(&mut self.refused);
         let mut still_refused = before.clone();
         for frontend in &scope {

@@ -19,6 +19,8 @@ pub mod cli;
 pub mod dirs;
 pub mod dns;
 pub mod features;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hash;
 pub mod maps;
 pub mod memory;

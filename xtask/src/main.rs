@@ -2,6 +2,7 @@
 
 mod bench;
 mod deploy;
+mod fuzz;
 mod setup;
 mod vm;
 
@@ -23,7 +24,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing need (apt packages, nightly rust-src, bpf-linker).
+    /// Install what building and testing need (apt packages, nightly rust-src, bpf-linker,
+    /// cargo-fuzz).
     Setup,
     /// Build the eBPF object and every binary.
     Build {
@@ -31,8 +33,12 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Build, then run every test (privileged ones need root).
+    /// Build, then run every test (privileged ones need root), then each fuzz target
+    /// briefly.
     Test {
+        /// Seconds each fuzz target runs (at most 2,000,000 inputs); 0 runs none.
+        #[arg(long, value_name = "S", default_value_t = 20)]
+        fuzz_seconds: u64,
         /// Arguments passed on to `cargo test`, e.g. a test name filter.
         #[arg(last = true)]
         args: Vec<String>,
@@ -67,10 +73,10 @@ fn run(task: Task) -> anyhow::Result<()> {
             setup::install_missing()?;
             build(release)
         }
-        Task::Test { args } => {
+        Task::Test { fuzz_seconds, args } => {
             setup::install_missing()?;
             build(false)?;
-            test(&args)
+            test(&args, fuzz_seconds)
         }
         Task::Demo => {
             setup::install_missing()?;
@@ -147,9 +153,10 @@ fn cargo(args: &[&str], extra: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs every test binary and closes with one total over all of them, so the last line
-/// says how many tests ran rather than how many one crate's doc-tests had.
-fn test(extra: &[String]) -> anyhow::Result<()> {
+/// Runs every test binary, then each fuzz target for `fuzz_seconds` (each counts as a
+/// test, failed if it crashed), and closes with one total over all of them, so the last
+/// line says how many tests ran rather than how many one crate's doc-tests had.
+fn test(extra: &[String], fuzz_seconds: u64) -> anyhow::Result<()> {
     let mut command = cargo_command(&["test", "--workspace", "--exclude", "lb-ebpf"], extra);
     let mut child = command
         .stdout(Stdio::piped())
@@ -164,11 +171,38 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
         }
     }
     let status = child.wait()?;
+    let fuzzed = if fuzz_seconds == 0 {
+        Ok(Vec::new())
+    } else {
+        fuzz::run_all(fuzz_seconds)
+    };
+    // A target that could not be built or run failed as much as one that crashed.
+    let failed: Vec<&str> = match &fuzzed {
+        Ok(fuzzed) => fuzzed
+            .iter()
+            .filter(|target| target.crash.is_some())
+            .map(|target| target.target)
+            .collect(),
+        Err(_) => fuzz::TARGETS.to_vec(),
+    };
+    let ran = fuzzed.as_ref().map_or(fuzz::TARGETS.len(), Vec::len);
+    totals.passed += (ran - failed.len()) as u64;
+    totals.failed += failed.len() as u64;
     println!(
         "xtask: {} passed, {} failed, {} skipped",
         totals.passed, totals.failed, totals.ignored
     );
     ensure!(status.success(), "{command:?} failed: {status}");
+    let fuzzed = fuzzed?;
+    ensure!(
+        failed.is_empty(),
+        "fuzz targets crashed: {}; inputs: {:?}",
+        failed.join(", "),
+        fuzzed
+            .iter()
+            .filter_map(|target| target.crash.as_deref())
+            .collect::<Vec<_>>()
+    );
     ensure!(totals.passed > 0, "no test ran");
     Ok(())
 }

@@ -26,11 +26,13 @@ const APT_PACKAGES: &[&str] = &[
 ];
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn install_missing() -> anyhow::Result<()> {
     apt_packages()?;
     nightly_rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     Ok(())
 }
 
@@ -144,28 +146,45 @@ fn nightly_rust_src() -> anyhow::Result<()> {
 }
 
 fn bpf_linker() -> anyhow::Result<()> {
-    let version = stdout_of(Command::new(cargo_bin().join("bpf-linker")).arg("--version"));
-    if version.contains(BPF_LINKER_VERSION) || succeeds(Command::new("bpf-linker").arg("--version"))
-    {
+    cargo_install(
+        "bpf-linker",
+        BPF_LINKER_VERSION,
+        "against LLVM 22 (cargo install, about a minute)",
+        |install| {
+            install
+                .args(["--no-default-features", "--features", "llvm-22"])
+                // bpf-linker's build script and llvm-sys each look for LLVM their own way.
+                .env("LLVM_PREFIX", LLVM_PREFIX)
+                .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX)
+        },
+    )
+}
+
+/// cargo-fuzz, which `cargo xtask test` runs the fuzz targets with (on nightly).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    cargo_install(
+        "cargo-fuzz",
+        CARGO_FUZZ_VERSION,
+        "to run the fuzz targets (cargo install, about two minutes)",
+        |install| install.arg("--locked"),
+    )
+}
+
+/// Installs `tool` `version` with `cargo install` unless it, or another version of it on
+/// PATH, is there; `how` says what it is for and how long it takes, `options` adds to the
+/// command.
+fn cargo_install(
+    tool: &str,
+    version: &str,
+    how: &str,
+    options: impl FnOnce(&mut Command) -> &mut Command,
+) -> anyhow::Result<()> {
+    let installed = stdout_of(Command::new(cargo_bin().join(tool)).arg("--version"));
+    if installed.contains(version) || succeeds(Command::new(tool).arg("--version")) {
         return Ok(());
     }
-    println!(
-        "setup: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (cargo install, about a minute)"
-    );
-    run(
-        "cargo install bpf-linker",
-        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-            .args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ])
-            // bpf-linker's build script and llvm-sys each look for LLVM their own way.
-            .env("LLVM_PREFIX", LLVM_PREFIX)
-            .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX),
-    )
+    println!("setup: installing {tool} {version} {how}");
+    let mut install = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    install.args(["install", tool, "--version", version]);
+    run(&format!("cargo install {tool}"), options(&mut install))
 }

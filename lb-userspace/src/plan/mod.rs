@@ -857,63 +857,7 @@ mod tests {
         Ok((ops, next))
     }
 
-    /// An in-memory copy of the maps, to replay plans op by op.
-    #[derive(Default)]
-    struct Maps {
-        services: BTreeMap<(Frontend, u16), (u16, BackendId)>,
-        backends: BTreeMap<BackendId, BackendAddr>,
-        matches: BTreeSet<AffinityMatchKey>,
-    }
-
-    impl Maps {
-        fn apply(&mut self, op: &MapOp) {
-            match op {
-                MapOp::PutBackend(id, addr) => {
-                    self.backends.insert(*id, *addr);
-                }
-                MapOp::PutSlot(f, slot, id) => {
-                    self.services.insert((*f, *slot), (0, *id));
-                }
-                MapOp::PutMaster(f, master) => {
-                    let count = u16::try_from(master.slots.len()).unwrap();
-                    self.services.insert((*f, 0), (count, 0));
-                }
-                MapOp::PutAffinityMatch(key) => {
-                    self.matches.insert(*key);
-                }
-                MapOp::DeleteAffinityMatch(key) => {
-                    self.matches.remove(key);
-                }
-                MapOp::DeleteSlot(f, slot) => {
-                    self.services.remove(&(*f, *slot));
-                }
-                MapOp::DeleteMaster(f) => {
-                    self.services.remove(&(*f, 0));
-                }
-                MapOp::DeleteBackend(id) => {
-                    self.backends.remove(id);
-                }
-            }
-        }
-
-        /// What a connect to `frontend` could reach right now: `None` if the frontend is
-        /// unknown, otherwise every backend any random slot resolves to.
-        fn reachable(&self, frontend: &Frontend) -> Option<BTreeSet<BackendAddr>> {
-            let (count, _) = self.services.get(&(*frontend, 0))?;
-            let mut out = BTreeSet::new();
-            for slot in 1..=*count {
-                let (_, id) = self.services.get(&(*frontend, slot)).unwrap_or_else(|| {
-                    panic!("{frontend} count {count} but slot {slot} is missing")
-                });
-                let addr = self
-                    .backends
-                    .get(id)
-                    .unwrap_or_else(|| panic!("{frontend} slot {slot} names missing backend {id}"));
-                out.insert(*addr);
-            }
-            Some(out)
-        }
-    }
+    use crate::fuzzing::{OldAndNew, SimulatedMaps as Maps};
 
     fn frontend(last: u8) -> Frontend {
         Frontend {
@@ -949,27 +893,21 @@ mod tests {
         desired: &BTreeMap<Frontend, FrontendSpec>,
     ) -> (Programmed, usize) {
         let (ops, next) = plan_all(current, desired).unwrap();
-        for op in &ops {
-            maps.apply(op);
-            for (f, spec) in desired {
-                let new: BTreeSet<_> = spec.backends.iter().copied().collect();
-                let old: BTreeSet<_> = current.backends_of(f).into_iter().collect();
-                if let Some(seen) = maps.reachable(f) {
-                    let either: BTreeSet<_> = old.union(&new).copied().collect();
-                    assert!(
-                        seen.is_subset(&either),
-                        "after {op:?}: {f} reaches {seen:?}, outside old {old:?} and new {new:?}"
-                    );
-                    if !old.is_empty() && !new.is_empty() {
-                        assert!(!seen.is_empty(), "after {op:?}: {f} lost all backends");
-                    }
-                }
-            }
+        let sets = desired
+            .iter()
+            .map(|(f, spec)| {
+                let old = current.backends_of(f).into_iter().collect();
+                let new = spec.backends.iter().copied().collect();
+                (*f, OldAndNew { old, new })
+            })
+            .collect();
+        if let Err(exposed) = maps.replay(&ops, &sets) {
+            panic!("{exposed}");
         }
         for (f, spec) in desired {
             assert_eq!(
                 maps.reachable(f),
-                Some(spec.backends.iter().copied().collect())
+                Ok(Some(spec.backends.iter().copied().collect()))
             );
         }
         assert_eq!(maps.matches, next.affinity_matches);
@@ -1284,24 +1222,9 @@ mod tests {
         assert!(current.affinity_matches.is_empty());
     }
 
-    /// Replays `ops` on a copy of `current` and checks that no step holds more entries than
-    /// the plan's `peak` said, or than the maps held already: growing the maps to it before
-    /// applying is enough.
     fn assert_fits_peak(current: &Programmed, ops: &[MapOp], peak: Capacity) {
-        let before = current.usage();
-        let bound = Capacity {
-            services: peak.services.max(before.services),
-            backends: peak.backends.max(before.backends),
-            affinity_matches: peak.affinity_matches.max(before.affinity_matches),
-        };
-        let mut state = current.clone();
-        for op in ops {
-            state.apply_one(op);
-            assert!(
-                bound.overflow(&state.usage()).is_none(),
-                "after {op:?}: {} over the peak {peak}",
-                state.usage()
-            );
+        if let Some((at, usage)) = crate::fuzzing::over_peak(current, ops, peak) {
+            panic!("after {:?}: {usage} over the peak {peak}", ops[at]);
         }
     }
 

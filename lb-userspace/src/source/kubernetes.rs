@@ -204,7 +204,7 @@ impl Kubernetes {
             tokio::spawn(follow(
                 Kind::Service,
                 services,
-                |service| ServiceModel::from_api(service).map(ObjectModel::Service),
+                service_model,
                 queue.clone(),
                 changes.clone(),
                 services_listed,
@@ -212,7 +212,7 @@ impl Kubernetes {
             tokio::spawn(follow(
                 Kind::EndpointSlice,
                 slices,
-                |slice| SliceModel::from_api(slice).map(ObjectModel::Slice),
+                slice_model,
                 queue,
                 changes,
                 slices_listed,
@@ -263,6 +263,100 @@ impl Kubernetes {
             }
         }
         Vec::new()
+    }
+}
+
+fn service_model(service: &Service) -> Result<ObjectModel, ObjectError> {
+    ServiceModel::from_api(service).map(ObjectModel::Service)
+}
+
+fn slice_model(slice: &EndpointSlice) -> Result<ObjectModel, ObjectError> {
+    SliceModel::from_api(slice).map(ObjectModel::Slice)
+}
+
+/// The events of one watch as kube-rs's watcher yields them, sent by hand.
+type FedEvents<K> =
+    futures::channel::mpsc::UnboundedSender<Result<watcher::Event<K>, watcher::Error>>;
+
+/// The agent's watches fed by hand rather than by an API server, for the fuzz targets
+/// (`lb_userspace::fuzzing`): each event goes through what the agent does with kube-rs's
+/// ([`follow`]), and [`Self::refresh`] applies them to a store as a sync does.
+#[doc(hidden)]
+pub struct FedWatches {
+    services: FedEvents<Service>,
+    slices: FedEvents<EndpointSlice>,
+    following: [std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>; 2],
+    kubernetes: Kubernetes,
+    /// Kept so that the watches' change signals have somewhere to go, as in the agent.
+    _changes: mpsc::UnboundedReceiver<Change>,
+}
+
+impl Default for FedWatches {
+    fn default() -> Self {
+        let (queue, events) = mpsc::unbounded_channel();
+        let (changes, changes_seen) = mpsc::unbounded_channel();
+        let (services, service_events) = futures::channel::mpsc::unbounded();
+        let (slices, slice_events) = futures::channel::mpsc::unbounded();
+        // Nobody waits for the initial lists: a sync applies what has arrived.
+        let (services_listed, _) = oneshot::channel();
+        let (slices_listed, _) = oneshot::channel();
+        Self {
+            services,
+            slices,
+            following: [
+                Box::pin(follow(
+                    Kind::Service,
+                    service_events,
+                    service_model,
+                    queue.clone(),
+                    changes.clone(),
+                    services_listed,
+                )),
+                Box::pin(follow(
+                    Kind::EndpointSlice,
+                    slice_events,
+                    slice_model,
+                    queue,
+                    changes,
+                    slices_listed,
+                )),
+            ],
+            kubernetes: Kubernetes {
+                events,
+                tasks: Vec::new(),
+            },
+            _changes: changes_seen,
+        }
+    }
+}
+
+impl FedWatches {
+    /// An event of the Services' watch, taken at once.
+    pub fn service(&mut self, event: watcher::Event<Service>) {
+        // Fails only once the watch has ended, which it does not while `self` lives.
+        drop(self.services.unbounded_send(Ok(event)));
+        self.take_events();
+    }
+
+    /// An event of the EndpointSlices' watch, taken at once.
+    pub fn slice(&mut self, event: watcher::Event<EndpointSlice>) {
+        drop(self.slices.unbounded_send(Ok(event)));
+        self.take_events();
+    }
+
+    /// Runs both watches until each has taken every event sent to it: they wait for
+    /// nothing else.
+    fn take_events(&mut self) {
+        let mut context = std::task::Context::from_waker(futures::task::noop_waker_ref());
+        for following in &mut self.following {
+            // Pending once its events are taken; it ends only with its sender.
+            let _ = following.as_mut().poll(&mut context);
+        }
+    }
+
+    /// Applies the events taken since the last call to `store`, as a sync does.
+    pub fn refresh(&mut self, store: &mut Store) -> Problems {
+        self.kubernetes.refresh(store)
     }
 }
 

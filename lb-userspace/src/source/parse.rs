@@ -28,7 +28,7 @@ mod parts;
 
 use std::{
     fmt,
-    io::{Read, Seek as _},
+    io::{Read, Seek},
     path::{Path, PathBuf},
 };
 
@@ -124,23 +124,12 @@ pub fn list(dir: &Path) -> Result<Vec<PathBuf>, ManifestError> {
 /// Reads one file. `Err` means the file as a whole could not be read or parsed; errors of
 /// single objects are in their [`Document`].
 pub fn read_file(path: &Path) -> Result<Vec<Document>, ManifestError> {
-    let read_error = |source| ManifestError::Read {
-        path: path.to_owned(),
-        source,
-    };
     let reader = Reader { path };
-    let mut file = std::fs::File::open(path).map_err(read_error)?;
-    let len = file.metadata().map_err(read_error)?.len();
+    let file = std::fs::File::open(path).map_err(|e| reader.read_error(e))?;
+    let len = file.metadata().map_err(|e| reader.read_error(e))?.len();
     let len = usize::try_from(len).unwrap_or(usize::MAX);
-    if let Some(documents) = reader.in_parts(&mut file, len).map_err(read_error)? {
-        return Ok(documents);
-    }
-    // Small, or not to be read in parts: read whole, from the start of the same file (a
-    // deploy tool may have put another one in its place meanwhile).
-    file.rewind().map_err(read_error)?;
-    let mut text = String::with_capacity(len.min(PARALLEL_PARSE_MIN_BYTES));
-    file.read_to_string(&mut text).map_err(read_error)?;
-    reader.whole(&text)
+    let threads = parse_threads(len);
+    reader.read(file, len, threads, part_size(len, threads))
 }
 
 /// Below this many bytes in all, files are read one after another: threads would cost
@@ -200,10 +189,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Document>, ManifestError> {
     let reader = Reader { path };
     if let Some(documents) = reader
         .in_parts(text.as_bytes(), text.len())
-        .map_err(|source| ManifestError::Read {
-            path: path.to_owned(),
-            source,
-        })?
+        .map_err(|e| reader.read_error(e))?
     {
         return Ok(documents);
     }
@@ -376,6 +362,38 @@ impl Reader<'_> {
         }
     }
 
+    fn read_error(&self, source: std::io::Error) -> ManifestError {
+        ManifestError::Read {
+            path: self.path.to_owned(),
+            source,
+        }
+    }
+
+    /// The text of `input`, `len` bytes long: read in parts of `part_size` bytes on
+    /// `threads` threads where it can be (see [`Self::in_parts`]), else whole.
+    fn read(
+        &self,
+        mut input: impl Read + Seek,
+        len: usize,
+        threads: usize,
+        part_size: usize,
+    ) -> Result<Vec<Document>, ManifestError> {
+        if let Some(documents) = self
+            .in_parts_on(threads, &mut input, part_size)
+            .map_err(|e| self.read_error(e))?
+        {
+            return Ok(documents);
+        }
+        // Small, or not to be read in parts: read whole, from the start of the same file (a
+        // deploy tool may have put another one in its place meanwhile).
+        input.rewind().map_err(|e| self.read_error(e))?;
+        let mut text = String::with_capacity(len.min(PARALLEL_PARSE_MIN_BYTES));
+        input
+            .read_to_string(&mut text)
+            .map_err(|e| self.read_error(e))?;
+        self.whole(&text)
+    }
+
     /// The text read whole, on this thread.
     fn whole(&self, text: &str) -> Result<Vec<Document>, ManifestError> {
         if !looks_like_json(self.path, text.as_bytes()) {
@@ -419,15 +437,16 @@ impl Reader<'_> {
     /// be read buffered: then the caller reads it whole, which decides the results and
     /// the errors.
     fn in_parts(&self, input: impl Read, len: usize) -> std::io::Result<Option<Vec<Document>>> {
-        self.in_parts_on(parse_threads(len), input, len)
+        let threads = parse_threads(len);
+        self.in_parts_on(threads, input, part_size(len, threads))
     }
 
-    /// [`Self::in_parts`] on `threads` threads.
+    /// [`Self::in_parts`] on `threads` threads, reading `size` bytes at a time.
     fn in_parts_on(
         &self,
         threads: usize,
         mut input: impl Read,
-        len: usize,
+        size: usize,
     ) -> std::io::Result<Option<Vec<Document>>> {
         if threads < 2 {
             return Ok(None);
@@ -436,7 +455,6 @@ impl Reader<'_> {
         (&mut input).take(HEAD as u64).read_to_end(&mut head)?;
         let json = looks_like_json(self.path, &head);
         let input = head.as_slice().chain(input);
-        let size = part_size(len, threads);
         let parse = |part: Part| {
             if json {
                 self.streamed_json_items(part)
@@ -574,6 +592,46 @@ impl Reader<'_> {
     }
 }
 
+/// Every reading of a file's bytes that must agree, for the fuzz targets
+/// (`lb_userspace::fuzzing`): the buffered reading defines the results and the errors, and
+/// the parts and the streamed readings reach the same.
+#[doc(hidden)]
+pub struct Readings {
+    /// As the agent reads a small file of these bytes: whole.
+    pub whole: Reading,
+    /// As the agent reads a big one: in parts where it can, on two threads.
+    pub in_parts: Reading,
+    /// Each streamed reading that did not give up (as YAML, and as JSON), with the buffered
+    /// reading of the same syntax.
+    pub streamed: Vec<(Vec<Document>, Reading)>,
+}
+
+/// One reading of a file: its documents, or why it cannot be read.
+#[doc(hidden)]
+pub type Reading = Result<Vec<Document>, ManifestError>;
+
+/// The [`Readings`] of `bytes` as the file `path`, the parts read `part_size` bytes at a
+/// time.
+#[doc(hidden)]
+pub fn readings(path: &Path, bytes: &[u8], part_size: usize) -> Readings {
+    let reader = Reader { path };
+    let read = |threads| reader.read(std::io::Cursor::new(bytes), bytes.len(), threads, part_size);
+    let mut streamed = Vec::new();
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        if let Some(documents) = reader.streamed_yaml(text) {
+            streamed.push((documents, reader.buffered_yaml(text)));
+        }
+        if let Ok(documents) = reader.streamed_json(text) {
+            streamed.push((documents, reader.buffered_json(text)));
+        }
+    }
+    Readings {
+        whole: read(1),
+        in_parts: read(2),
+        streamed,
+    }
+}
+
 /// A typed Service's document: its model, or why it has none.
 fn service_document(path: &Path, id: ObjectRef, service: &api::Service) -> Document {
     let model = ServiceModel::from_api(service).map(ObjectModel::Service);
@@ -617,8 +675,6 @@ fn object_id(namespace: Option<&str>, name: Option<&str>) -> ObjectRef {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum TypeName {
     CoreV1,
-    /// The core group's other versions (`v1beta1`): not a kind's version lb reads.
-    CoreOther,
     DiscoveryV1,
     /// discovery.k8s.io's other versions (`v1beta1`, removed in Kubernetes 1.25).
     DiscoveryOther,
@@ -628,6 +684,9 @@ enum TypeName {
     /// `ServiceList`, `EndpointSliceList`, …: what the API itself returns, whose items
     /// need not say their kind.
     TypedList,
+    /// Any other value without a group (no `/`): as an apiVersion, another version of the
+    /// core group (`v1beta1`) or no version at all (`-v1`); as a kind, one lb does not read.
+    Ungrouped,
     Other,
 }
 
@@ -653,12 +712,11 @@ impl Visitor<'_> for TypeNameVisitor {
             "v1" => TypeName::CoreV1,
             "discovery.k8s.io/v1" => TypeName::DiscoveryV1,
             _ if value.starts_with("discovery.k8s.io/") => TypeName::DiscoveryOther,
-            // `List` is a kind, not a version.
-            _ if !value.contains('/') && value.starts_with('v') => TypeName::CoreOther,
             "Service" => TypeName::Service,
             "EndpointSlice" => TypeName::EndpointSlice,
             "List" => TypeName::List,
             _ if value.ends_with("List") => TypeName::TypedList,
+            _ if !value.contains('/') => TypeName::Ungrouped,
             _ => TypeName::Other,
         })
     }
@@ -666,7 +724,7 @@ impl Visitor<'_> for TypeNameVisitor {
 
 /// The fields of any object the reader looks at: the union of a Service's, an
 /// EndpointSlice's and a List's.
-#[derive(Deserialize)]
+#[derive(Clone, Copy, Deserialize)]
 #[serde(field_identifier, rename_all = "camelCase")]
 enum ObjectField {
     ApiVersion,
@@ -680,6 +738,16 @@ enum ObjectField {
     Items,
     #[serde(other)]
     Other,
+}
+
+impl ObjectField {
+    /// This field's bit in a set of the fields read; none for the fields not read.
+    fn bit(self) -> u16 {
+        match self {
+            Self::Other => 0,
+            field => 1 << field as u16,
+        }
+    }
 }
 
 /// `apiVersion` and `kind` as far as they are read: `kubectl get -o json|yaml` sorts the
@@ -750,8 +818,15 @@ impl<'de> Visitor<'de> for StreamedObject<'_> {
         let mut endpoints: Option<Vec<api::Endpoint>> = None;
         let mut ports: Option<Vec<api::EndpointPort>> = None;
         let mut items: Option<Vec<Document>> = None;
+        let mut read = 0;
         // A field is typed as what the object may still be, and skipped once it cannot be.
         while let Some(field) = map.next_key::<ObjectField>()? {
+            // A field given twice (which YAML forbids): what the first said may have
+            // decided how others were read. The buffered reading says which counts.
+            if read & field.bit() != 0 {
+                return Err(A::Error::custom("read buffered"));
+            }
+            read |= field.bit();
             match field {
                 ObjectField::ApiVersion => type_name.api_version = Some(map.next_value()?),
                 ObjectField::Kind => type_name.kind = Some(map.next_value()?),
@@ -803,9 +878,21 @@ impl<'de> Visitor<'de> for StreamedObject<'_> {
                     ports,
                 },
             ),
-            // Read buffered, which explains them: a Service or EndpointSlice of another
+            // Read buffered, which explains them: a Service whose apiVersion has no group
+            // and is not v1 (another version, or none at all: any value without a `/`,
+            // a kind's name included), or that has none; an EndpointSlice of another
             // version of its group, or of none; a List inside a List; a typed list.
-            (None | Some(TypeName::CoreOther), Some(TypeName::Service))
+            (
+                None
+                | Some(
+                    TypeName::Ungrouped
+                    | TypeName::Service
+                    | TypeName::EndpointSlice
+                    | TypeName::List
+                    | TypeName::TypedList,
+                ),
+                Some(TypeName::Service),
+            )
             | (None | Some(TypeName::DiscoveryOther), Some(TypeName::EndpointSlice))
             | (_, Some(TypeName::List | TypeName::TypedList)) => {
                 return Err(A::Error::custom("read buffered"));
@@ -827,7 +914,9 @@ impl<'de> DeserializeSeed<'de> for StreamedItems<'_> {
     type Value = Vec<Document>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Vec<Document>, D::Error> {
-        deserializer.deserialize_seq(self)
+        // `any`, not `seq`: YAML would hand over `items:` with no value (null) as an empty
+        // sequence, which a buffered read does not take for items.
+        deserializer.deserialize_any(self)
     }
 }
 
@@ -894,7 +983,7 @@ impl<'de> Visitor<'de> for BufferedObject<'_> {
             if key == "items" {
                 items = Some(map.next_value_seed(BufferedItems { path: self.path })?);
             } else {
-                fields.insert(key, map.next_value()?);
+                fields.insert(key, map.next_value_seed(JsonValue)?);
             }
         }
         let Some(kind) = fields.get("kind").and_then(Value::as_str) else {
@@ -1088,7 +1177,7 @@ impl<'de> Visitor<'de> for BufferedItems<'_> {
     fn visit_seq<S: SeqAccess<'de>>(self, mut items: S) -> Result<Self::Value, S::Error> {
         let mut read = Items::default();
         let mut number = 0;
-        while let Some(item) = items.next_element::<Value>()? {
+        while let Some(item) = items.next_element_seed(JsonValue)? {
             number += 1;
             read.add(self.path, number, item);
         }
@@ -1126,6 +1215,111 @@ impl<'de> Visitor<'de> for BufferedItems<'_> {
 
     fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
         Ok(None)
+    }
+}
+
+/// A value of a document as JSON holds it, whatever YAML has that JSON has not: a key that
+/// is not a string is keyed by its JSON text, a tagged value is the value, an integer
+/// beyond 64 bits is a float. So a buffered reading, like a streamed one, fails only on
+/// what it reads: not on a field of an object whose kind lb does not read, or one lb skips.
+struct JsonValue;
+
+impl<'de> DeserializeSeed<'de> for JsonValue {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonValue {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a YAML or JSON value")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    // JSON has no integers beyond 64 bits: a float is as close as it gets.
+    fn visit_i128<E: serde::de::Error>(self, value: i128) -> Result<Value, E> {
+        Ok(i64::try_from(value).map_or_else(|_| (value as f64).into(), Value::from))
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, value: u128) -> Result<Value, E> {
+        Ok(u64::try_from(value).map_or_else(|_| (value as f64).into(), Value::from))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, value: f64) -> Result<Value, E> {
+        Ok(value.into())
+    }
+
+    fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::String(value.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, value: &[u8]) -> Result<Value, E> {
+        Ok(Value::String(String::from_utf8_lossy(value).into_owned()))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_newtype_struct<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+
+    fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Value, S::Error> {
+        let mut values = Vec::new();
+        while let Some(value) = seq.next_element_seed(JsonValue)? {
+            values.push(value);
+        }
+        Ok(Value::Array(values))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key_seed(JsonValue)? {
+            let key = match key {
+                Value::String(key) => key,
+                other => other.to_string(),
+            };
+            object.insert(key, map.next_value_seed(JsonValue)?);
+        }
+        Ok(Value::Object(object))
+    }
+
+    /// A tagged YAML value (`!thing 1`).
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+        use serde::de::VariantAccess as _;
+        let (_tag, value): (IgnoredAny, _) = data.variant()?;
+        value.newtype_variant_seed(JsonValue)
     }
 }
 
@@ -1483,6 +1677,114 @@ spec:
     }
 
     #[test]
+    fn a_list_whose_items_are_null_is_refused_streamed_as_buffered() {
+        // Found by the `manifests` fuzz target: streamed, YAML read the null `items` as an
+        // empty sequence and took the List for an empty one.
+        let found = "kind: List\nitems:\n-apiVersion: v1\nk {apiindVe[: ";
+        for text in [found, "kind: List\nitems:\n", "kind: List\nitems: ~\n"] {
+            let reader = Reader {
+                path: Path::new("l.yaml"),
+            };
+            assert!(reader.streamed_yaml(text).is_none(), "{text}");
+            assert_eq!(
+                parse(Path::new("l.yaml"), text).unwrap_err().to_string(),
+                "l.yaml: document 1: kind List without an items sequence",
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_field_given_twice_is_read_as_the_buffered_reading_reads_it() {
+        // Found by the `manifests` fuzz target: streamed, the first `kind` (no kind lb
+        // reads) had the first `spec` skipped, and the second made it a Service without
+        // one; buffered, the last of each field counts.
+        let found = "apiVersion: v1\nkind: Servic$\nmetadata: {name: web, namespace: default}\nspec:\n  clapiVersion: v1\nkind: Service\nmetadata:\n    name: nginx  # Name oLocausterl";
+        let reader = Reader {
+            path: Path::new("m.json"),
+        };
+        assert!(reader.streamed_yaml(found).is_none());
+        let docs = parse(Path::new("m.json"), found).unwrap();
+        assert_eq!(
+            summary(&docs),
+            summary(&reader.buffered_yaml(found).unwrap())
+        );
+        assert_eq!(
+            docs[0].object.as_ref().unwrap_err().to_string(),
+            "m.json: Service default/nginx: spec.clusterIP: not set: a Service must carry the clusterIP the API server allocated"
+        );
+        let json = r#"{"kind": "Deployment", "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}, "kind": "Service", "apiVersion": "v1", "metadata": {"name": "twice"}}"#;
+        assert!(reader.streamed_json(json).is_err());
+        let docs = parse(Path::new("m.json"), json).unwrap();
+        assert!(docs[0].object.is_ok(), "{:?}", docs[0].object);
+    }
+
+    #[test]
+    fn a_service_of_an_odd_core_version_is_named_streamed_as_buffered() {
+        // Found by the `manifests` fuzz target (in a copy of KUBECTL_LIST): streamed, an
+        // apiVersion without a group that is neither v1 nor starts with `v` read as
+        // another group's, and the Service was skipped; buffered, it is the core group's,
+        // of a version lb does not read, and named.
+        let found = KUBECTL_LIST.replace(
+            r#""apiVersion": "v1",
+            "kind": "Service""#,
+            r#""apiVersion": -v1",
+            "kind": "Service""#,
+        );
+        assert_ne!(found, KUBECTL_LIST);
+        let reader = Reader {
+            path: Path::new("m.json"),
+        };
+        assert!(reader.streamed_yaml(&found).is_none());
+        for version in [r#""-v1\"""#, r#""Service""#, r#""List""#, r#""vFooList""#] {
+            let text = format!(
+                r#"{{"apiVersion": {version}, "kind": "Service", "metadata": {{"name": "odd"}}}}"#
+            );
+            assert!(reader.streamed_json(&text).is_err(), "{text}");
+            let docs = parse(Path::new("m.json"), &text).unwrap();
+            let error = docs[0].object.as_ref().unwrap_err().to_string();
+            assert!(
+                error.starts_with("m.json: Service default/odd: apiVersion: "),
+                "{error}"
+            );
+        }
+        let docs = parse(Path::new("m.json"), &found).unwrap();
+        assert_eq!(
+            docs[0].object.as_ref().unwrap_err().to_string(),
+            "m.json: Service shop/web: apiVersion: \"-v1\\\"\"; lb reads the Services of v1"
+        );
+        // A kind named like a list, whatever it starts with, is a list whichever way it
+        // is read.
+        let typed = r#"{"kind": "vServiceList", "apiVersion": "v1", "items": [{"metadata": {"name": "raw"}, "spec": {"clusterIP": "10.96.0.12", "ports": [{"port": 80}]}}]}"#;
+        assert!(reader.streamed_json(typed).is_err());
+    }
+
+    #[test]
+    fn what_json_cannot_hold_fails_a_buffered_reading_only_where_it_is_read() {
+        // Found by the `manifests` fuzz target: a mapping as a key (which JSON cannot
+        // hold) in the items of a kind lb does not read. Streamed, they were skipped;
+        // buffered, they failed the whole file.
+        let found = "kind: Lirt\nitems:\n- {apiVersion: v1, kind: Service, metakubernetes.io/service-namedata: {name: flow}, spec: {clusterIP: 10.96.0.1;, ports: [{port: eighty}]}}: {name: old}\naddressType: IPv4\nendpoints: []\n---\napiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: knative}\n";
+        let reader = Reader {
+            path: Path::new("m.yaml"),
+        };
+        assert_eq!(summary(&reader.streamed_yaml(found).unwrap()), []);
+        assert_eq!(summary(&reader.buffered_yaml(found).unwrap()), []);
+        // Tags, keys that are sequences, and huge numbers where lb does not look, beside
+        // a field that makes the reading buffered: the Service is read all the same.
+        let odd = format!(
+            "{}  annotations: {{? [a, b]: c, d: !thing 1, e: 123456789012345678901234567890}}\n",
+            SERVICE.replace(
+                "  namespace: default\n",
+                "  namespace: default\n  namespace: default\n"
+            )
+        );
+        assert!(reader.streamed_yaml(&odd).is_none());
+        let docs = reader.buffered_yaml(&odd).unwrap();
+        assert!(docs[0].object.is_ok(), "{:?}", docs[0].object);
+    }
+
+    #[test]
     fn flow_yaml_that_looks_like_json_is_read_as_yaml() {
         let docs = parse(Path::new("flow.yaml"), SERVICE_FLOW).unwrap();
         assert_eq!(docs[0].id, ObjectRef::new("default", "flow"));
@@ -1552,7 +1854,7 @@ spec:
             Reader {
                 path: Path::new(file),
             }
-            .in_parts_on(2, text.as_bytes(), text.len())
+            .in_parts_on(2, text.as_bytes(), part_size(text.len(), 2))
             .unwrap()
         };
         let whole_json = reader.streamed_json(&json).unwrap();
