@@ -609,9 +609,8 @@ pub struct Readings {
     pub whole: Reading,
     /// As the agent reads a big one: in parts where it can, on two threads.
     pub in_parts: Reading,
-    /// Each streamed reading that did not give up (as YAML, and as JSON), with the buffered
-    /// reading of the same syntax.
-    pub streamed: Vec<(Vec<Document>, Reading)>,
+    /// The streamed reading as JSON, if it did not give up, with the buffered one.
+    pub streamed_json: Option<(Vec<Document>, Reading)>,
 }
 
 /// One reading of a file: its documents, or why it cannot be read.
@@ -624,19 +623,14 @@ pub type Reading = Result<Vec<Document>, ManifestError>;
 pub fn readings(path: &Path, bytes: &[u8], part_size: usize) -> Readings {
     let reader = Reader { path };
     let read = |threads| reader.read(std::io::Cursor::new(bytes), bytes.len(), threads, part_size);
-    let mut streamed = Vec::new();
-    if let Ok(text) = std::str::from_utf8(bytes) {
-        if let Some(documents) = reader.streamed_yaml(text) {
-            streamed.push((documents, reader.buffered_yaml(text)));
-        }
-        if let Ok(documents) = reader.streamed_json(text) {
-            streamed.push((documents, reader.buffered_json(text)));
-        }
-    }
+    let streamed_json = std::str::from_utf8(bytes).ok().and_then(|text| {
+        let documents = reader.streamed_json(text).ok()?;
+        Some((documents, reader.buffered_json(text)))
+    });
     Readings {
         whole: read(1),
         in_parts: read(2),
-        streamed,
+        streamed_json,
     }
 }
 
