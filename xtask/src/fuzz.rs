@@ -44,7 +44,7 @@ fn cargo_fuzz(subcommand: &str) -> Command {
         // times slower (debug assertions and overflow checks stay on).
         .args(["--sanitizer", "none"])
         .arg("--target-dir")
-        .arg(work_dir().join("target"))
+        .arg(work_dir())
         .current_dir(crate::workspace_root())
         // This process runs on stable: cargo-fuzz must find nightly's cargo, not this one.
         .env_remove("CARGO")

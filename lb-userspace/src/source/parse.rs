@@ -573,6 +573,14 @@ impl Reader<'_> {
                 std::cell::RefCell::new(simd_json::Buffers::default());
         }
         let mut text = part.text.into_bytes();
+        // simd-json takes control characters that JSON refuses wherever they are (a NUL
+        // after a number): a text with one is left to the whole reading, which says why.
+        if text
+            .iter()
+            .any(|b| *b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
+        {
+            return None;
+        }
         BUFFERS.with_borrow_mut(|buffers| {
             let mut documents = Vec::with_capacity(part.items.len());
             for item in part.items {
@@ -601,9 +609,8 @@ pub struct Readings {
     pub whole: Reading,
     /// As the agent reads a big one: in parts where it can, on two threads.
     pub in_parts: Reading,
-    /// Each streamed reading that did not give up (as YAML, and as JSON), with the buffered
-    /// reading of the same syntax.
-    pub streamed: Vec<(Vec<Document>, Reading)>,
+    /// The streamed reading as JSON, if it did not give up, with the buffered one.
+    pub streamed_json: Option<(Vec<Document>, Reading)>,
 }
 
 /// One reading of a file: its documents, or why it cannot be read.
@@ -616,19 +623,14 @@ pub type Reading = Result<Vec<Document>, ManifestError>;
 pub fn readings(path: &Path, bytes: &[u8], part_size: usize) -> Readings {
     let reader = Reader { path };
     let read = |threads| reader.read(std::io::Cursor::new(bytes), bytes.len(), threads, part_size);
-    let mut streamed = Vec::new();
-    if let Ok(text) = std::str::from_utf8(bytes) {
-        if let Some(documents) = reader.streamed_yaml(text) {
-            streamed.push((documents, reader.buffered_yaml(text)));
-        }
-        if let Ok(documents) = reader.streamed_json(text) {
-            streamed.push((documents, reader.buffered_json(text)));
-        }
-    }
+    let streamed_json = std::str::from_utf8(bytes).ok().and_then(|text| {
+        let documents = reader.streamed_json(text).ok()?;
+        Some((documents, reader.buffered_json(text)))
+    });
     Readings {
         whole: read(1),
         in_parts: read(2),
-        streamed,
+        streamed_json,
     }
 }
 
@@ -1782,6 +1784,31 @@ spec:
         assert!(reader.streamed_yaml(&odd).is_none());
         let docs = reader.buffered_yaml(&odd).unwrap();
         assert!(docs[0].object.is_ok(), "{:?}", docs[0].object);
+    }
+
+    #[test]
+    fn a_list_with_a_control_character_is_refused_in_parts_as_whole() {
+        // Found by the `manifests` fuzz target (in a copy of KUBECTL_LIST): simd-json read
+        // `80` followed by NULs as 80, and the List read in parts; serde_json, reading it
+        // whole, refuses it.
+        let found = KUBECTL_LIST.replace(
+            r#""port": 8080, "protocol": "TCP"}]"#,
+            "\"port\": 80\0\0\0\080, \"protocol\": \"TCP\"}]",
+        );
+        let raw = KUBECTL_LIST.replace(r#""name": "web-1""#, "\"name\": \"web\u{1}1\"");
+        for text in [&found, &raw] {
+            assert_ne!(text, KUBECTL_LIST);
+            let reader = Reader {
+                path: Path::new("all.json"),
+            };
+            let in_parts = reader.in_parts_on(2, text.as_bytes(), 16).unwrap();
+            assert!(in_parts.is_none(), "{text}");
+            let error = parse(Path::new("all.json"), text).unwrap_err().to_string();
+            assert!(
+                error.starts_with("all.json: not valid YAML or JSON: "),
+                "{error}"
+            );
+        }
     }
 
     #[test]
