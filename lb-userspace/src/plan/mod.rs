@@ -712,9 +712,10 @@ pub fn plan<'a, O: Eq + std::hash::Hash + Clone>(
         .flat_map(|old| current.matches_of(old.id))
         .filter(|key| !next_matches.contains(key))
         .collect();
-    // And the matches of frontend ids no frontend has (new frontends never get those):
-    // only an agent stopped mid-plan leaves such, so only a plan after reading the maps
-    // back looks (it walks them all).
+    // And the matches of frontend ids no frontend has (new frontends never get those), and
+    // those of the frontends the plan leaves as they are (a refused Service's) that their
+    // slots do not imply: only an agent stopped mid-plan leaves such, so only a plan after
+    // reading the maps back looks (it walks them all).
     if sweep_leftovers {
         stale_matches.extend(
             current
@@ -723,6 +724,16 @@ pub fn plan<'a, O: Eq + std::hash::Hash + Clone>(
                 .filter(|id| !current.frontend_ids.contains(id))
                 .flat_map(|id| current.matches_of(*id)),
         );
+        for frontend in &refused_frontends {
+            if let Some(old) = current.frontends.get(frontend) {
+                let implied: BTreeSet<AffinityMatchKey> = old.affinity_matches(frontend).collect();
+                stale_matches.extend(
+                    current
+                        .matches_of(old.id)
+                        .filter(|key| !implied.contains(key)),
+                );
+            }
+        }
     }
     ops.extend(
         stale_matches
@@ -1188,6 +1199,38 @@ mod tests {
         )
         .unwrap();
         assert_ne!(next.frontends[&frontend(2)].id, 77);
+    }
+
+    #[test]
+    fn left_over_affinity_matches_of_a_refused_service_go_with_a_full_plan() {
+        // Found by the `planner` fuzz target: a plan interrupted as a Service took over
+        // frontends left matches their slots no longer imply; the Service, refused for
+        // room after the restart, kept its frontends out of the plan, and the matches
+        // stayed, pairing a backend with a frontend that no longer has it.
+        let desired = BTreeMap::from([(frontend(1), with_affinity(backends(1..2)))]);
+        let (_, current) = plan_all(&Programmed::default(), &desired).unwrap();
+        let id = current.frontends[&frontend(1)].id;
+        let left_over = AffinityMatchKey {
+            backend_id: 99,
+            frontend_id: id,
+        };
+        let mut matches = current.affinity_matches.clone();
+        matches.insert(left_over);
+        let read = Programmed::new(current.frontends.clone(), current.backends.clone(), matches);
+        // Three backends need four more entries than the maps' bound leaves: refused.
+        let grown = BTreeMap::from([(frontend(1), ("a", with_affinity(backends(1..4))))]);
+        let ceiling = Capacity {
+            services: 3,
+            backends: 100,
+            affinity_matches: 100,
+        };
+        let scope = BTreeSet::from([frontend(1)]);
+        let plan = plan(&read, owned_by(&grown), &scope, &ceiling, true);
+        assert_eq!(plan.refused.len(), 1);
+        assert_eq!(plan.ops, [MapOp::DeleteAffinityMatch(left_over)]);
+        // Without reading the maps back, a plan does not look.
+        let plan = super::plan(&read, owned_by(&grown), &scope, &ceiling, false);
+        assert!(plan.ops.is_empty(), "{:?}", plan.ops);
     }
 
     #[test]
