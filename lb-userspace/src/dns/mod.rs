@@ -226,19 +226,17 @@ impl Zone {
     }
 
     /// The addresses of Service `id` that have a name of their own (for PTR).
-    fn names_of(&self, id: &ObjectRef, records: &ServiceRecords) -> Vec<(IpAddr, Option<Name>)> {
+    fn names_of(&self, id: &ObjectRef, records: &ServiceRecords) -> Vec<(IpAddr, Name)> {
         let Some(service) = self.service_name(id) else {
             return Vec::new();
         };
         match &records.target {
-            Target::ClusterIps(ips) => ips.iter().map(|ip| (*ip, Some(service.clone()))).collect(),
+            Target::ClusterIps(ips) => ips.iter().map(|ip| (*ip, service.clone())).collect(),
             Target::Headless(endpoints) => endpoints
                 .iter()
-                .map(|e| {
-                    let name = Name::from_ascii(&*e.label)
-                        .ok()
-                        .and_then(|label| label.append_domain(&service).ok());
-                    (e.address, name)
+                .filter_map(|e| {
+                    let label = Name::from_ascii(&*e.label).ok()?;
+                    Some((e.address, label.append_domain(&service).ok()?))
                 })
                 .collect(),
             Target::ExternalName(_) | Target::ExternalAddress(_) => Vec::new(),
@@ -248,9 +246,7 @@ impl Zone {
     fn index(&mut self, id: &ObjectRef, records: &ServiceRecords) {
         *self.namespaces.entry(id.namespace().into()).or_default() += 1;
         for (address, name) in self.names_of(id, records) {
-            if let Some(name) = name {
-                self.reverse.entry(address).or_default().push(name);
-            }
+            self.reverse.entry(address).or_default().push(name);
         }
     }
 
@@ -262,7 +258,6 @@ impl Zone {
             }
         }
         for (address, name) in self.names_of(id, records) {
-            let Some(name) = name else { continue };
             if let Some(names) = self.reverse.get_mut(&address) {
                 names.retain(|n| *n != name);
                 if names.is_empty() {
