@@ -950,9 +950,12 @@ impl Syncer {
         let desired = &self.desired;
         let before = std::mem::take(&mut self.refused);
         let mut still_refused = before.clone();
-        for frontend in &scope {
-            if let Some(target) = desired.target(frontend) {
-                still_refused.remove(&target.service);
+        // A look-up per frontend in scope, only while some Service is refused.
+        if !still_refused.is_empty() {
+            for frontend in &scope {
+                if let Some(target) = desired.target(frontend) {
+                    still_refused.remove(&target.service);
+                }
             }
         }
         for refusal in refused {

@@ -575,10 +575,7 @@ impl Reader<'_> {
         let mut text = part.text.into_bytes();
         // simd-json takes control characters that JSON refuses wherever they are (a NUL
         // after a number): a text with one is left to the whole reading, which says why.
-        if text
-            .iter()
-            .any(|b| *b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r'))
-        {
+        if has_control_character(&text) {
             return None;
         }
         BUFFERS.with_borrow_mut(|buffers| {
@@ -598,6 +595,18 @@ impl Reader<'_> {
             Some(documents)
         })
     }
+}
+
+/// Whether `text` holds a control character JSON refuses outside whitespace (anything
+/// below 0x20 but tab, newline and carriage return).
+fn has_control_character(text: &[u8]) -> bool {
+    // Blocks folded without a branch per byte, which the compiler turns into vector
+    // compares: a byte-at-a-time `any` was a tenth of a 100k-Service List's reading.
+    text.chunks(4096).any(|block| {
+        block.iter().fold(false, |found, &byte| {
+            found | ((byte < 0x20) & (byte != b'\t') & (byte != b'\n') & (byte != b'\r'))
+        })
+    })
 }
 
 /// Every reading of a file's bytes that must agree, for the fuzz targets
@@ -1392,6 +1401,19 @@ mod tests {
 
     fn parse_str(text: &str) -> Vec<Document> {
         parse(Path::new("test.yaml"), text).unwrap()
+    }
+
+    #[test]
+    fn control_characters_are_found_in_any_block_but_whitespace_is_not_one() {
+        let mut text = b"{\t\"a\":\r\n 1}".repeat(1000);
+        assert!(!has_control_character(&text));
+        for (at, byte) in [(0, 0u8), (4095, 0x1f), (4096, 0x0b), (text.len() - 1, 0x01)] {
+            let mut with = text.clone();
+            with[at] = byte;
+            assert!(has_control_character(&with), "{byte:#x} at {at}");
+        }
+        text.push(0x20);
+        assert!(!has_control_character(&text));
     }
 
     const SERVICE: &str = r#"
