@@ -318,6 +318,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         "programs attached, maps pinned"
     );
     datapath.maps.set_host_netns_cookie(host.cookie)?;
+    // Loading parsed the kernel's BTF and the object's ELF, dropped now: some megabytes the
+    // agent would otherwise hold for as long as it runs.
+    crate::memory::release_freed();
     if let Some(range) = &args.node_port_range.0 {
         // Without it the node still works: a bind or connect drawing a NodePort as its
         // ephemeral port fails, which is what the reservation avoids.

@@ -26,3 +26,35 @@ pub fn release_freed() {
     // works (on empty heaps) when mimalloc is not the global allocator.
     unsafe { libmimalloc_sys::mi_collect(true) };
 }
+
+/// B-trees smaller than this are not worth rebuilding ([`compact_after`]).
+const COMPACT_MIN_LEN: usize = 64;
+
+/// Rebuilds `map` from its entries if at least half of them came one insert at a time
+/// (`inserted`), which costs a pass over it: proportional to those inserts. A B-tree filled in order, one insert at a time, splits
+/// every full node in two and never fills the left half again: its nodes stay about half
+/// full (measured at 100k ascending inserts of 68-byte entries: 128 bytes an entry). Built
+/// from its sorted entries at once, its nodes are full (69 bytes), which at 100k Services
+/// is megabytes for each map keyed by frontend.
+pub fn compact_after<K: Ord, V>(map: &mut std::collections::BTreeMap<K, V>, inserted: usize) {
+    if map.len() >= COMPACT_MIN_LEN && inserted.saturating_mul(2) >= map.len() {
+        *map = std::mem::take(map).into_iter().collect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    #[test]
+    fn a_compacted_map_holds_the_same_entries() {
+        let mut map: BTreeMap<u32, u32> = (0..5000).map(|i| (i, i * 2)).collect();
+        let before = map.clone();
+        compact_after(&mut map, 2500);
+        assert_eq!(map, before);
+        compact_after(&mut map, 10);
+        assert_eq!(map, before);
+    }
+}

@@ -265,18 +265,28 @@ impl Default for Names {
 
 impl Names {
     fn apply(&mut self, delta: Delta) {
+        let mut inserted = vec![0_usize; self.shards.len()];
         for (frontend, target) in delta.frontends {
-            let Some(shard) = self.shards.get_mut(shard_of_frontend(&frontend)) else {
+            let index = shard_of_frontend(&frontend);
+            let (Some(shard), Some(inserted)) =
+                (self.shards.get_mut(index), inserted.get_mut(index))
+            else {
                 continue;
             };
             let changed = match target {
-                Some(target) => shard
-                    .frontends
-                    .insert(frontend, target.clone())
-                    .is_none_or(|old| *old != *target),
+                Some(target) => {
+                    *inserted += 1;
+                    shard
+                        .frontends
+                        .insert(frontend, target.clone())
+                        .is_none_or(|old| *old != *target)
+                }
                 None => shard.frontends.remove(&frontend).is_some(),
             };
             shard.dirty |= changed;
+        }
+        for (shard, inserted) in self.shards.iter_mut().zip(inserted) {
+            crate::memory::compact_after(&mut shard.frontends, inserted);
         }
         for (service, why) in delta.not_in_datapath {
             let Some(shard) = self.shards.get_mut(shard_of_service(&service)) else {

@@ -1234,6 +1234,7 @@ impl Desired {
                 }
             }
         }
+        crate::memory::compact_after(&mut self.claims, touched.len());
         for frontend in &touched {
             let contested = self.claims.get(frontend).is_some_and(|claims| {
                 let mut services = claims.iter().map(|((_, _, _, service, _), _)| service);

@@ -159,6 +159,7 @@ impl Programmed {
 
     /// Records `ops` as written to the maps.
     pub fn apply(&mut self, ops: &[MapOp]) {
+        let frontends_before = self.frontends.len();
         let mut rest = ops;
         while let Some(first) = rest.first() {
             let run = match first.put_on_frontend() {
@@ -180,6 +181,8 @@ impl Programmed {
             };
             rest = &rest[run..];
         }
+        let added = self.frontends.len().saturating_sub(frontends_before);
+        crate::memory::compact_after(&mut self.frontends, added);
     }
 
     /// `ops`, puts of the slots and the master of `frontend`, in order.
