@@ -42,6 +42,13 @@ pub fn compact_after<K: Ord, V>(map: &mut std::collections::BTreeMap<K, V>, inse
     }
 }
 
+/// [`compact_after`] for a map that had `len_before` entries: its new ones came one insert
+/// at a time.
+pub fn compact_grown<K: Ord, V>(map: &mut std::collections::BTreeMap<K, V>, len_before: usize) {
+    let grown = map.len().saturating_sub(len_before);
+    compact_after(map, grown);
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;

@@ -159,7 +159,12 @@ impl Programmed {
 
     /// Records `ops` as written to the maps.
     pub fn apply(&mut self, ops: &[MapOp]) {
-        let frontends_before = self.frontends.len();
+        let before = (
+            self.frontends.len(),
+            self.backends.len(),
+            self.backend_ids.len(),
+            self.backend_refs.len(),
+        );
         let mut rest = ops;
         while let Some(first) = rest.first() {
             let run = match first.put_on_frontend() {
@@ -181,8 +186,10 @@ impl Programmed {
             };
             rest = &rest[run..];
         }
-        let added = self.frontends.len().saturating_sub(frontends_before);
-        crate::memory::compact_after(&mut self.frontends, added);
+        crate::memory::compact_grown(&mut self.frontends, before.0);
+        crate::memory::compact_grown(&mut self.backends, before.1);
+        crate::memory::compact_grown(&mut self.backend_ids, before.2);
+        crate::memory::compact_grown(&mut self.backend_refs, before.3);
     }
 
     /// `ops`, puts of the slots and the master of `frontend`, in order.
