@@ -119,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             lb_userspace::memory::no_huge_pages();
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .on_thread_park(lb_userspace::memory::on_worker_park)
                 .enable_all()
                 .build()?
                 .block_on(agent::run(*args))
