@@ -80,7 +80,7 @@ impl ServiceRecords {
                 .iter()
                 .filter(|p| !p.name.is_empty())
                 .map(|p| NamedPort {
-                    name: p.name.as_ref().into(),
+                    name: p.name.as_str().into(),
                     protocol: p.protocol,
                     port: p.port,
                 })
@@ -114,7 +114,7 @@ impl ServiceRecords {
                 for slice in ip_slices {
                     for port in slice.ports.iter().filter(|p| !p.name.is_empty()) {
                         let named = NamedPort {
-                            name: port.name.as_ref().into(),
+                            name: port.name.as_str().into(),
                             protocol: port.protocol,
                             port: port.port,
                         };

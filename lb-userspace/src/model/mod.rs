@@ -152,6 +152,99 @@ impl Serialize for ObjectRef {
     }
 }
 
+/// A name that recurs across objects — a port's name, an endpoint's node — interned by the
+/// store: one allocation per name behind a pointer of a pointer's size (a thin `Arc`, its
+/// length in the allocation), half what an `Arc<str>` takes in each of the many endpoints
+/// and ports that name it.
+#[derive(Clone)]
+pub struct Word(triomphe::ThinArc<(), u8>);
+
+impl Word {
+    pub fn new(text: &str) -> Self {
+        Self(triomphe::ThinArc::from_header_and_slice(
+            (),
+            text.as_bytes(),
+        ))
+    }
+
+    pub fn as_str(&self) -> &str {
+        // SAFETY: [`Self::new`], the only way to make one, copies a whole `str` into the
+        // slice: its bytes are UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.0.slice) }
+    }
+}
+
+impl From<&str> for Word {
+    fn from(text: &str) -> Self {
+        Self::new(text)
+    }
+}
+
+impl Default for Word {
+    fn default() -> Self {
+        Self::new("")
+    }
+}
+
+impl std::ops::Deref for Word {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::borrow::Borrow<str> for Word {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq for Word {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ptr() == other.0.ptr() || self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Word {}
+
+impl std::hash::Hash for Word {
+    /// As the text hashes, which [`std::borrow::Borrow`] requires.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for Word {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Word {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl fmt::Debug for Word {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl fmt::Display for Word {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Word {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
 /// A field of an object that could not be used, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{kind} {object}: {field}: {reason}")]
@@ -340,7 +433,7 @@ pub enum ServiceKind {
 pub struct ServicePortModel {
     /// Empty for the unnamed port of a single-port Service, as in the API. Shared: a
     /// cluster has few port names, and the store keeps each once.
-    pub name: Arc<str>,
+    pub name: Word,
     pub port: u16,
     pub protocol: Protocol,
     /// `nodePort` of a NodePort or LoadBalancer Service.
@@ -358,10 +451,10 @@ pub struct ServiceModel {
     pub kind: ServiceKind,
     pub ports: SmallVec<[ServicePortModel; 1]>,
     /// `spec.externalIPs`.
-    pub external_ips: Vec<IpAddr>,
+    pub external_ips: Box<[IpAddr]>,
     /// `status.loadBalancer.ingress[].ip` whose `ipMode` is `VIP` or unset. With
     /// `ipMode: Proxy` the load balancer delivers to the node, so the IP is not a VIP here.
-    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Box<[IpAddr]>,
     /// `sessionAffinity: ClientIP`: its timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
     /// `internalTrafficPolicy: Local`.
@@ -374,7 +467,7 @@ pub struct ServiceModel {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePort {
     /// Shared, as a Service port's name.
-    pub name: Arc<str>,
+    pub name: Word,
     pub port: u16,
     pub protocol: Protocol,
 }
@@ -386,7 +479,7 @@ pub struct EndpointModel {
     pub serving: bool,
     pub terminating: bool,
     /// Shared: a cluster has few nodes and many endpoints on each.
-    pub node_name: Option<Arc<str>>,
+    pub node_name: Option<Word>,
     /// Its hints and hostname, which most endpoints lack: they then cost a pointer.
     pub extras: Option<Box<EndpointExtras>>,
 }
@@ -735,8 +828,9 @@ impl ServiceModel {
             id,
             kind,
             ports,
-            external_ips,
-            load_balancer_ips,
+            // Boxed: most Services have none, and a box is a pointer smaller than a Vec.
+            external_ips: external_ips.into_boxed_slice(),
+            load_balancer_ips: load_balancer_ips.into_boxed_slice(),
             affinity_timeout_s,
             internal_traffic_local,
             created_s: service
@@ -892,7 +986,7 @@ impl SliceModel {
                         .node_name
                         .as_deref()
                         .filter(|n| !n.is_empty())
-                        .map(Arc::from),
+                        .map(Word::new),
                     extras,
                 });
             }
@@ -961,7 +1055,7 @@ pub enum FrontendKind {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendTarget {
     pub service: ObjectRef,
-    pub port_name: Arc<str>,
+    pub port_name: Word,
     /// The Service port's protocol (that of the frontend).
     pub protocol: Protocol,
     pub kind: FrontendKind,

@@ -465,11 +465,11 @@ mod tests {
             (80, Some(30080))
         );
         assert_eq!(
-            model.external_ips,
+            *model.external_ips,
             ["203.0.113.7".parse::<std::net::Ipv4Addr>().unwrap()]
         );
         assert_eq!(
-            model.load_balancer_ips,
+            *model.load_balancer_ips,
             ["198.51.100.1".parse::<std::net::Ipv4Addr>().unwrap()]
         );
         assert_eq!(

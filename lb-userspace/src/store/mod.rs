@@ -13,7 +13,7 @@ use smallvec::SmallVec;
 
 use crate::{
     hash::{Map, Set},
-    model::{AddressType, Kind, ObjectModel, ObjectRef, ServiceModel, SliceModel},
+    model::{AddressType, Kind, ObjectModel, ObjectRef, ServiceModel, SliceModel, Word},
 };
 
 /// Where definitions come from: a manifest file, or the API (one origin per kind, so that
@@ -305,7 +305,7 @@ pub struct Store {
     slices: Map<ObjectRef, Entry<SliceModel>>,
     /// Names that recur across objects (endpoints' node names, port names), once each: a
     /// cluster has few nodes and port names, and many endpoints and ports.
-    words: Set<Arc<str>>,
+    words: Set<Word>,
     /// What each origin defines, so that a re-read file or a relist replaces it.
     by_origin: Map<Origin, Defined>,
     /// The slices each Service owns through their label; usually one.
@@ -686,11 +686,11 @@ fn held_service_name(
 
 /// `words`' copy of `word`, made one if it has none: in an allocation of its own, apart
 /// from the temporaries of the parse that read it (see [`ObjectRef::copied`]).
-fn word(words: &mut Set<Arc<str>>, word: &Arc<str>) -> Arc<str> {
-    if let Some(interned) = words.get(word) {
+fn word(words: &mut Set<Word>, word: &Word) -> Word {
+    if let Some(interned) = words.get(word.as_str()) {
         return interned.clone();
     }
-    let copied: Arc<str> = Arc::from(&**word);
+    let copied = Word::new(word);
     words.insert(copied.clone());
     copied
 }
