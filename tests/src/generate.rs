@@ -2,7 +2,10 @@
 //! with their EndpointSlices, as multi-document YAML or as the one `kind: List` JSON
 //! document `kubectl get svc,endpointslices -A -o json` writes.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, Ipv6Addr},
+};
 
 /// One Service: its clusterIP, port and endpoints.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -11,6 +14,17 @@ pub struct BenchService {
     pub vip: Ipv4Addr,
     pub port: u16,
     pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// Its IPv6 family, for a dual-stack Service; `None` for an IPv4 one.
+    pub ipv6: Option<Ipv6Family>,
+}
+
+/// The IPv6 family of a dual-stack [`BenchService`]: a second clusterIP, served by an
+/// IPv6 EndpointSlice of its own (`{name}-2`), as the API server and the EndpointSlice
+/// controller make them for `ipFamilyPolicy: PreferDualStack`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ipv6Family {
+    pub vip: Ipv6Addr,
+    pub endpoints: Vec<(Ipv6Addr, u16)>,
 }
 
 /// N Services on 10.96.0.1, 10.96.0.2, … port 80, each with `endpoints`. The last one is
@@ -28,6 +42,7 @@ pub fn services_from(first: u32, n: u32, endpoints: &[(Ipv4Addr, u16)]) -> Vec<B
             vip: Ipv4Addr::from(base + i),
             port: 80,
             endpoints: endpoints.to_vec(),
+            ipv6: None,
         })
         .collect()
 }
@@ -46,9 +61,16 @@ pub fn manifests(services: &[BenchService]) -> String {
             .map(|(ip, _)| format!("{{addresses: [\"{ip}\"]}}"))
             .collect();
         let target = target_port(service);
+        let families = match &service.ipv6 {
+            Some(ipv6) => format!(
+                ", clusterIPs: [{}, \"{}\"], ipFamilies: [IPv4, IPv6], ipFamilyPolicy: PreferDualStack",
+                service.vip, ipv6.vip
+            ),
+            None => String::new(),
+        };
         let _ = write!(
             out,
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {vip}, ports: [{{port: {port}, targetPort: {target}}}]}}\n\
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{clusterIP: {vip}{families}, ports: [{{port: {port}, targetPort: {target}}}]}}\n\
              ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
              addressType: IPv4\nendpoints: [{eps}]\nports: [{{port: {target}}}]\n",
             name = service.name,
@@ -56,6 +78,20 @@ pub fn manifests(services: &[BenchService]) -> String {
             port = service.port,
             eps = endpoints.join(", ")
         );
+        if let Some(ipv6) = &service.ipv6 {
+            let endpoints: Vec<String> = ipv6
+                .endpoints
+                .iter()
+                .map(|(ip, _)| format!("{{addresses: [\"{ip}\"]}}"))
+                .collect();
+            let _ = write!(
+                out,
+                "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-2, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+                 addressType: IPv6\nendpoints: [{eps}]\nports: [{{port: {target}}}]\n",
+                name = service.name,
+                eps = endpoints.join(", ")
+            );
+        }
     }
     out
 }
@@ -80,6 +116,9 @@ pub fn objects(services: &[BenchService]) -> Vec<serde_json::Value> {
     for (i, service) in services.iter().enumerate() {
         items.push(service_object(service, i));
         items.push(slice_object(service, i));
+        if let Some(ipv6_slice) = ipv6_slice_object(service, i) {
+            items.push(ipv6_slice);
+        }
     }
     items
 }
@@ -88,6 +127,12 @@ pub fn objects(services: &[BenchService]) -> Vec<serde_json::Value> {
 /// resourceVersion.
 pub fn service_object(service: &BenchService, index: usize) -> serde_json::Value {
     let target = target_port(service);
+    let mut cluster_ips = vec![service.vip.to_string()];
+    let mut families = vec!["IPv4"];
+    if let Some(ipv6) = &service.ipv6 {
+        cluster_ips.push(ipv6.vip.to_string());
+        families.push("IPv6");
+    }
     serde_json::json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -101,10 +146,10 @@ pub fn service_object(service: &BenchService, index: usize) -> serde_json::Value
         },
         "spec": {
             "clusterIP": service.vip.to_string(),
-            "clusterIPs": [service.vip.to_string()],
+            "clusterIPs": cluster_ips,
             "internalTrafficPolicy": "Cluster",
-            "ipFamilies": ["IPv4"],
-            "ipFamilyPolicy": "SingleStack",
+            "ipFamilies": families,
+            "ipFamilyPolicy": if service.ipv6.is_some() { "PreferDualStack" } else { "SingleStack" },
             "ports": [{"port": service.port, "protocol": "TCP", "targetPort": target}],
             "selector": {"app": service.name},
             "sessionAffinity": "None",
@@ -117,13 +162,47 @@ pub fn service_object(service: &BenchService, index: usize) -> serde_json::Value
 /// The one EndpointSlice of `service` (`{name}-1`), with its endpoints, as `kubectl get -o
 /// json` prints it.
 pub fn slice_object(service: &BenchService, index: usize) -> serde_json::Value {
-    let target = target_port(service);
-    let endpoints: Vec<serde_json::Value> = service
+    let addresses: Vec<String> = service
         .endpoints
         .iter()
-        .map(|(ip, _)| {
+        .map(|(ip, _)| ip.to_string())
+        .collect();
+    slice_of(service, 1, "IPv4", &addresses, 2 * index + 1)
+}
+
+/// The IPv6 EndpointSlice of a dual-stack `service` (`{name}-2`), if it is one.
+pub fn ipv6_slice_object(service: &BenchService, index: usize) -> Option<serde_json::Value> {
+    let ipv6 = service.ipv6.as_ref()?;
+    let addresses: Vec<String> = ipv6
+        .endpoints
+        .iter()
+        .map(|(ip, _)| ip.to_string())
+        .collect();
+    // Numbered after every object of an IPv4 list, so that no uid is used twice.
+    Some(slice_of(
+        service,
+        2,
+        "IPv6",
+        &addresses,
+        1_000_000_000 + index,
+    ))
+}
+
+/// EndpointSlice `{name}-{number}` of `service`, of `addresses`, numbered `object` (its uid
+/// and resourceVersion).
+fn slice_of(
+    service: &BenchService,
+    number: u32,
+    address_type: &str,
+    addresses: &[String],
+    object: usize,
+) -> serde_json::Value {
+    let target = target_port(service);
+    let endpoints: Vec<serde_json::Value> = addresses
+        .iter()
+        .map(|ip| {
             serde_json::json!({
-                "addresses": [ip.to_string()],
+                "addresses": [ip],
                 "conditions": {"ready": true, "serving": true, "terminating": false},
                 "nodeName": "node-1",
             })
@@ -133,10 +212,10 @@ pub fn slice_object(service: &BenchService, index: usize) -> serde_json::Value {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
         "metadata": {
-            "name": format!("{}-1", service.name),
+            "name": format!("{}-{number}", service.name),
             "namespace": "default",
-            "uid": format!("00000000-0000-4000-8000-{:012}", 2 * index + 1),
-            "resourceVersion": (1001 + 2 * index).to_string(),
+            "uid": format!("00000000-0000-4000-8000-{object:012}"),
+            "resourceVersion": (1000 + object).to_string(),
             "creationTimestamp": "2026-01-01T00:00:00Z",
             "generateName": format!("{}-", service.name),
             "labels": {
@@ -144,7 +223,7 @@ pub fn slice_object(service: &BenchService, index: usize) -> serde_json::Value {
                 "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
             },
         },
-        "addressType": "IPv4",
+        "addressType": address_type,
         "endpoints": endpoints,
         "ports": [{"name": "", "port": target, "protocol": "TCP"}],
     })

@@ -83,6 +83,7 @@ fn quick_bench_gives_every_peer_figures_at_every_size() {
                 for figure in [
                     "bpf_ns_per_call",
                     "bpf_ns_per_connect6",
+                    "bpf_ns_per_connect6_mapped",
                     "endpoint_change_to_map_ms",
                     "agent_rss_mib",
                 ] {

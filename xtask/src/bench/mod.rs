@@ -16,7 +16,7 @@ pub mod rules;
 
 use std::{
     io::Read as _,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use comfy_table::{Table, presets::NOTHING};
 use indicatif::{ProgressBar, ProgressStyle};
-use lb_tests::{Pod, Testbed, binary, http_get, wait_for};
+use lb_tests::{Pod, Testbed, binary, generate::Ipv6Family, http_get, ipv6_of, wait_for};
 use serde::Serialize;
 
 use self::{
@@ -117,10 +117,14 @@ pub struct Measurement {
     pub errors: u64,
     /// lb only: average BPF run time per connect4 call (kernel.bpf_stats_enabled).
     pub bpf_ns_per_call: Option<f64>,
-    /// lb only: the same for connect6, from an AF_INET6 client reaching the Service through
-    /// its v4-mapped address (`[::ffff:VIP]:port`).
+    /// lb only: the same for connect6, from an AF_INET6 client reaching the Service's IPv6
+    /// clusterIP.
     #[serde(default)]
     pub bpf_ns_per_connect6: Option<f64>,
+    /// lb only: the same for connect6, from an AF_INET6 client reaching the Service through
+    /// its v4-mapped IPv4 clusterIP (`[::ffff:VIP]:port`).
+    #[serde(default)]
+    pub bpf_ns_per_connect6_mapped: Option<f64>,
     /// lb only: from an EndpointSlice change on disk to the maps written.
     pub endpoint_change_to_map_ms: Option<f64>,
     /// lb only: the agent's resident memory after the sync.
@@ -194,8 +198,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     std::fs::create_dir_all(&plan.out)?;
 
-    let (mut testbed, pods, _) = Testbed::with_backends(3, 8888)?;
+    // Dual-stack, for connect6 on a native IPv6 VIP (the Service under test has one).
+    let (mut testbed, pods, _) = Testbed::dual_stack_with_backends(3, 8888)?;
     let endpoints: Vec<(Ipv4Addr, u16)> = pods.iter().map(|p| (p.ip, 8888)).collect();
+    let ipv6_endpoints: Vec<(Ipv6Addr, u16)> = pods.iter().map(|p| (ipv6_of(p.ip), 8888)).collect();
     let _stats = BpfStats::enable()?;
     let sources: &[Source] = if plan.peers.contains(&Peer::Lb) {
         &plan.sources
@@ -211,7 +217,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut results = Vec::new();
     let mut control_plane: Vec<ControlPlane> = Vec::new();
     for &size in &plan.sizes {
-        let services = rules::services(size, &endpoints);
+        let mut services = rules::services(size, &endpoints);
+        if let Some(under_test) = services.last_mut() {
+            under_test.ipv6 = Some(Ipv6Family {
+                vip: UNDER_TEST_VIP6,
+                endpoints: ipv6_endpoints.clone(),
+            });
+        }
         for &peer in &plan.peers {
             progress.set_message(format!("{} at {size} Services", peer.name()));
             let over_budget = results.iter().find(|m: &&Measurement| {
@@ -327,6 +339,10 @@ fn fresh_client(
 /// How a skip for a setup over its time budget starts: a larger size is not tried then.
 const OVER_BUDGET: &str = "setup over budget";
 
+/// The IPv6 clusterIP of the Service under test (which is dual-stack), in the service
+/// range the tests use for IPv6.
+const UNDER_TEST_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+
 fn skipped(peer: Peer, services: u32, why: String) -> Measurement {
     Measurement {
         peer: peer.name().into(),
@@ -340,6 +356,7 @@ fn skipped(peer: Peer, services: u32, why: String) -> Measurement {
         errors: 0,
         bpf_ns_per_call: None,
         bpf_ns_per_connect6: None,
+        bpf_ns_per_connect6_mapped: None,
         endpoint_change_to_map_ms: None,
         agent_rss_mib: None,
     }
@@ -453,17 +470,25 @@ fn measure(
     let before = connect4.and_then(|id| bpf_run_stats(id).ok());
     let result = run_rounds(testbed, client, paired, &target, &direct, in_cgroup, plan);
     let after = connect4.and_then(|id| bpf_run_stats(id).ok());
-    // connect6, through the v4-mapped address: as many timed connects as one round.
-    let bpf_ns_per_connect6 = if peer == Peer::Lb && result.is_ok() {
-        let mapped = [format!("[::ffff:{}]:{}", under_test.vip, under_test.port)];
+    // connect6, to the Service's IPv6 clusterIP and through its v4-mapped IPv4 one: as
+    // many timed connects as one round each.
+    let connect6 = |target: String| {
         let id = program_id(testbed, "connect6").ok();
         let before = id.and_then(|id| bpf_run_stats(id).ok());
         let connects = (plan.connects / plan.rounds).max(1);
-        let ran = run_client(testbed, client, &mapped, true, connects, 0);
+        let ran = run_client(testbed, client, &[target], true, connects, 0);
         let after = id.and_then(|id| bpf_run_stats(id).ok());
         ran.ok().and_then(|_| ns_per_call(before, after))
+    };
+    let (bpf_ns_per_connect6, bpf_ns_per_connect6_mapped) = if peer == Peer::Lb && result.is_ok() {
+        let native = under_test
+            .ipv6
+            .as_ref()
+            .and_then(|ipv6| connect6(format!("[{}]:{}", ipv6.vip, under_test.port)));
+        let mapped = connect6(format!("[::ffff:{}]:{}", under_test.vip, under_test.port));
+        (native, mapped)
     } else {
-        None
+        (None, None)
     };
     teardown(testbed, client, peer)?;
     let result = result?;
@@ -486,6 +511,7 @@ fn measure(
         errors: result.errors,
         bpf_ns_per_call,
         bpf_ns_per_connect6,
+        bpf_ns_per_connect6_mapped,
         endpoint_change_to_map_ms: lb_extras.endpoint_change_to_map_ms,
         agent_rss_mib: lb_extras.agent_rss_mib,
     })
@@ -775,6 +801,7 @@ fn table(results: &[Measurement]) -> Table {
         "SETUP s",
         "BPF ns/connect4",
         "BPF ns/connect6",
+        "BPF ns/connect6 v4-mapped",
         "CHANGE→MAP ms",
         "RSS MiB",
         "NOTE",
@@ -791,6 +818,7 @@ fn table(results: &[Measurement]) -> Table {
             f(m.setup_s, 2),
             f(m.bpf_ns_per_call, 0),
             f(m.bpf_ns_per_connect6, 0),
+            f(m.bpf_ns_per_connect6_mapped, 0),
             f(m.endpoint_change_to_map_ms, 1),
             f(m.agent_rss_mib, 1),
             m.skipped
