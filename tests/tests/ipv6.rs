@@ -16,12 +16,19 @@ const VIP6: &str = "fd00:96::10";
 
 /// Service `web` with clusterIPs 10.96.0.10 and [`VIP6`] (`spec` adds to its spec, `port`
 /// to its TCP port `http`; its UDP port `dns` is 53), and an IPv4 and an IPv6 slice of
-/// `pods`, both ports on 8888.
+/// `pods`, both ports on 8888, every endpoint on this node.
 fn dual_stack_web(pods: &[Pod], spec: &str, port: &str) -> String {
+    let on_this_node = vec!["nodeName: node-1"; pods.len()];
+    dual_stack_web_with(pods, &on_this_node, spec, port)
+}
+
+/// [`dual_stack_web`] with `fields` added to each pod's endpoint, in both slices.
+fn dual_stack_web_with(pods: &[Pod], fields: &[&str], spec: &str, port: &str) -> String {
     let endpoints = |address: &dyn Fn(&Pod) -> String| {
         let items: Vec<String> = pods
             .iter()
-            .map(|pod| format!("{{addresses: [\"{}\"], nodeName: node-1}}", address(pod)))
+            .zip(fields)
+            .map(|(pod, fields)| format!("{{addresses: [\"{}\"], {fields}}}", address(pod)))
             .collect();
         items.join(", ")
     };
@@ -227,4 +234,120 @@ fn an_ipv6_connected_udp_socket_whose_backend_left_is_terminated() {
         .probe_with(&client, &v6_dns, 5, &["--mode", "connected-udp"])
         .unwrap();
     assert_eq!(hostnames(&again), BTreeSet::from([stays[0].name.as_str()]));
+}
+
+/// Until 10 probes of `address` from `client` are all answered by exactly `pods`.
+fn wait_answered_by(testbed: &Testbed, client: &Pod, address: &str, pods: &[&str]) {
+    let want: BTreeSet<&str> = pods.iter().copied().collect();
+    wait_for(
+        &format!("{address} answered by {pods:?}"),
+        Duration::from_secs(10),
+        || {
+            let probes = testbed.probe(client, address, 10)?;
+            let all_answered = probes.iter().all(|p| p.hostname().is_some());
+            Ok((all_answered && hostnames(&probes) == want).then_some(()))
+        },
+    )
+    .unwrap();
+}
+
+/// Session affinity, `internalTrafficPolicy: Local` and zone hints on the IPv6 clusterIP,
+/// as the IPv4 tests check them: one client keeps one pod over TCP and connected UDP; only
+/// the node's own endpoints serve, and with none left a connect is refused at once; with
+/// hints, only the endpoint meant for the node's zone serves.
+#[test]
+fn ipv6_clusterips_keep_affinity_traffic_policy_and_zone_hints() {
+    if !privileged("ipv6_clusterips_keep_affinity_traffic_policy_and_zone_hints") {
+        return;
+    }
+    let (mut testbed, pods, client) = Testbed::dual_stack_with_backends(2, 8888).unwrap();
+    let v6 = format!("[{VIP6}]:80");
+    let v6_dns = format!("[{VIP6}]:53");
+    let port = "port: 80, targetPort: 8888";
+    let web = |fields: [&str; 2], spec: &str| dual_stack_web_with(&pods, &fields, spec, port);
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &web(
+                ["nodeName: node-1", "nodeName: node-1"],
+                "  sessionAffinity: ClientIP",
+            ),
+        )
+        .unwrap();
+    let manifests = testbed.manifests.clone();
+    testbed
+        .start_agent_with(&[
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--node-zone".as_ref(),
+            "zone-a".as_ref(),
+        ])
+        .unwrap();
+    wait_answered(&testbed, &client, &v6);
+    for (address, mode) in [(v6.as_str(), "tcp"), (v6_dns.as_str(), "connected-udp")] {
+        let probes = testbed
+            .probe_with(&client, address, 20, &["--mode", mode])
+            .unwrap();
+        assert!(
+            probes.iter().all(|p| p.hostname().is_some()),
+            "{address} ({mode}): {probes:?}"
+        );
+        assert_eq!(
+            hostnames(&probes).len(),
+            1,
+            "{address} ({mode}) with affinity: {probes:?}"
+        );
+    }
+
+    // internalTrafficPolicy: Local, web-0 on this node and web-1 on another.
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &web(
+                ["nodeName: node-1", "nodeName: node-2"],
+                "  internalTrafficPolicy: Local",
+            ),
+        )
+        .unwrap();
+    wait_answered_by(&testbed, &client, &v6, &["web-0"]);
+    // No endpoint on this node: refused at once, not sent elsewhere.
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &web(
+                ["nodeName: node-2", "nodeName: node-3"],
+                "  internalTrafficPolicy: Local",
+            ),
+        )
+        .unwrap();
+    wait_for(
+        "the IPv6 clusterIP to refuse",
+        Duration::from_secs(10),
+        || {
+            let probes = testbed.probe(&client, &v6, 1)?;
+            Ok(probes[0]
+                .error()
+                .is_some_and(|e| e.contains("Connection refused"))
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    assert!(testbed.stat("no_local_backends").unwrap() >= 1);
+
+    // Zone hints: web-0 is for zone-b, web-1 for this node's zone-a.
+    testbed
+        .write_manifest(
+            "web.yaml",
+            &web(
+                [
+                    "nodeName: node-1, hints: {forZones: [{name: zone-b}]}",
+                    "nodeName: node-1, hints: {forZones: [{name: zone-a}]}",
+                ],
+                "  trafficDistribution: PreferClose",
+            ),
+        )
+        .unwrap();
+    wait_answered_by(&testbed, &client, &v6, &["web-1"]);
+    let probes = testbed.probe(&client, &v6, 20).unwrap();
+    assert_eq!(hostnames(&probes), BTreeSet::from(["web-1"]), "{probes:?}");
 }
