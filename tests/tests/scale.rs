@@ -172,7 +172,20 @@ fn at_an_upper_bound_services_that_fit_answer_the_others_are_refused_and_changes
         body.contains("5 Service(s) refused") && body.contains("--service-map-max-entries"),
         "{body}"
     );
-    let services = testbed.services().unwrap();
+    // The state file the CLI reads is written after the sync is reported (and /readyz
+    // with it): on a loaded machine it may lag a moment.
+    let services = wait_for(
+        "the state file to show the refused Services",
+        Duration::from_secs(10),
+        || {
+            let services = testbed.services()?;
+            Ok(services
+                .iter()
+                .any(|s| s["kind"] == "Refused")
+                .then_some(services))
+        },
+    )
+    .unwrap();
     let refused: BTreeSet<&str> = services
         .iter()
         .filter(|s| s["kind"] == "Refused")
