@@ -526,6 +526,18 @@ impl Testbed {
         self.start_agent_with(&["--manifests".as_ref(), manifests.as_os_str()])
     }
 
+    /// Starts the agent on the manifest directory as a node of zone `zone`
+    /// (`--node-zone`), and waits until it is ready.
+    pub fn start_agent_in_zone(&mut self, zone: &str) -> anyhow::Result<u32> {
+        let manifests = self.manifests.clone();
+        self.start_agent_with(&[
+            "--manifests".as_ref(),
+            manifests.as_os_str(),
+            "--node-zone".as_ref(),
+            zone.as_ref(),
+        ])
+    }
+
     /// Starts the agent with these source arguments (and any others) instead of the
     /// manifest directory, and waits until it is ready.
     pub fn start_agent_with(&mut self, args: &[&std::ffi::OsStr]) -> anyhow::Result<u32> {

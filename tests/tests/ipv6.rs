@@ -274,15 +274,7 @@ fn ipv6_clusterips_keep_affinity_traffic_policy_and_zone_hints() {
             ),
         )
         .unwrap();
-    let manifests = testbed.manifests.clone();
-    testbed
-        .start_agent_with(&[
-            "--manifests".as_ref(),
-            manifests.as_os_str(),
-            "--node-zone".as_ref(),
-            "zone-a".as_ref(),
-        ])
-        .unwrap();
+    testbed.start_agent_in_zone("zone-a").unwrap();
     wait_answered(&testbed, &client, &v6);
     for (address, mode) in [(v6.as_str(), "tcp"), (v6_dns.as_str(), "connected-udp")] {
         let probes = testbed

@@ -405,15 +405,7 @@ fn zone_hints_keep_clients_in_their_zone() {
             ) + &slice("web", "web-a", 8888, "TCP", &endpoints)),
         )
         .unwrap();
-    let manifests = testbed.manifests.clone();
-    testbed
-        .start_agent_with(&[
-            "--manifests".as_ref(),
-            manifests.as_os_str(),
-            "--node-zone".as_ref(),
-            "zone-a".as_ref(),
-        ])
-        .unwrap();
+    testbed.start_agent_in_zone("zone-a").unwrap();
     testbed
         .wait_for_frontend("10.96.0.10:80/TCP", Some(&["10.244.0.10:8888"]))
         .unwrap();
