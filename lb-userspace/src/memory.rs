@@ -58,11 +58,12 @@ fn collect_this_thread() {
 const COMPACT_MIN_LEN: usize = 64;
 
 /// Rebuilds `map` from its entries if at least half of them came one insert at a time
-/// (`inserted`), which costs a pass over it: proportional to those inserts. A B-tree filled in order, one insert at a time, splits
-/// every full node in two and never fills the left half again: its nodes stay about half
-/// full (measured at 100k ascending inserts of 68-byte entries: 128 bytes an entry). Built
-/// from its sorted entries at once, its nodes are full (69 bytes), which at 100k Services
-/// is megabytes for each map keyed by frontend.
+/// (`inserted`), which costs a pass over it: proportional to those inserts. A B-tree
+/// filled in order, one insert at a time, splits every full node in two and never fills
+/// the left half again: its nodes stay about half full (measured at 100k ascending inserts
+/// of 68-byte entries: 128 bytes an entry). Built from its sorted entries at once, its
+/// nodes are full (69 bytes), which at 100k Services is megabytes for each map keyed by
+/// frontend.
 pub fn compact_after<K: Ord, V>(map: &mut std::collections::BTreeMap<K, V>, inserted: usize) {
     if map.len() >= COMPACT_MIN_LEN && inserted.saturating_mul(2) >= map.len() {
         *map = std::mem::take(map).into_iter().collect();

@@ -235,9 +235,8 @@ impl Programmed {
                 self.backend_ids.insert(*addr, *id);
             }
             MapOp::PutAffinityMatch(key) => self.insert_match(*key),
-            MapOp::PutSlot(frontend, ..) | MapOp::PutMaster(frontend, _) => {
-                self.apply_puts(frontend, std::slice::from_ref(op));
-            }
+            // Applied in runs, one look-up per frontend (see `apply`).
+            MapOp::PutSlot(..) | MapOp::PutMaster(..) => {}
             MapOp::DeleteSlot(frontend, slot) => {
                 let released = self.frontends.get_mut(frontend).map_or_else(Vec::new, |f| {
                     let from = usize::from(*slot).saturating_sub(1).min(f.slots.len());
@@ -245,7 +244,7 @@ impl Programmed {
                 });
                 self.slot_count -= released.len();
                 for id in released {
-                    self.release(id);
+                    release(&mut self.backend_refs, id);
                 }
             }
             MapOp::DeleteMaster(frontend) => {
@@ -253,7 +252,7 @@ impl Programmed {
                     self.frontend_ids.remove(&old.id);
                     self.slot_count -= old.slots.len();
                     for id in old.slots {
-                        self.release(id);
+                        release(&mut self.backend_refs, id);
                     }
                 }
             }
@@ -294,10 +293,6 @@ impl Programmed {
                 backend_id: *backend_id,
                 frontend_id: id,
             })
-    }
-
-    fn release(&mut self, id: BackendId) {
-        release(&mut self.backend_refs, id);
     }
 
     fn refs(&self, id: BackendId) -> usize {
